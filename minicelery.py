@@ -1,0 +1,2507 @@
+"""minicelery: Celery's core in one readable file.
+
+Write tasks as you would for Celery, send them from any process, and run them in
+a pool of worker processes::
+
+    from minicelery import Celery
+    app = Celery('tasks', broker='redis://localhost:6379/0',
+                 backend='redis://localhost:6379/1')
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    # in a shell:   python -m minicelery -A tasks worker -l info
+    # anywhere:     add.delay(4, 4).get(timeout=10) == 8
+
+The messages and results are byte-compatible with Celery 5 on Redis, so a real
+Celery worker runs tasks sent from here and a minicelery worker runs tasks sent
+by real Celery.
+
+How a task travels::
+
+    producer ──apply_async()──► Broker (a Redis list per queue)
+                                   │ reserve() moves it into `unacked`
+                                   ▼
+                        worker main process: Consumer
+                          │ holds up to prefetch messages, acks them
+                          ▼
+                        Pool ──pipe──► child process: run_task()
+                                            │ store()
+                                            ▼
+    AsyncResult.get() ◄──pub/sub──── ResultBackend (celery-task-meta-<id>)
+
+Chapters (``grep -n '^# [0-9]' minicelery.py`` lists them):
+
+    1. Errors and states         7. Tasks, requests and run_task()
+    2. Helpers                   8. App and configuration
+    3. Serialization             9. Worker: consumer, pools, child processes
+    4. Messages                 10. Command line
+    5. Brokers
+    6. Result backends
+
+Left out on purpose: AMQP and every broker but Redis (SQLite and memory come in
+their own chapter), remote control beyond revoke, events, protocol 1 messages,
+autoscaling, and the eventlet/gevent pools.
+"""
+
+import base64
+import bz2
+import dataclasses
+import datetime as dt
+import difflib
+import fnmatch
+import heapq
+import importlib
+import json
+import logging
+import os
+import pickle
+import re
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid as _uuid
+import zlib
+from collections import deque
+from multiprocessing.connection import Pipe, wait as wait_for_connections
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Celery", "Task", "AsyncResult", "EagerResult", "shared_task",
+    "MiniCeleryError", "ImproperlyConfigured", "NotRegistered", "EncodeError",
+    "DecodeError", "ContentDisallowed", "ResultTimeout", "TaskRevokedError",
+    "WorkerLostError", "TimeLimitExceeded", "SoftTimeLimitExceeded",
+    "MaxRetriesExceededError", "Retry", "Reject", "Ignore",
+    "PENDING", "RECEIVED", "STARTED", "SUCCESS", "FAILURE", "RETRY", "REVOKED",
+]
+
+
+# =============================================================================
+# 1. Errors and states
+# =============================================================================
+# Every error minicelery raises on its own account derives from MiniCeleryError.
+# Where Celery has the same error, we keep its name, and the result backend
+# writes Celery's module name for it (`celery_module`), so a real Celery client
+# reading our result rebuilds its own class, and we rebuild ours from theirs.
+#
+#   MiniCeleryError
+#    ├── ImproperlyConfigured        bad setting, unknown URL scheme, missing redis
+#    ├── NotRegistered (KeyError)    no task by that name
+#    ├── EncodeError / DecodeError   a value that can't cross the wire
+#    │    └── ContentDisallowed      a content type not in accept_content
+#    ├── ResultTimeout (TimeoutError) get() waited too long
+#    ├── TaskRevokedError            the task was revoked or expired
+#    ├── WorkerLostError             the child running the task died
+#    ├── TimeLimitExceeded           the hard time limit killed the task
+#    └── MaxRetriesExceededError     self.retry() once too often
+#   SoftTimeLimitExceeded            raised inside a task; not a MiniCeleryError
+#   TaskPredicate: Retry, Reject, Ignore   not errors: ways for a task to end
+
+class MiniCeleryError(Exception):
+    """Base of every error minicelery raises itself."""
+    celery_module = "celery.exceptions"
+
+
+class ImproperlyConfigured(MiniCeleryError):
+    """Raised when a setting, URL or missing dependency makes the app unusable."""
+
+
+class NotRegistered(MiniCeleryError, KeyError):
+    """Raised (and stored as FAILURE by the worker) for an unknown task name."""
+
+    def __str__(self):
+        return Exception.__str__(self)
+
+
+class EncodeError(MiniCeleryError):
+    """Raised at the call site when arguments or a result can't be serialized."""
+    celery_module = "kombu.exceptions"
+
+
+class DecodeError(MiniCeleryError):
+    """Raised by the worker when a message body can't be decoded."""
+    celery_module = "kombu.exceptions"
+
+
+class ContentDisallowed(DecodeError):
+    """Raised when a message's content type is not in accept_content."""
+
+
+class ResultTimeout(MiniCeleryError, TimeoutError):
+    """Raised by AsyncResult.get() when the timeout passes first.
+
+    Celery calls this celery.exceptions.TimeoutError; ours also derives from the
+    builtin TimeoutError so `except TimeoutError` works without shadowing it.
+    """
+
+
+class TaskRevokedError(MiniCeleryError):
+    """Stored (and raised by get()) for a task that was revoked or expired."""
+
+
+class WorkerLostError(MiniCeleryError):
+    """Stored when the child process running a task died mid-task."""
+    celery_module = "billiard.exceptions"
+
+
+class TimeLimitExceeded(MiniCeleryError):
+    """Stored when a task ran past its hard time limit and was killed."""
+    celery_module = "billiard.exceptions"
+
+
+class SoftTimeLimitExceeded(Exception):
+    """Raised inside a task at its soft time limit, so it can clean up."""
+    celery_module = "billiard.exceptions"
+
+
+class MaxRetriesExceededError(MiniCeleryError):
+    """Raised by Task.retry() when the task has no retries left."""
+
+
+class TaskPredicate(MiniCeleryError):
+    """Base of the exceptions a task raises to end itself in a special way."""
+
+
+class Retry(TaskPredicate):
+    """Raised by Task.retry(): the task was sent again and ends as RETRY."""
+
+    def __init__(self, message=None, exc=None, when=None):
+        self.exc, self.when = exc, when
+        if message is None:
+            message = f"Retry in {when}s" if isinstance(when, (int, float)) else "Retry"
+            if exc is not None:
+                message = f"{message}: {exc!r}"
+        super().__init__(message)
+
+
+class Reject(TaskPredicate):
+    """Raise to reject the message; with requeue=True it goes back to the queue."""
+
+    def __init__(self, reason=None, requeue=False):
+        self.reason, self.requeue = reason, requeue
+        super().__init__(reason, requeue)
+
+
+class Ignore(TaskPredicate):
+    """Raise to end the task without storing any state."""
+
+
+PENDING = "PENDING"    #: unknown to the backend: not yet run, or forgotten
+RECEIVED = "RECEIVED"  #: a worker has the message
+STARTED = "STARTED"    #: running (stored only with task_track_started)
+SUCCESS = "SUCCESS"
+FAILURE = "FAILURE"
+RETRY = "RETRY"        #: failed and was sent again
+REVOKED = "REVOKED"    #: revoked or expired before it ran
+READY_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
+EXCEPTION_STATES = frozenset({FAILURE, RETRY, REVOKED})
+
+
+# =============================================================================
+# 2. Helpers
+# =============================================================================
+# The clock is read in one place, utcnow(), and everything time-based takes a
+# `now` so tests can drive it.
+
+logger = logging.getLogger("minicelery")
+worker_logger = logging.getLogger("minicelery.worker")
+task_logger = logging.getLogger("minicelery.task")
+
+#: Celery's log line: `[2026-11-21 20:45:57,811: INFO/MainProcess] message`.
+LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
+
+#: The name logs show for this process; the pool sets `ForkPoolWorker-N` in children.
+_process_name = "MainProcess"
+
+
+def utcnow() -> dt.datetime:
+    """The current time, timezone-aware in UTC."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def uuid() -> str:
+    return str(_uuid.uuid4())
+
+
+def to_datetime(value, tz=dt.timezone.utc):
+    """An ISO-8601 string or datetime as an aware datetime; naive ones are in `tz`."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=tz)
+    return value
+
+
+def import_string(path: str):
+    """`pkg.module`, `pkg.module:attr` or `pkg.module.attr` as an object."""
+    if ":" in path:
+        module_name, attr = path.split(":", 1)
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+    try:
+        return importlib.import_module(path)
+    except ImportError:
+        if "." not in path:
+            raise
+        module_name, attr = path.rsplit(".", 1)
+        return getattr(importlib.import_module(module_name), attr)
+
+
+class _ProcessNameFilter(logging.Filter):
+    """Stamps log records with Celery's process names (MainProcess, ForkPoolWorker-1)."""
+
+    def filter(self, record):
+        record.processName = _process_name
+        return True
+
+
+def setup_logging(loglevel="INFO", stream=None):
+    """Send minicelery's and the tasks' logs to stderr in Celery's format."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_ProcessNameFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(loglevel.upper() if isinstance(loglevel, str) else loglevel)
+
+
+def _short_repr(value, limit=1024):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# =============================================================================
+# 3. Serialization
+# =============================================================================
+# JSON by default, in kombu's dialect: values JSON has no type for travel as
+# {"__type__": "datetime", "__value__": "..."}, so both sides rebuild them.
+# Pickle can run code when loaded, so it is accepted only when the app lists it
+# in accept_content (serializers are picked by the sender, accepted by the reader).
+# Exceptions travel as Celery's {exc_type, exc_message, exc_module} dict.
+
+JSON_TYPE, PICKLE_TYPE = "application/json", "application/x-python-serialize"
+CONTENT_TYPES = {"json": JSON_TYPE, "pickle": PICKLE_TYPE}
+#: kombu's names for the compression header.
+COMPRESSIONS = {"zlib": "application/x-gzip", "gzip": "application/x-gzip",
+                "bzip2": "application/x-bz2"}
+_COMPRESSORS = {"application/x-gzip": (zlib.compress, zlib.decompress),
+                "application/x-bz2": (bz2.compress, bz2.decompress)}
+
+
+def _json_default(obj):
+    if isinstance(obj, dt.datetime):
+        return {"__type__": "datetime", "__value__": obj.isoformat()}
+    if isinstance(obj, dt.date):
+        return {"__type__": "date", "__value__": obj.isoformat()}
+    if isinstance(obj, dt.time):
+        return {"__type__": "time", "__value__": obj.isoformat()}
+    if type(obj).__name__ == "Decimal":
+        return {"__type__": "decimal", "__value__": str(obj)}
+    if isinstance(obj, _uuid.UUID):
+        return {"__type__": "uuid", "__value__": {"hex": obj.hex}}
+    if isinstance(obj, bytes):
+        try:
+            return {"__type__": "bytes", "__value__": obj.decode("utf-8")}
+        except UnicodeDecodeError:
+            return {"__type__": "base64", "__value__": base64.b64encode(obj).decode()}
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def _json_object_hook(obj):
+    if len(obj) != 2 or "__type__" not in obj or "__value__" not in obj:
+        return obj
+    kind, value = obj["__type__"], obj["__value__"]
+    if kind == "datetime":
+        return dt.datetime.fromisoformat(value)
+    if kind == "date":
+        return dt.date.fromisoformat(value[:10])
+    if kind == "time":
+        return dt.time.fromisoformat(value)
+    if kind == "decimal":
+        import decimal
+        return decimal.Decimal(value)
+    if kind == "uuid":
+        return _uuid.UUID(**value)
+    if kind == "bytes":
+        return value.encode("utf-8")
+    if kind == "base64":
+        return base64.b64decode(value)
+    return obj  # a type we don't know passes through unchanged
+
+
+def json_dumps(obj) -> str:
+    return json.dumps(obj, default=_json_default)
+
+
+def json_loads(text):
+    return json.loads(text, object_hook=_json_object_hook)
+
+
+def content_type_for(serializer: str) -> str:
+    try:
+        return CONTENT_TYPES[serializer]
+    except KeyError:
+        raise ImproperlyConfigured(
+            f"unknown serializer {serializer!r}; use one of {sorted(CONTENT_TYPES)}") from None
+
+
+def dumps(obj, serializer="json", compression=None):
+    """`obj` as (bytes, content_type, compression header or None).
+
+    Raises EncodeError naming the value that can't be serialized.
+    """
+    content_type = content_type_for(serializer)
+    try:
+        if content_type == JSON_TYPE:
+            data = json_dumps(obj).encode("utf-8")
+        else:
+            data = pickle.dumps(obj, protocol=4)
+    except (TypeError, ValueError, pickle.PicklingError, AttributeError) as exc:
+        raise EncodeError(f"can't serialize with {serializer}: {exc}") from exc
+    header = None
+    if compression:
+        header = COMPRESSIONS.get(compression, compression)
+        if header not in _COMPRESSORS:
+            raise ImproperlyConfigured(
+                f"unknown compression {compression!r}; use one of {sorted(COMPRESSIONS)}")
+        data = _COMPRESSORS[header][0](data)
+    return data, content_type, header
+
+
+def loads(data: bytes, content_type: str, accept, compression=None):
+    """Decode bytes of `content_type`, refusing types not in `accept`."""
+    if content_type not in accept:
+        raise ContentDisallowed(
+            f"refusing to deserialize content of type {content_type!r}: "
+            f"accept_content allows {sorted(accept)}")
+    try:
+        if compression:
+            data = _COMPRESSORS[compression][1](data)
+        if content_type == JSON_TYPE:
+            return json_loads(data.decode("utf-8"))
+        return pickle.loads(data)
+    except Exception as exc:
+        raise DecodeError(f"can't decode {content_type} body: {exc!r}") from exc
+
+
+def accepted_types(accept_content) -> frozenset:
+    """accept_content's names (`json`) and MIME types as a set of MIME types."""
+    return frozenset(CONTENT_TYPES.get(name, name) for name in accept_content)
+
+
+def exception_to_dict(exc: BaseException) -> dict:
+    """Celery's form of a stored exception."""
+    cls = type(exc)
+    module = getattr(cls, "celery_module", None) if cls.__module__ == __name__ else None
+    return {"exc_type": cls.__qualname__, "exc_message": list(exc.args),
+            "exc_module": module or cls.__module__}
+
+
+#: Modules whose exception names we map to our own classes when reading results.
+_CELERY_MODULES = {"celery.exceptions", "celery.backends.base", "billiard.exceptions",
+                   "kombu.exceptions", __name__}
+
+
+def exception_from_dict(meta) -> BaseException:
+    """Rebuild an exception stored by us or by Celery.
+
+    Celery's own exceptions become ours of the same name. Any other class is
+    imported by module and name; only exception classes are accepted, so a
+    result can't make us call an arbitrary function. Classes that can't be
+    imported are recreated by name, deriving from Exception.
+    """
+    if not isinstance(meta, dict) or "exc_type" not in meta:
+        return Exception(meta)
+    name, module = meta["exc_type"], meta.get("exc_module") or "builtins"
+    args = meta.get("exc_message", [])
+    args = args if isinstance(args, (list, tuple)) else [args]
+    cls = None
+    if module in _CELERY_MODULES:
+        candidate = globals().get(name)
+        if isinstance(candidate, type) and issubclass(candidate, BaseException):
+            cls = candidate
+    if cls is None:
+        try:
+            cls = import_string(f"{module}:{name}")
+        except Exception:
+            cls = None
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        cls = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module})
+    try:
+        return cls(*args)
+    except Exception:
+        return Exception(*args)
+
+
+# =============================================================================
+# 4. Messages
+# =============================================================================
+# A task message is Celery's protocol 2: headers say what to run (task, id,
+# eta, retries...), the body is the JSON list [args, kwargs, embed] where embed
+# holds callbacks, errbacks, chain and chord. kombu wraps it in an envelope
+# (body base64-encoded, properties with delivery_tag and delivery_info) and the
+# Redis transport LPUSHes that envelope as JSON. See shared/spec/celery-wire.md.
+
+#: Redis priority steps: priority 0-2 use the queue's own list, 3-5 `q\\x06\\x163`, ...
+PRIORITY_STEPS = (0, 3, 6, 9)
+PRIORITY_SEPARATOR = "\x06\x16"
+
+
+def build_headers(task_name, task_id, args, kwargs, *, eta=None, expires=None,
+                  retries=0, timelimit=(None, None), root_id=None, parent_id=None,
+                  group_id=None, group_index=None, ignore_result=False,
+                  shadow=None, extra=None) -> dict:
+    """The protocol 2 headers, in the order and with the defaults Celery sends."""
+    headers = {
+        "lang": "py", "task": task_name, "id": task_id, "shadow": shadow,
+        "eta": eta.isoformat() if eta else None,
+        "expires": expires.isoformat() if expires else None,
+        "group": group_id, "group_index": group_index, "retries": retries,
+        "timelimit": list(timelimit), "root_id": root_id or task_id,
+        "parent_id": parent_id, "argsrepr": _short_repr(tuple(args)),
+        "kwargsrepr": _short_repr(kwargs), "origin": f"gen{os.getpid()}@{socket.gethostname()}",
+        "ignore_result": ignore_result, "replaced_task_nesting": 0,
+        "stamped_headers": None, "stamps": {},
+    }
+    if extra:
+        headers.update(extra)
+    return headers
+
+
+def build_envelope(headers, body: bytes, content_type, queue, *, priority=0,
+                   compression=None, expires_in=None, reply_to=None) -> str:
+    """The JSON string kombu's Redis transport LPUSHes for one message."""
+    if compression:
+        headers = dict(headers, compression=compression)
+    properties = {
+        "correlation_id": headers["id"], "reply_to": reply_to or "",
+        "delivery_mode": 2,
+        "delivery_info": {"exchange": "", "routing_key": queue},
+        "priority": priority, "body_encoding": "base64", "delivery_tag": uuid(),
+    }
+    if expires_in is not None:
+        properties["expiration"] = str(int(max(expires_in, 0) * 1000))
+    return json.dumps({
+        "body": base64.b64encode(body).decode("ascii"),
+        "content-encoding": "utf-8" if content_type == JSON_TYPE else "binary",
+        "content-type": content_type, "headers": headers, "properties": properties,
+    })
+
+
+@dataclasses.dataclass
+class Message:
+    """One task message as a worker received it, already decoded.
+
+    Reading a message can fail in two stages: the envelope and headers (no id
+    to report to), then the body (we know the task id and can store FAILURE).
+    `decode_message` does the first, `Message.decode_body` the second.
+    """
+    headers: dict
+    properties: dict
+    body: bytes
+    content_type: str
+    queue: str = ""
+    delivery_tag: str = ""
+    raw: str = ""
+    args: list = dataclasses.field(default_factory=list)
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    embed: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def id(self):
+        return self.headers["id"]
+
+    @property
+    def task_name(self):
+        return self.headers["task"]
+
+    @property
+    def retries(self):
+        return self.headers.get("retries") or 0
+
+    @property
+    def eta(self):
+        return to_datetime(self.headers.get("eta"))
+
+    @property
+    def expires(self):
+        return to_datetime(self.headers.get("expires"))
+
+    @property
+    def priority(self):
+        return clamp_priority(self.properties.get("priority"))
+
+    def decode_body(self, accept):
+        """Fill args, kwargs and embed; raises DecodeError for a bad body."""
+        body = loads(self.body, self.content_type, accept, self.headers.get("compression"))
+        if not (isinstance(body, (list, tuple)) and len(body) == 3):
+            raise DecodeError(f"body must be the list [args, kwargs, embed], got {_short_repr(body, 80)}")
+        args, kwargs, embed = body
+        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+            raise DecodeError("body args must be a list and kwargs an object")
+        self.args, self.kwargs, self.embed = list(args), kwargs, embed or {}
+
+    def describe(self):
+        return f"{self.task_name}[{self.id}]"
+
+
+def clamp_priority(value) -> int:
+    try:
+        return min(max(int(value), 0), 9)
+    except (TypeError, ValueError):
+        return 0
+
+
+def decode_message(raw, queue="", delivery_tag="") -> Message:
+    """Parse an envelope into a Message with headers; raises DecodeError."""
+    try:
+        envelope = json.loads(raw)
+        headers = envelope["headers"]
+        task_id, task_name = headers["id"], headers["task"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DecodeError(f"not a protocol 2 task message: {exc!r}") from exc
+    if not isinstance(task_id, str) or not isinstance(task_name, str):
+        raise DecodeError("headers 'id' and 'task' must be strings")
+    properties = envelope.get("properties") or {}
+    body = envelope.get("body", "")
+    try:
+        if properties.get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        elif isinstance(body, str):
+            body = body.encode("utf-8")
+    except (ValueError, TypeError) as exc:
+        raise DecodeError(f"body is not valid base64: {exc}") from exc
+    content_type = envelope.get("content-type")
+    if not content_type:
+        raise DecodeError("the message has no content-type")
+    return Message(headers=headers, properties=properties, body=body,
+                   content_type=content_type, queue=queue,
+                   delivery_tag=delivery_tag or properties.get("delivery_tag", ""), raw=raw)
+
+
+# =============================================================================
+# 5. Brokers
+# =============================================================================
+# A broker carries messages from producers to workers and must not lose one
+# when a worker dies mid-task. The Redis broker keeps kombu's layout byte for
+# byte, so real Celery shares the queues:
+#
+#   key                   type  what
+#   <queue>               list  messages, LPUSHed by producers, RPOPed by workers
+#   <queue>\x06\x16<N>    list  the same for priority steps 3, 6 and 9
+#   unacked               hash  delivery_tag -> [envelope, exchange, routing_key]
+#   unacked_index         zset  delivery_tag -> time it was reserved (or last touched)
+#   _kombu.binding.<q>    set   routing table entry, written when a worker starts
+#   minicelery:dead-letters list  messages no worker could read, with the reason
+#
+# Taking a message moves it from its list into `unacked` in one Lua script, so
+# a message is always somewhere. An acked message leaves `unacked`; one whose
+# worker died stays there until its visibility timeout passes, then any worker
+# moves it back to its queue (restore_unacked). Celery: kombu scans for these
+# only about every 100 s; we scan every few seconds, and a live worker keeps
+# touching the messages it holds, so a long task is not handed out twice just
+# because it outlived the visibility timeout.
+
+class Delivery(tuple):
+    """(queue, delivery_tag, raw envelope bytes) as reserve() returns them."""
+    __slots__ = ()
+
+    def __new__(cls, queue, tag, raw):
+        return tuple.__new__(cls, (queue, tag, raw))
+
+    queue = property(lambda self: self[0])
+    tag = property(lambda self: self[1])
+    raw = property(lambda self: self[2])
+
+
+class Broker:
+    """What a worker and a producer need from a message store.
+
+    Subclasses implement each method; the consumer and Task.apply_async use
+    nothing else. A message is reserved, then either acked (done, gone),
+    requeued (back to its queue now) or, if its holder vanishes, restored by
+    restore_unacked() once the visibility timeout has passed.
+    """
+
+    def __init__(self, app, url):
+        self.app, self.url = app, url
+        options = app.conf.broker_transport_options or {}
+        #: seconds a reserved message may go untouched before it counts as abandoned
+        self.visibility_timeout = float(options.get("visibility_timeout", 3600))
+
+    def publish(self, queue: str, envelope: str, priority: int = 0):
+        """Append one message (an envelope JSON string) to `queue`."""
+        raise NotImplementedError
+
+    def reserve(self, queues, limit: int, timeout: float) -> list:
+        """Take up to `limit` messages, waiting up to `timeout` s for the first.
+
+        Returns Delivery tuples; each stays reserved until ack() or requeue().
+        """
+        raise NotImplementedError
+
+    def ack(self, tags):
+        """Forget reserved messages for good."""
+        raise NotImplementedError
+
+    def requeue(self, tags):
+        """Put reserved messages back at the head of their queues, marked redelivered."""
+        raise NotImplementedError
+
+    def touch(self, tags):
+        """Tell the broker these reserved messages are still held by a live worker."""
+        raise NotImplementedError
+
+    def restore_unacked(self, now=None) -> int:
+        """Requeue messages reserved longer than the visibility timeout ago."""
+        raise NotImplementedError
+
+    def purge(self, queue: str) -> int:
+        """Drop every waiting message of `queue`; returns how many."""
+        raise NotImplementedError
+
+    def size(self, queue: str) -> int:
+        raise NotImplementedError
+
+    def dead_letter(self, raw, reason: str, queue: str = ""):
+        """Keep a message no worker can run, for a human to inspect."""
+        raise NotImplementedError
+
+    def close(self):
+        """Release connections (also called in a freshly forked child)."""
+
+
+def _import_redis():
+    try:
+        import redis
+    except ImportError:
+        raise ImproperlyConfigured(
+            'the "redis://" broker and backend need redis-py: pip install redis') from None
+    return redis
+
+
+def redis_client(url: str, decode_responses=False):
+    """A redis-py client for any of Celery's and redis-py's URL forms.
+
+    redis://[:password@]host:port/db, rediss:// (TLS), unix:///path?db=N, and
+    Celery's redis+socket:///path and socket:///path (with ?virtual_host=N).
+    """
+    redis = _import_redis()
+    for prefix in ("redis+socket://", "socket://"):
+        if url.startswith(prefix):
+            url = "unix://" + url[len(prefix):].replace("virtual_host=", "db=")
+    return redis.Redis.from_url(url, decode_responses=decode_responses,
+                                health_check_interval=30)
+
+
+def _queue_keys(queue):
+    """The Redis list keys of a queue, highest priority (lowest number) first."""
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
+
+
+def _queue_key(queue, priority):
+    step = max(s for s in PRIORITY_STEPS if s <= clamp_priority(priority))
+    return _queue_keys(queue)[PRIORITY_STEPS.index(step)]
+
+
+def _queue_of_key(key: str):
+    queue, sep, step = key.rpartition(PRIORITY_SEPARATOR)
+    return queue if sep and step.isdigit() else key
+
+
+# Moves up to ARGV[1] messages from the queue lists (KEYS[3:]) into unacked
+# (KEYS[1]) and unacked_index (KEYS[2]), atomically, so that a worker dying
+# between "pop" and "remember" can't lose a message. With ARGV[3] set, first
+# records that message, already popped by a BRPOP from list ARGV[4]. A message
+# without a delivery_tag (kombu would lose it) gets one made up here, and one
+# that isn't JSON at all is still recorded, so the worker can dead-letter it.
+_RESERVE_LUA = r"""
+local out, left = {}, tonumber(ARGV[1])
+local function remember(key, raw)
+  local tag, exchange, rk = nil, '', nil
+  local ok, env = pcall(cjson.decode, raw)
+  if ok and type(env) == 'table' and type(env.properties) == 'table' then
+    tag = env.properties.delivery_tag
+    local di = env.properties.delivery_info
+    if type(di) == 'table' then
+      if type(di.exchange) == 'string' then exchange = di.exchange end
+      if type(di.routing_key) == 'string' and di.routing_key ~= '' then rk = di.routing_key end
+    end
+  end
+  if type(tag) ~= 'string' or redis.call('HEXISTS', KEYS[1], tag) == 1 then
+    tag = 'minicelery-' .. redis.call('INCR', 'minicelery:tag-seq')
+  end
+  if rk == nil then rk = string.gsub(key, '\6\22%d$', '') end
+  redis.call('HSET', KEYS[1], tag, cjson.encode({raw, exchange, rk}))
+  redis.call('ZADD', KEYS[2], ARGV[2], tag)
+  table.insert(out, key); table.insert(out, tag); table.insert(out, raw)
+end
+if ARGV[3] then remember(ARGV[4], ARGV[3]); left = left - 1 end
+for i = 3, #KEYS do
+  while left > 0 do
+    local raw = redis.call('RPOP', KEYS[i])
+    if not raw then break end
+    remember(KEYS[i], raw); left = left - 1
+  end
+end
+return out
+"""
+
+# Moves one reserved message (ARGV[1]) back to list KEYS[3], but only if its
+# unacked entry is still ARGV[2]: if another worker restored or acked it first,
+# nothing happens. This replaces kombu's WATCH/MULTI, which fails under load.
+_RESTORE_LUA = r"""
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[3])
+return 1
+"""
+
+
+class RedisBroker(Broker):
+    """kombu's Redis transport layout, plus minicelery's dead-letter list."""
+
+    UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
+    DEAD_LETTERS = "minicelery:dead-letters"
+    #: how many dead letters to keep; the oldest go first
+    DEAD_LETTER_LIMIT = 10000
+
+    def __init__(self, app, url):
+        super().__init__(app, url)
+        self.client = redis_client(url)
+        self._reserve_script = self.client.register_script(_RESERVE_LUA)
+        self._restore_script = self.client.register_script(_RESTORE_LUA)
+        self._declared = set()
+        self._rotation = 0
+
+    def publish(self, queue, envelope, priority=0):
+        self.client.lpush(_queue_key(queue, priority), envelope)
+
+    def _declare(self, queues):
+        """Write kombu's binding entries once, so named-exchange producers find our queues."""
+        with self.client.pipeline() as pipe:
+            for queue in set(queues) - self._declared:
+                member = f"{queue}{PRIORITY_SEPARATOR}{PRIORITY_SEPARATOR}{queue}"
+                pipe.sadd(f"_kombu.binding.{queue}", member)
+                pipe.sadd(f"_kombu.binding_permanent.{queue}", member)
+            pipe.execute()
+        self._declared.update(queues)
+
+    def _ordered_keys(self, queues):
+        # Round-robin over queues within each priority step, as kombu does.
+        self._rotation = (self._rotation + 1) % max(len(queues), 1)
+        turned = list(queues[self._rotation:]) + list(queues[:self._rotation])
+        per_queue = [_queue_keys(q) for q in turned]
+        return [keys[step] for step in range(len(PRIORITY_STEPS)) for keys in per_queue]
+
+    def reserve(self, queues, limit, timeout):
+        if limit <= 0:
+            return []
+        if set(queues) - self._declared:
+            self._declare(queues)
+        keys = self._ordered_keys(queues)
+        fixed = [self.UNACKED, self.UNACKED_INDEX]
+        found = self._reserve_script(keys=fixed + keys, args=[limit, time.time()])
+        if not found and timeout:
+            popped = self.client.brpop(keys, timeout=timeout)
+            if popped:
+                key, raw = popped
+                found = self._reserve_script(keys=fixed + keys,
+                                             args=[limit, time.time(), raw, key])
+        return [Delivery(_queue_of_key(found[i].decode()), found[i + 1].decode(), found[i + 2])
+                for i in range(0, len(found), 3)]
+
+    def ack(self, tags):
+        if tags:
+            with self.client.pipeline() as pipe:
+                pipe.zrem(self.UNACKED_INDEX, *tags)
+                pipe.hdel(self.UNACKED, *tags)
+                pipe.execute()
+
+    def touch(self, tags):
+        if tags:
+            now = time.time()
+            self.client.zadd(self.UNACKED_INDEX, {tag: now for tag in tags}, xx=True)
+
+    def requeue(self, tags):
+        for tag in tags:
+            self._restore(tag)
+
+    def restore_unacked(self, now=None):
+        deadline = (now or time.time()) - self.visibility_timeout
+        stale = self.client.zrangebyscore(self.UNACKED_INDEX, "-inf", deadline, start=0, num=1000)
+        return sum(self._restore(tag.decode()) for tag in stale)
+
+    def _restore(self, tag) -> int:
+        entry = self.client.hget(self.UNACKED, tag)
+        if entry is None:
+            self.client.zrem(self.UNACKED_INDEX, tag)
+            return 0
+        try:
+            raw, exchange, routing_key = json.loads(entry)
+        except (ValueError, TypeError):
+            # cjson kept bytes that aren't UTF-8: nothing can read this message.
+            self.dead_letter(entry, "unreadable entry in unacked")
+            self.ack([tag])
+            return 0
+        queue, priority, raw = routing_key, 0, raw.encode() if isinstance(raw, str) else raw
+        try:
+            envelope = json.loads(raw)
+            properties = envelope["properties"]
+            priority = properties.get("priority", 0)
+            properties.setdefault("delivery_info", {})["redelivered"] = True
+            envelope["headers"]["redelivered"] = True
+            raw = json.dumps(envelope)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # not a message we can edit: restore it as it was
+        if exchange:
+            queue = self._route_by_binding(exchange, routing_key) or queue
+        return self._restore_script(keys=[self.UNACKED, self.UNACKED_INDEX, _queue_key(queue, priority)],
+                                    args=[tag, entry, raw])
+
+    def _route_by_binding(self, exchange, routing_key):
+        for member in self.client.smembers(f"_kombu.binding.{exchange}"):
+            key, _, queue = member.decode().split(PRIORITY_SEPARATOR)
+            if key == routing_key:
+                return queue
+        return None
+
+    def purge(self, queue):
+        keys = _queue_keys(queue)
+        with self.client.pipeline() as pipe:
+            for key in keys:
+                pipe.llen(key)
+            pipe.delete(*keys)
+            return sum(pipe.execute()[:-1])
+
+    def size(self, queue):
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in _queue_keys(queue):
+                pipe.llen(key)
+            return sum(pipe.execute())
+
+    def dead_letter(self, raw, reason, queue=""):
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raw = {"base64": base64.b64encode(raw).decode()}
+        entry = json.dumps({"reason": reason, "queue": queue, "time": time.time(), "raw": raw})
+        with self.client.pipeline() as pipe:
+            pipe.lpush(self.DEAD_LETTERS, entry)
+            pipe.ltrim(self.DEAD_LETTERS, 0, self.DEAD_LETTER_LIMIT - 1)
+            pipe.expire(self.DEAD_LETTERS, self.app.conf.result_expires_seconds or 86400)
+            pipe.execute()
+
+    def dead_letters(self):
+        """The kept dead letters, newest first, as dicts."""
+        return [json.loads(e) for e in self.client.lrange(self.DEAD_LETTERS, 0, -1)]
+
+    def close(self):
+        self.client.close()
+
+
+#: URL scheme -> broker class; issue-free extension point for other brokers.
+BROKERS = {"redis": RedisBroker, "rediss": RedisBroker, "redis+socket": RedisBroker,
+           "unix": RedisBroker, "socket": RedisBroker}
+
+
+def _pick_by_scheme(registry, url, what):
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    try:
+        return registry[scheme]
+    except KeyError:
+        raise ImproperlyConfigured(
+            f"unknown {what} URL scheme {scheme!r} in {url!r}; "
+            f"supported: {', '.join(s + '://' for s in registry)}") from None
+
+
+# =============================================================================
+# 6. Result backends
+# =============================================================================
+# A task's state and return value live under `celery-task-meta-<id>` as the
+# JSON Celery writes: {"status", "result", "traceback", "children",
+# "date_done", "task_id"}. Every write also PUBLISHes the same JSON on a
+# channel of that name, so AsyncResult.get() sleeps on pub/sub instead of
+# polling. The base class builds and decodes the metadata; a backend only
+# stores, fetches and forgets it.
+
+class ResultBackend:
+    """Stores task states; subclasses implement _set, _get, forget and may wait better."""
+
+    KEY_PREFIX = "celery-task-meta-"
+
+    def __init__(self, app, url):
+        self.app, self.url = app, url
+        self.serializer = app.conf.result_serializer
+        self.accept = accepted_types(app.conf.result_accept_content or app.conf.accept_content)
+        self.expires = app.conf.result_expires_seconds
+
+    def key_for(self, task_id):
+        return f"{self.KEY_PREFIX}{task_id}"
+
+    def store_result(self, task_id, result, state, traceback=None, request=None):
+        """Write one state of a task, as Celery's worker does."""
+        if state in EXCEPTION_STATES and isinstance(result, BaseException):
+            result = exception_to_dict(result)
+        meta = {"status": state, "result": result, "traceback": traceback,
+                "children": list(getattr(request, "children", None) or []),
+                "date_done": utcnow().isoformat() if state in READY_STATES else None}
+        for field in ("group_id", "parent_id"):
+            value = getattr(request, field, None)
+            if value:
+                meta[field] = value
+        meta["task_id"] = task_id
+        self._set(self.key_for(task_id), self.encode(meta))
+        return meta
+
+    def encode(self, meta):
+        data, _, _ = dumps(meta, self.serializer)
+        return data
+
+    def decode(self, data) -> dict:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        content_type = PICKLE_TYPE if data[:1] == b"\x80" else JSON_TYPE
+        return loads(data, content_type, self.accept)
+
+    def get_meta(self, task_id) -> dict:
+        data = self._get(self.key_for(task_id))
+        if data is None:
+            return {"status": PENDING, "result": None, "traceback": None,
+                    "children": [], "date_done": None, "task_id": task_id}
+        return self.decode(data)
+
+    def wait_for(self, task_id, timeout=None, interval=0.5) -> dict:
+        """Block until the task is ready; raises ResultTimeout. Polls by default."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            meta = self.get_meta(task_id)
+            if meta["status"] in READY_STATES:
+                return meta
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(f"task {task_id} not ready after {timeout}s")
+            time.sleep(interval if deadline is None else max(0, min(interval, deadline - time.monotonic())))
+
+    def _set(self, key, data):
+        raise NotImplementedError
+
+    def _get(self, key):
+        raise NotImplementedError
+
+    def forget(self, task_id):
+        raise NotImplementedError
+
+    def close(self):
+        """Release connections (also called in a freshly forked child)."""
+
+
+class DisabledBackend(ResultBackend):
+    """No result_backend configured: storing is a no-op and reading is an error."""
+
+    def store_result(self, task_id, result, state, traceback=None, request=None):
+        return None
+
+    def _get(self, key):
+        raise ImproperlyConfigured(
+            "no result backend is configured: pass backend=... to Celery() "
+            "or set result_backend to read results")
+
+    def forget(self, task_id):
+        pass
+
+
+# Writes the state unless a SUCCESS is already stored (Celery's rule: a late
+# duplicate must not overwrite a success), then PUBLISHes it, in one round trip.
+_STORE_RESULT_LUA = r"""
+local current = redis.call('GET', KEYS[1])
+if current and string.sub(current, 1, 21) == '{"status": "SUCCESS",' then return 0 end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class RedisBackend(ResultBackend):
+    """Celery's Redis result backend: SETEX + PUBLISH, waiting on pub/sub."""
+
+    def __init__(self, app, url):
+        super().__init__(app, url)
+        self.client = redis_client(url)
+        self._store_script = self.client.register_script(_STORE_RESULT_LUA)
+
+    def _set(self, key, data):
+        self._store_script(keys=[key], args=[data, int(self.expires or 0)])
+
+    def _get(self, key):
+        return self.client.get(key)
+
+    def forget(self, task_id):
+        self.client.delete(self.key_for(task_id))
+
+    def wait_for(self, task_id, timeout=None, interval=0.5):
+        # Subscribe before the first GET, so a state written in between is not missed.
+        key = self.key_for(task_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(key)
+            meta = self.get_meta(task_id)
+            while meta["status"] not in READY_STATES:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise ResultTimeout(f"task {task_id} not ready after {timeout}s")
+                message = pubsub.get_message(timeout=min(left if left is not None else 1.0, 1.0))
+                # A silent second re-reads the key: covers a reconnect that dropped a message.
+                meta = self.decode(message["data"]) if message else self.get_meta(task_id)
+            return meta
+        finally:
+            pubsub.close()
+
+    def close(self):
+        self.client.close()
+
+
+BACKENDS = {"redis": RedisBackend, "rediss": RedisBackend, "redis+socket": RedisBackend,
+            "unix": RedisBackend, "socket": RedisBackend}
+
+
+class AsyncResult:
+    """A handle on a task's result, by id: `add.delay(2, 2).get(timeout=10)`."""
+
+    def __init__(self, id, backend=None, task_name=None, app=None, parent=None):
+        self.id = id
+        self.app = app or current_app()
+        self._backend = backend
+        self.task_name = task_name
+        self.parent = parent
+        self._cache = None
+
+    task_id = property(lambda self: self.id)
+
+    @property
+    def backend(self):
+        return self._backend or self.app.backend
+
+    def _get_meta(self):
+        if self._cache is not None:
+            return self._cache
+        meta = self.backend.get_meta(self.id)
+        if meta["status"] in READY_STATES:
+            self._cache = meta
+        return meta
+
+    @property
+    def state(self):
+        return self._get_meta()["status"]
+
+    status = state
+
+    @property
+    def result(self):
+        """The return value, or the exception for a failed task."""
+        meta = self._get_meta()
+        if meta["status"] in EXCEPTION_STATES:
+            return exception_from_dict(meta["result"])
+        return meta["result"]
+
+    info = result
+
+    @property
+    def traceback(self):
+        return self._get_meta().get("traceback")
+
+    @property
+    def date_done(self):
+        return to_datetime(self._get_meta().get("date_done"))
+
+    def ready(self):
+        return self.state in READY_STATES
+
+    def successful(self):
+        return self.state == SUCCESS
+
+    def failed(self):
+        return self.state == FAILURE
+
+    def get(self, timeout=None, propagate=True, interval=0.5):
+        """Wait for the task and return its value, re-raising its exception."""
+        if self._cache is None:
+            self._cache = self.backend.wait_for(self.id, timeout=timeout, interval=interval)
+        meta = self._cache
+        if meta["status"] in EXCEPTION_STATES:
+            exc = exception_from_dict(meta["result"])
+            if propagate:
+                raise exc
+            return exc
+        return meta["result"]
+
+    wait = get
+
+    def forget(self):
+        self._cache = None
+        self.backend.forget(self.id)
+
+    def __eq__(self, other):
+        return isinstance(other, AsyncResult) and other.id == self.id
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __repr__(self):
+        return f"<{type(self).__name__}: {self.id}>"
+
+
+class EagerResult(AsyncResult):
+    """The result of a task run in this process by apply() or task_always_eager."""
+
+    def __init__(self, id, value, state, traceback=None, app=None, task_name=None):
+        super().__init__(id, app=app, task_name=task_name)
+        self._value, self._state, self._traceback = value, state, traceback
+
+    def _get_meta(self):
+        result = exception_to_dict(self._value) if isinstance(self._value, BaseException) else self._value
+        return {"status": self._state, "result": result, "traceback": self._traceback,
+                "children": [], "date_done": None, "task_id": self.id}
+
+    @property
+    def result(self):
+        return self._value
+
+    info = result
+
+    def get(self, timeout=None, propagate=True, interval=0.5):
+        if isinstance(self._value, BaseException) and self._state in EXCEPTION_STATES:
+            if propagate:
+                raise self._value
+        return self._value
+
+    wait = get
+
+    def forget(self):
+        pass
+
+
+# =============================================================================
+# 7. Tasks, requests and run_task()
+# =============================================================================
+# @app.task turns a function into a Task subclass with `run` = the function
+# (Celery's way, so `base=MyTask` hooks just work). Calling the task runs it
+# here; delay()/apply_async() send a message; apply() runs it eagerly through
+# the same run_task() the worker uses. run_task() is the one place that decides
+# a task's outcome: success, failure, retry, reject, ignore, expired, and what
+# gets stored and logged (Celery: celery/app/trace.py).
+
+_local = threading.local()
+
+
+def _request_stack():
+    if not hasattr(_local, "requests"):
+        _local.requests = []
+    return _local.requests
+
+
+class Request:
+    """What a running task knows about its own call: `self.request` in a bound task."""
+
+    id = task = root_id = parent_id = group = group_index = eta = expires = None
+    hostname = origin = reply_to = correlation_id = shadow = None
+    retries = 0
+    is_eager = False
+    called_directly = True
+    timelimit = (None, None)
+    callbacks = errbacks = chain = chord = None
+
+    def __init__(self, **fields):
+        self.args, self.kwargs, self.delivery_info, self.headers = (), {}, {}, {}
+        self.children = []
+        self.__dict__.update(fields)
+
+    group_id = property(lambda self: self.group)
+
+    @classmethod
+    def from_message(cls, message: Message, hostname=None, is_eager=False):
+        headers, embed = message.headers, message.embed or {}
+        delivery_info = dict(message.properties.get("delivery_info") or {},
+                             priority=message.priority)
+        return cls(id=message.id, task=message.task_name, args=message.args,
+                   kwargs=message.kwargs, retries=message.retries,
+                   eta=headers.get("eta"), expires=headers.get("expires"),
+                   root_id=headers.get("root_id"), parent_id=headers.get("parent_id"),
+                   group=headers.get("group"), group_index=headers.get("group_index"),
+                   timelimit=headers.get("timelimit") or (None, None),
+                   origin=headers.get("origin"), shadow=headers.get("shadow"),
+                   reply_to=message.properties.get("reply_to"),
+                   correlation_id=message.properties.get("correlation_id"),
+                   delivery_info=delivery_info, headers=headers, hostname=hostname,
+                   is_eager=is_eager, called_directly=False,
+                   callbacks=embed.get("callbacks"), errbacks=embed.get("errbacks"),
+                   chain=embed.get("chain"), chord=embed.get("chord"))
+
+
+def current_task():
+    """The task running in this thread, or None."""
+    stack = _request_stack()
+    return stack[-1][0] if stack else None
+
+
+class Task:
+    """A task type. Subclass it for hooks; `@app.task(base=MyTask)` uses yours.
+
+    Options left as None fall back to the app's task_* settings.
+    """
+
+    name = None
+    app = None
+    #: check arguments against the function's signature when sending
+    typing = True
+    max_retries = 3
+    default_retry_delay = 180
+    ignore_result = None
+    acks_late = None
+    reject_on_worker_lost = None
+    track_started = None
+    queue = None
+    priority = None
+    serializer = None
+    compression = None
+    time_limit = None
+    soft_time_limit = None
+    expires = None
+    #: the decorated function; bound tasks receive the task as first argument
+    _bound = False
+
+    def run(self, *args, **kwargs):
+        raise NotImplementedError(f"task {self.name!r} defines no run()")
+
+    def __call__(self, *args, **kwargs):
+        return self.run(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<@task: {self.name}>"
+
+    # -- who is running ----------------------------------------------------
+
+    @property
+    def request(self):
+        for task, request in reversed(_request_stack()):
+            if task is self:
+                return request
+        return Request()
+
+    def push_request(self, request):
+        _request_stack().append((self, request))
+
+    def pop_request(self):
+        _request_stack().pop()
+
+    @property
+    def backend(self):
+        return self.app.backend
+
+    def option(self, name):
+        """A task option, or the app's task_<name> setting when the task leaves it unset."""
+        value = getattr(self, name)
+        return getattr(self.app.conf, f"task_{name}") if value is None else value
+
+    # -- calling ----------------------------------------------------------
+
+    def delay(self, *args, **kwargs):
+        """Send the task with these arguments: `add.delay(2, 2)`."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args=None, kwargs=None, **options):
+        """Send the task; returns an AsyncResult.
+
+        Options are Celery's: task_id, countdown, eta, expires, queue, priority,
+        ignore_result, headers, serializer, compression, time_limit, soft_time_limit.
+        """
+        args, kwargs = tuple(args or ()), dict(kwargs or {})
+        self.check_arguments(args, kwargs)
+        if self.app.conf.task_always_eager:
+            return self.apply(args, kwargs, task_id=options.get("task_id"))
+        for name in ("queue", "priority", "serializer", "compression", "expires"):
+            if options.get(name) is None and getattr(self, name) is not None:
+                options[name] = getattr(self, name)
+        if options.get("ignore_result") is None:
+            options["ignore_result"] = self.option("ignore_result")
+        options.setdefault("time_limit", self.time_limit)
+        options.setdefault("soft_time_limit", self.soft_time_limit)
+        return self.app.send_task(self.name, args, kwargs, **options)
+
+    def check_arguments(self, args, kwargs):
+        """Raise TypeError at the call site when the arguments can't fit the function."""
+        if not self.typing:
+            return
+        import inspect
+        try:
+            signature = inspect.signature(type(self).run)
+        except (TypeError, ValueError):
+            return
+        # A plain @app.task function is a staticmethod; bound ones and
+        # hand-written run() methods take the task as their first argument.
+        takes_self = self._bound or getattr(type(self), "__wrapped__", None) is None
+        try:
+            signature.bind(*((self,) if takes_self else ()), *args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}{signature}: {exc}") from None
+
+    def apply(self, args=None, kwargs=None, task_id=None, throw=None, retries=0, **options):
+        """Run the task here and now, through run_task(); returns an EagerResult."""
+        task_id = task_id or uuid()
+        message = _eager_message(self, tuple(args or ()), dict(kwargs or {}), task_id, retries, options)
+        outcome = run_task(self.app, message, eager=True)
+        if outcome.state == RETRY and isinstance(outcome.retval, Retry) and outcome.retval.sig:
+            retry_args, retry_kwargs = outcome.retval.sig
+            return self.apply(retry_args, retry_kwargs, task_id, throw, retries + 1, **options)
+        throw = self.app.conf.task_eager_propagates if throw is None else throw
+        if throw and outcome.state == FAILURE:
+            raise outcome.retval
+        return EagerResult(task_id, outcome.retval, outcome.state, outcome.traceback,
+                           app=self.app, task_name=self.name)
+
+    def AsyncResult(self, task_id):
+        return AsyncResult(task_id, app=self.app, task_name=self.name)
+
+    def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None,
+              countdown=None, max_retries=None, **options):
+        """Send this task again with the same id and retries + 1, then raise Retry.
+
+        Use as `raise self.retry(exc=exc, countdown=5)`. Once max_retries is
+        used up, raises `exc` (or MaxRetriesExceededError when none was given).
+        """
+        request = self.request
+        if request.called_directly:
+            raise ValueError(f"retry() called outside a running task {self.name}")
+        max_retries = self.max_retries if max_retries is None else max_retries
+        if max_retries is not None and request.retries >= max_retries:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(
+                f"Can't retry {self.name}[{request.id}] args:{request.args} kwargs:{request.kwargs}")
+        args = request.args if args is None else args
+        kwargs = request.kwargs if kwargs is None else kwargs
+        if countdown is None and eta is None:
+            countdown = self.default_retry_delay
+        if not request.is_eager:
+            queue = (request.delivery_info or {}).get("routing_key")
+            self.app.send_task(
+                self.name, args, kwargs, task_id=request.id, retries=request.retries + 1,
+                countdown=countdown, eta=eta, root_id=request.root_id, parent_id=request.id,
+                group_id=request.group, group_index=request.group_index,
+                queue=options.pop("queue", None) or queue, expires=request.expires,
+                timelimit=request.timelimit, **options)
+        ret = Retry(exc=exc, when=eta or countdown)
+        ret.sig = (args, kwargs) if request.is_eager else None
+        if throw:
+            raise ret
+        return ret
+
+    # -- hooks: override in a base class ------------------------------------
+
+    def on_success(self, retval, task_id, args, kwargs):
+        """Called in the worker after the task returned."""
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        """Called in the worker after the task raised `exc`; einfo is the traceback text."""
+
+    def on_retry(self, exc, task_id, args, kwargs, einfo):
+        """Called in the worker after the task asked to be retried."""
+
+    def after_return(self, status, retval, task_id, args, kwargs, einfo):
+        """Called in the worker after every run, whatever the outcome."""
+
+
+def _eager_message(task, args, kwargs, task_id, retries, options):
+    parent = current_task()
+    parent_request = parent.request if parent else None
+    headers = build_headers(task.name, task_id, args, kwargs, retries=retries,
+                            root_id=parent_request.root_id if parent_request else None,
+                            parent_id=parent_request.id if parent_request else None)
+    message = Message(headers=headers, properties={"delivery_info": {"is_eager": True}},
+                      body=b"", content_type=JSON_TYPE)
+    message.args, message.kwargs = list(args), kwargs
+    return message
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What run_task() decided; the worker acks, requeues or logs from it."""
+    state: str
+    retval: object = None
+    traceback: str = None
+    runtime: float = 0.0
+    #: Reject(requeue=True): put the message back instead of acking it
+    requeue: bool = False
+
+
+IGNORED, REJECTED = "IGNORED", "REJECTED"
+
+
+def run_task(app, message: Message, hostname=None, eager=False, now=None) -> Outcome:
+    """Run one task message and store its outcome; never raises for a task's error.
+
+    Shared by the solo pool, the prefork children and eager apply(), so the
+    rules for states, retries, hooks and logging live only here.
+    """
+    task = app.tasks[message.task_name]
+    request = Request.from_message(message, hostname=hostname, is_eager=eager)
+    ignore = message.headers.get("ignore_result") or task.option("ignore_result")
+    store = (lambda *a, **k: None) if ignore or (eager and not app.conf.task_store_eager_result) \
+        else task.backend.store_result
+    expires = message.expires
+    if expires is not None and expires <= (now or utcnow()):
+        worker_logger.info("Discarding revoked task: %s", message.describe())
+        store(message.id, TaskRevokedError("expired"), REVOKED, request=request)
+        return Outcome(REVOKED, TaskRevokedError("expired"))
+    if task.option("track_started") and not eager:
+        store(message.id, {"pid": os.getpid(), "hostname": hostname}, STARTED, request=request)
+    task.push_request(request)
+    started = time.perf_counter()
+    try:
+        outcome = _call_task(task, request, message)
+        outcome.runtime = time.perf_counter() - started
+        _store_outcome(task, request, outcome, store)
+    finally:
+        task.pop_request()
+    _call_hook(task.after_return, outcome.state, outcome.retval, message.id,
+               message.args, message.kwargs, outcome.traceback)
+    return outcome
+
+
+def _call_task(task, request, message) -> Outcome:
+    """Call the task function and turn how it ended into an Outcome."""
+    try:
+        retval = task(*message.args, **message.kwargs)
+    except Retry as exc:
+        return Outcome(RETRY, exc, traceback.format_exc())
+    except Ignore:
+        return Outcome(IGNORED)
+    except Reject as exc:
+        return Outcome(REJECTED, exc, requeue=exc.requeue)
+    except Exception as exc:
+        return Outcome(FAILURE, exc, traceback.format_exc())
+    return Outcome(SUCCESS, retval)
+
+
+def _store_outcome(task, request, outcome, store):
+    """Store, hook and log an outcome, as Celery's worker does."""
+    name = f"{task.name}[{request.id}]"
+    args, kwargs = request.args, request.kwargs
+    if outcome.state == SUCCESS:
+        try:
+            store(request.id, outcome.retval, SUCCESS, request=request)
+        except EncodeError as exc:
+            outcome.state, outcome.retval = FAILURE, exc
+            outcome.traceback = traceback.format_exc()
+        else:
+            task_logger.info("Task %s succeeded in %ss: %s", name, outcome.runtime,
+                             _short_repr(outcome.retval))
+            _call_hook(task.on_success, outcome.retval, request.id, args, kwargs)
+            return
+    if outcome.state == RETRY:
+        retry = outcome.retval
+        task_logger.info("Task %s retry: %s", name, retry)
+        store(request.id, retry.exc if retry.exc is not None else retry, RETRY,
+              traceback=outcome.traceback, request=request)
+        _call_hook(task.on_retry, retry.exc or retry, request.id, args, kwargs, outcome.traceback)
+    elif outcome.state == FAILURE:
+        exc = outcome.retval
+        task_logger.error("Task %s raised unexpected: %r\n%s", name, exc, outcome.traceback.rstrip())
+        store(request.id, exc, FAILURE, traceback=outcome.traceback, request=request)
+        _call_hook(task.on_failure, exc, request.id, args, kwargs, outcome.traceback)
+    elif outcome.state == REJECTED:
+        task_logger.info("Task %s rejected: %s", name, outcome.retval.reason)
+
+
+def _call_hook(hook, *args):
+    # A broken hook must not change the task's outcome or kill the worker.
+    try:
+        hook(*args)
+    except Exception:
+        task_logger.exception("hook %s raised", getattr(hook, "__qualname__", hook))
+
+
+# =============================================================================
+# 8. App and configuration
+# =============================================================================
+# The app holds the settings (Celery's lower-case names and defaults), the
+# task registry, and the broker and backend, created on first use from their
+# URLs. Settings are checked when set: a wrong type fails right there.
+
+@dataclasses.dataclass
+class Config:
+    """Celery's settings that minicelery honours, with Celery's defaults."""
+
+    #: where tasks go: redis://[:password@]host:port/db, rediss://, redis+socket:///path
+    broker_url: str | None = None
+    #: where results go (same URL forms); None disables results
+    result_backend: str | None = None
+    #: {'visibility_timeout': seconds a reserved message may go unacked (3600)}
+    broker_transport_options: dict = dataclasses.field(default_factory=dict)
+    task_serializer: str = "json"
+    result_serializer: str = "json"
+    #: content types a worker will decode; add 'pickle' only if you trust every sender
+    accept_content: list | tuple | set = dataclasses.field(default_factory=lambda: ["json"])
+    result_accept_content: list | tuple | set | None = None
+    task_compression: str | None = None
+    #: seconds (or a timedelta) results are kept; 0 or None keeps them forever
+    result_expires: int | float | dt.timedelta | None = 86400
+    task_default_queue: str = "celery"
+    task_default_priority: int | None = None
+    #: {'name or glob': {'queue': 'q'} or 'q'}, a list of those, or router functions
+    task_routes: dict | list | tuple | None = None
+    task_ignore_result: bool = False
+    task_store_eager_result: bool = False
+    #: ack after the task ran (at-least-once) instead of before (at-most-once)
+    task_acks_late: bool = False
+    #: with acks_late: requeue a task whose child died instead of failing it
+    task_reject_on_worker_lost: bool = False
+    task_track_started: bool = False
+    #: run tasks inline on delay()/apply_async(); for tests
+    task_always_eager: bool = False
+    task_eager_propagates: bool = False
+    task_time_limit: int | float | None = None
+    task_soft_time_limit: int | float | None = None
+    #: pool processes; None means one per CPU
+    worker_concurrency: int | None = None
+    #: messages reserved per pool process
+    worker_prefetch_multiplier: int = 4
+    worker_max_tasks_per_child: int | None = None
+    timezone: str | None = None
+    enable_utc: bool = True
+    #: modules the worker imports at start (Celery's `include` and `imports`)
+    include: list | tuple = dataclasses.field(default_factory=list)
+    imports: list | tuple = dataclasses.field(default_factory=list)
+
+    def __setattr__(self, name, value):
+        allowed = _CONFIG_TYPES.get(name) if "_CONFIG_TYPES" in globals() else None
+        if allowed and not _fits(value, allowed):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise ImproperlyConfigured(
+                f"setting {name} must be {names}, not {type(value).__name__}: {value!r}")
+        object.__setattr__(self, name, value)
+
+    def update(self, other=None, **settings):
+        for name, value in dict(other or {}, **settings).items():
+            setattr(self, name, value)
+
+    def __getitem__(self, name):
+        try:
+            return getattr(self, name)
+        except AttributeError:
+            raise KeyError(name) from None
+
+    __setitem__ = __setattr__
+
+    def get(self, name, default=None):
+        return getattr(self, name, default)
+
+    @property
+    def result_expires_seconds(self):
+        value = self.result_expires
+        return value.total_seconds() if isinstance(value, dt.timedelta) else value
+
+
+def _allowed_types(annotation):
+    import typing
+    args = typing.get_args(annotation)
+    return tuple(args) if args else (annotation,)
+
+
+def _fits(value, allowed):
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    return isinstance(value, allowed)
+
+
+_CONFIG_TYPES = {f.name: _allowed_types(f.type) for f in dataclasses.fields(Config)}
+
+#: the app the calls without an explicit app use: the last one created
+_current_app = None
+#: functions decorated with @shared_task, registered on every app
+_shared_tasks = []
+
+
+def current_app():
+    global _current_app
+    if _current_app is None:
+        _current_app = Celery("default")
+    return _current_app
+
+
+class Celery:
+    """The application: settings, tasks, broker and backend.
+
+    `Celery('proj', broker='redis://...', backend='redis://...', include=['proj.tasks'])`
+    """
+
+    def __init__(self, main=None, broker=None, backend=None, include=None,
+                 set_as_current=True, **settings):
+        global _current_app
+        self.main = main
+        self.conf = Config()
+        self.conf.update(settings)
+        if broker:
+            self.conf.broker_url = broker
+        if backend:
+            self.conf.result_backend = backend
+        if include:
+            self.conf.include = list(include)
+        self.tasks = {}
+        self._broker = self._backend = None
+        for fun, options in _shared_tasks:
+            self._task_from_fun(fun, **options)
+        if set_as_current:
+            _current_app = self
+
+    def __repr__(self):
+        return f"<Celery {self.main}:{id(self):#x}>"
+
+    # -- tasks ------------------------------------------------------------
+
+    def task(self, *args, **options):
+        """Decorator: `@app.task` or `@app.task(bind=True, name=..., base=...)`."""
+        if len(args) == 1 and callable(args[0]) and not options:
+            return self._task_from_fun(args[0])
+        if args:
+            raise TypeError("use @app.task or @app.task(option=value, ...)")
+        return lambda fun: self._task_from_fun(fun, **options)
+
+    def _task_from_fun(self, fun, name=None, base=None, bind=False, **options):
+        name = name or self.gen_task_name(fun.__name__, fun.__module__)
+        if name in self.tasks and getattr(self.tasks[name], "__wrapped__", None) is fun:
+            return self.tasks[name]
+        base = base or Task
+        unknown = [key for key in options if not hasattr(base, key)]
+        if unknown:
+            raise TypeError(f"unknown task option(s) {unknown} for {name!r}")
+        run = fun if bind else staticmethod(fun)
+        attrs = dict(options, name=name, app=self, run=run, _bound=bind, __wrapped__=fun,
+                     __doc__=fun.__doc__, __module__=fun.__module__)
+        task = type(fun.__name__, (base,), attrs)()
+        self.tasks[name] = task
+        return task
+
+    def gen_task_name(self, name, module):
+        """Celery's names: `module.function`, with the app's main name for __main__."""
+        if module == "__main__" and self.main:
+            module = self.main
+        return f"{module}.{name}"
+
+    def config_from_object(self, obj, namespace=None, silent=False):
+        """Load settings from an object, a module, or 'module' / 'module:attr'.
+
+        With namespace='CELERY', only `CELERY_`-prefixed names count, so
+        Django's `CELERY_BROKER_URL` sets broker_url.
+        """
+        if isinstance(obj, str):
+            try:
+                obj = import_string(obj)
+            except ImportError:
+                if silent:
+                    return
+                raise
+        items = obj.items() if isinstance(obj, dict) else \
+            ((key, getattr(obj, key)) for key in dir(obj) if not key.startswith("_"))
+        prefix = f"{namespace}_" if namespace else ""
+        for key, value in items:
+            if prefix and not key.startswith(prefix):
+                continue
+            setting = key[len(prefix):].lower()
+            if setting in _CONFIG_TYPES or (not prefix and key.islower()):
+                setattr(self.conf, setting, value)
+
+    def import_task_modules(self):
+        """Import conf.include and conf.imports, which register their tasks."""
+        for module in list(self.conf.include) + list(self.conf.imports):
+            importlib.import_module(module)
+
+    # -- broker and backend -------------------------------------------------
+
+    @property
+    def broker_url(self):
+        return (self.conf.broker_url or os.environ.get("MINICELERY_BROKER_URL")
+                or os.environ.get("CELERY_BROKER_URL") or "redis://localhost:6379/0")
+
+    @property
+    def backend_url(self):
+        return (self.conf.result_backend or os.environ.get("MINICELERY_RESULT_BACKEND")
+                or os.environ.get("CELERY_RESULT_BACKEND"))
+
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            url = self.broker_url
+            self._broker = _pick_by_scheme(BROKERS, url, "broker")(self, url)
+        return self._broker
+
+    @property
+    def backend(self) -> ResultBackend:
+        if self._backend is None:
+            url = self.backend_url
+            cls = _pick_by_scheme(BACKENDS, url, "result backend") if url else DisabledBackend
+            self._backend = cls(self, url)
+        return self._backend
+
+    def after_fork(self):
+        """Forget the parent's connections; the child opens its own on first use.
+
+        Closing them here could shut down sockets the parent still uses.
+        """
+        self._broker = self._backend = None
+
+    def close(self):
+        for part in (self._broker, self._backend):
+            if part is not None:
+                part.close()
+        self._broker = self._backend = None
+
+    def AsyncResult(self, task_id):
+        return AsyncResult(task_id, app=self)
+
+    # -- sending ----------------------------------------------------------
+
+    #: apply_async options Celery accepts that mean nothing for Redis; ignored.
+    IGNORED_OPTIONS = frozenset({"exchange", "routing_key", "retry", "retry_policy",
+                                 "reply_to", "add_to_parent", "mandatory", "delivery_mode",
+                                 "declare", "producer", "connection", "publisher",
+                                 "exchange_type", "result_cls", "stamped_headers"})
+
+    def send_task(self, name, args=None, kwargs=None, countdown=None, eta=None,
+                  task_id=None, expires=None, queue=None, priority=None,
+                  serializer=None, compression=None, headers=None, ignore_result=None,
+                  time_limit=None, soft_time_limit=None, timelimit=None, retries=0,
+                  root_id=None, parent_id=None, group_id=None, group_index=None,
+                  shadow=None, **options) -> AsyncResult:
+        """Send a task by name, registered here or not; returns an AsyncResult.
+
+        Nothing is published if the arguments can't be serialized (EncodeError).
+        """
+        unknown = set(options) - self.IGNORED_OPTIONS
+        if unknown:
+            close = {k: difflib.get_close_matches(k, _SEND_OPTIONS, 1) for k in unknown}
+            hints = "; ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "")
+                              for k, c in sorted(close.items()))
+            raise TypeError(f"send_task({name!r}): unknown option {hints}")
+        args, kwargs = list(args or ()), dict(kwargs or {})
+        task_id = task_id or uuid()
+        now = utcnow()
+        eta = now + dt.timedelta(seconds=countdown) if countdown is not None else \
+            to_datetime(eta, self.tz) if eta is not None else None
+        expires_at = now + dt.timedelta(seconds=expires) if isinstance(expires, (int, float)) \
+            else to_datetime(expires, self.tz) if expires is not None else None
+        parent = current_task()
+        if parent is not None and parent_id is None and not parent.request.called_directly:
+            parent_id, root_id = parent.request.id, root_id or parent.request.root_id
+        route = self.route_for(name, args, kwargs)
+        queue = queue or route.get("queue") or self.conf.task_default_queue
+        if priority is None:
+            priority = route.get("priority", self.conf.task_default_priority)
+        message_headers = build_headers(
+            name, task_id, args, kwargs, eta=eta, expires=expires_at, retries=retries,
+            timelimit=timelimit or (time_limit, soft_time_limit), root_id=root_id,
+            parent_id=parent_id, group_id=group_id, group_index=group_index,
+            ignore_result=bool(ignore_result if ignore_result is not None
+                               else self.conf.task_ignore_result),
+            shadow=shadow, extra=headers)
+        body, content_type, compression_header = dumps(
+            [args, kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
+            serializer or self.conf.task_serializer, compression or self.conf.task_compression)
+        envelope = build_envelope(
+            message_headers, body, content_type, queue, priority=clamp_priority(priority or 0),
+            compression=compression_header,
+            expires_in=(expires_at - now).total_seconds() if expires_at else None)
+        self.broker.publish(queue, envelope, clamp_priority(priority or 0))
+        return AsyncResult(task_id, app=self, task_name=name)
+
+    @property
+    def tz(self):
+        """The timezone naive datetimes are read in: UTC unless enable_utc is off."""
+        if self.conf.timezone:
+            import zoneinfo
+            return zoneinfo.ZoneInfo(self.conf.timezone)
+        if self.conf.enable_utc:
+            return dt.timezone.utc
+        return dt.datetime.now().astimezone().tzinfo
+
+    def route_for(self, name, args=(), kwargs=None) -> dict:
+        """The first task_routes entry matching `name`, as {'queue': ..., ...}."""
+        routes = self.conf.task_routes
+        if not routes:
+            return {}
+        for router in routes if isinstance(routes, (list, tuple)) else [routes]:
+            route = _apply_router(router, name, args, kwargs or {})
+            if route:
+                return {"queue": route} if isinstance(route, str) else dict(route)
+        return {}
+
+
+_SEND_OPTIONS = [p for p in Celery.send_task.__code__.co_varnames[4:
+                 Celery.send_task.__code__.co_argcount + Celery.send_task.__code__.co_kwonlyargcount]]
+
+
+def _apply_router(router, name, args, kwargs):
+    if callable(router):
+        return router(name, args, kwargs, {})
+    for pattern, route in router.items():
+        if isinstance(pattern, re.Pattern):
+            if pattern.match(name):
+                return route
+        elif pattern == name or fnmatch.fnmatchcase(name, pattern):
+            return route
+    return None
+
+
+def shared_task(*args, **options):
+    """@shared_task: a task every app gets, for modules that don't know the app."""
+    def register(fun):
+        _shared_tasks.append((fun, options))
+        return _SharedTaskProxy(fun, options)
+    if len(args) == 1 and callable(args[0]) and not options:
+        return register(args[0])
+    return register
+
+
+class _SharedTaskProxy:
+    """Stands for a shared task; resolves to the task of the current app on each use."""
+
+    def __init__(self, fun, options):
+        self._fun, self._options = fun, options
+
+    def _task(self):
+        return current_app()._task_from_fun(self._fun, **self._options)
+
+    def __getattr__(self, name):
+        return getattr(self._task(), name)
+
+    def __call__(self, *args, **kwargs):
+        return self._task()(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<@shared_task: {self._fun.__name__}>"
+
+
+# =============================================================================
+# 9. Worker: consumer, pools and child processes
+# =============================================================================
+# The worker's main process runs the Consumer: it reserves messages from the
+# broker (up to the prefetch limit), holds the ones with a future ETA, hands
+# due ones to the pool, and acks them, before the run (default, at-most-once:
+# a crash mid-task loses the run but the task is marked FAILURE where we can)
+# or after it (acks_late, at-least-once: a crash means it runs again).
+# The pool runs messages: SoloPool in this process, PreforkPool in forked
+# children that talk to the consumer over pipes. Children store results
+# themselves, so the main process only moves messages.
+
+class Pool:
+    """Runs messages for the consumer.
+
+    apply() is called only while free_slots() > 0. collect() returns what
+    finished: ("done", tag, state, requeue) or ("lost", tag, reason) for a
+    message whose process died under it.
+    """
+
+    name = "pool"
+
+    def __init__(self, app, concurrency, hostname, max_tasks_per_child=None):
+        self.app, self.concurrency, self.hostname = app, concurrency, hostname
+        self.max_tasks_per_child = max_tasks_per_child
+
+    def start(self):
+        raise NotImplementedError
+
+    def free_slots(self) -> int:
+        raise NotImplementedError
+
+    def apply(self, message: Message):
+        raise NotImplementedError
+
+    def collect(self, timeout: float) -> list:
+        raise NotImplementedError
+
+    def stop(self, cold=False) -> list:
+        """Stop the pool; a cold stop kills running tasks and returns them as lost."""
+        raise NotImplementedError
+
+
+class SoloPool(Pool):
+    """Runs each task inline in the worker process: for debugging, and where fork is missing."""
+
+    name = "solo"
+
+    def __init__(self, app, concurrency, hostname, max_tasks_per_child=None):
+        super().__init__(app, 1, hostname, max_tasks_per_child)
+        self._finished, self._running = [], None
+
+    def start(self):
+        pass
+
+    def free_slots(self):
+        return 1
+
+    def apply(self, message):
+        self._running = message.delivery_tag
+        outcome = run_task(self.app, message, hostname=self.hostname)
+        self._running = None
+        self._finished.append(("done", message.delivery_tag, outcome.state, outcome.requeue))
+
+    def collect(self, timeout):
+        finished, self._finished = self._finished, []
+        return finished
+
+    def stop(self, cold=False):
+        # A cold stop interrupted apply() (SystemExit): the running task is lost.
+        return [("lost", self._running, "cold shutdown")] if self._running else []
+
+
+class _Child:
+    """The main process's view of one pool process."""
+
+    def __init__(self, index, pid, conn):
+        self.index, self.pid, self.conn = index, pid, conn
+        #: delivery tag of the message it runs, or None when idle
+        self.job = None
+
+
+class PreforkPool(Pool):
+    """Persistent forked children, one task at a time each, fed over pipes.
+
+    A child that dies (killed, crashed, or done after max_tasks_per_child) is
+    noticed by end-of-file on its pipe and replaced at once.
+    """
+
+    name = "prefork"
+
+    def __init__(self, app, concurrency, hostname, max_tasks_per_child=None):
+        super().__init__(app, concurrency, hostname, max_tasks_per_child)
+        self.children, self.stopping = [], False
+
+    def start(self):
+        for index in range(1, self.concurrency + 1):
+            self.children.append(self._spawn(index))
+
+    def _spawn(self, index) -> _Child:
+        ours, theirs = Pipe()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        pid = os.fork()
+        if pid == 0:
+            # The child: keep only its own pipe end, so it sees EOF when the main process dies.
+            status = 0
+            try:
+                ours.close()
+                for sibling in self.children:
+                    sibling.conn.close()
+                child_main(self.app, theirs, index, self.hostname, self.max_tasks_per_child)
+            except BaseException:
+                traceback.print_exc()
+                status = 1
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    stream.flush()
+                os._exit(status)  # never return into the parent's code after fork()
+        theirs.close()
+        return _Child(index, pid, ours)
+
+    def free_slots(self):
+        return sum(1 for child in self.children if child.job is None)
+
+    def apply(self, message):
+        child = next(child for child in self.children if child.job is None)
+        child.job = message.delivery_tag
+        try:
+            child.conn.send(message)
+        except OSError:
+            pass  # it died: collect() sees the EOF and reports the job lost
+
+    def collect(self, timeout):
+        by_conn = {child.conn: child for child in self.children}
+        events = []
+        for conn in wait_for_connections(list(by_conn), timeout):
+            child = by_conn[conn]
+            try:
+                tag, state, requeue = conn.recv()
+            except (EOFError, OSError):
+                events.extend(self._replace(child))
+                continue
+            child.job = None
+            events.append(("done", tag, state, requeue))
+        return events
+
+    def _replace(self, child) -> list:
+        reason = _exit_reason(_reap(child.pid))
+        child.conn.close()
+        self.children.remove(child)
+        if not self.stopping:
+            self.children.append(self._spawn(child.index))
+        if child.job is None:
+            return []
+        return [("lost", child.job, reason)]
+
+    def stop(self, cold=False):
+        self.stopping = True
+        lost = []
+        for child in list(self.children):
+            if cold:
+                _kill(child.pid)
+            else:
+                try:
+                    child.conn.send(None)
+                except OSError:
+                    pass
+        for child in list(self.children):
+            lost.extend(self._replace(child))
+        return lost
+
+
+def _kill(pid, sig=signal.SIGKILL):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(pid, timeout=10.0):
+    """Wait for a child that closed its pipe; kill it if it lingers. Returns its status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return 0
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            _kill(pid)
+            deadline = float("inf")
+        time.sleep(0.01)
+
+
+def _exit_reason(status) -> str:
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        return f"signal {number} ({signal.Signals(number).name})"
+    return f"exitcode {os.WEXITSTATUS(status)}"
+
+
+def child_main(app, conn, index, hostname, max_tasks=None):
+    """The loop of one pool process: receive a message, run_task() it, report.
+
+    This runs in a forked child. It ignores SIGINT (a Ctrl-C in the terminal
+    reaches the whole process group; the main process decides what to do) and
+    leaves when the pipe closes, when told to (None), or after max_tasks.
+    """
+    global _process_name
+    _process_name = f"ForkPoolWorker-{index}"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    app.after_fork()
+    done = 0
+    while not max_tasks or done < max_tasks:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        try:
+            outcome = run_task(app, message, hostname=hostname)
+            reply = (message.delivery_tag, outcome.state, outcome.requeue)
+        except Exception:
+            worker_logger.exception("Task %s could not be run", message.describe())
+            reply = (message.delivery_tag, FAILURE, False)
+        conn.send(reply)
+        done += 1
+
+
+POOLS = {"prefork": PreforkPool, "solo": SoloPool}
+
+
+class Consumer:
+    """The worker's main loop: reserve, schedule, dispatch, ack; one step() at a time."""
+
+    #: longest a step blocks, so signals and housekeeping are never late by more
+    MAX_WAIT = 1.0
+
+    def __init__(self, app, pool, queues, hostname, prefetch_limit):
+        self.app, self.pool, self.queues, self.hostname = app, pool, list(queues), hostname
+        self.broker = app.broker
+        self.accept = accepted_types(app.conf.accept_content)
+        self.prefetch_limit = max(1, prefetch_limit)
+        self.ready = deque()    # decoded messages waiting for a free pool slot
+        self.scheduled = []     # heap of (eta timestamp, sequence, message)
+        self.active = {}        # delivery tag -> message the pool is running
+        self._to_ack, self._sequence = [], 0
+        #: None while running; "warm" or "cold" once a shutdown was asked for
+        self.stopping = None
+        vt = self.broker.visibility_timeout
+        self.maintain_every = max(0.2, min(5.0, vt / 4))
+        self._next_maintenance = 0.0
+
+    # -- the loop ---------------------------------------------------------
+
+    def run(self):
+        """Consume until stop() is called, then shut down (warm or cold)."""
+        try:
+            while not self.stopping:
+                self.step()
+        finally:
+            self.shutdown()
+
+    def step(self):
+        """One turn: collect finished tasks, dispatch, reserve more or wait."""
+        self._handle(self.pool.collect(0))
+        self._release_due()
+        self._dispatch()
+        self._maintain()
+        room = self.prefetch_limit - len(self.ready) - len(self.active)
+        wait = self._wait_time()
+        if room > 0 and not self.stopping:
+            # With tasks running, wake often enough to ack them promptly.
+            timeout = 0 if self.ready else min(wait, 0.05) if self.active else wait
+            received = self._receive(self.broker.reserve(self.queues, room, timeout))
+            if not received and self.ready:
+                self._handle(self.pool.collect(wait))
+        else:
+            self._handle(self.pool.collect(wait))
+        self._flush_acks()
+
+    def stop(self, cold=False):
+        self.stopping = "cold" if cold else (self.stopping or "warm")
+
+    def _wait_time(self):
+        wait = min(self.MAX_WAIT, self._next_maintenance - time.monotonic())
+        if self.scheduled:
+            wait = min(wait, self.scheduled[0][0] - time.time())
+        return max(wait, 0.0)
+
+    # -- receiving ----------------------------------------------------------
+
+    def _receive(self, deliveries) -> int:
+        for delivery in deliveries:
+            message = self._decode(delivery)
+            if message is None:
+                continue
+            worker_logger.info("Task %s received", message.describe())
+            eta = message.eta
+            if eta is not None and eta.timestamp() > time.time():
+                self._sequence += 1
+                heapq.heappush(self.scheduled, (eta.timestamp(), self._sequence, message))
+            else:
+                self.ready.append(message)
+        return len(deliveries)
+
+    def _decode(self, delivery):
+        """The delivery as a runnable Message, or None after logging and dead-lettering it."""
+        try:
+            message = decode_message(delivery.raw, delivery.queue, delivery.tag)
+        except DecodeError as exc:
+            self._discard(delivery, None, f"can't decode message: {exc}", exc)
+            return None
+        if message.task_name not in self.app.tasks:
+            close = difflib.get_close_matches(message.task_name, list(self.app.tasks), 3)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            exc = NotRegistered(f"Task of kind {message.task_name!r} never registered.{hint}")
+            self._discard(delivery, message, f"Received unregistered task of type "
+                          f"{message.task_name!r}. The message has been ignored and discarded.{hint}", exc)
+            return None
+        try:
+            message.decode_body(self.accept)
+        except DecodeError as exc:
+            self._discard(delivery, message, f"can't decode task {message.describe()}: {exc}", exc)
+            return None
+        return message
+
+    def _discard(self, delivery, message, reason, exc):
+        """Log, store FAILURE (when the id is known), dead-letter and ack a bad message."""
+        worker_logger.error(reason)
+        if message is not None:
+            self.app.backend.store_result(message.id, exc, FAILURE, request=None)
+        self.broker.dead_letter(delivery.raw, reason, delivery.queue)
+        self.broker.ack([delivery.tag])
+
+    # -- dispatching and acking ---------------------------------------------
+
+    def _acks_late(self, message):
+        return self.app.tasks[message.task_name].option("acks_late")
+
+    def _release_due(self):
+        now = time.time()
+        while self.scheduled and self.scheduled[0][0] <= now:
+            self.ready.append(heapq.heappop(self.scheduled)[2])
+
+    def _dispatch(self):
+        while self.ready and not self.stopping:
+            free = self.pool.free_slots()
+            if not free:
+                return
+            batch = [self.ready.popleft() for _ in range(min(free, len(self.ready)))]
+            # Early ack: acked before it runs, so a crash can't run it twice.
+            self.broker.ack([m.delivery_tag for m in batch if not self._acks_late(m)])
+            for message in batch:
+                self.active[message.delivery_tag] = message
+                self.pool.apply(message)
+            self._handle(self.pool.collect(0))
+
+    def _handle(self, events):
+        for event in events:
+            message = self.active.pop(event[1], None)
+            if message is None:
+                continue
+            if event[0] == "lost":
+                self._on_worker_lost(message, event[2])
+            elif self._acks_late(message):
+                if event[3]:
+                    self.broker.requeue([message.delivery_tag])
+                else:
+                    self._to_ack.append(message.delivery_tag)
+
+    def _on_worker_lost(self, message, reason):
+        task = self.app.tasks[message.task_name]
+        if self._acks_late(message) and task.option("reject_on_worker_lost"):
+            worker_logger.warning("Task %s: worker lost (%s); requeued", message.describe(), reason)
+            self.broker.requeue([message.delivery_tag])
+            return
+        exc = WorkerLostError(f"Worker exited prematurely: {reason} Job: {message.id}.")
+        worker_logger.error("Task handler raised error: %r", exc)
+        if not (message.headers.get("ignore_result") or task.option("ignore_result")):
+            task.backend.store_result(message.id, exc, FAILURE,
+                                      request=Request.from_message(message))
+        if self._acks_late(message):
+            self._to_ack.append(message.delivery_tag)
+
+    def _flush_acks(self):
+        if self._to_ack:
+            self.broker.ack(self._to_ack)
+            self._to_ack = []
+
+    def held_tags(self):
+        """Delivery tags this worker holds, unacked or running."""
+        return ([m.delivery_tag for m in self.ready] + [e[2].delivery_tag for e in self.scheduled]
+                + list(self.active))
+
+    def _maintain(self):
+        """Keep our messages' leases fresh, and bring back those of dead workers."""
+        now = time.monotonic()
+        if now < self._next_maintenance:
+            return
+        self._next_maintenance = now + self.maintain_every
+        self.broker.touch(self.held_tags())
+        restored = self.broker.restore_unacked()
+        if restored:
+            worker_logger.warning("Restored %d unacknowledged message(s) of lost workers", restored)
+
+    # -- shutdown -----------------------------------------------------------
+
+    def shutdown(self):
+        """Give back what we hold but haven't started; finish (warm) or kill (cold) the rest."""
+        waiting = [m.delivery_tag for m in self.ready] + [e[2].delivery_tag for e in self.scheduled]
+        self.ready.clear()
+        self.scheduled.clear()
+        if waiting:
+            worker_logger.info("Restoring %d unacknowledged message(s)", len(waiting))
+            self.broker.requeue(waiting)
+        while self.active and self.stopping != "cold":
+            self._handle(self.pool.collect(self.MAX_WAIT))
+        self._handle(self.pool.stop(cold=bool(self.active)))
+        self._flush_acks()
+
+
+class Worker:
+    """A whole worker: banner, pool, consumer and signal handling.
+
+    `app.Worker(concurrency=2, queues=['celery']).start()` blocks until a
+    SIGTERM/SIGINT (warm shutdown: running tasks finish) or a second one (cold).
+    """
+
+    def __init__(self, app, concurrency=None, pool="prefork", queues=None, hostname=None,
+                 loglevel="INFO", max_tasks_per_child=None, prefetch_multiplier=None):
+        conf = app.conf
+        self.app = app
+        self.concurrency = concurrency or conf.worker_concurrency or os.cpu_count() or 1
+        if pool not in POOLS:
+            raise ImproperlyConfigured(f"unknown pool {pool!r}; use one of {sorted(POOLS)}")
+        self.pool_name = pool
+        self.queues = list(queues or [conf.task_default_queue])
+        self.hostname = _expand_hostname(hostname or "celery@%h")
+        self.loglevel = loglevel
+        self.max_tasks_per_child = max_tasks_per_child or conf.worker_max_tasks_per_child
+        self.prefetch_multiplier = prefetch_multiplier or conf.worker_prefetch_multiplier
+        self.consumer = None
+
+    def start(self):
+        self.app.import_task_modules()
+        pool = POOLS[self.pool_name](self.app, self.concurrency, self.hostname,
+                                     self.max_tasks_per_child)
+        self.consumer = Consumer(self.app, pool, self.queues, self.hostname,
+                                 self.prefetch_multiplier * pool.concurrency)
+        print(self.banner(pool), file=sys.stderr, flush=True)
+        pool.start()
+        self._install_signal_handlers()
+        worker_logger.info("Connected to %s", _safe_url(self.app.broker_url))
+        worker_logger.info("%s ready.", self.hostname)
+        try:
+            self.consumer.run()
+        finally:
+            self.app.close()
+
+    def stop(self, cold=False):
+        if self.consumer is not None:
+            self.consumer.stop(cold)
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return  # a worker in a thread is stopped with stop()
+
+        def on_signal(signum, frame):
+            cold = self.consumer.stopping is not None
+            worker_logger.warning("worker: %s shutdown (MainProcess)", "Cold" if cold else "Warm")
+            self.stop(cold)
+            if cold and isinstance(self.consumer.pool, SoloPool) and self.consumer.active:
+                raise SystemExit(1)  # interrupt the task running in this very process
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def banner(self, pool):
+        import platform
+        tasks = "\n".join(f"  . {name}" for name in sorted(self.app.tasks)) or "  (none)"
+        queues = "\n".join(f"                .> {q:<16} exchange={q}(direct) key={q}" for q in self.queues)
+        backend = _safe_url(self.app.backend_url) if self.app.backend_url else "disabled://"
+        lines = [
+            f" -------------- {self.hostname} v{__version__} (minicelery)",
+            "--- ***** ----- ",
+            f"-- ******* ---- {platform.platform()} {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
+            "- *** --- * --- ",
+            "- ** ---------- [config]",
+            f"- ** ---------- .> app:         {self.app.main}:{id(self.app):#x}",
+            f"- ** ---------- .> transport:   {_safe_url(self.app.broker_url)}",
+            f"- ** ---------- .> results:     {backend}",
+            f"- *** --- * --- .> concurrency: {pool.concurrency} ({pool.name})",
+            "-- ******* ---- .> task events: OFF (minicelery sends no events)",
+            "--- ***** ----- ",
+            " -------------- [queues]",
+            queues, "", "[tasks]", tasks, "",
+        ]
+        return "\n".join(lines)
+
+
+def _expand_hostname(name):
+    host = socket.gethostname()
+    return name.replace("%h", host).replace("%n", host.split(".")[0]).replace(
+        "%d", host.partition(".")[2])
+
+
+def _safe_url(url):
+    """The URL with its password masked, for banners and logs."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1**@", url or "")
+
+
+# =============================================================================
+# 10. Command line
+# =============================================================================
+# python -m minicelery worker APP [options]      (or Celery's order: -A APP worker)
+# python -m minicelery -A APP call NAME --args '[2, 2]'
+# python -m minicelery -A APP purge [-Q queue,...]
+
+def find_app(spec: str) -> Celery:
+    """'module', 'module:attr' or 'package.module.attr' as the Celery app it names."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as Celery does, so `-A tasks` finds ./tasks.py
+    try:
+        found = import_string(spec)
+    except (ImportError, AttributeError) as exc:
+        raise ImproperlyConfigured(f"can't import the app {spec!r}: {exc}") from exc
+    if isinstance(found, Celery):
+        return found
+    for attr in ("app", "celery"):
+        if isinstance(getattr(found, attr, None), Celery):
+            return getattr(found, attr)
+    apps = [value for value in vars(found).values() if isinstance(value, Celery)]
+    if len(apps) == 1:
+        return apps[0]
+    raise ImproperlyConfigured(f"{spec!r} has no Celery app; name it like 'module:app'")
+
+
+def _parser():
+    import argparse
+    parser = argparse.ArgumentParser(prog="minicelery", description="Celery's core, in one file.")
+    parser.add_argument("-A", "--app", help="the app: module or module:attr")
+    commands = parser.add_subparsers(dest="command", required=True)
+    worker = commands.add_parser("worker", help="run a worker")
+    worker.add_argument("app_positional", nargs="?", metavar="APP")
+    worker.add_argument("-A", "--app", dest="worker_app")
+    worker.add_argument("-c", "--concurrency", type=int)
+    worker.add_argument("-Q", "--queues", help="comma-separated queues to consume")
+    worker.add_argument("-P", "--pool", default="prefork", choices=sorted(POOLS))
+    worker.add_argument("-n", "--hostname", help="node name, like name@%%h")
+    worker.add_argument("-l", "--loglevel", default="INFO")
+    worker.add_argument("--max-tasks-per-child", type=int)
+    worker.add_argument("--prefetch-multiplier", type=int)
+    call = commands.add_parser("call", help="send a task by name")
+    call.add_argument("name")
+    call.add_argument("-a", "--args", default="[]", help="JSON list")
+    call.add_argument("-k", "--kwargs", default="{}", help="JSON object")
+    call.add_argument("--countdown", type=float)
+    call.add_argument("--queue")
+    call.add_argument("-A", "--app", dest="call_app")
+    purge = commands.add_parser("purge", help="delete all waiting messages")
+    purge.add_argument("-Q", "--queues")
+    purge.add_argument("-A", "--app", dest="purge_app")
+    return parser
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    spec = (getattr(args, "app_positional", None) or getattr(args, "worker_app", None)
+            or getattr(args, "call_app", None) or getattr(args, "purge_app", None) or args.app)
+    if not spec:
+        print("minicelery: name the app with -A module (or module:app)", file=sys.stderr)
+        return 2
+    setup_logging(getattr(args, "loglevel", "INFO"))
+    try:
+        app = find_app(spec)
+        queues = args.queues.split(",") if getattr(args, "queues", None) else None
+        if args.command == "worker":
+            Worker(app, concurrency=args.concurrency, pool=args.pool, queues=queues,
+                   hostname=args.hostname, loglevel=args.loglevel,
+                   max_tasks_per_child=args.max_tasks_per_child,
+                   prefetch_multiplier=args.prefetch_multiplier).start()
+        elif args.command == "call":
+            result = app.send_task(args.name, json.loads(args.args), json.loads(args.kwargs),
+                                   countdown=args.countdown, queue=args.queue)
+            print(result.id)
+        elif args.command == "purge":
+            count = sum(app.broker.purge(q) for q in queues or [app.conf.task_default_queue])
+            print(f"Purged {count} message(s)")
+    except ImproperlyConfigured as exc:
+        print(f"minicelery: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the importable module, not this __main__ copy, so that the user's
+    # `from minicelery import Celery` and the CLI share one set of classes.
+    import minicelery
+    sys.exit(minicelery.main())
