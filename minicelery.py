@@ -545,6 +545,8 @@ class Message:
 
     def decode_body(self, accept):
         """Fill args, kwargs and embed; raises DecodeError for a bad body."""
+        if not self.content_type:
+            raise DecodeError("the message has no content-type")
         body = loads(self.body, self.content_type, accept, self.headers.get("compression"))
         if not (isinstance(body, (list, tuple)) and len(body) == 3):
             raise DecodeError(f"body must be the list [args, kwargs, embed], got {_short_repr(body, 80)}")
@@ -583,11 +585,8 @@ def decode_message(raw, queue="", delivery_tag="") -> Message:
             body = body.encode("utf-8")
     except (ValueError, TypeError) as exc:
         raise DecodeError(f"body is not valid base64: {exc}") from exc
-    content_type = envelope.get("content-type")
-    if not content_type:
-        raise DecodeError("the message has no content-type")
     return Message(headers=headers, properties=properties, body=body,
-                   content_type=content_type, queue=queue,
+                   content_type=envelope.get("content-type"), queue=queue,
                    delivery_tag=delivery_tag or properties.get("delivery_tag", ""), raw=raw)
 
 
@@ -744,7 +743,15 @@ local function remember(key, raw)
     tag = 'minicelery-' .. redis.call('INCR', 'minicelery:tag-seq')
   end
   if rk == nil then rk = string.gsub(key, '\6\22%d$', '') end
-  redis.call('HSET', KEYS[1], tag, cjson.encode({raw, exchange, rk}))
+  -- kombu's entry is [envelope object, exchange, routing key]; splicing in the
+  -- raw text keeps the envelope byte for byte. Non-JSON is kept as a string.
+  local entry
+  if ok then
+    entry = '[' .. raw .. ', ' .. cjson.encode(exchange) .. ', ' .. cjson.encode(rk) .. ']'
+  else
+    entry = cjson.encode({raw, exchange, rk})
+  end
+  redis.call('HSET', KEYS[1], tag, entry)
   redis.call('ZADD', KEYS[2], ARGV[2], tag)
   table.insert(out, key); table.insert(out, tag); table.insert(out, raw)
 end
@@ -857,9 +864,9 @@ class RedisBroker(Broker):
             self.dead_letter(entry, "unreadable entry in unacked")
             self.ack([tag])
             return 0
-        queue, priority, raw = routing_key, 0, raw.encode() if isinstance(raw, str) else raw
+        queue, priority = routing_key, 0
         try:
-            envelope = json.loads(raw)
+            envelope = raw if isinstance(raw, dict) else json.loads(raw)
             properties = envelope["properties"]
             priority = properties.get("priority", 0)
             properties.setdefault("delivery_info", {})["redelivered"] = True
@@ -867,6 +874,8 @@ class RedisBroker(Broker):
             raw = json.dumps(envelope)
         except (ValueError, KeyError, TypeError, AttributeError):
             pass  # not a message we can edit: restore it as it was
+        if not isinstance(raw, (str, bytes)):
+            raw = json.dumps(raw)
         if exchange:
             queue = self._route_by_binding(exchange, routing_key) or queue
         return self._restore_script(keys=[self.UNACKED, self.UNACKED_INDEX, _queue_key(queue, priority)],
@@ -1981,6 +1990,8 @@ class _Child:
         self.index, self.pid, self.conn = index, pid, conn
         #: delivery tag of the message it runs, or None when idle
         self.job = None
+        #: it reached max_tasks_per_child and is exiting: send it nothing more
+        self.retiring = False
 
 
 class PreforkPool(Pool):
@@ -2024,10 +2035,10 @@ class PreforkPool(Pool):
         return _Child(index, pid, ours)
 
     def free_slots(self):
-        return sum(1 for child in self.children if child.job is None)
+        return sum(1 for child in self.children if child.job is None and not child.retiring)
 
     def apply(self, message):
-        child = next(child for child in self.children if child.job is None)
+        child = next(c for c in self.children if c.job is None and not c.retiring)
         child.job = message.delivery_tag
         try:
             child.conn.send(message)
@@ -2040,7 +2051,7 @@ class PreforkPool(Pool):
         for conn in wait_for_connections(list(by_conn), timeout):
             child = by_conn[conn]
             try:
-                tag, state, requeue = conn.recv()
+                tag, state, requeue, child.retiring = conn.recv()
             except (EOFError, OSError):
                 events.extend(self._replace(child))
                 continue
@@ -2126,12 +2137,12 @@ def child_main(app, conn, index, hostname, max_tasks=None):
             return
         try:
             outcome = run_task(app, message, hostname=hostname)
-            reply = (message.delivery_tag, outcome.state, outcome.requeue)
+            state, requeue = outcome.state, outcome.requeue
         except Exception:
             worker_logger.exception("Task %s could not be run", message.describe())
-            reply = (message.delivery_tag, FAILURE, False)
-        conn.send(reply)
+            state, requeue = FAILURE, False
         done += 1
+        conn.send((message.delivery_tag, state, requeue, bool(max_tasks and done >= max_tasks)))
 
 
 POOLS = {"prefork": PreforkPool, "solo": SoloPool}
@@ -2276,9 +2287,9 @@ class Consumer:
                 else:
                     self._to_ack.append(message.delivery_tag)
 
-    def _on_worker_lost(self, message, reason):
+    def _on_worker_lost(self, message, reason, requeue=False):
         task = self.app.tasks[message.task_name]
-        if self._acks_late(message) and task.option("reject_on_worker_lost"):
+        if self._acks_late(message) and (requeue or task.option("reject_on_worker_lost")):
             worker_logger.warning("Task %s: worker lost (%s); requeued", message.describe(), reason)
             self.broker.requeue([message.delivery_tag])
             return
@@ -2315,15 +2326,20 @@ class Consumer:
 
     def shutdown(self):
         """Give back what we hold but haven't started; finish (warm) or kill (cold) the rest."""
-        waiting = [m.delivery_tag for m in self.ready] + [e[2].delivery_tag for e in self.scheduled]
+        waiting = [m.delivery_tag for m in self.ready] + \
+            [entry[2].delivery_tag for entry in sorted(self.scheduled)]
         self.ready.clear()
         self.scheduled.clear()
         if waiting:
             worker_logger.info("Restoring %d unacknowledged message(s)", len(waiting))
-            self.broker.requeue(waiting)
+            self.broker.requeue(reversed(waiting))  # requeue pushes to the consuming end
         while self.active and self.stopping != "cold":
             self._handle(self.pool.collect(self.MAX_WAIT))
-        self._handle(self.pool.stop(cold=bool(self.active)))
+        for event in self.pool.stop(cold=bool(self.active)):
+            # Killed by our own cold shutdown, not by the task: acks_late tasks go back.
+            message = self.active.pop(event[1], None)
+            if message is not None:
+                self._on_worker_lost(message, "cold shutdown", requeue=True)
         self._flush_acks()
 
 

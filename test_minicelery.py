@@ -1,0 +1,974 @@
+"""Tests for minicelery, in the module's chapter order.
+
+Everything runs against a real redis-server that the `redis_server` fixture
+starts on a unix socket, and real workers: forked from this process (so they
+share the tasks defined below) or started through the command line. Nothing
+is mocked. Interop tests run the real `celery` package when it is installed.
+"""
+
+import base64
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+import pytest
+import redis
+
+import minicelery
+from minicelery import (Celery, Config, AsyncResult, EagerResult, ImproperlyConfigured,
+                        EncodeError, NotRegistered, ResultTimeout, WorkerLostError,
+                        MaxRetriesExceededError, Reject, Ignore, Task, shared_task)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SAMPLES = os.path.join(HERE, "..", "shared", "spec", "samples")
+
+try:
+    import celery as real_celery
+except ImportError:  # the interop extra is not installed
+    real_celery = None
+
+
+# --- fixtures ------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (bash .ci/run installs it)")
+        pytest.skip("redis-server not installed")
+    directory = tmp_path_factory.mktemp("redis")
+    sock = str(directory / "redis.sock")
+    proc = subprocess.Popen([exe, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700",
+                             "--save", "", "--appendonly", "no", "--dir", str(directory)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_until(lambda: os.path.exists(sock) or proc.poll() is not None, what="redis-server socket")
+    if proc.poll() is not None:
+        pytest.fail("redis-server did not start")
+    yield sock
+    proc.terminate()
+    proc.wait(5)
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    """A clean Redis (all databases flushed) for one test."""
+    client = redis.Redis(unix_socket_path=redis_server)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def app(redis_client, redis_server):
+    """The test app, pointed at the test Redis, with fresh default settings."""
+    app_ = APP
+    app_.close()
+    app_.conf = Config()
+    app_.conf.update(broker_url=f"unix://{redis_server}",
+                     result_backend=f"redis+socket://{redis_server}?virtual_host=1",
+                     broker_transport_options={"visibility_timeout": 3600})
+    yield app_
+    app_.close()
+
+
+@pytest.fixture
+def results(redis_server):
+    """A Redis client on the results database, for reading raw result keys."""
+    client = redis.Redis(unix_socket_path=redis_server, db=1)
+    yield client
+    client.close()
+
+
+def wait_until(condition, timeout=15.0, what="condition"):
+    """Poll `condition` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class WorkerProcess:
+    """A worker forked from the test process, logging to a file."""
+
+    def __init__(self, pid, log_path):
+        self.pid, self.log_path = pid, log_path
+
+    def log(self):
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait_for_log(self, text, timeout=15.0, count=1):
+        return wait_until(lambda: self.log().count(text) >= count, timeout, f"{text!r} in the worker log")
+
+    def children(self):
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.pid)],
+                             capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def alive(self):
+        try:
+            done, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        return done == 0
+
+    def stop(self, sig=signal.SIGTERM, timeout=15.0):
+        """Signal the worker and wait for it; returns its exit status."""
+        if not self.alive():
+            return None
+        os.kill(self.pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                return status
+            time.sleep(0.02)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        pytest.fail(f"worker did not stop within {timeout}s after {sig!r}")
+
+
+_worker_count = 0
+
+
+@contextlib.contextmanager
+def worker(app, tmp_path, wait_ready=True, **options):
+    """Run `minicelery.Worker(app, **options)` in a forked process for the block."""
+    global _worker_count
+    _worker_count += 1
+    log_path = tmp_path / f"worker-{_worker_count}.log"
+    log_path.touch()
+    options.setdefault("concurrency", 2)
+    pid = os.fork()
+    if pid == 0:  # the worker process: never return into pytest
+        code = 1
+        try:
+            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            # pytest swaps sys.stdout/err for its own capture objects; use the file.
+            sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+            app.after_fork()
+            minicelery.setup_logging("INFO")
+            minicelery.Worker(app, **options).start()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    handle = WorkerProcess(pid, log_path)
+    try:
+        if wait_ready:
+            handle.wait_for_log("ready.")
+        yield handle
+    finally:
+        handle.stop()
+
+
+# --- tasks the tests use (forked workers inherit them) ---------------------------
+
+APP = Celery("t", set_as_current=False)
+
+
+class MyError(Exception):
+    """A user-defined exception that must come back as itself."""
+
+
+@APP.task
+def add(x, y):
+    return x + y
+
+
+@APP.task
+def fail(message):
+    raise ValueError(message)
+
+
+@APP.task
+def custom_fail():
+    raise MyError("custom", 42)
+
+
+@APP.task
+def echo(value):
+    return value
+
+
+@APP.task
+def pid():
+    return os.getpid()
+
+
+@APP.task
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+@APP.task(bind=True)
+def whoami(self):
+    r = self.request
+    return {"id": r.id, "retries": r.retries, "hostname": r.hostname, "is_eager": r.is_eager,
+            "root_id": r.root_id, "parent_id": r.parent_id,
+            "routing_key": r.delivery_info.get("routing_key")}
+
+
+@APP.task(acks_late=True)
+def late_sleep(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+@APP.task(acks_late=True, reject_on_worker_lost=True)
+def late_reject_sleep(seconds, marker_key=None):
+    if marker_key:
+        _marker_redis().incr(marker_key)
+    time.sleep(seconds)
+    return "done"
+
+
+@APP.task(bind=True, max_retries=2, default_retry_delay=0)
+def flaky(self, succeed_on):
+    if self.request.retries < succeed_on:
+        raise self.retry(exc=RuntimeError(f"try again {self.request.retries}"), countdown=0.1)
+    return f"ok after {self.request.retries}"
+
+
+@APP.task(bind=True, max_retries=1)
+def always_retry(self):
+    raise self.retry(countdown=0)
+
+
+@APP.task
+def unserializable_result():
+    return object()
+
+
+@APP.task
+def rejecter():
+    raise Reject("not today", requeue=False)
+
+
+@APP.task
+def ignorer():
+    raise Ignore()
+
+
+@APP.task(ignore_result=True)
+def no_result(key):
+    _marker_redis().set(key, "ran")
+
+
+class HookedTask(Task):
+    """Records every hook call in Redis, where the test process can see it."""
+
+    def on_success(self, retval, task_id, args, kwargs):
+        _marker_redis().rpush("hooks", f"success:{retval}")
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        _marker_redis().rpush("hooks", f"failure:{exc!r}:{'Traceback' in einfo}")
+
+    def after_return(self, status, retval, task_id, args, kwargs, einfo):
+        _marker_redis().rpush("hooks", f"after_return:{status}")
+
+
+@APP.task(base=HookedTask)
+def hooked(fail_it):
+    if fail_it:
+        raise KeyError("nope")
+    return "fine"
+
+
+@APP.task(queue="low")
+def on_low_queue():
+    return "low"
+
+
+def _marker_redis():
+    """A client on the test Redis from inside a task (the URL comes from the app)."""
+    return redis.Redis.from_url(APP.conf.broker_url)
+
+
+# --- §1 Errors and states --------------------------------------------------------
+
+def test_errors_result_timeout_is_a_builtin_timeout():
+    assert issubclass(ResultTimeout, TimeoutError)
+    assert issubclass(NotRegistered, KeyError)
+    assert minicelery.READY_STATES == {"SUCCESS", "FAILURE", "REVOKED"}
+
+
+# --- §3 Serialization ------------------------------------------------------------
+
+def test_serialization_roundtrips_kombu_types():
+    import decimal
+    import uuid
+    value = {"when": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
+             "day": dt.date(2026, 1, 2), "price": decimal.Decimal("1.10"),
+             "id": uuid.UUID(int=5), "raw": b"\xff\x00", "text": b"abc"}
+    data, content_type, _ = minicelery.dumps(value)
+    assert content_type == "application/json"
+    assert json.loads(data)["when"] == {"__type__": "datetime", "__value__": "2026-01-02T03:04:05+00:00"}
+    assert minicelery.loads(data, content_type, {"application/json"}) == value
+
+
+def test_serialization_refuses_pickle_unless_accepted():
+    data, content_type, _ = minicelery.dumps([1], "pickle")
+    with pytest.raises(minicelery.ContentDisallowed, match="accept_content"):
+        minicelery.loads(data, content_type, minicelery.accepted_types(["json"]))
+    assert minicelery.loads(data, content_type, minicelery.accepted_types(["json", "pickle"])) == [1]
+
+
+@pytest.mark.parametrize("compression", ["zlib", "bzip2"])
+def test_serialization_compression_roundtrip(compression):
+    data, content_type, header = minicelery.dumps({"a": "x" * 1000}, compression=compression)
+    assert len(data) < 200 and header in ("application/x-gzip", "application/x-bz2")
+    assert minicelery.loads(data, content_type, {content_type}, header) == {"a": "x" * 1000}
+
+
+def test_serialization_exceptions_in_celery_form():
+    assert minicelery.exception_to_dict(ValueError("boom")) == {
+        "exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"}
+    assert minicelery.exception_to_dict(WorkerLostError("x"))["exc_module"] == "billiard.exceptions"
+    rebuilt = minicelery.exception_from_dict(
+        {"exc_type": "MyCustomError", "exc_message": ["custom", 42], "exc_module": "nowhere.to.be.found"})
+    assert type(rebuilt).__name__ == "MyCustomError" and rebuilt.args == ("custom", 42)
+    # A result must not be able to make us call an arbitrary function.
+    not_an_exception = minicelery.exception_from_dict(
+        {"exc_type": "system", "exc_message": ["echo pwned"], "exc_module": "os"})
+    assert isinstance(not_an_exception, Exception) and type(not_an_exception).__name__ == "system"
+    revoked = minicelery.exception_from_dict(
+        {"exc_type": "TaskRevokedError", "exc_message": ["revoked"], "exc_module": "celery.exceptions"})
+    assert isinstance(revoked, minicelery.TaskRevokedError)
+
+
+# --- §4 Messages -----------------------------------------------------------------
+
+def _sample(name):
+    with open(os.path.join(SAMPLES, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _queued(client, key="celery"):
+    return [json.loads(raw) for raw in client.lrange(key, 0, -1)]
+
+
+def test_message_envelope_matches_celery_sample(app, redis_client):
+    add.apply_async((2, 2), task_id="fixed-id")
+    [envelope] = _queued(redis_client)
+    sample = _sample("a_add_delay.json")["parsed"]
+    assert set(envelope) == set(sample) - {"_decoded_body"}
+    assert list(envelope["headers"]) == list(sample["headers"])
+    assert set(envelope["properties"]) == set(sample["properties"])
+    assert envelope["properties"]["delivery_info"] == {"exchange": "", "routing_key": "celery"}
+    assert envelope["headers"]["task"] == "test_minicelery.add"
+    assert envelope["headers"]["root_id"] == "fixed-id"
+    assert envelope["headers"]["argsrepr"] == "(2, 2)"
+    body = json.loads(base64.b64decode(envelope["body"]))
+    assert body == [[2, 2], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+
+
+def test_message_options_in_headers(app, redis_client):
+    eta = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+    add.apply_async((1, 2), eta=eta, expires=60, time_limit=30, soft_time_limit=20,
+                    headers={"custom": "yes"})
+    [envelope] = _queued(redis_client)
+    headers = envelope["headers"]
+    assert headers["eta"] == "2030-01-01T12:00:00+00:00"
+    assert dt.datetime.fromisoformat(headers["expires"]) > dt.datetime.now(dt.timezone.utc)
+    assert headers["timelimit"] == [30, 20] and headers["custom"] == "yes"
+    assert 59000 <= int(envelope["properties"]["expiration"]) <= 60000
+
+
+def test_message_priority_picks_kombus_list_key(app, redis_client):
+    for priority in (0, 2, 3, 6, 9):
+        add.apply_async((1, 1), priority=priority)
+    expected = _sample("j_priority_list_keys.json")["priority_to_list_key"]
+    for priority, key in expected.items():
+        assert minicelery._queue_key("celery", int(priority)) == key
+    assert {k.decode() for k in redis_client.keys("celery*")} == set(expected.values())
+    assert redis_client.llen("celery") == 2 and redis_client.llen("celery\x06\x169") == 1
+
+
+def test_message_unserializable_args_raise_at_call_site(app, redis_client):
+    with pytest.raises(EncodeError, match="not JSON serializable"):
+        echo.delay(object())
+    assert redis_client.llen("celery") == 0
+
+
+def test_message_wrong_arguments_raise_at_call_site(app, redis_client):
+    with pytest.raises(TypeError, match="add"):
+        add.delay(1, 2, 3)
+    with pytest.raises(TypeError, match="countdwn"):
+        add.apply_async((1, 2), countdwn=3)
+    assert redis_client.llen("celery") == 0
+
+
+# --- §5 Brokers ------------------------------------------------------------------
+
+def test_broker_reserve_moves_messages_to_unacked_as_kombu_does(app, redis_client):
+    for i in range(5):
+        add.delay(i, i)
+    broker = app.broker
+    got = broker.reserve(["celery"], 3, timeout=0)
+    assert len(got) == 3 and redis_client.llen("celery") == 2
+    entry = json.loads(redis_client.hget("unacked", got[0].tag))
+    sample_entry = json.loads(next(iter(_sample("f2_unacked_hash_and_index_snapshot.json")
+                                        ["unacked_keys"]["unacked"]["value"].values())))
+    assert entry[1:] == sample_entry[1:] == ["", "celery"]
+    assert entry[0]["properties"]["delivery_tag"] == got[0].tag  # the envelope itself, as kombu keeps it
+    assert redis_client.zcard("unacked_index") == 3
+    broker.ack([d.tag for d in got])
+    assert redis_client.hlen("unacked") == 0 and redis_client.zcard("unacked_index") == 0
+    assert redis_client.sismember("_kombu.binding.celery", "celery\x06\x16\x06\x16celery")
+
+
+def test_broker_reserve_blocks_until_a_message_arrives(app):
+    assert app.broker.reserve(["celery"], 4, timeout=0.1) == []
+    add.delay(1, 1)
+    [delivery] = app.broker.reserve(["celery"], 4, timeout=1)
+    assert delivery.queue == "celery"
+
+
+def test_broker_serves_lower_priority_numbers_first(app):
+    add.apply_async((1, 0), priority=9)
+    add.apply_async((2, 0), priority=0)
+    add.apply_async((3, 0), priority=5)
+    got = app.broker.reserve(["celery"], 3, timeout=0)
+    assert [minicelery.decode_message(d.raw).properties["priority"] for d in got] == [0, 5, 9]
+
+
+def test_broker_restores_messages_past_visibility_timeout(app, redis_client):
+    app.conf.broker_transport_options = {"visibility_timeout": 1}
+    app.close()
+    add.delay(1, 1)
+    [delivery] = app.broker.reserve(["celery"], 1, timeout=0)
+    assert app.broker.restore_unacked() == 0
+    assert app.broker.restore_unacked(now=time.time() + 2) == 1
+    [envelope] = _queued(redis_client)
+    assert envelope["properties"]["delivery_tag"] == delivery.tag
+    assert envelope["headers"]["redelivered"] is True
+    assert redis_client.hlen("unacked") == 0
+
+
+def test_broker_touch_keeps_a_held_message(app, redis_client):
+    app.conf.broker_transport_options = {"visibility_timeout": 5}
+    app.close()
+    add.delay(1, 1)
+    [delivery] = app.broker.reserve(["celery"], 1, timeout=0)
+    redis_client.zadd("unacked_index", {delivery.tag: time.time() - 100})
+    app.broker.touch([delivery.tag])
+    assert app.broker.restore_unacked() == 0
+
+
+def test_broker_requeue_purge_and_size(app):
+    for i in range(3):
+        add.delay(i, i)
+    got = app.broker.reserve(["celery"], 2, timeout=0)
+    app.broker.requeue([d.tag for d in got])
+    assert app.broker.size("celery") == 3
+    assert app.broker.purge("celery") == 3 and app.broker.size("celery") == 0
+
+
+def test_broker_keeps_a_message_without_delivery_tag(app, redis_client):
+    message = _sample("m_minimal_message_acceptance_tests.json")["M1_minimal_headers_task_id_only"]["message"]
+    message = dict(message, properties={"body_encoding": "base64"})
+    redis_client.lpush("celery", json.dumps(message))
+    [delivery] = app.broker.reserve(["celery"], 1, timeout=0)
+    assert delivery.tag.startswith("minicelery-")
+    assert json.loads(redis_client.hget("unacked", delivery.tag))[2] == "celery"
+
+
+@pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://:secret@example.com:6380/2",
+                                 "redis+socket:///tmp/r.sock", "unix:///tmp/r.sock?db=3",
+                                 "socket:///tmp/r.sock?virtual_host=1"])
+def test_broker_url_forms(url):
+    app_ = Celery("urls", broker=url, backend=url, set_as_current=False)
+    assert isinstance(app_.broker, minicelery.RedisBroker)
+    assert isinstance(app_.backend, minicelery.RedisBackend)
+    kwargs = app_.broker.client.connection_pool.connection_kwargs
+    if "socket" in url or url.startswith("unix"):
+        assert kwargs["path"] == "/tmp/r.sock"
+    if "virtual_host=1" in url:
+        assert kwargs["db"] == 1
+    if "secret" in url:
+        assert kwargs["password"] == "secret" and kwargs["db"] == 2
+
+
+def test_broker_unknown_scheme_is_a_clear_error():
+    app_ = Celery("bad", broker="amqp://guest@localhost//", set_as_current=False)
+    with pytest.raises(ImproperlyConfigured, match=r"unknown broker URL scheme 'amqp'.*redis://"):
+        app_.broker
+
+
+# --- §6 Result backends ----------------------------------------------------------
+
+def test_backend_meta_is_celerys_json(app, results):
+    meta = app.backend.store_result("abc", 4, "SUCCESS")
+    raw = results.get("celery-task-meta-abc").decode()
+    assert list(json.loads(raw)) == ["status", "result", "traceback", "children", "date_done", "task_id"]
+    assert raw.startswith('{"status": "SUCCESS", "result": 4, "traceback": null')
+    assert 86390 < results.ttl("celery-task-meta-abc") <= 86400
+    assert dt.datetime.fromisoformat(meta["date_done"]).tzinfo is not None
+
+
+def test_backend_does_not_overwrite_success(app):
+    app.backend.store_result("abc", 4, "SUCCESS")
+    app.backend.store_result("abc", None, "STARTED")
+    assert app.backend.get_meta("abc")["status"] == "SUCCESS"
+
+
+def test_backend_result_expires_sets_ttl(app, results):
+    app.conf.result_expires = dt.timedelta(seconds=100)
+    app.close()
+    app.backend.store_result("x", 1, "SUCCESS")
+    assert 90 < results.ttl("celery-task-meta-x") <= 100
+
+
+def test_backend_get_times_out_and_pending_state(app):
+    result = AsyncResult("never-sent", app=app)
+    assert result.state == "PENDING" and not result.ready()
+    with pytest.raises(ResultTimeout):
+        result.get(timeout=0.2)
+    with pytest.raises(TimeoutError):
+        result.get(timeout=0.1)
+
+
+def test_backend_get_wakes_on_publish(app):
+    # The write happens after get() subscribed: only the PUBLISH can wake it.
+    pid_ = os.fork()
+    if pid_ == 0:
+        time.sleep(0.3)
+        app.after_fork()
+        app.backend.store_result("later", 42, "SUCCESS")
+        os._exit(0)
+    try:
+        assert AsyncResult("later", app=app).get(timeout=10) == 42
+    finally:
+        os.waitpid(pid_, 0)
+
+
+def test_backend_forget_and_result_api(app):
+    app.backend.store_result("f", ValueError("bad"), "FAILURE", traceback="Traceback: ...")
+    result = AsyncResult("f", app=app)
+    assert result.failed() and not result.successful() and result.ready()
+    assert isinstance(result.result, ValueError) and result.traceback == "Traceback: ..."
+    assert isinstance(result.get(propagate=False), ValueError)
+    assert result.date_done is not None and result.task_id == "f"
+    result.forget()
+    assert AsyncResult("f", app=app).state == "PENDING"
+
+
+def test_backend_disabled_says_how_to_enable(app):
+    app.conf.result_backend = None
+    app.close()
+    with pytest.raises(ImproperlyConfigured, match="no result backend"):
+        add.delay(1, 1).get(timeout=1)
+
+
+# --- §7 Tasks --------------------------------------------------------------------
+
+def test_task_names_and_registry():
+    assert add.name == "test_minicelery.add"
+    assert APP.tasks["test_minicelery.add"] is add
+    main_app = Celery("proj", set_as_current=False)
+    assert main_app.gen_task_name("f", "__main__") == "proj.f"
+    named = main_app.task(name="custom.name")(lambda: 1)
+    assert main_app.tasks["custom.name"] is named and named() == 1
+    with pytest.raises(TypeError, match="unknown task option"):
+        main_app.task(max_retires=3)(lambda: 1)
+
+
+def test_task_call_runs_locally_and_bind_gives_request():
+    assert add(2, 3) == 5
+    assert whoami()["id"] is None
+
+
+def test_task_apply_is_eager():
+    result = add.apply((2, 2))
+    assert isinstance(result, EagerResult) and result.get() == 4 and result.state == "SUCCESS"
+    failed = fail.apply(("x",))
+    assert failed.state == "FAILURE" and isinstance(failed.result, ValueError)
+    with pytest.raises(ValueError):
+        failed.get()
+    info = whoami.apply(task_id="eager-id").get()
+    assert info["id"] == "eager-id" and info["is_eager"] is True
+    assert flaky.apply((2,)).get() == "ok after 2"
+    with pytest.raises(MaxRetriesExceededError):
+        always_retry.apply().get()
+
+
+def test_task_always_eager_and_propagates(app):
+    app.conf.task_always_eager = True
+    assert add.delay(3, 3).get() == 6
+    assert isinstance(fail.delay("e").result, ValueError)
+    app.conf.task_eager_propagates = True
+    with pytest.raises(ValueError):
+        fail.delay("e")
+
+
+def test_task_shared_task_binds_to_the_current_app():
+    @shared_task
+    def shared_mul(x, y):
+        return x * y
+
+    first = Celery("first")
+    assert shared_mul.name == "test_minicelery.shared_mul"
+    assert first.tasks["test_minicelery.shared_mul"].app is first
+    second = Celery("second")
+    assert "test_minicelery.shared_mul" in second.tasks and shared_mul.app is second
+    assert shared_mul(3, 4) == 12
+
+
+def test_task_run_task_decides_outcomes(app):
+    def outcome_of(task, *args):
+        message = minicelery._eager_message(task, args, {}, minicelery.uuid(), 0, {})
+        return minicelery.run_task(app, message)
+    assert outcome_of(add, 1, 2).state == "SUCCESS"
+    assert outcome_of(fail, "x").state == "FAILURE"
+    assert outcome_of(rejecter).state == "REJECTED"
+    assert outcome_of(ignorer).state == "IGNORED"
+    unserializable = outcome_of(unserializable_result)
+    assert unserializable.state == "FAILURE" and isinstance(unserializable.retval, EncodeError)
+
+
+# --- §8 App and configuration ----------------------------------------------------
+
+def test_config_defaults_are_celerys():
+    conf = Config()
+    assert conf.task_default_queue == "celery" and conf.result_expires == 86400
+    assert conf.worker_prefetch_multiplier == 4 and conf.accept_content == ["json"]
+    assert conf.task_acks_late is False and conf.enable_utc is True
+
+
+def test_config_update_and_assignment_check_types():
+    app_ = Celery("cfg", set_as_current=False, task_acks_late=True)
+    assert app_.conf.task_acks_late is True
+    app_.conf.update(worker_concurrency=3, result_expires=dt.timedelta(hours=1))
+    app_.conf["task_default_queue"] = "q"
+    assert app_.conf.worker_concurrency == 3 and app_.conf.task_default_queue == "q"
+    with pytest.raises(ImproperlyConfigured, match="worker_concurrency must be int or None, not str"):
+        app_.conf.worker_concurrency = "4"
+    with pytest.raises(ImproperlyConfigured, match="task_acks_late must be bool"):
+        app_.conf.update(task_acks_late="yes")
+
+
+class DjangoSettings:
+    CELERY_BROKER_URL = "redis://django:6379/0"
+    CELERY_TASK_ACKS_LATE = True
+    CELERY_RESULT_BACKEND = "redis://django:6379/1"
+    DEBUG = True
+
+
+def test_config_from_object_with_namespace():
+    app_ = Celery("cfg", set_as_current=False)
+    app_.config_from_object(DjangoSettings, namespace="CELERY")
+    assert app_.conf.broker_url == "redis://django:6379/0" and app_.conf.task_acks_late is True
+    assert app_.conf.result_backend == "redis://django:6379/1"
+    app_.config_from_object("test_minicelery:DjangoSettings", namespace="CELERY")
+    plain = Celery("cfg", set_as_current=False)
+    plain.config_from_object({"task_default_queue": "from-dict", "broker_url": "redis://x/0"})
+    assert plain.conf.task_default_queue == "from-dict"
+
+
+def test_config_routes_dict_glob_and_explicit_queue(app, redis_client):
+    app.conf.task_routes = {"test_minicelery.echo": {"queue": "echoes"}, "test_minicelery.a*": "a-queue"}
+    echo.delay(1)
+    add.delay(1, 1)
+    add.apply_async((1, 1), queue="explicit")
+    on_low_queue.delay()
+    assert [redis_client.llen(q) for q in ("echoes", "a-queue", "explicit", "low", "celery")] == [1, 1, 1, 1, 0]
+
+
+def test_config_env_broker_url(monkeypatch):
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://from-env:6379/0")
+    assert Celery("env", set_as_current=False).broker_url == "redis://from-env:6379/0"
+    assert Celery("env", broker="redis://arg/0", set_as_current=False).broker_url == "redis://arg/0"
+
+
+# --- §9 Worker -------------------------------------------------------------------
+
+def test_worker_runs_tasks_in_child_processes(app, tmp_path):
+    with worker(app, tmp_path) as w:
+        assert add.delay(4, 4).get(timeout=10) == 8
+        child_pid = pid.delay().get(timeout=10)
+        assert child_pid in w.children() and child_pid != w.pid
+        result = add.delay(2, 2)
+        result.get(timeout=10)
+        w.wait_for_log(f"Task test_minicelery.add[{result.id}] succeeded in ")
+    log = w.log()
+    assert f"Task test_minicelery.add[{result.id}] received" in log
+    assert "INFO/ForkPoolWorker-" in log and "celery@" in log and ". test_minicelery.add" in log
+
+
+def test_worker_stores_failures_with_their_type(app, tmp_path, results):
+    with worker(app, tmp_path) as w:
+        result = fail.delay("boom")
+        with pytest.raises(ValueError, match="boom"):
+            result.get(timeout=10)
+        assert result.state == "FAILURE" and "raise ValueError(message)" in result.traceback
+        with pytest.raises(MyError) as caught:
+            custom_fail.delay().get(timeout=10)
+        assert caught.value.args == ("custom", 42)
+        w.wait_for_log(f"Task test_minicelery.fail[{result.id}] raised unexpected: ValueError('boom')")
+    stored = json.loads(results.get(f"celery-task-meta-{result.id}"))
+    assert stored["result"] == {"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"}
+
+
+def test_worker_request_context(app, tmp_path):
+    with worker(app, tmp_path, hostname="w1@%h") as w:
+        result = whoami.delay()
+        info = result.get(timeout=10)
+    assert info["id"] == result.id and info["root_id"] == result.id and info["retries"] == 0
+    assert info["hostname"].startswith("w1@") and info["routing_key"] == "celery"
+    assert info["is_eager"] is False
+
+
+def test_worker_track_started_and_hooks(app, tmp_path, redis_client):
+    app.conf.task_track_started = True
+    with worker(app, tmp_path):
+        slow = sleep_then.delay(2.0, "v")
+        wait_until(lambda: slow.state == "STARTED", what="STARTED state")
+        assert AsyncResult(slow.id, app=app).result["pid"] > 0
+        assert slow.get(timeout=10) == "v"
+        assert hooked.delay(False).get(timeout=10) == "fine"
+        with pytest.raises(KeyError):
+            hooked.delay(True).get(timeout=10)
+        wait_until(lambda: redis_client.llen("hooks") == 4, what="hook calls")
+    assert [h.decode() for h in redis_client.lrange("hooks", 0, -1)] == [
+        "success:fine", "after_return:SUCCESS", "failure:KeyError('nope'):True", "after_return:FAILURE"]
+
+
+def test_worker_retry_resends_with_same_id(app, tmp_path, results):
+    with worker(app, tmp_path) as w:
+        result = flaky.delay(1)
+        assert result.get(timeout=10) == "ok after 1"
+        w.wait_for_log(f"Task test_minicelery.flaky[{result.id}] retry: Retry in 0.1s: RuntimeError('try again 0')")
+        with pytest.raises(MaxRetriesExceededError):
+            always_retry.delay().get(timeout=10)
+    assert json.loads(results.get(f"celery-task-meta-{result.id}"))["parent_id"] == result.id
+
+
+def test_worker_honours_countdown(app, tmp_path):
+    with worker(app, tmp_path):
+        sent = time.time()
+        result = echo.apply_async(("late",), countdown=1)
+        assert result.get(timeout=10) == "late"
+        assert dt.datetime.fromisoformat(AsyncResult(result.id, app=app)._get_meta()["date_done"]
+                                         ).timestamp() >= sent + 1
+
+
+def test_worker_discards_expired_tasks(app, tmp_path):
+    with worker(app, tmp_path, wait_ready=False) as w:
+        result = echo.apply_async((1,), expires=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1))
+        with pytest.raises(minicelery.TaskRevokedError):
+            result.get(timeout=10)
+        assert result.state == "REVOKED"
+        w.wait_for_log(f"Discarding revoked task: test_minicelery.echo[{result.id}]")
+
+
+def test_worker_unserializable_result_is_encode_error(app, tmp_path):
+    with worker(app, tmp_path):
+        with pytest.raises(EncodeError):
+            unserializable_result.delay().get(timeout=10)
+        assert add.delay(1, 1).get(timeout=10) == 2
+
+
+def test_worker_ignore_result_writes_nothing(app, tmp_path, results, redis_client):
+    with worker(app, tmp_path):
+        result = no_result.delay("ran-key")
+        wait_until(lambda: redis_client.get("ran-key"), what="task side effect")
+        assert add.delay(1, 1).get(timeout=10) == 2
+    assert results.get(f"celery-task-meta-{result.id}") is None
+
+
+def test_worker_unknown_task_is_failed_logged_and_dead_lettered(app, tmp_path, redis_client):
+    with worker(app, tmp_path) as w:
+        result = app.send_task("test_minicelery.ad", (1, 2))
+        with pytest.raises(NotRegistered, match="never registered"):
+            result.get(timeout=10)
+        w.wait_for_log("Received unregistered task of type 'test_minicelery.ad'")
+        assert "Did you mean: test_minicelery.add" in w.log()
+        assert add.delay(1, 2).get(timeout=10) == 3
+    [dead] = app.broker.dead_letters()
+    assert "unregistered" in dead["reason"] and json.loads(dead["raw"])["headers"]["id"] == result.id
+
+
+def test_worker_survives_undecodable_messages(app, tmp_path, redis_client):
+    good_body = base64.b64encode(json.dumps([[1, 2], {}, {}]).encode()).decode()
+    bad = [b"\xff\xfe garbage", b"{not json", json.dumps({"headers": {}}).encode(),
+           json.dumps({"body": base64.b64encode(b"[[1], {}]").decode(), "content-type": "application/json",
+                       "headers": {"task": "test_minicelery.add", "id": "two-element"},
+                       "properties": {"body_encoding": "base64", "delivery_tag": "t1"}}).encode(),
+           json.dumps({"body": good_body, "headers": {"task": "test_minicelery.add", "id": "no-ctype"},
+                       "properties": {"body_encoding": "base64", "delivery_tag": "t2"}}).encode()]
+    for raw in bad:
+        redis_client.lpush("celery", raw)
+    # A pickle message is refused by the default accept_content.
+    refused = app.send_task("test_minicelery.add", (1, 1), serializer="pickle")
+    with worker(app, tmp_path) as w:
+        assert add.delay(2, 3).get(timeout=10) == 5
+        with pytest.raises(minicelery.ContentDisallowed):
+            refused.get(timeout=10)
+        with pytest.raises(minicelery.DecodeError, match="body must be"):
+            AsyncResult("two-element", app=app).get(timeout=10)
+        wait_until(lambda: len(app.broker.dead_letters()) == 6, what="six dead letters")
+        assert w.alive()
+    assert redis_client.hlen("unacked") == 0
+    reasons = " | ".join(d["reason"] for d in app.broker.dead_letters())
+    assert "no content-type" in reasons and "refusing to deserialize" in reasons
+
+
+def test_worker_accepts_pickle_when_configured(app, tmp_path):
+    app.conf.accept_content = ["json", "pickle"]
+    with worker(app, tmp_path):
+        result = echo.apply_async(({1, 2},), serializer="pickle")
+        assert result.get(timeout=10) == [1, 2]
+        assert echo.apply_async(("z" * 500,), compression="zlib").get(timeout=10) == "z" * 500
+
+
+def test_worker_consumes_only_its_queues(app, tmp_path, redis_client):
+    with worker(app, tmp_path, queues=["low", "other"]):
+        assert on_low_queue.delay().get(timeout=10) == "low"
+        assert add.apply_async((1, 1), queue="other").get(timeout=10) == 2
+        add.delay(5, 5)  # default queue: not consumed here
+        time.sleep(0.3)
+        assert redis_client.llen("celery") == 1
+
+
+def test_worker_early_ack_child_killed_is_worker_lost(app, tmp_path, redis_client):
+    with worker(app, tmp_path, concurrency=1) as w:
+        result = sleep_then.delay(30)
+        w.wait_for_log(f"[{result.id}] received")
+        child = wait_until(lambda: w.children(), what="pool child")[0]
+        wait_until(lambda: redis_client.hlen("unacked") == 0, what="early ack")
+        os.kill(child, signal.SIGKILL)
+        with pytest.raises(WorkerLostError, match="signal 9"):
+            result.get(timeout=10)
+        assert add.delay(1, 1).get(timeout=10) == 2  # a new child took its place
+        assert child not in w.children()
+
+
+def test_worker_acks_late_child_killed_is_redelivered(app, tmp_path, redis_client):
+    with worker(app, tmp_path, concurrency=1) as w:
+        result = late_reject_sleep.delay(1.0, "runs")
+        wait_until(lambda: redis_client.get("runs") == b"1", what="first run")
+        assert redis_client.hlen("unacked") == 1
+        os.kill(w.children()[0], signal.SIGKILL)
+        assert result.get(timeout=15) == "done"
+        assert redis_client.get("runs") == b"2"
+        wait_until(lambda: redis_client.hlen("unacked") == 0, what="late ack")
+
+
+def test_worker_max_tasks_per_child_recycles(app, tmp_path):
+    with worker(app, tmp_path, concurrency=1, max_tasks_per_child=2):
+        pids = [pid.delay().get(timeout=10) for _ in range(4)]
+    assert pids[0] == pids[1] and pids[2] == pids[3] and pids[0] != pids[2]
+
+
+def test_worker_warm_shutdown_finishes_running_and_returns_prefetched(app, tmp_path, redis_client):
+    with worker(app, tmp_path, concurrency=1) as w:
+        running = late_sleep.delay(1.0, "finished")
+        waiting = [late_sleep.delay(0, i) for i in range(3)]
+        wait_until(lambda: redis_client.llen("celery") == 0, what="prefetch")
+        w.wait_for_log(f"[{running.id}] received")
+        w.stop(signal.SIGTERM)
+        assert running.get(timeout=1) == "finished"
+    assert redis_client.llen("celery") == 3 and redis_client.hlen("unacked") == 0
+    assert "Restoring 3 unacknowledged message(s)" in w.log()
+    assert all(r.state == "PENDING" for r in waiting)
+    with worker(app, tmp_path):
+        assert [r.get(timeout=10) for r in waiting] == [0, 1, 2]
+
+
+def test_worker_cold_shutdown_requeues_acks_late(app, tmp_path, redis_client):
+    with worker(app, tmp_path, concurrency=1) as w:
+        running = late_sleep.delay(30, "never")
+        wait_until(lambda: w.children() and redis_client.hlen("unacked") == 1, what="task start")
+        w.wait_for_log(f"[{running.id}] received")
+        os.kill(w.pid, signal.SIGTERM)
+        w.wait_for_log("Warm shutdown")
+        w.stop(signal.SIGTERM)
+    assert "Cold shutdown" in w.log()
+    assert redis_client.llen("celery") == 1 and redis_client.hlen("unacked") == 0
+
+
+def test_worker_killed_restored_by_another_after_visibility_timeout(app, tmp_path, redis_client):
+    app.conf.broker_transport_options = {"visibility_timeout": 1}
+    with worker(app, tmp_path, concurrency=1) as w:
+        result = late_sleep.delay(2, "x")
+        w.wait_for_log(f"[{result.id}] received")
+        children = wait_until(w.children, what="pool child")
+        w.stop(signal.SIGKILL)
+        for child in children:
+            os.kill(child, signal.SIGKILL)
+    assert redis_client.hlen("unacked") == 1 and result.state == "PENDING"
+    with worker(app, tmp_path, concurrency=2) as w2:
+        assert result.get(timeout=15) == "x"
+        w2.wait_for_log("Restored 1 unacknowledged message(s)")
+    assert redis_client.hlen("unacked") == 0
+
+
+def test_worker_solo_pool(app, tmp_path):
+    with worker(app, tmp_path, pool="solo") as w:
+        assert pid.delay().get(timeout=10) == w.pid
+        with pytest.raises(ValueError):
+            fail.delay("solo").get(timeout=10)
+    assert "(solo)" in w.log()
+
+
+def test_worker_rejects_unknown_pool(app):
+    with pytest.raises(ImproperlyConfigured, match="unknown pool 'threads'"):
+        minicelery.Worker(app, pool="threads")
+
+
+# --- §10 Command line ------------------------------------------------------------
+
+def _cli(*args, env=None, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "minicelery", *args], cwd=HERE,
+                            env=dict(os.environ, **(env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.mark.parametrize("argv", [["worker", "test_minicelery", "-l", "info", "-c", "1"],
+                                  ["-A", "test_minicelery", "worker", "--loglevel=info", "-P", "solo"]])
+def test_cli_worker_runs_tasks(app, redis_server, argv):
+    env = {"MINICELERY_BROKER_URL": app.conf.broker_url,
+           "MINICELERY_RESULT_BACKEND": app.conf.result_backend}
+    proc = _cli(*argv, env=env)
+    try:
+        assert add.delay(20, 22).get(timeout=20) == 42
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=15)[0]
+    assert proc.returncode == 0, output
+    assert "[tasks]" in output and ". test_minicelery.add" in output and "ready." in output
+
+
+def test_cli_call_and_purge(app, redis_client):
+    env = {"MINICELERY_BROKER_URL": app.conf.broker_url}
+    call = _cli("-A", "test_minicelery", "call", "test_minicelery.add", "--args", "[1, 2]", env=env)
+    task_id = call.communicate(timeout=20)[0].strip().splitlines()[-1]
+    assert call.returncode == 0
+    assert json.loads(redis_client.lindex("celery", 0))["headers"]["id"] == task_id
+    purge = _cli("-A", "test_minicelery", "purge", env=env)
+    assert "Purged 1 message(s)" in purge.communicate(timeout=20)[0]
+    assert redis_client.llen("celery") == 0
+
+
+def test_cli_bad_app_is_a_clear_error():
+    proc = _cli("worker", "no_such_module_here")
+    output = proc.communicate(timeout=20)[0]
+    assert proc.returncode == 1 and "can't import the app 'no_such_module_here'" in output
