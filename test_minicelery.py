@@ -972,3 +972,104 @@ def test_cli_bad_app_is_a_clear_error():
     proc = _cli("worker", "no_such_module_here")
     output = proc.communicate(timeout=20)[0]
     assert proc.returncode == 1 and "can't import the app 'no_such_module_here'" in output
+
+
+# --- Interop with the real Celery ----------------------------------------------------
+# A real Celery app with the same task names. Its worker runs as `celery -A
+# test_minicelery:CELERY_APP worker`, and reads its URLs from the environment.
+
+if real_celery is not None:
+    CELERY_APP = real_celery.Celery("interop", broker=os.environ.get("INTEROP_BROKER_URL"),
+                                    backend=os.environ.get("INTEROP_BACKEND_URL"),
+                                    set_as_current=False)
+    CELERY_APP.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=True)
+
+    @CELERY_APP.task(name="test_minicelery.add")
+    def celery_add(x, y):
+        return x + y
+
+    @CELERY_APP.task(name="test_minicelery.fail")
+    def celery_fail(message):
+        raise ValueError(message)
+
+    @CELERY_APP.task(name="test_minicelery.custom_fail")
+    def celery_custom_fail():
+        raise MyError("custom", 42)
+
+    @CELERY_APP.task(name="test_minicelery.whoami", bind=True)
+    def celery_whoami(self):
+        return {"id": self.request.id, "retries": self.request.retries,
+                "routing_key": self.request.delivery_info.get("routing_key")}
+
+
+@pytest.fixture
+def celery_app(app, redis_server):
+    """The real Celery app, on the same Redis as the minicelery `app`."""
+    if real_celery is None:
+        if os.environ.get("CI"):
+            pytest.fail("the real celery is not installed (pip install -e '.[interop]')")
+        pytest.skip("the real celery package is not installed")
+    CELERY_APP.conf.update(broker_url=f"redis+socket://{redis_server}",
+                           result_backend=f"redis+socket://{redis_server}?virtual_host=1")
+    yield CELERY_APP
+
+
+@contextlib.contextmanager
+def celery_worker(redis_server, tmp_path):
+    """A real `celery worker` process, with the solo pool, for the block."""
+    log_path = tmp_path / "celery-worker.log"
+    env = dict(os.environ, INTEROP_BROKER_URL=f"redis+socket://{redis_server}",
+               INTEROP_BACKEND_URL=f"redis+socket://{redis_server}?virtual_host=1")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "test_minicelery:CELERY_APP", "worker", "-P", "solo",
+             "-l", "info", "--without-mingle", "--without-gossip", "--without-heartbeat",
+             "-n", "real-celery@%h"], cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "ready." in log_path.read_text() or proc.poll() is not None,
+                   timeout=30, what="the real celery worker")
+        assert proc.poll() is None, log_path.read_text()
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.interop
+def test_interop_minicelery_sends_real_celery_runs(app, celery_app, redis_server, tmp_path):
+    with celery_worker(redis_server, tmp_path):
+        assert add.delay(2, 2).get(timeout=20) == 4
+        with pytest.raises(ValueError, match="boom"):
+            fail.delay("boom").get(timeout=20)
+        with pytest.raises(MyError) as caught:
+            custom_fail.delay().get(timeout=20)
+        assert caught.value.args == ("custom", 42)
+        sent = whoami.apply_async(queue="celery", priority=3)
+        info = sent.get(timeout=20)
+        assert info["id"] == sent.id and info["routing_key"] == "celery"
+        # Celery's client reads what Celery's worker stored for our message, too.
+        assert celery_app.AsyncResult(sent.id).get(timeout=5) == info
+
+
+@pytest.mark.interop
+def test_interop_real_celery_sends_minicelery_runs(app, celery_app, tmp_path):
+    with worker(app, tmp_path):
+        assert celery_app.send_task("test_minicelery.add", (2, 2)).get(timeout=20) == 4
+        assert celery_add.apply_async((3, 4), priority=9).get(timeout=20) == 7
+        with pytest.raises(ValueError, match="boom"):
+            celery_fail.delay("boom").get(timeout=20)
+        with pytest.raises(MyError) as caught:
+            celery_custom_fail.delay().get(timeout=20)
+        assert caught.value.args == ("custom", 42)
+        with pytest.raises(real_celery.exceptions.NotRegistered):
+            celery_app.send_task("test_minicelery.not_there").get(timeout=20)
+        failing = celery_fail.delay("seen")
+        with pytest.raises(ValueError):
+            failing.get(timeout=20)
+        assert failing.state == "FAILURE" and "raise ValueError(message)" in failing.traceback
+    # And our client reads what our worker stored for Celery's message.
+    assert isinstance(AsyncResult(failing.id, app=app).result, ValueError)
