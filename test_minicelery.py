@@ -27,7 +27,15 @@ from minicelery import (Celery, Config, AsyncResult, EagerResult, ImproperlyConf
                         MaxRetriesExceededError, Reject, Ignore, Task, shared_task)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SAMPLES = os.path.join(HERE, "..", "shared", "spec", "samples")
+
+# Real Celery 5.7 traffic, captured into shared/spec/samples/ and kept here so the
+# suite runs from any checkout: a_add_delay.json (an LPUSHed message),
+# j_priority_list_keys.json, f2_unacked_hash_and_index_snapshot.json (an
+# `unacked` entry) and m_minimal_message_acceptance_tests.json (M1).
+CELERY_ADD_MESSAGE = '{"body": "W1syLCAyXSwge30sIHsiY2FsbGJhY2tzIjogbnVsbCwgImVycmJhY2tzIjogbnVsbCwgImNoYWluIjogbnVsbCwgImNob3JkIjogbnVsbH1d", "content-encoding": "utf-8", "content-type": "application/json", "headers": {"lang": "py", "task": "wireapp.add", "id": "24e197f0-40a2-4d90-88fd-e33b4a949ee7", "shadow": null, "eta": null, "expires": null, "group": null, "group_index": null, "retries": 0, "timelimit": [null, null], "root_id": "24e197f0-40a2-4d90-88fd-e33b4a949ee7", "parent_id": null, "argsrepr": "(2, 2)", "kwargsrepr": "{}", "origin": "gen5669@vm", "ignore_result": false, "replaced_task_nesting": 0, "stamped_headers": null, "stamps": {}}, "properties": {"correlation_id": "24e197f0-40a2-4d90-88fd-e33b4a949ee7", "reply_to": "f90bd527-b5fd-32b1-bc7d-cdde4af70490", "delivery_mode": 2, "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 0, "body_encoding": "base64", "delivery_tag": "d9956b54-ec46-40d3-b958-c2437765ac51"}}'
+CELERY_PRIORITY_KEYS = {'0': 'celery', '1': 'celery', '2': 'celery', '3': 'celery\x06\x163', '4': 'celery\x06\x163', '5': 'celery\x06\x163', '6': 'celery\x06\x166', '7': 'celery\x06\x166', '8': 'celery\x06\x166', '9': 'celery\x06\x169', '10': 'celery\x06\x169'}
+CELERY_UNACKED_ENTRY = '[{"body": "W1sxMDAwLCAxXSwge30sIHsiY2FsbGJhY2tzIjogbnVsbCwgImVycmJhY2tzIjogbnVsbCwgImNoYWluIjogbnVsbCwgImNob3JkIjogbnVsbH1d", "content-encoding": "utf-8", "content-type": "application/json", "headers": {"lang": "py", "task": "wireapp.add", "id": "stale-task-8127071c", "shadow": null, "eta": null, "expires": null, "group": null, "group_index": null, "retries": 0, "timelimit": [null, null], "root_id": "stale-task-8127071c", "parent_id": null, "argsrepr": "(1000, 1)", "kwargsrepr": "{}", "origin": "dead@host", "ignore_result": false}, "properties": {"correlation_id": "stale-task-8127071c", "reply_to": "", "delivery_mode": 2, "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 0, "body_encoding": "base64", "delivery_tag": "stale-tag-1"}}, "", "celery"]'
+CELERY_MINIMAL_MESSAGE = {'body': 'W1sxLCAyXSwge30sIHsiY2FsbGJhY2tzIjogbnVsbCwgImVycmJhY2tzIjogbnVsbCwgImNoYWluIjogbnVsbCwgImNob3JkIjogbnVsbH1d', 'content-encoding': 'utf-8', 'content-type': 'application/json', 'headers': {'task': 'wireapp.add', 'id': '0a419ba9-5a97-48a0-99f1-a8356e4cf78e'}, 'properties': {'delivery_tag': '3f85114f-65d6-4c1c-9f3e-f0ebbf72b359', 'body_encoding': 'base64', 'delivery_info': {'exchange': '', 'routing_key': 'celery'}}}
 
 try:
     import celery as real_celery
@@ -356,11 +364,6 @@ def test_serialization_exceptions_in_celery_form():
 
 # --- §4 Messages -----------------------------------------------------------------
 
-def _sample(name):
-    with open(os.path.join(SAMPLES, name), encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _queued(client, key="celery"):
     return [json.loads(raw) for raw in client.lrange(key, 0, -1)]
 
@@ -368,8 +371,8 @@ def _queued(client, key="celery"):
 def test_message_envelope_matches_celery_sample(app, redis_client):
     add.apply_async((2, 2), task_id="fixed-id")
     [envelope] = _queued(redis_client)
-    sample = _sample("a_add_delay.json")["parsed"]
-    assert set(envelope) == set(sample) - {"_decoded_body"}
+    sample = json.loads(CELERY_ADD_MESSAGE)
+    assert set(envelope) == set(sample)
     assert list(envelope["headers"]) == list(sample["headers"])
     assert set(envelope["properties"]) == set(sample["properties"])
     assert envelope["properties"]["delivery_info"] == {"exchange": "", "routing_key": "celery"}
@@ -395,7 +398,7 @@ def test_message_options_in_headers(app, redis_client):
 def test_message_priority_picks_kombus_list_key(app, redis_client):
     for priority in (0, 2, 3, 6, 9):
         add.apply_async((1, 1), priority=priority)
-    expected = _sample("j_priority_list_keys.json")["priority_to_list_key"]
+    expected = CELERY_PRIORITY_KEYS
     for priority, key in expected.items():
         assert minicelery._queue_key("celery", int(priority)) == key
     assert {k.decode() for k in redis_client.keys("celery*")} == set(expected.values())
@@ -425,8 +428,7 @@ def test_broker_reserve_moves_messages_to_unacked_as_kombu_does(app, redis_clien
     got = broker.reserve(["celery"], 3, timeout=0)
     assert len(got) == 3 and redis_client.llen("celery") == 2
     entry = json.loads(redis_client.hget("unacked", got[0].tag))
-    sample_entry = json.loads(next(iter(_sample("f2_unacked_hash_and_index_snapshot.json")
-                                        ["unacked_keys"]["unacked"]["value"].values())))
+    sample_entry = json.loads(CELERY_UNACKED_ENTRY)
     assert entry[1:] == sample_entry[1:] == ["", "celery"]
     assert entry[0]["properties"]["delivery_tag"] == got[0].tag  # the envelope itself, as kombu keeps it
     assert redis_client.zcard("unacked_index") == 3
@@ -483,8 +485,7 @@ def test_broker_requeue_purge_and_size(app):
 
 
 def test_broker_keeps_a_message_without_delivery_tag(app, redis_client):
-    message = _sample("m_minimal_message_acceptance_tests.json")["M1_minimal_headers_task_id_only"]["message"]
-    message = dict(message, properties={"body_encoding": "base64"})
+    message = dict(CELERY_MINIMAL_MESSAGE, properties={"body_encoding": "base64"})
     redis_client.lpush("celery", json.dumps(message))
     [delivery] = app.broker.reserve(["celery"], 1, timeout=0)
     assert delivery.tag.startswith("minicelery-")
@@ -932,6 +933,15 @@ def test_worker_solo_pool(app, tmp_path):
 def test_worker_rejects_unknown_pool(app):
     with pytest.raises(ImproperlyConfigured, match="unknown pool 'threads'"):
         minicelery.Worker(app, pool="threads")
+
+
+def test_app_imports_without_redis_py():
+    code = ("import sys; sys.modules['redis'] = None\n"
+            "import minicelery\n"
+            "app = minicelery.Celery('x', broker='redis://localhost/0', set_as_current=False)\n"
+            "try:\n    app.broker\nexcept minicelery.ImproperlyConfigured as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert "pip install redis" in out.stdout, out.stderr
 
 
 # --- §10 Command line ------------------------------------------------------------
