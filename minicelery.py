@@ -47,6 +47,7 @@ autoscaling, and the eventlet/gevent pools.
 
 import base64
 import bz2
+import contextlib
 import dataclasses
 import datetime as dt
 import difflib
@@ -604,6 +605,10 @@ def decode_message(raw, queue="", delivery_tag="") -> Message:
 #   unacked_index         zset  delivery_tag -> time it was reserved (or last touched)
 #   _kombu.binding.<q>    set   routing table entry, written when a worker starts
 #   minicelery:dead-letters list  messages no worker could read, with the reason
+#   minicelery:eta        zset  delivery_tag -> due time of a parked far-ETA message
+#   minicelery:eta-messages hash delivery_tag -> "<queue list key>\n<envelope>"
+#   minicelery:revoked    zset  task id -> when its revocation expires
+#   /<db>.celery.pidbox   channel  Celery's broadcast for revoke (and other control)
 #
 # Taking a message moves it from its list into `unacked` in one Lua script, so
 # a message is always somewhere. An acked message leaves `unacked`; one whose
@@ -611,7 +616,8 @@ def decode_message(raw, queue="", delivery_tag="") -> Message:
 # moves it back to its queue (restore_unacked). Celery: kombu scans for these
 # only about every 100 s; we scan every few seconds, and a live worker keeps
 # touching the messages it holds, so a long task is not handed out twice just
-# because it outlived the visibility timeout.
+# because it outlived the visibility timeout. Celery holds ETA tasks in worker
+# memory (and unacked) until due; we park far-future ones in Redis instead.
 
 class Delivery(tuple):
     """(queue, delivery_tag, raw envelope bytes) as reserve() returns them."""
@@ -667,6 +673,27 @@ class Broker:
         """Requeue messages reserved longer than the visibility timeout ago."""
         raise NotImplementedError
 
+    def park(self, parked):
+        """Hand reserved messages with a far ETA back to the broker until they are due.
+
+        `parked` is a list of (Delivery, priority, due unix time). Each message
+        leaves `unacked` and is kept durably; reserve() moves it back to its
+        queue shortly before it is due, so no worker holds it meanwhile.
+        """
+        raise NotImplementedError
+
+    def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
+        """Remember revoked ids for `expires` seconds and (with broadcast) tell every worker now."""
+        raise NotImplementedError
+
+    def revoked(self) -> set:
+        """The ids revoked and not yet expired, for workers that start later."""
+        raise NotImplementedError
+
+    def control_messages(self) -> list:
+        """Revocations broadcast since the last call, as (task_ids, terminate, signal, destination)."""
+        raise NotImplementedError
+
     def purge(self, queue: str) -> int:
         """Drop every waiting message of `queue`; returns how many."""
         raise NotImplementedError
@@ -720,10 +747,12 @@ def _queue_of_key(key: str):
     return queue if sep and step.isdigit() else key
 
 
-# Moves up to ARGV[1] messages from the queue lists (KEYS[3:]) into unacked
+# Moves up to ARGV[1] messages from the queue lists (KEYS[5:]) into unacked
 # (KEYS[1]) and unacked_index (KEYS[2]), atomically, so that a worker dying
-# between "pop" and "remember" can't lose a message. With ARGV[3] set, first
-# records that message, already popped by a BRPOP from list ARGV[4]. A message
+# between "pop" and "remember" can't lose a message. First it moves parked ETA
+# messages (KEYS[3], KEYS[4]) due before ARGV[3] back to their queues. With
+# ARGV[4] set, it records that message, already popped by a BRPOP from list
+# ARGV[5]. A message
 # without a delivery_tag (kombu would lose it) gets one made up here, and one
 # that isn't JSON at all is still recorded, so the worker can dead-letter it.
 _RESERVE_LUA = r"""
@@ -755,8 +784,18 @@ local function remember(key, raw)
   redis.call('ZADD', KEYS[2], ARGV[2], tag)
   table.insert(out, key); table.insert(out, tag); table.insert(out, raw)
 end
-if ARGV[3] then remember(ARGV[4], ARGV[3]); left = left - 1 end
-for i = 3, #KEYS do
+-- Parked ETA messages due before ARGV[3] go back to the consuming end of their lists.
+for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[3], 'LIMIT', 0, 100)) do
+  local entry = redis.call('HGET', KEYS[4], tag)
+  if entry then
+    local sep = string.find(entry, '\n', 1, true)
+    redis.call('RPUSH', string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1))
+    redis.call('HDEL', KEYS[4], tag)
+  end
+  redis.call('ZREM', KEYS[3], tag)
+end
+if ARGV[4] then remember(ARGV[5], ARGV[4]); left = left - 1 end
+for i = 5, #KEYS do
   while left > 0 do
     local raw = redis.call('RPOP', KEYS[i])
     if not raw then break end
@@ -783,6 +822,10 @@ class RedisBroker(Broker):
 
     UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
     DEAD_LETTERS = "minicelery:dead-letters"
+    ETA, ETA_MESSAGES = "minicelery:eta", "minicelery:eta-messages"
+    REVOKED = "minicelery:revoked"
+    #: parked messages go back to their queue this many seconds before they are due
+    ETA_MOVE_AHEAD = 2.0
     #: how many dead letters to keep; the oldest go first
     DEAD_LETTER_LIMIT = 10000
 
@@ -793,6 +836,10 @@ class RedisBroker(Broker):
         self._restore_script = self.client.register_script(_RESTORE_LUA)
         self._declared = set()
         self._rotation = 0
+        self._pubsub = None
+        db = self.client.connection_pool.connection_kwargs.get("db", 0)
+        #: Celery's broadcast channel for remote control, per database
+        self.pidbox = f"/{db}.celery.pidbox"
 
     def publish(self, queue, envelope, priority=0):
         self.client.lpush(_queue_key(queue, priority), envelope)
@@ -820,14 +867,16 @@ class RedisBroker(Broker):
         if set(queues) - self._declared:
             self._declare(queues)
         keys = self._ordered_keys(queues)
-        fixed = [self.UNACKED, self.UNACKED_INDEX]
-        found = self._reserve_script(keys=fixed + keys, args=[limit, time.time()])
+        fixed = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES]
+        now = time.time()
+        found = self._reserve_script(keys=fixed + keys, args=[limit, now, now + self.ETA_MOVE_AHEAD])
         if not found and timeout:
             popped = self.client.brpop(keys, timeout=timeout)
             if popped:
                 key, raw = popped
+                now = time.time()
                 found = self._reserve_script(keys=fixed + keys,
-                                             args=[limit, time.time(), raw, key])
+                                             args=[limit, now, now + self.ETA_MOVE_AHEAD, raw, key])
         return [Delivery(_queue_of_key(found[i].decode()), found[i + 1].decode(), found[i + 2])
                 for i in range(0, len(found), 3)]
 
@@ -881,6 +930,55 @@ class RedisBroker(Broker):
         return self._restore_script(keys=[self.UNACKED, self.UNACKED_INDEX, _queue_key(queue, priority)],
                                     args=[tag, entry, raw])
 
+    def park(self, parked):
+        if not parked:
+            return
+        with self.client.pipeline() as pipe:  # MULTI: parked and un-reserved together
+            for delivery, priority, due in parked:
+                key = _queue_key(delivery.queue, priority).encode()
+                raw = delivery.raw if isinstance(delivery.raw, bytes) else delivery.raw.encode()
+                pipe.hset(self.ETA_MESSAGES, delivery.tag, key + b"\n" + raw)
+                pipe.zadd(self.ETA, {delivery.tag: due})
+            tags = [delivery.tag for delivery, _, _ in parked]
+            pipe.zrem(self.UNACKED_INDEX, *tags)
+            pipe.hdel(self.UNACKED, *tags)
+            pipe.execute()
+
+    def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
+        now = time.time()
+        body = json.dumps({"method": "revoke", "arguments": {
+            "task_id": task_ids[0] if len(task_ids) == 1 else task_ids,
+            "terminate": terminate, "signal": signal},
+            "destination": None, "pattern": None, "matcher": None})
+        envelope = json.dumps({
+            "body": base64.b64encode(body.encode()).decode(), "content-encoding": "utf-8",
+            "content-type": JSON_TYPE, "headers": {"clock": 1, "expires": now + 1.0},
+            "properties": {"delivery_mode": 2, "priority": 0, "body_encoding": "base64",
+                           "delivery_info": {"exchange": "celery.pidbox", "routing_key": ""},
+                           "delivery_tag": uuid()}})
+        with self.client.pipeline() as pipe:
+            pipe.zadd(self.REVOKED, {task_id: now + expires for task_id in task_ids})
+            pipe.zremrangebyscore(self.REVOKED, "-inf", now)
+            if broadcast:
+                pipe.publish(self.pidbox, envelope)
+            pipe.execute()
+
+    def revoked(self):
+        return {i.decode() for i in self.client.zrangebyscore(self.REVOKED, time.time(), "+inf")}
+
+    def control_messages(self):
+        if self._pubsub is None:
+            self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(self.pidbox)
+        found = []
+        while True:
+            message = self._pubsub.get_message(timeout=0)
+            if message is None:
+                return found
+            command = _parse_control(message["data"])
+            if command is not None:
+                found.append(command)
+
     def _route_by_binding(self, exchange, routing_key):
         for member in self.client.smembers(f"_kombu.binding.{exchange}"):
             key, _, queue = member.decode().split(PRIORITY_SEPARATOR)
@@ -920,7 +1018,27 @@ class RedisBroker(Broker):
         return [json.loads(e) for e in self.client.lrange(self.DEAD_LETTERS, 0, -1)]
 
     def close(self):
+        if self._pubsub is not None:
+            self._pubsub.close()
         self.client.close()
+
+
+def _parse_control(raw):
+    """A Celery pidbox broadcast as (task_ids, terminate, signal, destination), for revoke only."""
+    # Celery's broadcasts expire after a second; we may read one later than that
+    # (blocked in BRPOP), and a late revoke is still right, so expiry is ignored.
+    try:
+        envelope = json.loads(raw)
+        body = json.loads(base64.b64decode(envelope["body"]))
+        if body.get("method") != "revoke":
+            return None
+        arguments = body["arguments"]
+        ids = arguments["task_id"]
+        return ([ids] if isinstance(ids, str) else list(ids), bool(arguments.get("terminate")),
+                arguments.get("signal") or "SIGTERM", body.get("destination"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        logger.warning("ignoring a control message that is not valid: %r", _short_repr(raw, 200))
+        return None
 
 
 #: URL scheme -> broker class; issue-free extension point for other brokers.
@@ -1168,6 +1286,10 @@ class AsyncResult:
         self._cache = None
         self.backend.forget(self.id)
 
+    def revoke(self, connection=None, terminate=False, signal="SIGTERM", wait=False, timeout=None):
+        """Revoke this task on every worker (see Control.revoke)."""
+        self.app.control.revoke(self.id, terminate=terminate, signal=signal)
+
     def __eq__(self, other):
         return isinstance(other, AsyncResult) and other.id == self.id
 
@@ -1294,7 +1416,16 @@ class Task:
     time_limit = None
     soft_time_limit = None
     expires = None
-    #: the decorated function; bound tasks receive the task as first argument
+    #: '10/s', '100/m', '1000/h' or a number per second: per task type, per worker
+    rate_limit = None
+    #: exception types that retry the task by themselves, with retry_kwargs
+    autoretry_for = ()
+    retry_kwargs = {}
+    #: with autoretry: True (or a factor in seconds) for exponential backoff
+    retry_backoff = False
+    retry_backoff_max = 600
+    retry_jitter = True
+    #: bound tasks receive the task as first argument
     _bound = False
 
     def run(self, *args, **kwargs):
@@ -1326,9 +1457,27 @@ class Task:
         return self.app.backend
 
     def option(self, name):
-        """A task option, or the app's task_<name> setting when the task leaves it unset."""
+        """A task option: from task_annotations, else the task, else the app's task_<name>."""
+        annotations = self.app.conf.task_annotations or ()
+        for annotation in [annotations] if isinstance(annotations, dict) else annotations:
+            for key in (self.name, "*"):
+                if name in annotation.get(key, ()):
+                    return annotation[key][name]
         value = getattr(self, name)
-        return getattr(self.app.conf, f"task_{name}") if value is None else value
+        if value is None:
+            value = getattr(self.app.conf, f"task_{name}", None)
+            if value is None and name == "rate_limit":
+                value = self.app.conf.task_default_rate_limit
+        return value
+
+    def backoff_countdown(self, retries):
+        """Seconds before autoretry number `retries` + 1: exponential, capped, maybe jittered."""
+        factor = 1 if self.retry_backoff is True else int(self.retry_backoff)
+        countdown = min(self.retry_backoff_max, factor * 2 ** retries)
+        if self.retry_jitter:
+            import random
+            countdown = random.randrange(countdown + 1)
+        return max(0, countdown)
 
     # -- calling ----------------------------------------------------------
 
@@ -1351,8 +1500,6 @@ class Task:
                 options[name] = getattr(self, name)
         if options.get("ignore_result") is None:
             options["ignore_result"] = self.option("ignore_result")
-        options.setdefault("time_limit", self.time_limit)
-        options.setdefault("soft_time_limit", self.soft_time_limit)
         return self.app.send_task(self.name, args, kwargs, **options)
 
     def check_arguments(self, args, kwargs):
@@ -1464,7 +1611,8 @@ class Outcome:
 IGNORED, REJECTED = "IGNORED", "REJECTED"
 
 
-def run_task(app, message: Message, hostname=None, eager=False, now=None) -> Outcome:
+def run_task(app, message: Message, hostname=None, eager=False, now=None,
+             soft_time_limit=None) -> Outcome:
     """Run one task message and store its outcome; never raises for a task's error.
 
     Shared by the solo pool, the prefork children and eager apply(), so the
@@ -1485,7 +1633,7 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None) -> Out
     task.push_request(request)
     started = time.perf_counter()
     try:
-        outcome = _call_task(task, request, message)
+        outcome = _call_task(task, request, message, soft_time_limit)
         outcome.runtime = time.perf_counter() - started
         _store_outcome(task, request, outcome, store)
     finally:
@@ -1495,10 +1643,11 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None) -> Out
     return outcome
 
 
-def _call_task(task, request, message) -> Outcome:
+def _call_task(task, request, message, soft_time_limit=None) -> Outcome:
     """Call the task function and turn how it ended into an Outcome."""
     try:
-        retval = task(*message.args, **message.kwargs)
+        with _soft_time_limit(soft_time_limit, request):
+            retval = task(*message.args, **message.kwargs)
     except Retry as exc:
         return Outcome(RETRY, exc, traceback.format_exc())
     except Ignore:
@@ -1506,8 +1655,64 @@ def _call_task(task, request, message) -> Outcome:
     except Reject as exc:
         return Outcome(REJECTED, exc, requeue=exc.requeue)
     except Exception as exc:
+        if task.autoretry_for and isinstance(exc, tuple(task.autoretry_for)):
+            return _autoretry(task, request, exc, traceback.format_exc())
         return Outcome(FAILURE, exc, traceback.format_exc())
     return Outcome(SUCCESS, retval)
+
+
+def _autoretry(task, request, exc, exc_traceback) -> Outcome:
+    """autoretry_for: retry with retry_kwargs (and backoff); fail once retries are used up."""
+    options = dict(task.retry_kwargs)
+    if task.retry_backoff and "countdown" not in options:
+        options["countdown"] = task.backoff_countdown(request.retries)
+    try:
+        task.retry(exc=exc, **options)
+    except Retry as retry:
+        return Outcome(RETRY, retry, exc_traceback)
+    except Exception as final:  # retries used up: retry() re-raised exc
+        return Outcome(FAILURE, final, exc_traceback)
+    raise AssertionError("retry() returned without raising")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def _soft_time_limit(seconds, request):
+    """Raise SoftTimeLimitExceeded inside the task after `seconds` (SIGALRM; main thread only)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        task_logger.warning("Soft time limit (%ss) exceeded for %s[%s]", seconds, request.task, request.id)
+        raise SoftTimeLimitExceeded(seconds)
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def time_limits(task, message):
+    """(hard, soft) seconds for a message: per call, else per task, else the app's."""
+    hard, soft = (list(message.headers.get("timelimit") or ()) + [None, None])[:2]
+    return (hard if hard is not None else task.option("time_limit"),
+            soft if soft is not None else task.option("soft_time_limit"))
+
+
+def parse_rate(rate) -> float:
+    """'10/s', '100/m', '1000/h' or a number per second, as tasks per second (0: no limit)."""
+    if not rate:
+        return 0.0
+    if isinstance(rate, (int, float)):
+        return float(rate)
+    count, _, unit = str(rate).partition("/")
+    try:
+        return float(count) / {"s": 1, "m": 60, "h": 3600}[unit or "s"]
+    except (KeyError, ValueError):
+        raise ImproperlyConfigured(f"rate limit {rate!r} is not like '10/s', '100/m' or '1000/h'") from None
 
 
 def _store_outcome(task, request, outcome, store):
@@ -1589,6 +1794,10 @@ class Config:
     task_eager_propagates: bool = False
     task_time_limit: int | float | None = None
     task_soft_time_limit: int | float | None = None
+    #: rate limit for tasks that set none, like '10/s'
+    task_default_rate_limit: str | int | float | None = None
+    #: {'task name' or '*': {'option': value}} (or a list of those) overriding task options
+    task_annotations: dict | list | tuple | None = None
     #: pool processes; None means one per CPU
     worker_concurrency: int | None = None
     #: messages reserved per pool process
@@ -1788,6 +1997,16 @@ class Celery:
     def AsyncResult(self, task_id):
         return AsyncResult(task_id, app=self)
 
+    @property
+    def control(self):
+        """Remote control of the workers; minicelery implements revoke()."""
+        return Control(self)
+
+    @property
+    def revoke_expires(self):
+        """Seconds a revocation is remembered: 3 hours as in Celery, or longer results."""
+        return max(10800, self.conf.result_expires_seconds or 0)
+
     # -- sending ----------------------------------------------------------
 
     #: apply_async options Celery accepts that mean nothing for Redis; ignored.
@@ -1844,14 +2063,23 @@ class Celery:
         return AsyncResult(task_id, app=self, task_name=name)
 
     @property
-    def tz(self):
-        """The timezone naive datetimes are read in: UTC unless enable_utc is off."""
+    def timezone(self):
+        """The app's `timezone` setting as a tzinfo (UTC when unset and enable_utc is on)."""
         if self.conf.timezone:
             import zoneinfo
-            return zoneinfo.ZoneInfo(self.conf.timezone)
+            try:
+                return zoneinfo.ZoneInfo(self.conf.timezone)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ImproperlyConfigured(f"unknown timezone {self.conf.timezone!r}") from None
         if self.conf.enable_utc:
             return dt.timezone.utc
         return dt.datetime.now().astimezone().tzinfo
+
+    @property
+    def tz(self):
+        """The zone naive eta/expires datetimes are read in: UTC with enable_utc (as
+        Celery's worker reads them), else the app's timezone or the local one."""
+        return dt.timezone.utc if self.conf.enable_utc else self.timezone
 
     def route_for(self, name, args=(), kwargs=None) -> dict:
         """The first task_routes entry matching `name`, as {'queue': ..., ...}."""
@@ -1863,6 +2091,25 @@ class Celery:
             if route:
                 return {"queue": route} if isinstance(route, str) else dict(route)
         return {}
+
+
+class Control:
+    """`app.control`: what a client can ask of the workers."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def revoke(self, task_id, terminate=False, signal="SIGTERM", **celery_options):
+        """Revoke one id or a list: a task not yet started never runs (state REVOKED);
+        with terminate=True a running one gets `signal`. Reaches every worker, also
+        ones started later, for app.revoke_expires seconds.
+
+        Celery's `destination` (some workers only) is not supported.
+        """
+        if celery_options.get("destination"):
+            raise TypeError("revoke(destination=...) is not supported: revocations reach every worker")
+        ids = [task_id] if isinstance(task_id, str) else list(task_id)
+        self.app.broker.revoke(ids, terminate=terminate, signal=signal, expires=self.app.revoke_expires)
 
 
 _SEND_OPTIONS = [p for p in Celery.send_task.__code__.co_varnames[4:
@@ -1952,6 +2199,14 @@ class Pool:
         """Stop the pool; a cold stop kills running tasks and returns them as lost."""
         raise NotImplementedError
 
+    def terminate(self, tag, signum) -> bool:
+        """Send `signum` to the process running `tag` (revoke with terminate=True)."""
+        return False
+
+    def next_deadline(self):
+        """time.monotonic() at which a hard time limit must be enforced, or None."""
+        return None
+
 
 class SoloPool(Pool):
     """Runs each task inline in the worker process: for debugging, and where fork is missing."""
@@ -1969,18 +2224,22 @@ class SoloPool(Pool):
         return 1
 
     def apply(self, message):
+        # No hard time limit here: killing the task would kill the worker.
         self._running = message.delivery_tag
-        outcome = run_task(self.app, message, hostname=self.hostname)
+        soft = time_limits(self.app.tasks[message.task_name], message)[1]
+        outcome = run_task(self.app, message, hostname=self.hostname, soft_time_limit=soft)
         self._running = None
         self._finished.append(("done", message.delivery_tag, outcome.state, outcome.requeue))
 
     def collect(self, timeout):
         finished, self._finished = self._finished, []
+        if not finished and timeout:
+            time.sleep(timeout)  # idle: nothing can finish while we wait
         return finished
 
     def stop(self, cold=False):
         # A cold stop interrupted apply() (SystemExit): the running task is lost.
-        return [("lost", self._running, "cold shutdown")] if self._running else []
+        return [("lost", self._running, "cold shutdown", None)] if self._running else []
 
 
 class _Child:
@@ -1992,6 +2251,10 @@ class _Child:
         self.job = None
         #: it reached max_tasks_per_child and is exiting: send it nothing more
         self.retiring = False
+        #: time.monotonic() when its task's hard time limit is up
+        self.deadline = None
+        #: why we killed it: ("timeout", seconds) or ("revoked", signal number)
+        self.cause = None
 
 
 class PreforkPool(Pool):
@@ -2039,13 +2302,34 @@ class PreforkPool(Pool):
 
     def apply(self, message):
         child = next(c for c in self.children if c.job is None and not c.retiring)
-        child.job = message.delivery_tag
+        child.job, child.cause = message.delivery_tag, None
+        hard = time_limits(self.app.tasks[message.task_name], message)[0]
+        child.deadline = time.monotonic() + hard if hard else None
         try:
             child.conn.send(message)
         except OSError:
             pass  # it died: collect() sees the EOF and reports the job lost
 
+    def next_deadline(self):
+        return min((c.deadline for c in self.children if c.deadline and c.job), default=None)
+
+    def terminate(self, tag, signum):
+        for child in self.children:
+            if child.job == tag:
+                child.cause = ("revoked", signum)
+                _kill(child.pid, signum)
+                return True
+        return False
+
+    def _enforce_time_limits(self):
+        now = time.monotonic()
+        for child in self.children:
+            if child.job and child.deadline and now >= child.deadline and not child.cause:
+                child.cause = ("timeout", None)
+                _kill(child.pid)
+
     def collect(self, timeout):
+        self._enforce_time_limits()
         by_conn = {child.conn: child for child in self.children}
         events = []
         for conn in wait_for_connections(list(by_conn), timeout):
@@ -2055,7 +2339,7 @@ class PreforkPool(Pool):
             except (EOFError, OSError):
                 events.extend(self._replace(child))
                 continue
-            child.job = None
+            child.job = child.deadline = None
             events.append(("done", tag, state, requeue))
         return events
 
@@ -2067,7 +2351,7 @@ class PreforkPool(Pool):
             self.children.append(self._spawn(child.index))
         if child.job is None:
             return []
-        return [("lost", child.job, reason)]
+        return [("lost", child.job, reason, child.cause)]
 
     def stop(self, cold=False):
         self.stopping = True
@@ -2136,7 +2420,8 @@ def child_main(app, conn, index, hostname, max_tasks=None):
         if message is None:
             return
         try:
-            outcome = run_task(app, message, hostname=hostname)
+            soft = time_limits(app.tasks[message.task_name], message)[1]
+            outcome = run_task(app, message, hostname=hostname, soft_time_limit=soft)
             state, requeue = outcome.state, outcome.requeue
         except Exception:
             worker_logger.exception("Task %s could not be run", message.describe())
@@ -2148,11 +2433,38 @@ def child_main(app, conn, index, hostname, max_tasks=None):
 POOLS = {"prefork": PreforkPool, "solo": SoloPool}
 
 
+class TokenBucket:
+    """A rate limit: `rate` tokens a second, holding at most `capacity`."""
+
+    def __init__(self, rate, capacity=1):
+        self.rate, self.capacity = rate, capacity
+        self.tokens, self.updated = capacity, time.monotonic()
+
+    def take(self) -> float:
+        """Take a token: 0 if there was one, else the seconds until there will be."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
 class Consumer:
-    """The worker's main loop: reserve, schedule, dispatch, ack; one step() at a time."""
+    """The worker's main loop: reserve, schedule, dispatch, ack; one step() at a time.
+
+    A message the consumer holds is in exactly one place: `ready` (due, waiting
+    for a pool slot), `scheduled` (ETA within ETA_HORIZON, or waiting for its
+    rate limit), or `active` (running). ETAs further away are parked in the broker.
+    """
 
     #: longest a step blocks, so signals and housekeeping are never late by more
     MAX_WAIT = 1.0
+    #: ETA tasks due within this many seconds wait in memory; later ones are parked
+    ETA_HORIZON = 3.0
+    #: BRPOP's timeout is only as precise as redis-server's clock tick (100 ms)
+    BLOCKING_PRECISION = 0.1
 
     def __init__(self, app, pool, queues, hostname, prefetch_limit):
         self.app, self.pool, self.queues, self.hostname = app, pool, list(queues), hostname
@@ -2160,8 +2472,10 @@ class Consumer:
         self.accept = accepted_types(app.conf.accept_content)
         self.prefetch_limit = max(1, prefetch_limit)
         self.ready = deque()    # decoded messages waiting for a free pool slot
-        self.scheduled = []     # heap of (eta timestamp, sequence, message)
+        self.scheduled = []     # heap of (unix time due, sequence, message)
         self.active = {}        # delivery tag -> message the pool is running
+        self.revoked = set()    # task ids revoked (from the broker, kept fresh)
+        self.buckets = {}       # task name -> TokenBucket, for rate-limited tasks
         self._to_ack, self._sequence = [], 0
         #: None while running; "warm" or "cold" once a shutdown was asked for
         self.stopping = None
@@ -2182,45 +2496,67 @@ class Consumer:
     def step(self):
         """One turn: collect finished tasks, dispatch, reserve more or wait."""
         self._handle(self.pool.collect(0))
+        self._maintain()
+        self._apply_control()
         self._release_due()
         self._dispatch()
-        self._maintain()
         room = self.prefetch_limit - len(self.ready) - len(self.active)
-        wait = self._wait_time()
+        wait, precise = self._wait_time()
+        received = 0
         if room > 0 and not self.stopping:
-            # With tasks running, wake often enough to ack them promptly.
-            timeout = 0 if self.ready else min(wait, 0.05) if self.active else wait
+            if self.ready:
+                timeout = 0
+            elif precise:  # block on Redis only while its coarse timeout can't overshoot
+                timeout = wait - self.BLOCKING_PRECISION if wait > 2 * self.BLOCKING_PRECISION else 0
+            else:  # with tasks running, wake often enough to ack them promptly
+                timeout = min(wait, self.BLOCKING_PRECISION) if self.active else wait
             received = self._receive(self.broker.reserve(self.queues, room, timeout))
-            if not received and self.ready:
-                self._handle(self.pool.collect(wait))
-        else:
-            self._handle(self.pool.collect(wait))
+        if not received:
+            self._handle(self.pool.collect(self._wait_time()[0] if (self.ready or precise or room <= 0) else 0))
         self._flush_acks()
 
     def stop(self, cold=False):
         self.stopping = "cold" if cold else (self.stopping or "warm")
 
     def _wait_time(self):
-        wait = min(self.MAX_WAIT, self._next_maintenance - time.monotonic())
-        if self.scheduled:
-            wait = min(wait, self.scheduled[0][0] - time.time())
-        return max(wait, 0.0)
+        """(seconds until something is due, whether that is an exact deadline)."""
+        now = time.monotonic()
+        wait, precise = min(self.MAX_WAIT, self._next_maintenance - now), False
+        if self.scheduled and self.scheduled[0][0] - time.time() < wait:
+            wait, precise = self.scheduled[0][0] - time.time(), True
+        deadline = self.pool.next_deadline()
+        if deadline is not None and deadline - now < wait:
+            wait, precise = deadline - now, True
+        return max(wait, 0.0), precise
 
     # -- receiving ----------------------------------------------------------
 
     def _receive(self, deliveries) -> int:
+        parked = []
         for delivery in deliveries:
             message = self._decode(delivery)
             if message is None:
                 continue
             worker_logger.info("Task %s received", message.describe())
+            if message.id in self.revoked:
+                self._discard_revoked(message, "revoked")
+                continue
             eta = message.eta
-            if eta is not None and eta.timestamp() > time.time():
-                self._sequence += 1
-                heapq.heappush(self.scheduled, (eta.timestamp(), self._sequence, message))
+            due = eta.timestamp() if eta is not None else 0
+            if due > time.time() + self.ETA_HORIZON:
+                parked.append((delivery, message.priority, due))
+            elif due > time.time():
+                self._schedule(message, due)
             else:
                 self.ready.append(message)
+        if parked:
+            self.broker.park(parked)
+            worker_logger.info("Parked %d task(s) with a later ETA in the broker", len(parked))
         return len(deliveries)
+
+    def _schedule(self, message, due):
+        self._sequence += 1
+        heapq.heappush(self.scheduled, (due, self._sequence, message))
 
     def _decode(self, delivery):
         """The delivery as a runnable Message, or None after logging and dead-lettering it."""
@@ -2251,6 +2587,53 @@ class Consumer:
         self.broker.dead_letter(delivery.raw, reason, delivery.queue)
         self.broker.ack([delivery.tag])
 
+    # -- revocation -----------------------------------------------------------
+
+    def _apply_control(self):
+        for task_ids, terminate, signum, destination in self.broker.control_messages():
+            if destination and self.hostname not in destination:
+                continue
+            worker_logger.info("Tasks flagged as revoked: %s", ", ".join(task_ids))
+            self.revoked.update(task_ids)
+            # Make revocations broadcast by real Celery durable too, for workers started later.
+            self.broker.revoke(task_ids, expires=self.app.revoke_expires, broadcast=False)
+            self._drop_revoked()
+            if terminate:
+                self._terminate(set(task_ids), signum)
+
+    def _drop_revoked(self):
+        """Discard held messages whose task was revoked."""
+        keep = []
+        for message in self.ready:
+            if message.id in self.revoked:
+                self._discard_revoked(message, "revoked")
+            else:
+                keep.append(message)
+        self.ready = deque(keep)
+        for entry in [e for e in self.scheduled if e[2].id in self.revoked]:
+            self.scheduled.remove(entry)
+            self._discard_revoked(entry[2], "revoked")
+        heapq.heapify(self.scheduled)
+
+    def _terminate(self, task_ids, signum):
+        number = signum if isinstance(signum, int) else signal.Signals[
+            signum if str(signum).startswith("SIG") else f"SIG{signum}"]
+        for tag, message in list(self.active.items()):
+            if message.id in task_ids:
+                worker_logger.info("Terminating %s (%s)", message.id, int(number))
+                if not self.pool.terminate(tag, number):
+                    worker_logger.warning("the %s pool can't terminate %s", self.pool.name, message.id)
+
+    def _discard_revoked(self, message, why):
+        worker_logger.info("Discarding revoked task: %s", message.describe())
+        self._store_final(message, TaskRevokedError(why), REVOKED)
+        self._to_ack.append(message.delivery_tag)
+
+    def _store_final(self, message, exc, state):
+        task = self.app.tasks[message.task_name]
+        if not (message.headers.get("ignore_result") or task.option("ignore_result")):
+            task.backend.store_result(message.id, exc, state, request=Request.from_message(message))
+
     # -- dispatching and acking ---------------------------------------------
 
     def _acks_late(self, message):
@@ -2261,12 +2644,28 @@ class Consumer:
         while self.scheduled and self.scheduled[0][0] <= now:
             self.ready.append(heapq.heappop(self.scheduled)[2])
 
+    def _throttled(self, message) -> bool:
+        """Hold a message back (rescheduled) while its task type is over its rate limit."""
+        name = message.task_name
+        if name not in self.buckets:
+            rate = parse_rate(self.app.tasks[name].option("rate_limit"))
+            self.buckets[name] = TokenBucket(rate) if rate else None
+        bucket = self.buckets[name]
+        delay = bucket.take() if bucket else 0
+        if delay:
+            self._schedule(message, time.time() + delay)
+        return bool(delay)
+
     def _dispatch(self):
         while self.ready and not self.stopping:
             free = self.pool.free_slots()
             if not free:
                 return
-            batch = [self.ready.popleft() for _ in range(min(free, len(self.ready)))]
+            batch = []
+            while self.ready and len(batch) < free:
+                message = self.ready.popleft()
+                if not self._throttled(message):
+                    batch.append(message)
             # Early ack: acked before it runs, so a crash can't run it twice.
             self.broker.ack([m.delivery_tag for m in batch if not self._acks_late(m)])
             for message in batch:
@@ -2280,25 +2679,32 @@ class Consumer:
             if message is None:
                 continue
             if event[0] == "lost":
-                self._on_worker_lost(message, event[2])
+                self._on_worker_lost(message, event[2], event[3])
             elif self._acks_late(message):
                 if event[3]:
                     self.broker.requeue([message.delivery_tag])
                 else:
                     self._to_ack.append(message.delivery_tag)
 
-    def _on_worker_lost(self, message, reason, requeue=False):
+    def _on_worker_lost(self, message, reason, cause=None, requeue=False):
+        """A child died under `message`: we killed it (time limit, revoke) or it crashed."""
         task = self.app.tasks[message.task_name]
-        if self._acks_late(message) and (requeue or task.option("reject_on_worker_lost")):
+        late = self._acks_late(message)
+        if cause and cause[0] == "timeout":
+            limit = time_limits(task, message)[0]
+            worker_logger.error("Hard time limit (%ss) exceeded for %s", limit, message.describe())
+            self._store_final(message, TimeLimitExceeded(limit), FAILURE)
+        elif cause and cause[0] == "revoked":
+            self._store_final(message, TaskRevokedError("terminated"), REVOKED)
+        elif late and (requeue or task.option("reject_on_worker_lost")):
             worker_logger.warning("Task %s: worker lost (%s); requeued", message.describe(), reason)
             self.broker.requeue([message.delivery_tag])
             return
-        exc = WorkerLostError(f"Worker exited prematurely: {reason} Job: {message.id}.")
-        worker_logger.error("Task handler raised error: %r", exc)
-        if not (message.headers.get("ignore_result") or task.option("ignore_result")):
-            task.backend.store_result(message.id, exc, FAILURE,
-                                      request=Request.from_message(message))
-        if self._acks_late(message):
+        else:
+            exc = WorkerLostError(f"Worker exited prematurely: {reason} Job: {message.id}.")
+            worker_logger.error("Task handler raised error: %r", exc)
+            self._store_final(message, exc, FAILURE)
+        if late:
             self._to_ack.append(message.delivery_tag)
 
     def _flush_acks(self):
@@ -2312,7 +2718,7 @@ class Consumer:
                 + list(self.active))
 
     def _maintain(self):
-        """Keep our messages' leases fresh, and bring back those of dead workers."""
+        """Keep our messages' leases fresh, bring back those of dead workers, reload revocations."""
         now = time.monotonic()
         if now < self._next_maintenance:
             return
@@ -2321,6 +2727,8 @@ class Consumer:
         restored = self.broker.restore_unacked()
         if restored:
             worker_logger.warning("Restored %d unacknowledged message(s) of lost workers", restored)
+        self.revoked = self.broker.revoked()
+        self._drop_revoked()
 
     # -- shutdown -----------------------------------------------------------
 

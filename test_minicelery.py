@@ -292,6 +292,9 @@ class HookedTask(Task):
     def after_return(self, status, retval, task_id, args, kwargs, einfo):
         _marker_redis().rpush("hooks", f"after_return:{status}")
 
+    def on_retry(self, exc, task_id, args, kwargs, einfo):
+        _marker_redis().rpush("hooks", f"retry:{exc!r}")
+
 
 @APP.task(base=HookedTask)
 def hooked(fail_it):
@@ -303,6 +306,55 @@ def hooked(fail_it):
 @APP.task(queue="low")
 def on_low_queue():
     return "low"
+
+
+@APP.task(bind=True, base=HookedTask, default_retry_delay=0)
+def hooked_retry(self):
+    if self.request.retries == 0:
+        raise self.retry(exc=OSError("again"))
+    return "retried"
+
+
+@APP.task(autoretry_for=(KeyError,), retry_kwargs={"max_retries": 2}, default_retry_delay=0)
+def auto_retry(counter_key):
+    _marker_redis().incr(counter_key)
+    raise KeyError("still missing")
+
+
+@APP.task(autoretry_for=(OSError,), retry_backoff=2, retry_jitter=False, max_retries=5)
+def backoff_retry():
+    raise OSError("down")
+
+
+@APP.task(time_limit=1)
+def hard_limited(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@APP.task(soft_time_limit=0.3)
+def soft_limited():
+    try:
+        time.sleep(10)
+    except minicelery.SoftTimeLimitExceeded:
+        return "cleaned up"
+
+
+@APP.task(rate_limit="5/s")
+def rate_limited(i):
+    return time.time()
+
+
+@APP.task(bind=True, name="test_minicelery.flaky_cross")
+def flaky_cross(self):
+    if self.request.retries == 0:
+        raise self.retry(exc=RuntimeError("first try"), countdown=2)
+    return f"minicelery after {self.request.retries}"
+
+
+@APP.task(bind=True)
+def when_run(self):
+    return {"at": time.time(), "eta": self.request.eta, "expires": self.request.expires}
 
 
 def _marker_redis():
@@ -944,6 +996,196 @@ def test_app_imports_without_redis_py():
     assert "pip install redis" in out.stdout, out.stderr
 
 
+# --- §9 Worker: retries, ETA, expiry, time limits, rate limits, revocation -------
+
+def _run_message(app, task, args=(), retries=0, **send_options):
+    """Run one task message through run_task() as a worker would, without a worker."""
+    message = minicelery._eager_message(task, tuple(args), {}, send_options.pop("task_id", minicelery.uuid()),
+                                        retries, {})
+    message.properties["delivery_info"] = {"routing_key": "celery"}
+    return minicelery.run_task(app, message, hostname="test@host")
+
+
+def test_retry_republishes_same_id_with_eta(app, redis_client, results):
+    from freezegun import freeze_time
+    with freeze_time("2026-03-01 12:00:00"):
+        outcome = _run_message(app, flaky, (5,), task_id="retry-me")
+    assert outcome.state == "RETRY"
+    [envelope] = _queued(redis_client)
+    headers = envelope["headers"]
+    assert headers["id"] == "retry-me" and headers["retries"] == 1 and headers["parent_id"] == "retry-me"
+    assert headers["eta"] == "2026-03-01T12:00:00.100000+00:00"
+    meta = json.loads(results.get("celery-task-meta-retry-me"))
+    assert meta["status"] == "RETRY" and meta["result"]["exc_message"] == ["try again 0"]
+
+
+def test_retry_backoff_schedule():
+    backoff_retry.retry_jitter = False
+    assert [backoff_retry.backoff_countdown(n) for n in range(10)] == [2, 4, 8, 16, 32, 64, 128, 256, 512, 600]
+    backoff_retry.retry_jitter = True
+    try:
+        assert all(0 <= backoff_retry.backoff_countdown(4) <= 32 for _ in range(50))
+    finally:
+        backoff_retry.retry_jitter = False
+
+
+def test_retry_autoretry_uses_backoff_for_eta(app, redis_client):
+    from freezegun import freeze_time
+    with freeze_time("2026-03-01 12:00:00"):
+        outcome = _run_message(app, backoff_retry, retries=3)
+    assert outcome.state == "RETRY"
+    assert _queued(redis_client)[0]["headers"]["eta"] == "2026-03-01T12:00:16+00:00"
+    assert _run_message(app, backoff_retry, retries=5).state == "FAILURE"
+
+
+def test_retry_autoretry_through_worker(app, tmp_path, redis_client):
+    with worker(app, tmp_path):
+        result = auto_retry.delay("auto-runs")
+        with pytest.raises(KeyError, match="still missing"):
+            result.get(timeout=15)
+    assert redis_client.get("auto-runs") == b"3"
+
+
+def test_retry_state_and_on_retry_hook(app, tmp_path, redis_client):
+    with worker(app, tmp_path, concurrency=1):  # one child: the hooks come in order
+        assert hooked_retry.delay().get(timeout=10) == "retried"
+        wait_until(lambda: redis_client.llen("hooks") >= 4, what="hooks")
+    assert [h.decode() for h in redis_client.lrange("hooks", 0, -1)] == [
+        "retry:OSError('again')", "after_return:RETRY", "success:retried", "after_return:SUCCESS"]
+
+
+def test_eta_naive_and_aware_follow_enable_utc_and_timezone(app, redis_client):
+    from freezegun import freeze_time
+    with freeze_time("2026-07-01 10:00:00"):
+        add.apply_async((1, 1), countdown=30)
+        add.apply_async((1, 1), eta=dt.datetime(2026, 7, 1, 12, 0))  # naive: UTC with enable_utc
+        app.conf.update(enable_utc=False, timezone="Europe/Berlin")
+        add.apply_async((1, 1), eta=dt.datetime(2026, 7, 1, 12, 0))  # naive: Berlin, UTC+2 in July
+        add.apply_async((1, 1), eta=dt.datetime(2026, 7, 1, 12, 0, tzinfo=dt.timezone.utc), expires=60)
+    etas = [dt.datetime.fromisoformat(e["headers"]["eta"]) for e in reversed(_queued(redis_client))]
+    assert [e.astimezone(dt.timezone.utc).strftime("%H:%M:%S") for e in etas] == [
+        "10:00:30", "12:00:00", "10:00:00", "12:00:00"]
+    assert _queued(redis_client)[0]["headers"]["expires"] == "2026-07-01T10:01:00+00:00"
+
+
+def test_eta_near_runs_on_time_and_carries_request_fields(app, tmp_path):
+    with worker(app, tmp_path):
+        eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1.5)
+        result = when_run.apply_async(eta=eta, expires=60)
+        info = result.get(timeout=10)
+    assert eta.timestamp() <= info["at"] < eta.timestamp() + 1.0
+    assert dt.datetime.fromisoformat(info["eta"]) == eta and info["expires"]
+
+
+def test_eta_far_is_parked_in_redis_not_held(app, tmp_path, redis_client):
+    eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=5)  # beyond ETA_HORIZON (3 s)
+    result = when_run.apply_async(eta=eta)
+    with worker(app, tmp_path) as w:
+        w.wait_for_log("Parked 1 task(s)")
+        assert redis_client.zcard("minicelery:eta") == 1 and redis_client.hlen("unacked") == 0
+        assert redis_client.llen("celery") == 0
+    with worker(app, tmp_path) as w2:  # survives a restart, and runs once, on time
+        info = result.get(timeout=15)
+        w2.wait_for_log(f"when_run[{result.id}] succeeded")
+    assert eta.timestamp() <= info["at"] < eta.timestamp() + 1.0
+    assert redis_client.zcard("minicelery:eta") == 0 and redis_client.hlen("minicelery:eta-messages") == 0
+    assert (w.log() + w2.log()).count(f"when_run[{result.id}] succeeded") == 1
+
+
+def test_expires_before_eta_is_revoked(app, tmp_path):
+    with worker(app, tmp_path) as w:
+        result = echo.apply_async((1,), countdown=1, expires=0.5)
+        with pytest.raises(minicelery.TaskRevokedError):
+            result.get(timeout=10)
+        w.wait_for_log(f"Discarding revoked task: test_minicelery.echo[{result.id}]")
+
+
+def test_time_limit_hard_kills_child_and_replaces_it(app, tmp_path):
+    with worker(app, tmp_path, concurrency=1) as w:
+        first_child = pid.delay().get(timeout=10)
+        result = hard_limited.delay(30)
+        with pytest.raises(minicelery.TimeLimitExceeded):
+            result.get(timeout=10)
+        assert pid.delay().get(timeout=10) != first_child
+        assert hard_limited.delay(0).get(timeout=10) > 0
+        w.wait_for_log(f"Hard time limit (1s) exceeded for test_minicelery.hard_limited[{result.id}]")
+
+
+def test_time_limit_soft_raises_inside_task(app, tmp_path):
+    with worker(app, tmp_path) as w:
+        assert soft_limited.delay().get(timeout=10) == "cleaned up"
+        w.wait_for_log("Soft time limit (0.3s) exceeded")
+
+
+def test_time_limit_per_call_and_global(app, tmp_path):
+    app.conf.task_time_limit = 0.5
+    with worker(app, tmp_path):
+        with pytest.raises(minicelery.TimeLimitExceeded):
+            sleep_then.delay(30).get(timeout=10)
+        with pytest.raises(minicelery.SoftTimeLimitExceeded):
+            sleep_then.apply_async((30,), soft_time_limit=0.2).get(timeout=10)
+        assert sleep_then.apply_async((0.7, "ok"), time_limit=5).get(timeout=10) == "ok"
+
+
+def test_rate_limit_spaces_one_type_only(app, tmp_path):
+    with worker(app, tmp_path, concurrency=2) as w:
+        limited = [rate_limited.delay(i) for i in range(6)]
+        quick = add.delay(1, 1)
+        assert quick.get(timeout=10) == 2
+        quick_done = time.time()
+        times = sorted(r.get(timeout=15) for r in limited)
+    assert times[-1] - times[0] >= 0.9  # 5 gaps of 0.2 s at 5/s (10 % slack for clocks)
+    assert quick_done < times[-1]  # the other task type did not wait behind them
+
+
+def test_rate_limit_from_annotations(app, tmp_path):
+    app.conf.task_annotations = {"test_minicelery.when_run": {"rate_limit": "4/s"}}
+    assert when_run.option("rate_limit") == "4/s"
+    with worker(app, tmp_path):
+        times = sorted(r.get(timeout=15)["at"] for r in [when_run.delay() for _ in range(5)])
+    assert times[-1] - times[0] >= 0.9
+    with pytest.raises(ImproperlyConfigured, match="rate limit '3/d'"):
+        minicelery.parse_rate("3/d")
+
+
+def test_revoke_before_it_runs(app, tmp_path, redis_client):
+    with worker(app, tmp_path) as w:
+        held = echo.apply_async(("held",), countdown=2)
+        parked = echo.apply_async(("parked",), countdown=3600)
+        w.wait_for_log(f"[{held.id}] received")
+        held.revoke()
+        app.control.revoke(parked.id)
+        w.wait_for_log(f"Tasks flagged as revoked: {held.id}")
+        with pytest.raises(minicelery.TaskRevokedError):
+            held.get(timeout=10)
+        assert echo.delay("after").get(timeout=10) == "after"
+    assert "[held]" not in w.log() and held.state == "REVOKED"
+    assert redis_client.zscore("minicelery:revoked", parked.id) > time.time() + 10000
+
+
+def test_revoke_reaches_workers_started_later(app, tmp_path):
+    result = echo.delay("never")
+    result.revoke()
+    with worker(app, tmp_path) as w:
+        with pytest.raises(minicelery.TaskRevokedError):
+            result.get(timeout=10)
+        w.wait_for_log(f"Discarding revoked task: test_minicelery.echo[{result.id}]")
+    assert "succeeded" not in w.log()
+
+
+def test_revoke_terminate_stops_a_running_task(app, tmp_path):
+    with worker(app, tmp_path, concurrency=1) as w:
+        result = sleep_then.delay(30)
+        w.wait_for_log(f"[{result.id}] received")
+        wait_until(lambda: w.children(), what="pool child")
+        time.sleep(0.2)  # let the child start the task; terminate only hits running tasks
+        result.revoke(terminate=True)
+        with pytest.raises(minicelery.TaskRevokedError, match="terminated"):
+            result.get(timeout=10)
+        w.wait_for_log(f"Terminating {result.id} (15)")
+        assert add.delay(2, 2).get(timeout=10) == 4
+
+
 # --- §10 Command line ------------------------------------------------------------
 
 def _cli(*args, env=None, **kwargs):
@@ -1005,6 +1247,16 @@ if real_celery is not None:
     @CELERY_APP.task(name="test_minicelery.custom_fail")
     def celery_custom_fail():
         raise MyError("custom", 42)
+
+    @CELERY_APP.task(name="test_minicelery.flaky_cross", bind=True)
+    def celery_flaky_cross(self):
+        if self.request.retries == 0:
+            raise self.retry(exc=RuntimeError("first try"), countdown=2)
+        return f"celery after {self.request.retries}"
+
+    @CELERY_APP.task(name="test_minicelery.when_run", bind=True)
+    def celery_when_run(self):
+        return {"at": time.time(), "eta": self.request.eta, "expires": self.request.expires}
 
     @CELERY_APP.task(name="test_minicelery.whoami", bind=True)
     def celery_whoami(self):
@@ -1083,3 +1335,45 @@ def test_interop_real_celery_sends_minicelery_runs(app, celery_app, tmp_path):
         assert failing.state == "FAILURE" and "raise ValueError(message)" in failing.traceback
     # And our client reads what our worker stored for Celery's message.
     assert isinstance(AsyncResult(failing.id, app=app).result, ValueError)
+
+
+@pytest.mark.interop
+def test_interop_retry_and_countdown_from_real_celery_finish_on_minicelery(
+        app, celery_app, redis_server, tmp_path):
+    retried = celery_flaky_cross.delay()
+    with celery_worker(redis_server, tmp_path) as proc:
+        wait_until(lambda: retried.state == "RETRY", what="Celery's retry")
+        wait_until(lambda: redis.Redis(unix_socket_path=redis_server).hlen("unacked") == 1,
+                   what="the retry message held by Celery")
+    # Celery's warm shutdown put its retry message back; minicelery runs the second try.
+    eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)
+    counted = celery_when_run.apply_async(eta=eta)
+    revoked = celery_app.send_task("test_minicelery.echo", ("never",), countdown=1)
+    with worker(app, tmp_path) as w:
+        w.wait_for_log(f"[{revoked.id}] received")
+        celery_app.control.revoke(revoked.id)
+        assert AsyncResult(retried.id, app=app).get(timeout=15) == "minicelery after 1"
+        assert retried.get(timeout=5) == "minicelery after 1"
+        assert counted.get(timeout=10)["at"] >= eta.timestamp()
+        with pytest.raises(real_celery.exceptions.TaskRevokedError):
+            revoked.get(timeout=10)
+
+
+@pytest.mark.interop
+def test_interop_retry_and_countdown_from_minicelery_finish_on_real_celery(
+        app, celery_app, redis_server, tmp_path, redis_client):
+    retried = flaky_cross.delay()
+    with worker(app, tmp_path) as w:
+        wait_until(lambda: retried.state == "RETRY", what="minicelery's retry")
+        w.wait_for_log(f"[{retried.id}] received", count=2)
+    assert redis_client.llen("celery") == 1  # the retry, given back at warm shutdown
+    eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)
+    counted = when_run.apply_async(eta=eta, expires=60)
+    revoked = add.apply_async((1, 1), countdown=2)
+    with celery_worker(redis_server, tmp_path):
+        assert retried.get(timeout=15) == "celery after 1"
+        info = counted.get(timeout=10)
+        assert info["at"] >= eta.timestamp() and info["expires"]
+        revoked.revoke()
+        with pytest.raises(minicelery.TaskRevokedError):
+            revoked.get(timeout=10)
