@@ -403,11 +403,19 @@ def accepted_types(accept_content) -> frozenset:
 
 
 def exception_to_dict(exc: BaseException) -> dict:
-    """Celery's form of a stored exception."""
+    """Celery's form of a stored exception; arguments JSON can't carry become their repr."""
     cls = type(exc)
     module = getattr(cls, "celery_module", None) if cls.__module__ == __name__ else None
-    return {"exc_type": cls.__qualname__, "exc_message": list(exc.args),
+    return {"exc_type": cls.__qualname__, "exc_message": [_jsonable(a) for a in exc.args],
             "exc_module": module or cls.__module__}
+
+
+def _jsonable(value):
+    try:
+        json_dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 #: Modules whose exception names we map to our own classes when reading results.
@@ -419,9 +427,10 @@ def exception_from_dict(meta) -> BaseException:
     """Rebuild an exception stored by us or by Celery.
 
     Celery's own exceptions become ours of the same name. Any other class is
-    imported by module and name; only exception classes are accepted, so a
-    result can't make us call an arbitrary function. Classes that can't be
-    imported are recreated by name, deriving from Exception.
+    looked up in modules already imported (as Celery does): reading a result
+    never imports code, and only exception classes are accepted, so it can't
+    make us call an arbitrary function. Other classes are recreated by name,
+    deriving from Exception.
     """
     if not isinstance(meta, dict) or "exc_type" not in meta:
         return Exception(meta)
@@ -433,11 +442,10 @@ def exception_from_dict(meta) -> BaseException:
         candidate = globals().get(name)
         if isinstance(candidate, type) and issubclass(candidate, BaseException):
             cls = candidate
-    if cls is None:
-        try:
-            cls = import_string(f"{module}:{name}")
-        except Exception:
-            cls = None
+    if cls is None and module in sys.modules:
+        cls = sys.modules[module]
+        for part in name.split("."):
+            cls = getattr(cls, part, None)
     if not (isinstance(cls, type) and issubclass(cls, BaseException)):
         cls = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module})
     try:
@@ -458,6 +466,13 @@ def exception_from_dict(meta) -> BaseException:
 #: Redis priority steps: priority 0-2 use the queue's own list, 3-5 `q\\x06\\x163`, ...
 PRIORITY_STEPS = (0, 3, 6, 9)
 PRIORITY_SEPARATOR = "\x06\x16"
+
+
+#: headers the protocol defines; any others are the sender's own and travel on with retries
+PROTOCOL_HEADERS = frozenset({
+    "lang", "task", "id", "shadow", "eta", "expires", "group", "group_index", "retries",
+    "timelimit", "root_id", "parent_id", "argsrepr", "kwargsrepr", "origin", "ignore_result",
+    "replaced_task_nesting", "stamped_headers", "stamps", "compression", "redelivered"})
 
 
 def build_headers(task_name, task_id, args, kwargs, *, eta=None, expires=None,
@@ -545,9 +560,13 @@ class Message:
         return clamp_priority(self.properties.get("priority"))
 
     def decode_body(self, accept):
-        """Fill args, kwargs and embed; raises DecodeError for a bad body."""
+        """Fill args, kwargs and embed; raises DecodeError for a bad body or header."""
         if not self.content_type:
             raise DecodeError("the message has no content-type")
+        try:
+            self.eta, self.expires  # parse them now, where a bad one is just a bad message
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise DecodeError(f"eta/expires header is not an ISO-8601 date: {exc}") from None
         body = loads(self.body, self.content_type, accept, self.headers.get("compression"))
         if not (isinstance(body, (list, tuple)) and len(body) == 3):
             raise DecodeError(f"body must be the list [args, kwargs, embed], got {_short_repr(body, 80)}")
@@ -578,6 +597,8 @@ def decode_message(raw, queue="", delivery_tag="") -> Message:
     if not isinstance(task_id, str) or not isinstance(task_name, str):
         raise DecodeError("headers 'id' and 'task' must be strings")
     properties = envelope.get("properties") or {}
+    if not isinstance(properties, dict) or not isinstance(headers, dict):
+        raise DecodeError("headers and properties must be objects")
     body = envelope.get("body", "")
     try:
         if properties.get("body_encoding") == "base64":
@@ -639,6 +660,9 @@ class Broker:
     requeued (back to its queue now) or, if its holder vanishes, restored by
     restore_unacked() once the visibility timeout has passed.
     """
+
+    #: exceptions meaning "the broker is unreachable right now": the worker waits and retries
+    connection_errors = ()
 
     def __init__(self, app, url):
         self.app, self.url = app, url
@@ -728,6 +752,9 @@ def redis_client(url: str, decode_responses=False):
     for prefix in ("redis+socket://", "socket://"):
         if url.startswith(prefix):
             url = "unix://" + url[len(prefix):].replace("virtual_host=", "db=")
+    for celery_name, redis_name in (("CERT_REQUIRED", "required"), ("CERT_OPTIONAL", "optional"),
+                                    ("CERT_NONE", "none")):
+        url = url.replace(f"ssl_cert_reqs={celery_name}", f"ssl_cert_reqs={redis_name}")
     return redis.Redis.from_url(url, decode_responses=decode_responses,
                                 health_check_interval=30)
 
@@ -831,6 +858,8 @@ class RedisBroker(Broker):
 
     def __init__(self, app, url):
         super().__init__(app, url)
+        redis = _import_redis()
+        self.connection_errors = (redis.ConnectionError, redis.TimeoutError)
         self.client = redis_client(url)
         self._reserve_script = self.client.register_script(_RESERVE_LUA)
         self._restore_script = self.client.register_script(_RESTORE_LUA)
@@ -873,12 +902,28 @@ class RedisBroker(Broker):
         if not found and timeout:
             popped = self.client.brpop(keys, timeout=timeout)
             if popped:
-                key, raw = popped
-                now = time.time()
-                found = self._reserve_script(keys=fixed + keys,
-                                             args=[limit, now, now + self.ETA_MOVE_AHEAD, raw, key])
+                found = self._record_popped(fixed + keys, limit, *popped)
         return [Delivery(_queue_of_key(found[i].decode()), found[i + 1].decode(), found[i + 2])
                 for i in range(0, len(found), 3)]
+
+    def _record_popped(self, keys, limit, key, raw, attempts=30):
+        """Put a message BRPOP took into unacked; it exists nowhere else until then.
+
+        kombu loses it if the connection drops here; we retry for a while, then
+        push it back where it came from, and only if even that fails, log it whole.
+        """
+        for attempt in range(attempts):
+            try:
+                now = time.time()
+                return self._reserve_script(keys=keys, args=[limit, now, now + self.ETA_MOVE_AHEAD, raw, key])
+            except self.connection_errors:
+                time.sleep(min(0.1 * 2 ** attempt, 2.0))
+        try:
+            self.client.rpush(key, raw)
+            return []
+        except self.connection_errors:
+            logger.critical("lost contact with Redis holding a message; its text follows: %r", raw)
+            raise
 
     def ack(self, tags):
         if tags:
@@ -1175,7 +1220,7 @@ class RedisBackend(ResultBackend):
         self._store_script = self.client.register_script(_STORE_RESULT_LUA)
 
     def _set(self, key, data):
-        self._store_script(keys=[key], args=[data, int(self.expires or 0)])
+        self._store_script(keys=[key], args=[data, self.expires])
 
     def _get(self, key):
         return self.client.get(key)
@@ -1524,7 +1569,7 @@ class Task:
         task_id = task_id or uuid()
         message = _eager_message(self, tuple(args or ()), dict(kwargs or {}), task_id, retries, options)
         outcome = run_task(self.app, message, eager=True)
-        if outcome.state == RETRY and isinstance(outcome.retval, Retry) and outcome.retval.sig:
+        if outcome.state == RETRY and getattr(outcome.retval, "sig", None):
             retry_args, retry_kwargs = outcome.retval.sig
             return self.apply(retry_args, retry_kwargs, task_id, throw, retries + 1, **options)
         throw = self.app.conf.task_eager_propagates if throw is None else throw
@@ -1557,13 +1602,17 @@ class Task:
         if countdown is None and eta is None:
             countdown = self.default_retry_delay
         if not request.is_eager:
-            queue = (request.delivery_info or {}).get("routing_key")
+            delivery_info = request.delivery_info or {}
+            custom = {k: v for k, v in (request.headers or {}).items() if k not in PROTOCOL_HEADERS}
+            options.setdefault("queue", delivery_info.get("routing_key"))
+            options.setdefault("priority", delivery_info.get("priority"))
             self.app.send_task(
                 self.name, args, kwargs, task_id=request.id, retries=request.retries + 1,
                 countdown=countdown, eta=eta, root_id=request.root_id, parent_id=request.id,
                 group_id=request.group, group_index=request.group_index,
-                queue=options.pop("queue", None) or queue, expires=request.expires,
-                timelimit=request.timelimit, **options)
+                expires=request.expires, timelimit=request.timelimit, shadow=request.shadow,
+                ignore_result=(request.headers or {}).get("ignore_result"),
+                headers=custom or None, **options)
         ret = Retry(exc=exc, when=eta or countdown)
         ret.sig = (args, kwargs) if request.is_eager else None
         if throw:
@@ -1733,8 +1782,10 @@ def _store_outcome(task, request, outcome, store):
     if outcome.state == RETRY:
         retry = outcome.retval
         task_logger.info("Task %s retry: %s", name, retry)
+        request.children = [[[request.id, None], None]]  # the retry message, as Celery lists it
         store(request.id, retry.exc if retry.exc is not None else retry, RETRY,
               traceback=outcome.traceback, request=request)
+        request.children = []
         _call_hook(task.on_retry, retry.exc or retry, request.id, args, kwargs, outcome.traceback)
     elif outcome.state == FAILURE:
         exc = outcome.retval
@@ -1833,9 +1884,11 @@ class Config:
         return getattr(self, name, default)
 
     @property
-    def result_expires_seconds(self):
+    def result_expires_seconds(self) -> int:
+        """result_expires as whole seconds (Redis TTLs are integers); 0 means never."""
         value = self.result_expires
-        return value.total_seconds() if isinstance(value, dt.timedelta) else value
+        value = value.total_seconds() if isinstance(value, dt.timedelta) else value
+        return int(-(-value // 1)) if value else 0
 
 
 def _allowed_types(annotation):
@@ -1943,10 +1996,13 @@ class Celery:
             ((key, getattr(obj, key)) for key in dir(obj) if not key.startswith("_"))
         prefix = f"{namespace}_" if namespace else ""
         for key, value in items:
-            if prefix and not key.startswith(prefix):
+            if not key.startswith(prefix):
                 continue
-            setting = key[len(prefix):].lower()
-            if setting in _CONFIG_TYPES or (not prefix and key.islower()):
+            setting = key[len(prefix):]
+            if not prefix and setting.isupper():  # Celery 3's names: CELERY_RESULT_BACKEND
+                setting = setting[len("CELERY_"):] if setting.startswith("CELERY_") else setting
+            setting = setting.lower()
+            if setting in _CONFIG_TYPES:
                 setattr(self.conf, setting, value)
 
     def import_task_modules(self):
@@ -2227,9 +2283,14 @@ class SoloPool(Pool):
         # No hard time limit here: killing the task would kill the worker.
         self._running = message.delivery_tag
         soft = time_limits(self.app.tasks[message.task_name], message)[1]
-        outcome = run_task(self.app, message, hostname=self.hostname, soft_time_limit=soft)
+        try:
+            outcome = run_task(self.app, message, hostname=self.hostname, soft_time_limit=soft)
+        except Exception as exc:  # storing the result failed, say: like a child dying
+            worker_logger.exception("Task %s could not be run", message.describe())
+            self._finished.append(("lost", message.delivery_tag, repr(exc), None))
+        else:
+            self._finished.append(("done", message.delivery_tag, outcome.state, outcome.requeue))
         self._running = None
-        self._finished.append(("done", message.delivery_tag, outcome.state, outcome.requeue))
 
     def collect(self, timeout):
         finished, self._finished = self._finished, []
@@ -2247,6 +2308,9 @@ class _Child:
 
     def __init__(self, index, pid, conn):
         self.index, self.pid, self.conn = index, pid, conn
+        # Readable when the process exits. The pipe alone can't tell us: a
+        # grandchild the task forked may hold the child's end open.
+        self.sentinel = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
         #: delivery tag of the message it runs, or None when idle
         self.job = None
         #: it reached max_tasks_per_child and is exiting: send it nothing more
@@ -2286,6 +2350,8 @@ class PreforkPool(Pool):
                 ours.close()
                 for sibling in self.children:
                     sibling.conn.close()
+                    if sibling.sentinel is not None:
+                        os.close(sibling.sentinel)
                 child_main(self.app, theirs, index, self.hostname, self.max_tasks_per_child)
             except BaseException:
                 traceback.print_exc()
@@ -2330,22 +2396,37 @@ class PreforkPool(Pool):
 
     def collect(self, timeout):
         self._enforce_time_limits()
-        by_conn = {child.conn: child for child in self.children}
-        events = []
-        for conn in wait_for_connections(list(by_conn), timeout):
-            child = by_conn[conn]
-            try:
-                tag, state, requeue, child.retiring = conn.recv()
-            except (EOFError, OSError):
-                events.extend(self._replace(child))
+        by_handle = {child.conn: child for child in self.children}
+        by_handle.update({child.sentinel: child for child in self.children if child.sentinel})
+        events, exited = [], []
+        for handle in wait_for_connections(list(by_handle), timeout):
+            child = by_handle[handle]
+            if child in exited:
                 continue
-            child.job = child.deadline = None
-            events.append(("done", tag, state, requeue))
+            if handle is child.sentinel or not self._receive_from(child, events):
+                while child.conn.poll():  # a last reply may be waiting behind the exit
+                    if not self._receive_from(child, events):
+                        break
+                exited.append(child)
+        for child in exited:
+            events.extend(self._replace(child))
         return events
+
+    def _receive_from(self, child, events) -> bool:
+        """Read one reply from a child into `events`; False at end-of-file."""
+        try:
+            tag, state, requeue, child.retiring = child.conn.recv()
+        except (EOFError, OSError):
+            return False
+        child.job = child.deadline = None
+        events.append(("done", tag, state, requeue))
+        return True
 
     def _replace(self, child) -> list:
         reason = _exit_reason(_reap(child.pid))
         child.conn.close()
+        if child.sentinel is not None:
+            os.close(child.sentinel)
         self.children.remove(child)
         if not self.stopping:
             self.children.append(self._spawn(child.index))
@@ -2486,12 +2567,37 @@ class Consumer:
     # -- the loop ---------------------------------------------------------
 
     def run(self):
-        """Consume until stop() is called, then shut down (warm or cold)."""
+        """Consume until stop() is called, then shut down (warm or cold).
+
+        While the broker is unreachable, wait and retry with backoff: held
+        messages stay where they are, tasks already running finish.
+        """
+        if self.pool.name == "solo":
+            self._start_keepalive()
+        failures = 0
         try:
             while not self.stopping:
-                self.step()
+                try:
+                    self.step()
+                    failures = 0
+                except self.broker.connection_errors as exc:
+                    failures += 1
+                    delay = min(2 ** failures * 0.1, 10.0)
+                    worker_logger.error("Connection to broker lost: %r; trying again in %.1fs", exc, delay)
+                    time.sleep(delay)
         finally:
             self.shutdown()
+
+    def _start_keepalive(self):
+        """Solo pool: tasks run in this thread, so a helper thread keeps our messages' leases."""
+        def touch_held_messages():
+            while not self.stopping:
+                time.sleep(self.maintain_every)
+                try:
+                    self.broker.touch(self.held_tags())
+                except Exception:  # a torn read of the lists, or the broker away: next time
+                    worker_logger.debug("keepalive touch failed", exc_info=True)
+        threading.Thread(target=touch_held_messages, name="keepalive", daemon=True).start()
 
     def step(self):
         """One turn: collect finished tasks, dispatch, reserve more or wait."""
@@ -2503,6 +2609,7 @@ class Consumer:
         room = self.prefetch_limit - len(self.ready) - len(self.active)
         wait, precise = self._wait_time()
         received = 0
+        self._flush_acks()  # before we may block: a late ack must not wait for the next message
         if room > 0 and not self.stopping:
             if self.ready:
                 timeout = 0
@@ -2534,25 +2641,36 @@ class Consumer:
     def _receive(self, deliveries) -> int:
         parked = []
         for delivery in deliveries:
-            message = self._decode(delivery)
-            if message is None:
-                continue
-            worker_logger.info("Task %s received", message.describe())
-            if message.id in self.revoked:
-                self._discard_revoked(message, "revoked")
-                continue
-            eta = message.eta
-            due = eta.timestamp() if eta is not None else 0
-            if due > time.time() + self.ETA_HORIZON:
-                parked.append((delivery, message.priority, due))
-            elif due > time.time():
-                self._schedule(message, due)
-            else:
-                self.ready.append(message)
+            try:
+                self._accept(delivery, parked)
+            except self.broker.connection_errors:
+                raise
+            except Exception as exc:  # one message must never take the worker down
+                worker_logger.exception("can't handle message %s", delivery.tag)
+                self.broker.dead_letter(delivery.raw, f"can't handle message: {exc!r}", delivery.queue)
+                self.broker.ack([delivery.tag])
         if parked:
             self.broker.park(parked)
             worker_logger.info("Parked %d task(s) with a later ETA in the broker", len(parked))
         return len(deliveries)
+
+    def _accept(self, delivery, parked):
+        """File one delivery under ready, scheduled, parked or discarded."""
+        message = self._decode(delivery)
+        if message is None:
+            return
+        worker_logger.info("Task %s received", message.describe())
+        if message.id in self.revoked:
+            self._discard_revoked(message, "revoked")
+            return
+        eta = message.eta
+        due = eta.timestamp() if eta is not None else 0
+        if due > time.time() + self.ETA_HORIZON:
+            parked.append((delivery, message.priority, due))
+        elif due > time.time():
+            self._schedule(message, due)
+        else:
+            self.ready.append(message)
 
     def _schedule(self, message, due):
         self._sequence += 1
@@ -2740,7 +2858,11 @@ class Consumer:
         self.scheduled.clear()
         if waiting:
             worker_logger.info("Restoring %d unacknowledged message(s)", len(waiting))
-            self.broker.requeue(reversed(waiting))  # requeue pushes to the consuming end
+            try:
+                self.broker.requeue(reversed(waiting))  # requeue pushes to the consuming end
+            except self.broker.connection_errors as exc:
+                worker_logger.error("can't restore %d message(s) now (%r); they come back "
+                                    "after the visibility timeout", len(waiting), exc)
         while self.active and self.stopping != "cold":
             self._handle(self.pool.collect(self.MAX_WAIT))
         for event in self.pool.stop(cold=bool(self.active)):

@@ -352,6 +352,37 @@ def flaky_cross(self):
     return f"minicelery after {self.request.retries}"
 
 
+class UnencodableArgs(Exception):
+    pass
+
+
+@APP.task
+def fail_with_object():
+    raise UnencodableArgs(object(), "text")
+
+
+@APP.task
+def fork_grandchild():
+    """Leaves a grandchild that holds the pool child's pipe open, as a task using fork can."""
+    grandchild = os.fork()
+    if grandchild == 0:
+        time.sleep(20)
+        os._exit(0)
+    return grandchild
+
+
+@APP.task
+def bare_retry():
+    raise minicelery.Retry()
+
+
+@APP.task(acks_late=True)
+def counted_sleep(key, seconds):
+    _marker_redis().incr(key)
+    time.sleep(seconds)
+    return "slept"
+
+
 @APP.task(bind=True)
 def when_run(self):
     return {"at": time.time(), "eta": self.request.eta, "expires": self.request.expires}
@@ -1184,6 +1215,124 @@ def test_revoke_terminate_stops_a_running_task(app, tmp_path):
             result.get(timeout=10)
         w.wait_for_log(f"Terminating {result.id} (15)")
         assert add.delay(2, 2).get(timeout=10) == 4
+
+
+# --- §9 Worker: regressions from review ----------------------------------------
+
+def test_regression_timedelta_expiry_and_dead_letters(app, tmp_path, results):
+    app.conf.result_expires = dt.timedelta(seconds=90.5)
+    with worker(app, tmp_path) as w:
+        with pytest.raises(NotRegistered):
+            app.send_task("test_minicelery.nope").get(timeout=10)
+        assert add.delay(1, 1).get(timeout=10) == 2 and w.alive()
+    assert app.broker.client.ttl("minicelery:dead-letters") == 91
+
+
+def test_regression_bad_eta_header_is_a_bad_message(app, tmp_path, redis_client):
+    with worker(app, tmp_path) as w:
+        result = add.apply_async((1, 1), headers={"eta": "not-a-date"})
+        with pytest.raises(minicelery.DecodeError, match="eta/expires"):
+            result.get(timeout=10)
+        redis_client.lpush("celery", json.dumps({"headers": {"task": "x", "id": "y"}, "properties": [1]}))
+        assert add.delay(2, 2).get(timeout=10) == 4 and w.alive()
+        wait_until(lambda: len(app.broker.dead_letters()) == 2, what="two dead letters")
+
+
+def test_regression_grandchild_holding_the_pipe_does_not_stall_the_pool(app, tmp_path):
+    with worker(app, tmp_path, concurrency=1, max_tasks_per_child=1):
+        grandchild = fork_grandchild.delay().get(timeout=10)
+        try:
+            started = time.monotonic()
+            assert add.delay(1, 2).get(timeout=10) == 3
+            assert time.monotonic() - started < 5
+        finally:
+            os.kill(grandchild, signal.SIGKILL)
+
+
+def test_regression_exception_with_unencodable_args_is_stored(app, tmp_path):
+    with worker(app, tmp_path):
+        with pytest.raises(UnencodableArgs) as caught:
+            fail_with_object.delay().get(timeout=10)
+    assert caught.value.args[0].startswith("<object object at") and caught.value.args[1] == "text"
+
+
+def test_regression_results_never_import_modules():
+    assert "colorsys" not in sys.modules
+    exc = minicelery.exception_from_dict({"exc_type": "Whatever", "exc_message": [1], "exc_module": "colorsys"})
+    assert "colorsys" not in sys.modules and type(exc).__name__ == "Whatever"
+
+
+def test_regression_retry_keeps_priority_and_custom_headers(app, redis_client):
+    message = minicelery._eager_message(flaky, (5,), {}, "prio-retry", 0, {})
+    message.headers["trace"] = "abc"
+    message.properties.update(delivery_info={"routing_key": "celery"}, priority=9)
+    assert minicelery.run_task(app, message).state == "RETRY"
+    [envelope] = _queued(redis_client, "celery\x06\x169")
+    assert envelope["headers"]["trace"] == "abc" and envelope["properties"]["priority"] == 9
+
+
+def test_regression_eager_bare_retry():
+    assert bare_retry.apply().state == "RETRY"
+
+
+def test_regression_config_from_object_takes_settings_only():
+    import types
+    module = types.SimpleNamespace(os=os, broker_url="redis://m/0", CELERY_RESULT_BACKEND="redis://m/1")
+    app_ = Celery("cfg", set_as_current=False)
+    app_.config_from_object(module)
+    assert app_.conf.broker_url == "redis://m/0" and app_.conf.result_backend == "redis://m/1"
+    assert not hasattr(app_.conf, "os")
+
+
+def test_regression_solo_worker_keeps_its_long_task_leased(app, tmp_path, redis_client):
+    app.conf.broker_transport_options = {"visibility_timeout": 1}
+    with worker(app, tmp_path, pool="solo") as solo:
+        result = counted_sleep.delay("solo-runs", 3)
+        wait_until(lambda: redis_client.get("solo-runs") == b"1", what="the solo task to start")
+        with worker(app, tmp_path, queues=["other"]) as other:  # sweeps for abandoned messages
+            assert result.get(timeout=10) == "slept"
+    assert redis_client.get("solo-runs") == b"1"
+    assert "Restored" not in other.log() + solo.log()
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of this test's own, which the test may stop and restart."""
+    sock = str(tmp_path / "own.sock")
+
+    def start():
+        proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", sock,
+                                 "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_until(lambda: redis.Redis(unix_socket_path=sock).ping() if os.path.exists(sock) else False,
+                   what="private redis")
+        return proc
+
+    procs = [start()]
+    yield sock, procs, start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_regression_worker_survives_a_redis_restart(app, tmp_path, private_redis):
+    sock, procs, start = private_redis
+    app.conf.update(broker_url=f"unix://{sock}", result_backend=f"unix://{sock}?db=1")
+    app.close()
+    with worker(app, tmp_path) as w:
+        assert add.delay(1, 1).get(timeout=10) == 2
+        procs[0].kill()
+        procs[0].wait()
+        w.wait_for_log("Connection to broker lost")
+        procs.append(start())
+        assert add.delay(2, 2).get(timeout=20) == 4
+        assert w.alive()
+
+
+def test_regression_rediss_cert_reqs_in_celerys_spelling():
+    app_ = Celery("tls", broker="rediss://:pw@example.com:6380/0?ssl_cert_reqs=CERT_REQUIRED",
+                  set_as_current=False)
+    assert app_.broker.client.connection_pool.connection_kwargs["ssl_cert_reqs"] == "required"
 
 
 # --- §10 Command line ------------------------------------------------------------
