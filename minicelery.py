@@ -2544,7 +2544,7 @@ class Consumer:
     MAX_WAIT = 1.0
     #: ETA tasks due within this many seconds wait in memory; later ones are parked
     ETA_HORIZON = 3.0
-    #: BRPOP's timeout is only as precise as redis-server's clock tick (100 ms)
+    #: BRPOP's timeout is only as precise as redis-server's clock tick (hz 10: up to 100 ms late)
     BLOCKING_PRECISION = 0.1
 
     def __init__(self, app, pool, queues, hostname, prefetch_limit):
@@ -2614,7 +2614,8 @@ class Consumer:
             if self.ready:
                 timeout = 0
             elif precise:  # block on Redis only while its coarse timeout can't overshoot
-                timeout = wait - self.BLOCKING_PRECISION if wait > 2 * self.BLOCKING_PRECISION else 0
+                margin = 2 * self.BLOCKING_PRECISION
+                timeout = wait - margin if wait > 1.5 * margin else 0
             else:  # with tasks running, wake often enough to ack them promptly
                 timeout = min(wait, self.BLOCKING_PRECISION) if self.active else wait
             received = self._receive(self.broker.reserve(self.queues, room, timeout))

@@ -1,0 +1,173 @@
+"""Benchmarks: minicelery and the real Celery side by side, on one private Redis.
+
+    python3 examples/benchmarks.py eta-lateness [--tasks 200]
+    python3 examples/benchmarks.py eta-memory [--tasks 100000]
+
+Each run starts its own redis-server on a unix socket, then for each system a
+worker (`python -m minicelery ...` or `celery ...`, prefork, 2 processes) and
+prints a table. The real Celery is measured when `celery` is installed. The
+numbers are for the machine they ran on; the README says which.
+"""
+import argparse
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import redis  # noqa: E402
+
+import minicelery  # noqa: E402
+
+app = minicelery.Celery("benchmarks")  # URLs from MINICELERY_BROKER_URL / _RESULT_BACKEND
+
+
+@app.task(name="bench.lateness")
+def lateness(eta_timestamp):
+    return time.time() - eta_timestamp
+
+
+try:
+    import celery
+    celery_app = celery.Celery("benchmarks", broker=os.environ.get("BENCH_CELERY_BROKER"),
+                               backend=os.environ.get("BENCH_CELERY_BACKEND"))
+    celery_app.conf.broker_connection_retry_on_startup = True
+    celery_app.task(name="bench.lateness")(lateness.run)
+except ImportError:
+    celery = celery_app = None
+
+
+def start_redis(directory):
+    sock = os.path.join(directory, "redis.sock")
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", sock,
+                             "--save", "", "--appendonly", "no", "--dir", directory],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sock):
+        if time.monotonic() > deadline:
+            sys.exit("redis-server did not start")
+        time.sleep(0.05)
+    return proc, sock
+
+
+def start_worker(system, sock, directory):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE),
+               MINICELERY_BROKER_URL=f"unix://{sock}", MINICELERY_RESULT_BACKEND=f"unix://{sock}?db=1",
+               BENCH_CELERY_BROKER=f"redis+socket://{sock}",
+               BENCH_CELERY_BACKEND=f"redis+socket://{sock}?virtual_host=1")
+    if system == "minicelery":
+        argv = [sys.executable, "-m", "minicelery", "-A", "benchmarks:app", "worker", "-c", "2", "-l", "warning"]
+    else:
+        argv = [sys.executable, "-m", "celery", "-A", "benchmarks:celery_app", "worker", "-c", "2",
+                "-l", "warning", "--without-mingle", "--without-gossip", "--without-heartbeat"]
+    log = open(os.path.join(directory, f"{system}.log"), "w")
+    proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+    time.sleep(3)  # let it start; the measurements below wait on conditions
+    return proc
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def rss_mib(pid):
+    """Resident memory of a process and its children, in MiB."""
+    pids = [pid] + [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)],
+                                                   capture_output=True, text=True).stdout.split()]
+    total = 0
+    for p in pids:
+        with open(f"/proc/{p}/status") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+    return total / 1024
+
+
+def systems():
+    return ["minicelery"] + (["celery"] if celery_app is not None else [])
+
+
+def eta_lateness(count):
+    """Lateness of ETA tasks on an idle worker: ETAs spread over 1-8 s, some parked."""
+    rows = []
+    for system in systems():
+        with tempfile.TemporaryDirectory() as directory:
+            redis_proc, sock = start_redis(directory)
+            os.environ.update(MINICELERY_BROKER_URL=f"unix://{sock}",
+                              MINICELERY_RESULT_BACKEND=f"unix://{sock}?db=1")
+            app.close()
+            worker = start_worker(system, sock, directory)
+            try:
+                now = time.time()
+                results = []
+                for _ in range(count):
+                    eta = now + random.uniform(1, 8)
+                    results.append(lateness.apply_async(
+                        (eta,), eta=minicelery.dt.datetime.fromtimestamp(eta, minicelery.dt.timezone.utc)))
+                late = sorted(r.get(timeout=60) * 1000 for r in results)
+                rows.append((system, count, statistics.median(late), late[int(len(late) * 0.99) - 1],
+                             late[-1], late[0]))
+            finally:
+                stop(worker)
+                redis_proc.kill()
+    print(f"{'system':<11} {'tasks':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'min ms':>8}")
+    for system, n, p50, p99, worst, best in rows:
+        print(f"{system:<11} {n:>6} {p50:>8.1f} {p99:>8.1f} {worst:>8.1f} {best:>8.1f}")
+
+
+def eta_memory(count):
+    """Worker memory (main + pool) once `count` tasks due in a day have been received."""
+    rows = []
+    for system in systems():
+        with tempfile.TemporaryDirectory() as directory:
+            redis_proc, sock = start_redis(directory)
+            os.environ.update(MINICELERY_BROKER_URL=f"unix://{sock}")
+            app.close()
+            client = redis.Redis(unix_socket_path=sock)
+            worker = start_worker(system, sock, directory)
+            try:
+                before = rss_mib(worker.pid)
+                eta = minicelery.utcnow() + minicelery.dt.timedelta(days=1)
+                started = time.monotonic()
+                for _ in range(count):
+                    lateness.apply_async((0,), eta=eta)
+                deadline = time.monotonic() + 600
+                while client.llen("celery") and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                held = client.hlen("unacked")
+                parked = client.zcard("minicelery:eta")
+                rows.append((system, count, before, rss_mib(worker.pid), held, parked,
+                             time.monotonic() - started, client.llen("celery")))
+            finally:
+                stop(worker)
+                redis_proc.kill()
+    print(f"{'system':<11} {'tasks':>7} {'RSS before':>11} {'RSS after':>10} {'unacked':>8} "
+          f"{'parked':>8} {'seconds':>8} {'left':>6}")
+    for system, n, before, after, held, parked, seconds, left in rows:
+        print(f"{system:<11} {n:>7} {before:>9.1f}Mi {after:>8.1f}Mi {held:>8} {parked:>8} "
+              f"{seconds:>8.1f} {left:>6}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=["eta-lateness", "eta-memory"])
+    parser.add_argument("--tasks", type=int)
+    args = parser.parse_args()
+    if args.benchmark == "eta-lateness":
+        eta_lateness(args.tasks or 200)
+    else:
+        eta_memory(args.tasks or 100000)
+
+
+if __name__ == "__main__":
+    main()
