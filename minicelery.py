@@ -1086,9 +1086,221 @@ def _parse_control(raw):
         return None
 
 
+# -- SQLite and memory ----------------------------------------------------------
+# The same broker (and, in §6, backend) on one SQLite database: a file shared by
+# several processes (WAL mode, a busy timeout, write transactions that take the
+# lock up front), or `memory://`, one in-memory database per process for tests
+# and notebooks. A message is a row; reserving it stamps `reserved_at`, acking
+# deletes it, and a row reserved longer ago than the visibility timeout is
+# visible again. A parked ETA row just gets a later `due`.
+
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, step INTEGER NOT NULL,
+    seq REAL NOT NULL, due REAL NOT NULL DEFAULT 0, reserved_at REAL, raw BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS messages_waiting ON messages (queue, reserved_at, step, seq);
+CREATE INDEX IF NOT EXISTS messages_reserved ON messages (reserved_at);
+CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, meta BLOB NOT NULL, expires REAL);
+CREATE TABLE IF NOT EXISTS revocations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT NOT NULL, expires REAL NOT NULL,
+    terminate INTEGER NOT NULL, signal TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL, queue TEXT, reason TEXT, raw BLOB);
+"""
+
+
+class SQLiteStore:
+    """One SQLite database, shared by the threads of a process and by processes.
+
+    Threads share one connection under a lock. Writers wake waiting readers of
+    this process at once; other processes' writes are noticed by polling the
+    cheap `PRAGMA data_version` every POLL seconds.
+    """
+
+    #: seconds between checks for other processes' writes while waiting
+    POLL = 0.01
+    _open = {}  # (pid, url) -> store: one per database per process
+
+    @classmethod
+    def for_url(cls, url):
+        key = (os.getpid(), url)
+        if key not in cls._open:
+            cls._open[key] = cls(url)
+        return cls._open[key]
+
+    def __init__(self, url):
+        import sqlite3
+        self.memory = url.startswith("memory://")
+        path = ":memory:" if self.memory else url.split("://", 1)[1][1:] or "minicelery.db"
+        self.errors = sqlite3.OperationalError
+        self.conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        if not self.memory:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.lock = threading.RLock()
+        self._changed = threading.Condition(self.lock)  # notified after every write here
+        self._writes = 0
+        with self.lock:
+            self.conn.executescript(_SQLITE_SCHEMA)  # IF NOT EXISTS: safe from every process
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """A write transaction holding the database lock; retried while another holds it."""
+        with self.lock:
+            for attempt in range(50):
+                try:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    break
+                except self.errors as exc:  # locked past the busy timeout: keep trying
+                    if "locked" not in str(exc) and "busy" not in str(exc):
+                        raise
+                    time.sleep(min(0.01 * 2 ** attempt, 1.0))
+            try:
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self._writes += 1
+            self._changed.notify_all()
+
+    def read(self, sql, params=()):
+        with self.lock:
+            return self.conn.execute(sql, params).fetchall()
+
+    def wait_for_change(self, timeout):
+        """Sleep until the database may have changed, or `timeout` seconds pass."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            writes, version = self._writes, self._data_version()
+            while time.monotonic() < deadline:
+                self._changed.wait(min(self.POLL, max(deadline - time.monotonic(), 0)))
+                if self._writes != writes or self._data_version() != version:
+                    return
+
+    def _data_version(self):
+        return None if self.memory else self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+
+def _marks(values):
+    return ",".join("?" * len(values))
+
+
+class SQLiteBroker(Broker):
+    """The broker on SQLite: `sqlite:///relative.db`, `sqlite:////absolute.db`, `memory://`."""
+
+    DEAD_LETTER_LIMIT = RedisBroker.DEAD_LETTER_LIMIT
+    ETA_MOVE_AHEAD = RedisBroker.ETA_MOVE_AHEAD
+
+    def __init__(self, app, url):
+        super().__init__(app, url)
+        self.store = SQLiteStore.for_url(url)
+        self._last_control = None
+
+    def publish(self, queue, envelope, priority=0):
+        step = PRIORITY_STEPS.index(max(s for s in PRIORITY_STEPS if s <= clamp_priority(priority)))
+        with self.store.transaction() as db:
+            db.execute("INSERT INTO messages (queue, step, seq, raw) VALUES (?, ?, ?, ?)",
+                       (queue, step, time.time(), envelope.encode() if isinstance(envelope, str) else envelope))
+
+    def reserve(self, queues, limit, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self._take(queues, limit)
+            left = deadline - time.monotonic()
+            if found or left <= 0 or limit <= 0:
+                return found
+            self.store.wait_for_change(left)
+
+    def _take(self, queues, limit):
+        now = time.time()
+        with self.store.transaction() as db:
+            rows = db.execute(
+                f"SELECT id, queue, raw FROM messages WHERE queue IN ({_marks(queues)}) "
+                "AND reserved_at IS NULL AND due <= ? ORDER BY step, seq LIMIT ?",
+                (*queues, now, limit)).fetchall()
+            db.executemany("UPDATE messages SET reserved_at = ? WHERE id = ?", [(now, r[0]) for r in rows])
+        return [Delivery(queue, str(row_id), raw) for row_id, queue, raw in rows]
+
+    def _update(self, sql, tags, *params):
+        tags = list(tags)
+        if tags:
+            with self.store.transaction() as db:
+                return db.execute(f"{sql} WHERE id IN ({_marks(tags)})", (*params, *tags)).rowcount
+        return 0
+
+    def ack(self, tags):
+        self._update("DELETE FROM messages", tags)
+
+    def requeue(self, tags):
+        # Next out: before every waiting message of its priority.
+        self._update("UPDATE messages SET reserved_at = NULL, "
+                     "seq = (SELECT MIN(seq) FROM messages) - 1", tags)
+
+    def touch(self, tags):
+        self._update("UPDATE messages SET reserved_at = ?", tags, time.time())
+
+    def restore_unacked(self, now=None):
+        with self.store.transaction() as db:
+            return db.execute("UPDATE messages SET reserved_at = NULL WHERE reserved_at < ?",
+                              ((now or time.time()) - self.visibility_timeout,)).rowcount
+
+    def park(self, parked):
+        if parked:
+            with self.store.transaction() as db:
+                db.executemany("UPDATE messages SET reserved_at = NULL, due = ? WHERE id = ?",
+                               [(due - self.ETA_MOVE_AHEAD, d.tag) for d, _, due in parked])
+
+    def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
+        now = time.time()
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM revocations WHERE expires < ?", (now,))
+            db.executemany("INSERT INTO revocations (task_id, expires, terminate, signal) VALUES (?, ?, ?, ?)",
+                           [(i, now + expires, int(terminate and broadcast), signal) for i in task_ids])
+
+    def revoked(self):
+        return {row[0] for row in self.store.read(
+            "SELECT task_id FROM revocations WHERE expires > ?", (time.time(),))}
+
+    def control_messages(self):
+        # Every revocation row is a broadcast; each process reads the ones added since it looked.
+        if self._last_control is None:
+            self._last_control = self.store.read("SELECT COALESCE(MAX(id), 0) FROM revocations")[0][0]
+        rows = self.store.read("SELECT id, task_id, terminate, signal FROM revocations WHERE id > ? "
+                               "ORDER BY id", (self._last_control,))
+        if rows:
+            self._last_control = rows[-1][0]
+        return [([task_id], bool(terminate), signal, None) for _, task_id, terminate, signal in rows]
+
+    def purge(self, queue):
+        with self.store.transaction() as db:
+            return db.execute("DELETE FROM messages WHERE queue = ? AND reserved_at IS NULL "
+                              "AND due <= ?", (queue, time.time())).rowcount
+
+    def size(self, queue):
+        return self.store.read("SELECT COUNT(*) FROM messages WHERE queue = ? AND reserved_at IS NULL "
+                               "AND due <= ?", (queue, time.time()))[0][0]
+
+    def dead_letter(self, raw, reason, queue=""):
+        now = time.time()
+        with self.store.transaction() as db:
+            db.execute("INSERT INTO dead_letters (time, queue, reason, raw) VALUES (?, ?, ?, ?)",
+                       (now, queue, reason, raw))
+            db.execute("DELETE FROM dead_letters WHERE time < ? OR id <= "
+                       "(SELECT MAX(id) FROM dead_letters) - ?",
+                       (now - (self.app.conf.result_expires_seconds or 86400), self.DEAD_LETTER_LIMIT))
+
+    def dead_letters(self):
+        """The kept dead letters, newest first, as dicts."""
+        rows = self.store.read("SELECT reason, queue, time, raw FROM dead_letters ORDER BY id DESC")
+        return [{"reason": reason, "queue": queue, "time": at,
+                 "raw": raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw}
+                for reason, queue, at, raw in rows]
+
+
 #: URL scheme -> broker class; issue-free extension point for other brokers.
 BROKERS = {"redis": RedisBroker, "rediss": RedisBroker, "redis+socket": RedisBroker,
-           "unix": RedisBroker, "socket": RedisBroker}
+           "unix": RedisBroker, "socket": RedisBroker, "sqlite": SQLiteBroker, "memory": SQLiteBroker}
 
 
 def _pick_by_scheme(registry, url, what):
@@ -1251,8 +1463,47 @@ class RedisBackend(ResultBackend):
         self.client.close()
 
 
+class SQLiteBackend(ResultBackend):
+    """Results in the SQLite database (or memory://) the broker may share."""
+
+    def __init__(self, app, url):
+        super().__init__(app, url)
+        self.store = SQLiteStore.for_url(url)
+
+    def _set(self, key, data):
+        now = time.time()
+        with self.store.transaction() as db:
+            # A stored SUCCESS is final, as on Redis; expired rows go now and then.
+            db.execute("INSERT INTO results (key, meta, expires) VALUES (?, ?, ?) ON CONFLICT(key) "
+                       "DO UPDATE SET meta = excluded.meta, expires = excluded.expires "
+                       "WHERE CAST(results.meta AS TEXT) NOT LIKE '{\"status\": \"SUCCESS\"%'",
+                       (key, data, now + self.expires if self.expires else None))
+            if self.store._writes % 1000 == 0:
+                db.execute("DELETE FROM results WHERE expires < ?", (now,))
+
+    def _get(self, key):
+        rows = self.store.read("SELECT meta FROM results WHERE key = ? AND "
+                               "(expires IS NULL OR expires > ?)", (key, time.time()))
+        return rows[0][0] if rows else None
+
+    def forget(self, task_id):
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM results WHERE key = ?", (self.key_for(task_id),))
+
+    def wait_for(self, task_id, timeout=None, interval=0.5):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            meta = self.get_meta(task_id)
+            if meta["status"] in READY_STATES:
+                return meta
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise ResultTimeout(f"task {task_id} not ready after {timeout}s")
+            self.store.wait_for_change(min(left, 1.0))
+
+
 BACKENDS = {"redis": RedisBackend, "rediss": RedisBackend, "redis+socket": RedisBackend,
-            "unix": RedisBackend, "socket": RedisBackend}
+            "unix": RedisBackend, "socket": RedisBackend, "sqlite": SQLiteBackend, "memory": SQLiteBackend}
 
 
 class AsyncResult:
@@ -2012,15 +2263,23 @@ class Celery:
 
     # -- broker and backend -------------------------------------------------
 
+    #: the broker (and result backend) when none is configured anywhere
+    DEFAULT_URL = "sqlite:///minicelery.db"
+
     @property
     def broker_url(self):
+        """broker_url, else $MINICELERY_BROKER_URL or $CELERY_BROKER_URL, else DEFAULT_URL."""
         return (self.conf.broker_url or os.environ.get("MINICELERY_BROKER_URL")
-                or os.environ.get("CELERY_BROKER_URL") or "redis://localhost:6379/0")
+                or os.environ.get("CELERY_BROKER_URL") or self.DEFAULT_URL)
 
     @property
     def backend_url(self):
-        return (self.conf.result_backend or os.environ.get("MINICELERY_RESULT_BACKEND")
-                or os.environ.get("CELERY_RESULT_BACKEND"))
+        """result_backend or its environment variables; a SQLite or memory broker keeps results too."""
+        url = (self.conf.result_backend or os.environ.get("MINICELERY_RESULT_BACKEND")
+               or os.environ.get("CELERY_RESULT_BACKEND"))
+        if url is None and self.broker_url.split("://")[0] in ("sqlite", "memory"):
+            url = self.broker_url
+        return url
 
     @property
     def broker(self) -> Broker:
@@ -2052,6 +2311,10 @@ class Celery:
 
     def AsyncResult(self, task_id):
         return AsyncResult(task_id, app=self)
+
+    def Worker(self, **options):
+        """A worker for this app; see Worker (options: concurrency, pool, queues, hostname, ...)."""
+        return Worker(self, **options)
 
     @property
     def control(self):
@@ -2879,6 +3142,8 @@ class Worker:
 
     `app.Worker(concurrency=2, queues=['celery']).start()` blocks until a
     SIGTERM/SIGINT (warm shutdown: running tasks finish) or a second one (cold).
+    As a context manager it runs in a thread until the block ends, for tests:
+    `with app.Worker(pool='solo'): ...`.
     """
 
     def __init__(self, app, concurrency=None, pool="prefork", queues=None, hostname=None,
@@ -2894,7 +3159,13 @@ class Worker:
         self.loglevel = loglevel
         self.max_tasks_per_child = max_tasks_per_child or conf.worker_max_tasks_per_child
         self.prefetch_multiplier = prefetch_multiplier or conf.worker_prefetch_multiplier
+        if pool != "solo" and app.broker_url.startswith("memory://"):
+            raise ImproperlyConfigured(
+                "memory:// keeps messages inside one process, which forked pool processes "
+                "can't share: use pool='solo' (-P solo), or sqlite:// to share them between processes")
         self.consumer = None
+        self.ready = threading.Event()  # set once the worker consumes
+        self._thread = None
 
     def start(self):
         self.app.import_task_modules()
@@ -2907,6 +3178,7 @@ class Worker:
         self._install_signal_handlers()
         worker_logger.info("Connected to %s", _safe_url(self.app.broker_url))
         worker_logger.info("%s ready.", self.hostname)
+        self.ready.set()
         try:
             self.consumer.run()
         finally:
@@ -2915,6 +3187,17 @@ class Worker:
     def stop(self, cold=False):
         if self.consumer is not None:
             self.consumer.stop(cold)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self.start, name="minicelery-worker", daemon=True)
+        self._thread.start()
+        if not self.ready.wait(30):
+            raise RuntimeError("the worker did not start within 30 s")
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+        self._thread.join(30)
 
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
@@ -2935,6 +3218,7 @@ class Worker:
         tasks = "\n".join(f"  . {name}" for name in sorted(self.app.tasks)) or "  (none)"
         queues = "\n".join(f"                .> {q:<16} exchange={q}(direct) key={q}" for q in self.queues)
         backend = _safe_url(self.app.backend_url) if self.app.backend_url else "disabled://"
+        default = " (the default: no broker configured)" if self.app.broker_url == self.app.DEFAULT_URL else ""
         lines = [
             f" -------------- {self.hostname} v{__version__} (minicelery)",
             "--- ***** ----- ",
@@ -2942,7 +3226,7 @@ class Worker:
             "- *** --- * --- ",
             "- ** ---------- [config]",
             f"- ** ---------- .> app:         {self.app.main}:{id(self.app):#x}",
-            f"- ** ---------- .> transport:   {_safe_url(self.app.broker_url)}",
+            f"- ** ---------- .> transport:   {_safe_url(self.app.broker_url)}{default}",
             f"- ** ---------- .> results:     {backend}",
             f"- *** --- * --- .> concurrency: {pool.concurrency} ({pool.name})",
             "-- ******* ---- .> task events: OFF (minicelery sends no events)",

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import signal
@@ -87,6 +88,24 @@ def app(redis_client, redis_server):
     app_.close()
 
 
+@pytest.fixture(params=["redis", "sqlite", "memory"])
+def any_app(request, tmp_path):
+    """The test app on each broker and backend in turn: the contract every one keeps."""
+    app_ = APP
+    app_.close()
+    app_.conf = Config()
+    if request.param == "redis":
+        sock = request.getfixturevalue("redis_server")
+        request.getfixturevalue("redis_client")  # flushed
+        app_.conf.update(broker_url=f"unix://{sock}", result_backend=f"unix://{sock}?db=1")
+    elif request.param == "sqlite":
+        app_.conf.update(broker_url=f"sqlite:///{tmp_path}/minicelery.db")
+    else:
+        app_.conf.update(broker_url=f"memory://{request.node.name}")
+    yield app_
+    app_.close()
+
+
 @pytest.fixture
 def results(redis_server):
     """A Redis client on the results database, for reading raw result keys."""
@@ -151,14 +170,53 @@ class WorkerProcess:
 _worker_count = 0
 
 
+class WorkerThread:
+    """A solo worker in a thread of the test process (memory:// can't leave the process)."""
+
+    def __init__(self, app, log_path, **options):
+        self.log_path, self.pid = log_path, os.getpid()
+        self.handler = logging.FileHandler(log_path)
+        self.handler.setFormatter(logging.Formatter(minicelery.LOG_FORMAT))
+        self.handler.addFilter(minicelery._ProcessNameFilter())
+        root = logging.getLogger()
+        self.old_level = root.level
+        root.addHandler(self.handler)
+        root.setLevel(logging.INFO)
+        options.update(pool="solo", concurrency=1)
+        self.worker = app.Worker(**options).__enter__()
+
+    log, wait_for_log = WorkerProcess.log, WorkerProcess.wait_for_log
+
+    def children(self):
+        return []
+
+    def alive(self):
+        return self.worker._thread.is_alive()
+
+    def stop(self, sig=None, timeout=15.0):
+        if self.alive():
+            self.worker.__exit__(None, None, None)
+            assert not self.alive(), "the worker thread did not stop"
+        logging.getLogger().removeHandler(self.handler)
+        logging.getLogger().setLevel(self.old_level)
+
+
 @contextlib.contextmanager
 def worker(app, tmp_path, wait_ready=True, **options):
-    """Run `minicelery.Worker(app, **options)` in a forked process for the block."""
+    """Run `minicelery.Worker(app, **options)` in a forked process for the block
+    (in a thread, with the solo pool, when the broker is memory://)."""
     global _worker_count
     _worker_count += 1
     log_path = tmp_path / f"worker-{_worker_count}.log"
     log_path.touch()
     options.setdefault("concurrency", 2)
+    if app.broker_url.startswith("memory://"):
+        handle = WorkerThread(app, log_path, **options)
+        try:
+            yield handle
+        finally:
+            handle.stop()
+        return
     pid = os.fork()
     if pid == 0:  # the worker process: never return into pytest
         code = 1
@@ -377,10 +435,25 @@ def bare_retry():
 
 
 @APP.task(acks_late=True)
-def counted_sleep(key, seconds):
-    _marker_redis().incr(key)
+def counted_sleep(path, seconds):
+    """Sleeps; each run appends a line to `path`, so the test can count runs."""
+    record.run(os.getpid(), path)
     time.sleep(seconds)
     return "slept"
+
+
+def lines_in(path):
+    return sum(1 for _ in open(path)) if os.path.exists(path) else 0
+
+
+@APP.task(ignore_result=True)
+def record(i, path):
+    """Append one line per run: the file shows every task lost or run twice."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{i}\n".encode())
+    finally:
+        os.close(fd)
 
 
 @APP.task(bind=True)
@@ -1286,12 +1359,13 @@ def test_regression_config_from_object_takes_settings_only():
 
 def test_regression_solo_worker_keeps_its_long_task_leased(app, tmp_path, redis_client):
     app.conf.broker_transport_options = {"visibility_timeout": 1}
+    runs = str(tmp_path / "solo-runs")
     with worker(app, tmp_path, pool="solo") as solo:
-        result = counted_sleep.delay("solo-runs", 3)
-        wait_until(lambda: redis_client.get("solo-runs") == b"1", what="the solo task to start")
+        result = counted_sleep.delay(runs, 3)
+        wait_until(lambda: lines_in(runs) == 1, what="the solo task to start")
         with worker(app, tmp_path, queues=["other"]) as other:  # sweeps for abandoned messages
             assert result.get(timeout=10) == "slept"
-    assert redis_client.get("solo-runs") == b"1"
+    assert lines_in(runs) == 1
     assert "Restored" not in other.log() + solo.log()
 
 
@@ -1333,6 +1407,194 @@ def test_regression_rediss_cert_reqs_in_celerys_spelling():
     app_ = Celery("tls", broker="rediss://:pw@example.com:6380/0?ssl_cert_reqs=CERT_REQUIRED",
                   set_as_current=False)
     assert app_.broker.client.connection_pool.connection_kwargs["ssl_cert_reqs"] == "required"
+
+
+# --- §5-§9 The same contract on Redis, SQLite and memory --------------------------
+
+def test_contract_broker_primitives(any_app):
+    broker = any_app.broker
+    for priority in (9, 0, 5):
+        add.apply_async((priority, 0), priority=priority)
+    assert broker.size("celery") == 3
+    got = broker.reserve(["celery"], 2, timeout=0)
+    assert [minicelery.decode_message(d.raw).properties["priority"] for d in got] == [0, 5]
+    assert broker.size("celery") == 1
+    broker.requeue([got[1].tag])
+    [again] = broker.reserve(["celery"], 1, timeout=0)
+    assert minicelery.decode_message(again.raw).properties["priority"] == 5  # requeued: next out
+    broker.ack([got[0].tag])
+    assert broker.restore_unacked(now=time.time() + 1) == 0
+    broker.touch([again.tag])
+    assert broker.restore_unacked(now=time.time() + broker.visibility_timeout + 1) == 1
+    assert broker.size("celery") == 2 and broker.purge("celery") == 2 and broker.size("celery") == 0
+    assert broker.reserve(["celery"], 1, timeout=0.05) == []
+
+
+def test_contract_park_and_revocations(any_app):
+    broker = any_app.broker
+    echo.delay("later")
+    [delivery] = broker.reserve(["celery"], 1, timeout=0)
+    broker.park([(delivery, 0, time.time() + 60)])
+    assert broker.reserve(["celery"], 1, timeout=0) == [] and broker.size("celery") == 0
+    broker.park([])
+    # Due within ETA_MOVE_AHEAD: reserve hands it out again.
+    broker.restore_unacked()
+    echo.delay("now")
+    assert len(broker.reserve(["celery"], 5, timeout=0)) == 1
+    broker.control_messages()  # start listening
+    broker.revoke(["t1", "t2"], terminate=True, signal="SIGKILL")
+    assert {"t1", "t2"} <= broker.revoked()
+    commands = wait_until(broker.control_messages, timeout=5, what="revoke broadcast")
+    assert sorted(i for ids, terminate, sig, _ in commands for i in ids) == ["t1", "t2"]
+    assert all(terminate and sig == "SIGKILL" for _, terminate, sig, _ in commands)
+
+
+def test_contract_tasks_run_fail_retry(any_app, tmp_path):
+    with worker(any_app, tmp_path):
+        assert add.delay(4, 4).get(timeout=10) == 8
+        with pytest.raises(MyError):
+            custom_fail.delay().get(timeout=10)
+        assert flaky.delay(1).get(timeout=10) == "ok after 1"
+        assert whoami.apply_async(queue="celery").get(timeout=10)["retries"] == 0
+
+
+def test_contract_countdown_parked_eta_and_expiry(any_app, tmp_path):
+    eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=4.5)  # past ETA_HORIZON: parked
+    parked = when_run.apply_async(eta=eta)
+    soon = when_run.apply_async(countdown=1)
+    expired = echo.apply_async((1,), countdown=0.5, expires=0.2)
+    with worker(any_app, tmp_path) as w:
+        assert soon.get(timeout=10)["at"] >= time.time() - 10
+        with pytest.raises(minicelery.TaskRevokedError):
+            expired.get(timeout=10)
+        info = parked.get(timeout=15)
+        w.wait_for_log("Parked 1 task(s)")
+    assert eta.timestamp() <= info["at"] < eta.timestamp() + 1.0
+    assert w.log().count(f"when_run[{parked.id}] succeeded") == 1
+
+
+def test_contract_revoke_held_and_for_later_workers(any_app, tmp_path):
+    early = echo.delay("never")
+    early.revoke()
+    with worker(any_app, tmp_path) as w:
+        with pytest.raises(minicelery.TaskRevokedError):
+            early.get(timeout=10)
+        held = echo.apply_async(("held",), countdown=2)
+        w.wait_for_log(f"[{held.id}] received")
+        held.revoke()
+        with pytest.raises(minicelery.TaskRevokedError):
+            held.get(timeout=10)
+        assert echo.delay("ok").get(timeout=10) == "ok"
+    assert "'held'" not in w.log() and "'never'" not in w.log()
+
+
+def test_contract_bad_messages_and_queues(any_app, tmp_path):
+    with worker(any_app, tmp_path, queues=["low", "celery"]) as w:
+        with pytest.raises(NotRegistered):
+            any_app.send_task("test_minicelery.ad").get(timeout=10)
+        assert on_low_queue.delay().get(timeout=10) == "low"
+        assert w.alive()
+    [dead] = any_app.broker.dead_letters()
+    assert "unregistered" in dead["reason"]
+
+
+def test_contract_results_expire_and_forget(any_app, tmp_path):
+    any_app.conf.result_expires = 2
+    with worker(any_app, tmp_path):
+        result = add.delay(1, 1)
+        assert result.get(timeout=10) == 2
+        assert AsyncResult(result.id, app=any_app).state == "SUCCESS"
+    wait_until(lambda: AsyncResult(result.id, app=any_app).state == "PENDING", timeout=5, what="expiry")
+    any_app.backend.store_result("to-forget", 1, "SUCCESS")
+    AsyncResult("to-forget", app=any_app).forget()
+    assert AsyncResult("to-forget", app=any_app).state == "PENDING"
+
+
+@pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)  # memory: one process
+def test_contract_kill_9_with_acks_late_redelivers(any_app, tmp_path):
+    any_app.conf.broker_transport_options = {"visibility_timeout": 1}
+    runs = [str(tmp_path / f"runs-{i}") for i in range(3)]
+    with worker(any_app, tmp_path, concurrency=2) as w:
+        held = [counted_sleep.delay(path, 3) for path in runs]
+        wait_until(lambda: lines_in(runs[0]) + lines_in(runs[1]) == 2, what="two tasks running")
+        children = w.children()
+        w.stop(signal.SIGKILL)
+        for child in children:
+            os.kill(child, signal.SIGKILL)
+    assert [lines_in(path) for path in runs] == [1, 1, 0]
+    with worker(any_app, tmp_path, concurrency=2):
+        assert [r.get(timeout=20) for r in held] == ["slept"] * 3
+    assert [lines_in(path) for path in runs] == [2, 2, 1]
+
+
+def test_sqlite_many_processes_lose_and_double_nothing(tmp_path):
+    app_ = APP
+    app_.close()
+    app_.conf = Config()
+    app_.conf.update(broker_url=f"sqlite:///{tmp_path}/load.db", worker_prefetch_multiplier=8)
+    out, total, producers = str(tmp_path / "runs.txt"), 20000, []
+    for part in range(2):  # two producer processes, 10,000 tasks each
+        pid_ = os.fork()
+        if pid_ == 0:
+            app_.after_fork()
+            code = 1
+            try:
+                for i in range(part, total, 2):
+                    record.delay(i, out)
+                code = 0
+            finally:
+                os._exit(code)
+        producers.append(pid_)
+    with contextlib.ExitStack() as stack:
+        for _ in range(4):
+            stack.enter_context(worker(app_, tmp_path, pool="solo"))
+        assert all(os.waitpid(p, 0)[1] == 0 for p in producers)
+        wait_until(lambda: os.path.exists(out) and sum(1 for _ in open(out)) >= total
+                   and app_.broker.size("celery") == 0, timeout=240, what="20,000 tasks")
+        time.sleep(0.5)  # a task run twice would show up within this
+    with open(out) as f:
+        runs = [int(line) for line in f]
+    assert len(runs) == total and set(runs) == set(range(total))
+    assert app_.broker.store.read("SELECT COUNT(*) FROM messages")[0][0] == 0
+    app_.close()
+
+
+def test_memory_needs_the_solo_pool():
+    app_ = Celery("mem", broker="memory://", set_as_current=False)
+    with pytest.raises(ImproperlyConfigured, match="pool='solo'"):
+        app_.Worker(pool="prefork")
+
+
+def test_default_broker_is_a_sqlite_file_here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("MINICELERY_BROKER_URL", "CELERY_BROKER_URL", "MINICELERY_RESULT_BACKEND",
+                 "CELERY_RESULT_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    app_ = Celery("zero", set_as_current=False)
+    double = app_.task(name="zero.double")(lambda x: x * 2)
+    assert app_.broker_url == "sqlite:///minicelery.db" and app_.backend_url == app_.broker_url
+    with app_.Worker(pool="solo") as w:
+        assert double.delay(21).get(timeout=10) == 42
+        assert "(the default: no broker configured)" in w.banner(w.consumer.pool)
+    assert (tmp_path / "minicelery.db").exists()
+
+
+# The README's example of testing with minicelery, kept working here.
+@pytest.fixture
+def celery_app_example():
+    app_ = Celery("myproject", broker="memory://readme", set_as_current=False)
+    app_.task(name="myproject.add")(lambda x, y: x + y)
+    yield app_
+
+
+@pytest.fixture
+def celery_worker_example(celery_app_example):
+    with celery_app_example.Worker(pool="solo") as running:
+        yield running
+
+
+def test_readme_testing_example(celery_app_example, celery_worker_example):
+    assert celery_app_example.tasks["myproject.add"].delay(2, 3).get(timeout=10) == 5
 
 
 # --- §10 Command line ------------------------------------------------------------

@@ -3,12 +3,12 @@
 Run it:   python3 examples/quickstart.py
 
 It starts a worker (`python -m minicelery -A quickstart worker`) in the
-background, sends it some tasks, prints what comes back, and stops it. The
-broker and backend come from MINICELERY_BROKER_URL / MINICELERY_RESULT_BACKEND;
-without them the demo starts a private redis-server on a unix socket.
+background, sends it some tasks, prints what comes back, and stops it. With no
+broker configured, minicelery uses a SQLite file in the current directory, so
+this needs nothing but Python. Set MINICELERY_BROKER_URL (say, to
+redis://localhost:6379/0) to run the same demo on Redis.
 """
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 
 from minicelery import Celery  # noqa: E402
 
-app = Celery("quickstart")  # broker and backend: from the environment (see above)
+app = Celery("quickstart")  # no broker given: $MINICELERY_BROKER_URL, else ./minicelery.db
 
 
 @app.task
@@ -41,36 +41,16 @@ def divide(x, y):
     return x / y
 
 
-def start_private_redis(directory):
-    """A throwaway redis-server on a unix socket, so the demo touches no real Redis."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        sys.exit("This demo needs redis-server (apt-get install redis-server) "
-                 "or MINICELERY_BROKER_URL pointing at a Redis.")
-    sock = os.path.join(directory, "redis.sock")
-    proc = subprocess.Popen([exe, "--port", "0", "--unixsocket", sock, "--save", "",
-                             "--appendonly", "no", "--dir", directory],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            sys.exit("redis-server did not start")
-        time.sleep(0.05)
-    os.environ["MINICELERY_BROKER_URL"] = f"unix://{sock}"
-    os.environ["MINICELERY_RESULT_BACKEND"] = f"unix://{sock}?db=1"
-    return proc
-
-
 def main():
     with tempfile.TemporaryDirectory() as scratch:
-        redis_proc = None
-        if not os.environ.get("MINICELERY_BROKER_URL"):
-            redis_proc = start_private_redis(scratch)
-        print(f"broker: {app.broker_url}")
+        # No broker configured: minicelery uses ./minicelery.db (SQLite). Work in a
+        # scratch directory so the demo leaves nothing behind.
+        os.chdir(scratch)
+        print(f"broker and results: {app.broker_url}, in {scratch}")
         log_path = os.path.join(scratch, "worker.log")
         worker = subprocess.Popen(
             [sys.executable, "-m", "minicelery", "-A", "quickstart", "worker", "-c", "2", "-l", "info"],
-            cwd=HERE, env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)),
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)])),
             stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
         try:
             print("add.delay(4, 4).get()        ->", add.delay(4, 4).get(timeout=10))
@@ -89,9 +69,6 @@ def main():
                 lines = [line for line in log if line.startswith("[2")]
             print(f"\nThe worker logged {len(lines)} lines; the first and last few:")
             print("".join(lines[:3] + ["...\n"] + lines[-3:]), end="")
-            if redis_proc is not None:
-                redis_proc.terminate()
-                redis_proc.wait(5)
 
 
 if __name__ == "__main__":
