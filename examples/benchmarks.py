@@ -1,5 +1,6 @@
 """Benchmarks: minicelery and the real Celery side by side, on one private Redis.
 
+    python3 examples/benchmarks.py throughput [--tasks 5000]
     python3 examples/benchmarks.py eta-lateness [--tasks 200]
     python3 examples/benchmarks.py eta-memory [--tasks 100000]
 
@@ -29,6 +30,11 @@ import minicelery  # noqa: E402
 app = minicelery.Celery("benchmarks")  # URLs from MINICELERY_BROKER_URL / _RESULT_BACKEND
 
 
+@app.task(name="bench.noop")
+def noop(i):
+    return i
+
+
 @app.task(name="bench.lateness")
 def lateness(eta_timestamp):
     return time.time() - eta_timestamp
@@ -40,6 +46,7 @@ try:
                                backend=os.environ.get("BENCH_CELERY_BACKEND"))
     celery_app.conf.broker_connection_retry_on_startup = True
     celery_app.task(name="bench.lateness")(lateness.run)
+    celery_app.task(name="bench.noop")(noop.run)
 except ImportError:
     celery = celery_app = None
 
@@ -57,9 +64,10 @@ def start_redis(directory):
     return proc, sock
 
 
-def start_worker(system, sock, directory):
+def start_worker(system, sock, directory, broker_url=None, settle=3):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE),
-               MINICELERY_BROKER_URL=f"unix://{sock}", MINICELERY_RESULT_BACKEND=f"unix://{sock}?db=1",
+               MINICELERY_BROKER_URL=broker_url or f"unix://{sock}",
+               MINICELERY_RESULT_BACKEND=broker_url or f"unix://{sock}?db=1",
                BENCH_CELERY_BROKER=f"redis+socket://{sock}",
                BENCH_CELERY_BACKEND=f"redis+socket://{sock}?virtual_host=1")
     if system == "minicelery":
@@ -69,7 +77,7 @@ def start_worker(system, sock, directory):
                 "-l", "warning", "--without-mingle", "--without-gossip", "--without-heartbeat"]
     log = open(os.path.join(directory, f"{system}.log"), "w")
     proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
-    time.sleep(3)  # let it start; the measurements below wait on conditions
+    time.sleep(settle)  # let it start; the measurements below wait on conditions
     return proc
 
 
@@ -91,6 +99,34 @@ def rss_mib(pid):
         with open(f"/proc/{p}/status") as f:
             total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
     return total / 1024
+
+
+def throughput(count):
+    """Tasks a second through one worker with 2 pool processes: the queue is filled
+    first; the rate is from the first result's date_done to the last one's."""
+    rows = []
+    setups = [("minicelery", "sqlite"), ("minicelery", "redis")] + \
+        ([("celery", "redis")] if celery_app is not None else [])
+    for system, broker in setups:
+        with tempfile.TemporaryDirectory() as directory:
+            redis_proc, sock = start_redis(directory)
+            url = f"sqlite:///{directory}/bench.db" if broker == "sqlite" else None
+            os.environ.update(MINICELERY_BROKER_URL=url or f"unix://{sock}",
+                              MINICELERY_RESULT_BACKEND=url or f"unix://{sock}?db=1")
+            app.close()
+            results = [noop.delay(i) for i in range(count)]
+            worker = start_worker(system, sock, directory, url, settle=0)
+            try:
+                assert [r.get(timeout=600) for r in results] == list(range(count))
+                done = sorted(r.date_done for r in results)
+                seconds = (done[-1] - done[0]).total_seconds()
+            finally:
+                stop(worker)
+                redis_proc.kill()
+            rows.append((system, broker, count, seconds, count / seconds))
+    print(f"{'system':<11} {'broker':<7} {'tasks':>6} {'seconds':>8} {'tasks/s':>8}")
+    for system, broker, n, seconds, rate in rows:
+        print(f"{system:<11} {broker:<7} {n:>6} {seconds:>8.2f} {rate:>8.0f}")
 
 
 def systems():
@@ -160,10 +196,12 @@ def eta_memory(count):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=["eta-lateness", "eta-memory"])
+    parser.add_argument("benchmark", choices=["throughput", "eta-lateness", "eta-memory"])
     parser.add_argument("--tasks", type=int)
     args = parser.parse_args()
-    if args.benchmark == "eta-lateness":
+    if args.benchmark == "throughput":
+        throughput(args.tasks or 5000)
+    elif args.benchmark == "eta-lateness":
         eta_lateness(args.tasks or 200)
     else:
         eta_memory(args.tasks or 100000)
