@@ -34,10 +34,10 @@ How a task travels::
 Chapters (``grep -n '^# [0-9]' minicelery.py`` lists them):
 
     1. Errors and states         7. Tasks, requests and run_task()
-    2. Helpers                   8. App and configuration
-    3. Serialization             9. Worker: consumer, pools, child processes
-    4. Messages                 10. Command line
-    5. Brokers
+    2. Helpers                   8. Canvas: signatures, chains, groups, chords
+    3. Serialization             9. App and configuration
+    4. Messages                 10. Worker: consumer, pools, child processes
+    5. Brokers                  11. Command line
     6. Result backends
 
 Left out on purpose: AMQP and every broker but Redis (SQLite and memory come in
@@ -74,7 +74,8 @@ from multiprocessing.connection import Pipe, wait as wait_for_connections
 __version__ = "0.1.0"
 
 __all__ = [
-    "Celery", "Task", "AsyncResult", "EagerResult", "shared_task",
+    "Celery", "Task", "AsyncResult", "EagerResult", "GroupResult", "shared_task",
+    "Signature", "signature", "subtask", "chain", "group", "chord", "ChordError",
     "MiniCeleryError", "ImproperlyConfigured", "NotRegistered", "EncodeError",
     "DecodeError", "ContentDisallowed", "ResultTimeout", "TaskRevokedError",
     "WorkerLostError", "TimeLimitExceeded", "SoftTimeLimitExceeded",
@@ -1106,6 +1107,9 @@ CREATE TABLE IF NOT EXISTS revocations (
     terminate INTEGER NOT NULL, signal TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL, queue TEXT, reason TEXT, raw BLOB);
+CREATE TABLE IF NOT EXISTS chords (group_id TEXT PRIMARY KEY, size INTEGER, done INTEGER);
+CREATE TABLE IF NOT EXISTS chord_parts (
+    group_id TEXT, task_id TEXT, idx REAL, part TEXT, PRIMARY KEY (group_id, task_id));
 """
 
 
@@ -1327,6 +1331,7 @@ class ResultBackend:
     """Stores task states; subclasses implement _set, _get, forget and may wait better."""
 
     KEY_PREFIX = "celery-task-meta-"
+    TASKSET_PREFIX = "celery-taskset-meta-"
 
     def __init__(self, app, url):
         self.app, self.url = app, url
@@ -1389,6 +1394,20 @@ class ResultBackend:
     def forget(self, task_id):
         raise NotImplementedError
 
+    def chord_start(self, group_id, size):
+        """Remember that the chord `group_id` waits for `size` header tasks."""
+        raise NotImplementedError
+
+    def chord_part(self, group_id, index, task_id, state, value):
+        """Count one finished header task. Returns every part, ordered by index, as
+        [1, task_id, state, value] lists, to exactly one caller: the one that
+        completed the chord. Everyone else gets None."""
+        raise NotImplementedError
+
+    def chord_done(self, group_id):
+        """Forget the chord's counter once its body was sent."""
+        raise NotImplementedError
+
     def close(self):
         """Release connections (also called in a freshly forked child)."""
 
@@ -1422,6 +1441,22 @@ redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 """
 
+# Celery 5.7's chord counter, atomically: skip a chord already done (.c), count
+# each part once (.d), ZADD the part at its index (.j), and if that completes
+# size (.s) + diff (.t), claim the body (.c, with expiry) and return the parts.
+_CHORD_PART_LUA = r"""
+if redis.call('GET', KEYS[5]) == 'done' then return false end
+if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 0 then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+  redis.call('SADD', KEYS[4], ARGV[1])
+end
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+local total = tonumber(redis.call('GET', KEYS[3]) or '-1') + tonumber(redis.call('GET', KEYS[2]) or '0')
+if redis.call('ZCOUNT', KEYS[1], '-inf', '+inf') ~= total then return false end
+if not redis.call('SET', KEYS[5], ARGV[5], 'NX', 'EX', 10) then return false end
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
 
 class RedisBackend(ResultBackend):
     """Celery's Redis result backend: SETEX + PUBLISH, waiting on pub/sub."""
@@ -1430,6 +1465,7 @@ class RedisBackend(ResultBackend):
         super().__init__(app, url)
         self.client = redis_client(url)
         self._store_script = self.client.register_script(_STORE_RESULT_LUA)
+        self._chord_script = self.client.register_script(_CHORD_PART_LUA)
 
     def _set(self, key, data):
         self._store_script(keys=[key], args=[data, self.expires])
@@ -1439,6 +1475,31 @@ class RedisBackend(ResultBackend):
 
     def forget(self, task_id):
         self.client.delete(self.key_for(task_id))
+
+    def _chord_keys(self, group_id):
+        key = f"{self.TASKSET_PREFIX}{group_id}"
+        return [f"{key}.{suffix}" for suffix in "jtsdc"]
+
+    def chord_start(self, group_id, size):
+        jkey, tkey, skey, dkey, ckey = self._chord_keys(group_id)
+        with self.client.pipeline() as pipe:
+            pipe.delete(ckey)
+            pipe.set(skey, size, ex=self.expires or None)
+            pipe.execute()
+
+    def chord_part(self, group_id, index, task_id, state, value):
+        member = json_dumps([1, task_id, state, value])
+        score = "+inf" if index is None else index
+        parts = self._chord_script(keys=self._chord_keys(group_id),
+                                   args=[f"{task_id}:{index}", score, member, self.expires or 86400, uuid()])
+        return [json_loads(part) for part in parts] if parts else None
+
+    def chord_done(self, group_id):
+        jkey, tkey, skey, dkey, ckey = self._chord_keys(group_id)
+        with self.client.pipeline() as pipe:
+            pipe.delete(jkey, tkey, skey, dkey)
+            pipe.set(ckey, "done", ex=300)
+            pipe.execute()
 
     def wait_for(self, task_id, timeout=None, interval=0.5):
         # Subscribe before the first GET, so a state written in between is not missed.
@@ -1489,6 +1550,27 @@ class SQLiteBackend(ResultBackend):
     def forget(self, task_id):
         with self.store.transaction() as db:
             db.execute("DELETE FROM results WHERE key = ?", (self.key_for(task_id),))
+
+    def chord_start(self, group_id, size):
+        with self.store.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO chords VALUES (?, ?, 0)", (group_id, size))
+
+    def chord_part(self, group_id, index, task_id, state, value):
+        with self.store.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO chord_parts VALUES (?, ?, ?, ?)",
+                       (group_id, task_id, float("inf") if index is None else index,
+                        json_dumps([1, task_id, state, value])))
+            row = db.execute("SELECT size, done, (SELECT COUNT(*) FROM chord_parts WHERE group_id = ?) "
+                             "FROM chords WHERE group_id = ?", (group_id, group_id)).fetchone()
+            if row is None or row[1] or row[2] != row[0]:
+                return None
+            db.execute("UPDATE chords SET done = 1 WHERE group_id = ?", (group_id,))
+            return [json_loads(p) for (p,) in db.execute(
+                "SELECT part FROM chord_parts WHERE group_id = ? ORDER BY idx", (group_id,))]
+
+    def chord_done(self, group_id):
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM chord_parts WHERE group_id = ?", (group_id,))
 
     def wait_for(self, task_id, timeout=None, interval=0.5):
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1585,6 +1667,10 @@ class AsyncResult:
     def revoke(self, connection=None, terminate=False, signal="SIGTERM", wait=False, timeout=None):
         """Revoke this task on every worker (see Control.revoke)."""
         self.app.control.revoke(self.id, terminate=terminate, signal=signal)
+
+    def as_tuple(self):
+        """Celery's nested-list form: [[id, parent], None]."""
+        return [[self.id, self.parent.as_tuple() if self.parent else None], None]
 
     def __eq__(self, other):
         return isinstance(other, AsyncResult) and other.id == self.id
@@ -1832,6 +1918,20 @@ class Task:
     def AsyncResult(self, task_id):
         return AsyncResult(task_id, app=self.app, task_name=self.name)
 
+    def signature(self, args=None, kwargs=None, **options):
+        """A Signature of this task (§8), to call later or to pass around."""
+        return Signature(self, args, kwargs, **options)
+
+    subtask = signature
+
+    def s(self, *args, **kwargs):
+        """`add.s(2, 2)`: a signature; the result of a previous task is prepended to args."""
+        return Signature(self, args, kwargs)
+
+    def si(self, *args, **kwargs):
+        """`add.si(2, 2)`: an immutable signature, which ignores a previous task's result."""
+        return Signature(self, args, kwargs, immutable=True)
+
     def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None,
               countdown=None, max_retries=None, **options):
         """Send this task again with the same id and retries + 1, then raise Retry.
@@ -2029,6 +2129,8 @@ def _store_outcome(task, request, outcome, store):
             task_logger.info("Task %s succeeded in %ss: %s", name, outcome.runtime,
                              _short_repr(outcome.retval))
             _call_hook(task.on_success, outcome.retval, request.id, args, kwargs)
+            if not request.is_eager:
+                _after_success(task.app, request, outcome.retval)
             return
     if outcome.state == RETRY:
         retry = outcome.retval
@@ -2043,6 +2145,8 @@ def _store_outcome(task, request, outcome, store):
         task_logger.error("Task %s raised unexpected: %r\n%s", name, exc, outcome.traceback.rstrip())
         store(request.id, exc, FAILURE, traceback=outcome.traceback, request=request)
         _call_hook(task.on_failure, exc, request.id, args, kwargs, outcome.traceback)
+        if not request.is_eager:
+            _after_failure(task.app, request, exc, outcome.traceback)
     elif outcome.state == REJECTED:
         task_logger.info("Task %s rejected: %s", name, outcome.retval.reason)
 
@@ -2056,7 +2160,376 @@ def _call_hook(hook, *args):
 
 
 # =============================================================================
-# 8. App and configuration
+# 8. Canvas: signatures, chains, groups and chords
+# =============================================================================
+# A signature is a task call to make later, in Celery's dict form, so it can
+# travel inside messages. Workflows are built from messages alone: a chain
+# rides in the first message's `embed.chain` (the rest, reversed), a callback
+# in `embed.callbacks`, and each chord header message carries the body in
+# `embed.chord`; the backend counts finished header tasks, and the worker that
+# stores the last one sends the body (Celery: no polling unlock task on Redis).
+
+class Signature(dict):
+    """`add.s(2, 2)`: task name, args, kwargs and options, as Celery's dict."""
+
+    def __init__(self, task=None, args=(), kwargs=None, options=None, subtask_type=None,
+                 immutable=False, app=None, **more_options):
+        super().__init__(task=getattr(task, "name", task), args=list(args or ()),
+                         kwargs=dict(kwargs or {}), options=dict(options or {}, **more_options),
+                         subtask_type=subtask_type, immutable=immutable)
+        self.app = app or getattr(task, "app", None)
+
+    task = property(lambda self: self["task"])
+    args = property(lambda self: self["args"])
+    kwargs = property(lambda self: self["kwargs"])
+    options = property(lambda self: self["options"])
+    immutable = property(lambda self: self["immutable"])
+    id = property(lambda self: self["options"].get("task_id"))
+
+    def _app(self):
+        return self.app or current_app()
+
+    @property
+    def type(self):
+        return self._app().tasks[self.task]
+
+    def clone(self, args=(), kwargs=None, **options):
+        """A copy with `args` prepended (partial arguments) unless immutable."""
+        args, kwargs, options = self._merge(args, kwargs, options)
+        return signature(dict(self, args=args, kwargs=kwargs, options=options), app=self.app)
+
+    def _merge(self, args, kwargs, options):
+        options = dict(self.options, **options)
+        if self.immutable:
+            return list(self.args), dict(self.kwargs), options
+        return list(args or ()) + list(self.args), dict(self.kwargs, **(kwargs or {})), options
+
+    def set(self, immutable=None, **options):
+        if immutable is not None:
+            self["immutable"] = immutable
+        self.options.update(options)
+        return self
+
+    def freeze(self):
+        """Fix the task id now, so the result is known before sending."""
+        return AsyncResult(self.options.setdefault("task_id", uuid()), app=self._app(), task_name=self.task)
+
+    def link(self, callback):
+        self.options.setdefault("link", []).append(callback)
+        return callback
+
+    def link_error(self, errback):
+        self.options.setdefault("link_error", []).append(errback)
+        return errback
+
+    def apply_async(self, args=(), kwargs=None, **options):
+        args, kwargs, options = self._merge(args, kwargs, options)
+        app = self._app()
+        if self.task in app.tasks:
+            return app.tasks[self.task].apply_async(args, kwargs, **options)
+        return app.send_task(self.task, args, kwargs, **options)
+
+    def delay(self, *args, **kwargs):
+        return self.apply_async(args, kwargs)
+
+    def apply(self, args=(), kwargs=None, **options):
+        args, kwargs, options = self._merge(args, kwargs, options)
+        return self.type.apply(args, kwargs, task_id=options.get("task_id"))
+
+    def __call__(self, *args, **kwargs):
+        args, kwargs, _ = self._merge(args, kwargs, {})
+        return self.type(*args, **kwargs)
+
+    def __or__(self, other):
+        if isinstance(self, group) and not isinstance(other, group):
+            return chord(self, other, app=self.app)
+        return chain(self, other, app=self.app or other.app)
+
+    def __repr__(self):
+        args = ", ".join([repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()])
+        return f"{self.task}({args}){'!' if self.immutable else ''}"
+
+
+def signature(value, *args, app=None, **kwargs) -> Signature:
+    """A Signature from a task name, a Signature, or Celery's dict form of one."""
+    if isinstance(value, dict):
+        kind = {"chain": chain, "group": group, "chord": chord}.get(value.get("subtask_type"))
+        if kind is not None:
+            return kind._from_dict(value, app or getattr(value, "app", None))
+        return Signature(value["task"], value.get("args"), value.get("kwargs"), value.get("options"),
+                         value.get("subtask_type"), value.get("immutable", False),
+                         app=app or getattr(value, "app", None))
+    return Signature(value, *args, app=app, **kwargs)
+
+
+subtask = signature
+
+
+def _tasks_from(tasks):
+    if len(tasks) == 1 and not isinstance(tasks[0], dict):
+        tasks = tuple(tasks[0])  # chain([a, b]) or group(generator)
+    return tasks
+
+
+def _members(sig, key="tasks"):
+    """A workflow's member signatures, as objects stored in place, so freeze() sticks."""
+    stored = sig.kwargs[key]
+    stored[:] = [t if isinstance(t, Signature) else signature(t, app=sig.app) for t in stored]
+    return stored
+
+
+class chain(Signature):
+    """`a.s() | b.s() | c.s()`: each result goes to the next task, unless it is immutable."""
+
+    def __init__(self, *tasks, app=None, **options):
+        flat = []
+        for task in _tasks_from(tasks):
+            task = signature(task, app=app)
+            flat.extend(task.tasks if isinstance(task, chain) else [task])
+        # Celery's upgrade: a group followed by more tasks is a chord whose body is
+        # the rest; a chord followed by more tasks takes them into its body.
+        for i in range(len(flat) - 2, -1, -1):
+            if isinstance(flat[i], (group, chord)):
+                head = flat[i] if isinstance(flat[i], chord) else chord(flat[i], app=app)
+                rest = ([head.body] if head.body else []) + flat[i + 1:]
+                head.kwargs["body"] = rest[0] if len(rest) == 1 else chain(*rest, app=app)
+                flat[i:] = [head]
+        super().__init__("celery.chain", (), {"tasks": flat}, options, "chain", app=app or flat[0].app)
+
+    @classmethod
+    def _from_dict(cls, value, app):
+        return cls(*value["kwargs"]["tasks"], app=app, **value.get("options", {}))
+
+    tasks = property(_members)
+    id = property(lambda self: self.tasks[-1].id)
+
+    def freeze(self):
+        results = [task.freeze() for task in self.tasks]
+        for parent, result in zip(results, results[1:]):
+            result.parent = parent
+        return results[-1]
+
+    def apply_async(self, args=(), kwargs=None, **options):
+        if self._app().conf.task_always_eager:
+            return self.apply(args, kwargs)
+        result = self.freeze()
+        first, rest = self.tasks[0], self.tasks[1:]
+        first.apply_async(args, kwargs, chain=list(reversed(rest)) or None, **dict(self.options, **options))
+        return result
+
+    def __call__(self, *args, **kwargs):
+        return self.apply_async(args, kwargs)
+
+    def apply(self, args=(), kwargs=None, **options):
+        result = None
+        for task in self.tasks:
+            result = task.apply(args if result is None else (result.get(),), kwargs if result is None else None)
+        return result
+
+
+class group(Signature):
+    """`group(add.s(i, i) for i in range(10))()`: run in parallel; GroupResult in order."""
+
+    def __init__(self, *tasks, app=None, **options):
+        members = [signature(t, app=app) for t in _tasks_from(tasks)]
+        super().__init__("celery.group", (), {"tasks": members}, options, "group",
+                         app=app or (members[0].app if members else None))
+
+    @classmethod
+    def _from_dict(cls, value, app):
+        return cls(*value["kwargs"]["tasks"], app=app, **value.get("options", {}))
+
+    tasks = property(_members)
+
+    def apply_async(self, args=(), kwargs=None, **options):
+        app = self._app()
+        if app.conf.task_always_eager:
+            return self.apply(args, kwargs)
+        group_id = options.pop("group_id", None) or self.options.get("task_id") or uuid()
+        options.pop("task_id", None)
+        results = [task.clone().apply_async(args, kwargs, group_id=group_id, group_index=i, **options)
+                   for i, task in enumerate(self.tasks)]
+        return GroupResult(group_id, results, app=app)
+
+    def __call__(self, *partial_args, **options):
+        return self.apply_async(partial_args, **options)
+
+    def apply(self, args=(), kwargs=None, **options):
+        return GroupResult(uuid(), [t.apply(args, kwargs) for t in self.tasks], app=self._app())
+
+    def freeze(self):
+        return GroupResult(self.options.setdefault("task_id", uuid()),
+                           [t.freeze() for t in self.tasks], app=self._app())
+
+
+class chord(Signature):
+    """`chord(header)(body)`: run the header group, then the body with the list of results."""
+
+    def __init__(self, header, body=None, app=None, **options):
+        header = header if isinstance(header, group) else group(header, app=app)
+        body = signature(body, app=app) if body is not None else None
+        super().__init__("celery.chord", (), {"header": header, "body": body}, options, "chord",
+                         app=app or header.app)
+
+    @classmethod
+    def _from_dict(cls, value, app):
+        return cls(signature(value["kwargs"]["header"], app=app), value["kwargs"].get("body"),
+                   app=app, **value.get("options", {}))
+
+    header = property(lambda self: signature(self.kwargs["header"], app=self.app))
+
+    @property
+    def body(self):
+        if self.kwargs["body"] is not None and not isinstance(self.kwargs["body"], Signature):
+            self.kwargs["body"] = signature(self.kwargs["body"], app=self.app)
+        return self.kwargs["body"]
+
+    def freeze(self):
+        return self.body.freeze()
+
+    def __call__(self, body=None, **options):
+        if body is not None:
+            self.kwargs["body"] = signature(body, app=self.app)
+        return self.apply_async((), **options)
+
+    def apply_async(self, args=(), kwargs=None, **options):
+        app, header = self._app(), self.header
+        if app.conf.task_always_eager:
+            return self.apply(args, kwargs)
+        group_id = options.pop("group_id", None) or uuid()
+        body = self.body.clone(group_id=group_id)
+        result = body.freeze()
+        # The size must be stored before any header task can finish.
+        app.backend.chord_start(group_id, len(header.tasks))
+        parts = [task.clone().apply_async(args, kwargs, group_id=group_id, group_index=i, chord=body, **options)
+                 for i, task in enumerate(header.tasks)]
+        result.parent = GroupResult(group_id, parts, app=app)
+        return result
+
+    def apply(self, args=(), kwargs=None, **options):
+        values = self.header.apply(args, kwargs).get()
+        return self.body.apply((values,))
+
+
+class GroupResult:
+    """The results of a group, in order: `get()` is the list of their values."""
+
+    def __init__(self, id, results, app=None):
+        self.id, self.results, self.app = id, list(results), app or current_app()
+
+    def get(self, timeout=None, propagate=True, interval=0.5):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return [r.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.001),
+                      propagate=propagate, interval=interval) for r in self.results]
+
+    join = get
+
+    def ready(self):
+        return all(r.ready() for r in self.results)
+
+    def successful(self):
+        return all(r.successful() for r in self.results)
+
+    def failed(self):
+        return any(r.failed() for r in self.results)
+
+    def completed_count(self):
+        return sum(1 for r in self.results if r.successful())
+
+    def revoke(self, terminate=False, signal="SIGTERM"):
+        self.app.control.revoke([r.id for r in self.results], terminate=terminate, signal=signal)
+
+    def as_tuple(self):
+        return [[self.id, None], [r.as_tuple() for r in self.results]]
+
+    def save(self):
+        """Store as `celery-taskset-meta-<id>`, so GroupResult.restore(id) finds it."""
+        backend = self.app.backend
+        backend._set(f"{backend.TASKSET_PREFIX}{self.id}", backend.encode({"result": self.as_tuple()}))
+        return self
+
+    @classmethod
+    def restore(cls, group_id, app=None):
+        app = app or current_app()
+        data = app.backend._get(f"{app.backend.TASKSET_PREFIX}{group_id}")
+        if data is None:
+            return None
+        _, members = app.backend.decode(data)["result"]
+        return cls(group_id, [AsyncResult(m[0][0], app=app) for m in members], app=app)
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def __len__(self):
+        return len(self.results)
+
+    def __repr__(self):
+        return f"<GroupResult: {self.id} [{', '.join(r.id for r in self.results)}]>"
+
+
+class ChordError(MiniCeleryError):
+    """Stored as the chord body's FAILURE when a header task failed."""
+
+
+def _after_success(app, request, retval):
+    """Start what comes next: link callbacks, the rest of a chain, a chord's body."""
+    ids = {"parent_id": request.id, "root_id": request.root_id or request.id}
+    for callback in request.callbacks or ():
+        signature(callback, app=app).apply_async((retval,), **ids)
+    if request.chain:
+        rest = list(request.chain)
+        signature(rest.pop(), app=app).apply_async((retval,), chain=rest or None, **ids)
+    if request.chord:
+        _chord_part_done(app, request, SUCCESS, retval)
+
+
+def _after_failure(app, request, exc, exc_traceback):
+    """Errbacks run, the rest of a chain fails with the same error, a chord counts it."""
+    for errback in request.errbacks or ():
+        errback = signature(errback, app=app)
+        task = app.tasks.get(errback.task)
+        if task is not None and _positional_arity(task) >= 3:  # Celery 5: (request, exc, traceback)
+            _call_hook(task, request, exc, exc_traceback)
+        else:
+            errback.apply_async((request.id,), parent_id=request.id, root_id=request.root_id)
+    for step in request.chain or ():
+        step_id = (step.get("options") or {}).get("task_id")
+        if step_id:
+            app.backend.store_result(step_id, exc, FAILURE, traceback=exc_traceback)
+    if request.chord:
+        _chord_part_done(app, request, FAILURE, exception_to_dict(exc))
+
+
+def _positional_arity(task):
+    import inspect
+    try:
+        parameters = inspect.signature(task.run).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    return sum(1 for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _chord_part_done(app, request, state, value):
+    """Count one header task; the one that completes the chord sends (or fails) the body."""
+    parts = app.backend.chord_part(request.group, request.group_index, request.id, state, value)
+    if parts is None:
+        return
+    body = signature(request.chord, app=app)
+    failed = [part for part in parts if part[2] in (FAILURE, REVOKED)]
+    if failed:
+        _, task_id, _, exc = failed[0]
+        error = ChordError(f"Dependency {task_id} raised {exception_from_dict(exc)!r}")
+        app.backend.store_result(body.id, error, FAILURE, request=Request(group=request.group))
+        for errback in body.options.get("link_error") or ():
+            signature(errback, app=app).apply_async((body.id,))
+    else:
+        body.apply_async(([part[3] for part in parts],), parent_id=request.id,
+                         root_id=request.root_id or request.id)
+    app.backend.chord_done(request.group)
+
+
+# =============================================================================
+# 9. App and configuration
 # =============================================================================
 # The app holds the settings (Celery's lower-case names and defaults), the
 # task registry, and the broker and backend, created on first use from their
@@ -2339,7 +2812,8 @@ class Celery:
                   serializer=None, compression=None, headers=None, ignore_result=None,
                   time_limit=None, soft_time_limit=None, timelimit=None, retries=0,
                   root_id=None, parent_id=None, group_id=None, group_index=None,
-                  shadow=None, **options) -> AsyncResult:
+                  shadow=None, link=None, link_error=None, chain=None, chord=None,
+                  **options) -> AsyncResult:
         """Send a task by name, registered here or not; returns an AsyncResult.
 
         Nothing is published if the arguments can't be serialized (EncodeError).
@@ -2371,8 +2845,10 @@ class Celery:
             ignore_result=bool(ignore_result if ignore_result is not None
                                else self.conf.task_ignore_result),
             shadow=shadow, extra=headers)
+        embed = {"callbacks": _signature_list(link), "errbacks": _signature_list(link_error),
+                 "chain": [dict(s) for s in chain] if chain else None, "chord": chord}
         body, content_type, compression_header = dumps(
-            [args, kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
+            [args, kwargs, embed],
             serializer or self.conf.task_serializer, compression or self.conf.task_compression)
         envelope = build_envelope(
             message_headers, body, content_type, queue, priority=clamp_priority(priority or 0),
@@ -2431,6 +2907,12 @@ class Control:
         self.app.broker.revoke(ids, terminate=terminate, signal=signal, expires=self.app.revoke_expires)
 
 
+def _signature_list(value):
+    if not value:
+        return None
+    return [dict(s) for s in (value if isinstance(value, (list, tuple)) else [value])]
+
+
 _SEND_OPTIONS = [p for p in Celery.send_task.__code__.co_varnames[4:
                  Celery.send_task.__code__.co_argcount + Celery.send_task.__code__.co_kwonlyargcount]]
 
@@ -2477,7 +2959,7 @@ class _SharedTaskProxy:
 
 
 # =============================================================================
-# 9. Worker: consumer, pools and child processes
+# 10. Worker: consumer, pools and child processes
 # =============================================================================
 # The worker's main process runs the Consumer: it reserves messages from the
 # broker (up to the prefetch limit), holds the ones with a future ETA, hands
@@ -3249,7 +3731,7 @@ def _safe_url(url):
 
 
 # =============================================================================
-# 10. Command line
+# 11. Command line
 # =============================================================================
 # python -m minicelery worker APP [options]      (or Celery's order: -A APP worker)
 # python -m minicelery -A APP call NAME --args '[2, 2]'
