@@ -2488,8 +2488,8 @@ def _after_failure(app, request, exc, exc_traceback):
     for errback in request.errbacks or ():
         errback = signature(errback, app=app)
         task = app.tasks.get(errback.task)
-        if task is not None and _positional_arity(task) >= 3:  # Celery 5: (request, exc, traceback)
-            _call_hook(task, request, exc, exc_traceback)
+        if task is not None and _positional_arity(task) > 1:  # Celery 5: (request, exc, traceback)
+            _call_hook(errback, request, exc, exc_traceback)
         else:
             errback.apply_async((request.id,), parent_id=request.id, root_id=request.root_id)
     for step in request.chain or ():

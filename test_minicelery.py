@@ -25,7 +25,8 @@ import redis
 import minicelery
 from minicelery import (Celery, Config, AsyncResult, EagerResult, ImproperlyConfigured,
                         EncodeError, NotRegistered, ResultTimeout, WorkerLostError,
-                        MaxRetriesExceededError, Reject, Ignore, Task, shared_task)
+                        MaxRetriesExceededError, Reject, Ignore, Task, shared_task,
+                        signature, chain, group, chord, GroupResult, ChordError)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -454,6 +455,34 @@ def record(i, path):
         os.write(fd, f"{i}\n".encode())
     finally:
         os.close(fd)
+
+
+@APP.task
+def mul(x, y):
+    return x * y
+
+
+@APP.task
+def xsum(numbers):
+    return sum(numbers)
+
+
+@APP.task
+def on_error(request, exc, traceback, path):
+    """A Celery 5 errback: called in the worker with the failed task's request."""
+    record.run(f"{request.id} {exc!r} {'Traceback' in traceback}", path)
+
+
+@APP.task
+def note_failure(task_id):
+    """An old-style errback: published as a task with the failed task's id."""
+    _marker_redis().rpush("failed", task_id)
+
+
+@APP.task
+def apply_signature(sig, value):
+    """Receives a signature as an argument (Celery's dict form) and calls it here."""
+    return minicelery.signature(sig, app=APP)(value)
 
 
 @APP.task(bind=True)
@@ -1597,6 +1626,115 @@ def test_readme_testing_example(celery_app_example, celery_worker_example):
     assert celery_app_example.tasks["myproject.add"].delay(2, 3).get(timeout=10) == 5
 
 
+# --- §8 Canvas -------------------------------------------------------------------
+
+def test_canvas_signatures_are_celerys_dicts():
+    sig = add.signature((2, 2), countdown=10)
+    assert dict(sig) == {"task": "test_minicelery.add", "args": [2, 2], "kwargs": {},
+                         "options": {"countdown": 10}, "subtask_type": None, "immutable": False}
+    assert add.subtask((1,)) == add.s(1) and add.si(1)["immutable"] is True
+    assert signature("test_minicelery.add", args=(1, 2), app=APP)() == 3
+    partial = add.s(2)
+    assert partial.clone((8,)).args == [8, 2] and partial(8) == 10
+    assert add.si(1, 1).clone((5,)).args == [1, 1]
+    assert partial.set(queue="q").options == {"queue": "q"}
+    rebuilt = signature(json.loads(json.dumps(add.s(1) | mul.s(3))), app=APP)
+    assert isinstance(rebuilt, chain) and [t.task for t in rebuilt.tasks] == [add.name, mul.name]
+    assert isinstance(group(add.s(1, 1)) | xsum.s(), chord)
+
+
+def test_canvas_docs_examples(any_app, tmp_path):
+    with worker(any_app, tmp_path):
+        assert (add.s(4, 4) | mul.s(8))().get(timeout=10) == 64
+        assert chord((add.s(i, i) for i in range(10)), xsum.s())().get(timeout=10) == 90
+        res = (add.si(2, 2) | add.si(4, 4) | add.si(8, 8))()
+        assert res.get(timeout=10) == 16 and res.parent.get(timeout=10) == 8
+        assert res.parent.parent.get(timeout=10) == 4
+        assert group(add.s(i, i) for i in range(10))().get(timeout=10) == list(range(0, 20, 2))
+        assert add.s(2).delay(8).get(timeout=10) == 10
+
+
+def test_canvas_signature_as_argument_and_links(app, tmp_path, redis_client):
+    errors = str(tmp_path / "errors")
+    with worker(app, tmp_path):
+        assert apply_signature.delay(mul.s(3), 5).get(timeout=10) == 15
+        add.apply_async((2, 2), link=[mul.s(10).set(task_id="cb1"), mul.s(100).set(task_id="cb2")])
+        assert AsyncResult("cb1", app=app).get(timeout=10) == 40
+        assert AsyncResult("cb2", app=app).get(timeout=10) == 400
+        failed = fail.apply_async(("x",), link=mul.s(2).set(task_id="never"),
+                                  link_error=[on_error.s(errors), note_failure.s()])
+        with pytest.raises(ValueError):
+            failed.get(timeout=10)
+        wait_until(lambda: lines_in(errors) == 1 and redis_client.llen("failed") == 1, what="both errbacks")
+    assert open(errors).read() == f"{failed.id} ValueError('x') True\n"
+    assert redis_client.lrange("failed", 0, -1) == [failed.id.encode()]
+    assert AsyncResult("never", app=app).state == "PENDING"
+
+
+def test_canvas_chain_partial_failure_and_parents(app, tmp_path):
+    with worker(app, tmp_path):
+        assert chain(add.s(4) | mul.s(8))(4).get(timeout=10) == 64
+        assert chain([add.s(1, 1), mul.s(5)]).apply_async().get(timeout=10) == 10
+        broken = (add.s(1, 1) | fail.si("in the middle") | mul.s(2) | mul.s(3))()
+        with pytest.raises(ValueError, match="in the middle"):
+            broken.get(timeout=10)
+        assert broken.parent.state == "FAILURE" and broken.parent.parent.state == "FAILURE"
+        assert broken.parent.parent.parent.get(timeout=10) == 2
+
+
+def test_canvas_group_result_api(app, tmp_path):
+    with worker(app, tmp_path):
+        result = group(add.s(i, i) for i in range(5))()
+        assert result.join(timeout=10) == [0, 2, 4, 6, 8]
+        assert result.ready() and result.successful() and not result.failed()
+        assert result.completed_count() == 5 and len(result) == 5
+        result.save()
+        restored = GroupResult.restore(result.id, app=app)
+        assert [r.id for r in restored] == [r.id for r in result] and restored.get(timeout=5) == [0, 2, 4, 6, 8]
+        assert group(add.s(1), mul.s(3))(10).get(timeout=10) == [11, 30]
+        mixed = group(add.s(1, 1), fail.s("g"))()
+        assert mixed.get(timeout=10, propagate=False)[0] == 2 and mixed.failed()
+        later = group(add.s(1, 1).set(countdown=2), add.s(2, 2).set(countdown=2))()
+        later.revoke()
+        with pytest.raises(minicelery.TaskRevokedError):
+            later.get(timeout=10)
+    raw = json.loads(app.backend.client.get(f"celery-taskset-meta-{result.id}"))
+    assert raw == {"result": [[result.id, None], [[[r.id, None], None] for r in result]]}
+
+
+def test_canvas_chord_counts_on_redis_and_fails_clearly(app, tmp_path, results):
+    with worker(app, tmp_path):
+        header = group(add.s(i, i) for i in range(3))
+        done = chord(header, xsum.s())()
+        assert done.get(timeout=10) == 6
+        group_id = done.parent.id
+        assert (group(add.s(1, 1), add.s(2, 2)) | xsum.s())().get(timeout=10) == 6
+        bad = chord([add.s(1, 1), fail.s("chordfail")])(xsum.s())
+        with pytest.raises(ChordError, match=r"Dependency .* raised ValueError\('chordfail'\)"):
+            bad.get(timeout=10)
+    assert results.get(f"celery-taskset-meta-{group_id}.c") == b"done"
+    assert not results.exists(*(f"celery-taskset-meta-{group_id}.{s}" for s in "jtsd"))
+    meta = json.loads(results.get(f"celery-task-meta-{done.id}"))
+    assert meta["group_id"] == group_id and meta["parent_id"]
+
+
+def test_canvas_nesting(any_app, tmp_path):
+    with worker(any_app, tmp_path):
+        assert chain(add.s(1, 1), group(add.s(1), add.s(2)), xsum.s(), mul.s(10))().get(timeout=10) == 70
+        assert group(chain(add.s(1, 1), mul.s(3)), chain(add.s(2, 2), mul.s(3)))().get(timeout=10) == [6, 12]
+        assert chain(add.s(1, 1), chord([add.s(1), add.s(2)], xsum.s()), mul.s(10))().get(timeout=10) == 70
+
+
+def test_canvas_eager():
+    APP.conf.task_always_eager = True
+    try:
+        assert (add.s(4, 4) | mul.s(8))().get() == 64
+        assert chord((add.s(i, i) for i in range(4)), xsum.s())().get() == 12
+        assert group(add.s(1, 1), add.s(2, 2))().get() == [2, 4]
+    finally:
+        APP.conf.task_always_eager = False
+
+
 # --- §10 Command line ------------------------------------------------------------
 
 def _cli(*args, env=None, **kwargs):
@@ -1658,6 +1796,14 @@ if real_celery is not None:
     @CELERY_APP.task(name="test_minicelery.custom_fail")
     def celery_custom_fail():
         raise MyError("custom", 42)
+
+    @CELERY_APP.task(name="test_minicelery.mul")
+    def celery_mul(x, y):
+        return x * y
+
+    @CELERY_APP.task(name="test_minicelery.xsum")
+    def celery_xsum(numbers):
+        return sum(numbers)
 
     @CELERY_APP.task(name="test_minicelery.flaky_cross", bind=True)
     def celery_flaky_cross(self):
@@ -1788,3 +1934,29 @@ def test_interop_retry_and_countdown_from_minicelery_finish_on_real_celery(
         revoked.revoke()
         with pytest.raises(minicelery.TaskRevokedError):
             revoked.get(timeout=10)
+
+
+@pytest.mark.interop
+def test_interop_canvas_from_minicelery_runs_on_real_celery(app, celery_app, redis_server, tmp_path):
+    with celery_worker(redis_server, tmp_path):
+        assert (add.s(4, 4) | mul.s(8))().get(timeout=20) == 64
+        assert group(add.s(i, i) for i in range(5))().get(timeout=20) == [0, 2, 4, 6, 8]
+        assert chord((add.s(i, i) for i in range(10)), xsum.s())().get(timeout=20) == 90
+        failing = chord([add.s(1, 1), fail.s("chordfail")], xsum.s())()
+        with pytest.raises(ChordError, match="chordfail"):
+            failing.get(timeout=20)
+
+
+@pytest.mark.interop
+def test_interop_canvas_from_real_celery_runs_on_minicelery(app, celery_app, tmp_path):
+    from celery import chain as c_chain, chord as c_chord, group as c_group
+    with worker(app, tmp_path):
+        assert c_chain(celery_add.s(4, 4), celery_mul.s(8))().get(timeout=20) == 64
+        assert c_group(celery_add.s(i, i) for i in range(5))().get(timeout=20) == [0, 2, 4, 6, 8]
+        assert c_chord((celery_add.s(i, i) for i in range(10)), celery_xsum.s())().get(timeout=20) == 90
+        failing = c_chord([celery_add.s(1, 1), celery_fail.s("chordfail")], celery_xsum.s())()
+        with pytest.raises(ValueError, match="chordfail"):  # Celery's get() raises the parent's error
+            failing.get(timeout=20)
+        body = AsyncResult(failing.id, app=app)
+        wait_until(body.ready, what="the chord body's state")
+        assert isinstance(body.result, ChordError) and "chordfail" in str(body.result)
