@@ -37,8 +37,8 @@ Chapters (``grep -n '^# [0-9]' minicelery.py`` lists them):
     2. Helpers                   8. Canvas: signatures, chains, groups, chords
     3. Serialization             9. App and configuration
     4. Messages                 10. Worker: consumer, pools, child processes
-    5. Brokers                  11. Command line
-    6. Result backends
+    5. Brokers                  11. Beat: periodic tasks
+    6. Result backends          12. Command line
 
 Left out on purpose: AMQP and every broker but Redis (SQLite and memory come in
 their own chapter), remote control beyond revoke, events, protocol 1 messages,
@@ -68,7 +68,7 @@ import time
 import traceback
 import uuid as _uuid
 import zlib
-from collections import deque
+from collections import deque, namedtuple
 from multiprocessing.connection import Pipe, wait as wait_for_connections
 
 __version__ = "0.1.0"
@@ -76,6 +76,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Celery", "Task", "AsyncResult", "EagerResult", "GroupResult", "shared_task",
     "Signature", "signature", "subtask", "chain", "group", "chord", "ChordError",
+    "crontab", "schedule", "Beat",
     "MiniCeleryError", "ImproperlyConfigured", "NotRegistered", "EncodeError",
     "DecodeError", "ContentDisallowed", "ResultTimeout", "TaskRevokedError",
     "WorkerLostError", "TimeLimitExceeded", "SoftTimeLimitExceeded",
@@ -214,6 +215,7 @@ EXCEPTION_STATES = frozenset({FAILURE, RETRY, REVOKED})
 logger = logging.getLogger("minicelery")
 worker_logger = logging.getLogger("minicelery.worker")
 task_logger = logging.getLogger("minicelery.task")
+beat_logger = logging.getLogger("minicelery.beat")
 
 #: Celery's log line: `[2026-11-21 20:45:57,811: INFO/MainProcess] message`.
 LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
@@ -630,6 +632,7 @@ def decode_message(raw, queue="", delivery_tag="") -> Message:
 #   minicelery:eta        zset  delivery_tag -> due time of a parked far-ETA message
 #   minicelery:eta-messages hash delivery_tag -> "<queue list key>\n<envelope>"
 #   minicelery:revoked    zset  task id -> when its revocation expires
+#   minicelery:lease:beat string the token of the beat that sends periodic tasks (expires)
 #   /<db>.celery.pidbox   channel  Celery's broadcast for revoke (and other control)
 #
 # Taking a message moves it from its list into `unacked` in one Lua script, so
@@ -717,6 +720,11 @@ class Broker:
 
     def control_messages(self) -> list:
         """Revocations broadcast since the last call, as (task_ids, terminate, signal, destination)."""
+        raise NotImplementedError
+
+    def lease(self, name, token, ttl) -> bool:
+        """Take or renew the lease `name` for `token` for `ttl` seconds; False if another
+        holds it. A ttl of 0 gives it up."""
         raise NotImplementedError
 
     def purge(self, queue: str) -> int:
@@ -833,6 +841,16 @@ end
 return out
 """
 
+# Takes lease KEYS[1] for token ARGV[1] (or renews it, if ours) for ARGV[2] ms;
+# 0 ms gives it up.
+_LEASE_LUA = r"""
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 # Moves one reserved message (ARGV[1]) back to list KEYS[3], but only if its
 # unacked entry is still ARGV[2]: if another worker restored or acked it first,
 # nothing happens. This replaces kombu's WATCH/MULTI, which fails under load.
@@ -864,6 +882,7 @@ class RedisBroker(Broker):
         self.client = redis_client(url)
         self._reserve_script = self.client.register_script(_RESERVE_LUA)
         self._restore_script = self.client.register_script(_RESTORE_LUA)
+        self._lease_script = self.client.register_script(_LEASE_LUA)
         self._declared = set()
         self._rotation = 0
         self._pubsub = None
@@ -1025,6 +1044,9 @@ class RedisBroker(Broker):
             if command is not None:
                 found.append(command)
 
+    def lease(self, name, token, ttl):
+        return bool(self._lease_script(keys=[f"minicelery:lease:{name}"], args=[token, int(ttl * 1000)]))
+
     def _route_by_binding(self, exchange, routing_key):
         for member in self.client.smembers(f"_kombu.binding.{exchange}"):
             key, _, queue = member.decode().split(PRIORITY_SEPARATOR)
@@ -1108,6 +1130,7 @@ CREATE TABLE IF NOT EXISTS revocations (
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL, queue TEXT, reason TEXT, raw BLOB);
 CREATE TABLE IF NOT EXISTS chords (group_id TEXT PRIMARY KEY, size INTEGER, done INTEGER);
+CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, token TEXT, expires REAL);
 CREATE TABLE IF NOT EXISTS chord_parts (
     group_id TEXT, task_id TEXT, idx REAL, part TEXT, PRIMARY KEY (group_id, task_id));
 """
@@ -1275,6 +1298,16 @@ class SQLiteBroker(Broker):
         if rows:
             self._last_control = rows[-1][0]
         return [([task_id], bool(terminate), signal, None) for _, task_id, terminate, signal in rows]
+
+    def lease(self, name, token, ttl):
+        now = time.time()
+        with self.store.transaction() as db:
+            db.execute("INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                       "token = excluded.token, expires = excluded.expires "
+                       "WHERE leases.token = excluded.token OR leases.expires < ?",
+                       (name, token, now + ttl, now))
+            holder = db.execute("SELECT token FROM leases WHERE name = ?", (name,)).fetchone()[0]
+            return holder == token and ttl > 0
 
     def purge(self, queue):
         with self.store.transaction() as db:
@@ -2580,6 +2613,12 @@ class Config:
     worker_max_tasks_per_child: int | None = None
     timezone: str | None = None
     enable_utc: bool = True
+    #: {name: {'task': ..., 'schedule': seconds|timedelta|crontab, 'args', 'kwargs', 'options'}}
+    beat_schedule: dict = dataclasses.field(default_factory=dict)
+    #: longest beat sleeps between checks, in seconds
+    beat_max_loop_interval: int | float = 300
+    #: where beat keeps each entry's last run (JSON)
+    beat_schedule_filename: str = "celerybeat-schedule.json"
     #: modules the worker imports at start (Celery's `include` and `imports`)
     include: list | tuple = dataclasses.field(default_factory=list)
     imports: list | tuple = dataclasses.field(default_factory=list)
@@ -2644,6 +2683,23 @@ def current_app():
     return _current_app
 
 
+class Signal:
+    """`app.on_after_configure` and `app.on_after_finalize`: receivers run once, with sender=app."""
+
+    def __init__(self):
+        self.receivers = []
+
+    def connect(self, receiver=None, **options):
+        if receiver is None:  # @signal.connect(weak=False)
+            return self.connect
+        self.receivers.append(receiver)
+        return receiver
+
+    def send(self, sender, **kwargs):
+        for receiver in self.receivers:
+            receiver(sender=sender, **kwargs)
+
+
 class Celery:
     """The application: settings, tasks, broker and backend.
 
@@ -2664,6 +2720,10 @@ class Celery:
             self.conf.include = list(include)
         self.tasks = {}
         self._broker = self._backend = None
+        #: entries from add_periodic_task(), beside conf.beat_schedule
+        self.periodic_tasks = {}
+        self.on_after_configure, self.on_after_finalize = Signal(), Signal()
+        self._finalized = False
         for fun, options in _shared_tasks:
             self._task_from_fun(fun, **options)
         if set_as_current:
@@ -2733,6 +2793,21 @@ class Celery:
         """Import conf.include and conf.imports, which register their tasks."""
         for module in list(self.conf.include) + list(self.conf.imports):
             importlib.import_module(module)
+
+    def finalize(self):
+        """Import the task modules and run the on_after_* receivers; once (worker and beat call it)."""
+        if not self._finalized:
+            self._finalized = True
+            self.import_task_modules()
+            self.on_after_configure.send(sender=self, source=self.conf)
+            self.on_after_finalize.send(sender=self)
+
+    def add_periodic_task(self, schedule, sig, args=(), kwargs=(), name=None, **options):
+        """`app.add_periodic_task(10.0, ping.s('hi'), name='ping', expires=10)`: a beat entry."""
+        sig = sig if isinstance(sig, Signature) else signature(sig, args, kwargs, app=self)
+        self.periodic_tasks[name or repr(sig)] = {
+            "task": sig.task, "schedule": maybe_schedule(schedule), "args": sig.args,
+            "kwargs": sig.kwargs, "options": dict(sig.options, **options)}
 
     # -- broker and backend -------------------------------------------------
 
@@ -3629,7 +3704,7 @@ class Worker:
     """
 
     def __init__(self, app, concurrency=None, pool="prefork", queues=None, hostname=None,
-                 loglevel="INFO", max_tasks_per_child=None, prefetch_multiplier=None):
+                 loglevel="INFO", max_tasks_per_child=None, prefetch_multiplier=None, beat=False):
         conf = app.conf
         self.app = app
         self.concurrency = concurrency or conf.worker_concurrency or os.cpu_count() or 1
@@ -3646,16 +3721,18 @@ class Worker:
                 "memory:// keeps messages inside one process, which forked pool processes "
                 "can't share: use pool='solo' (-P solo), or sqlite:// to share them between processes")
         self.consumer = None
+        self.embed_beat = beat
         self.ready = threading.Event()  # set once the worker consumes
         self._thread = None
 
     def start(self):
-        self.app.import_task_modules()
+        self.app.finalize()
         pool = POOLS[self.pool_name](self.app, self.concurrency, self.hostname,
                                      self.max_tasks_per_child)
         self.consumer = Consumer(self.app, pool, self.queues, self.hostname,
                                  self.prefetch_multiplier * pool.concurrency)
         print(self.banner(pool), file=sys.stderr, flush=True)
+        beat_pid = self._start_beat() if self.embed_beat else None
         pool.start()
         self._install_signal_handlers()
         worker_logger.info("Connected to %s", _safe_url(self.app.broker_url))
@@ -3664,7 +3741,25 @@ class Worker:
         try:
             self.consumer.run()
         finally:
+            if beat_pid:
+                _kill(beat_pid, signal.SIGTERM)
+                _reap(beat_pid)
             self.app.close()
+
+    def _start_beat(self):
+        """`worker -B`: beat in a process of its own, forked before the pool."""
+        pid = os.fork()
+        if pid == 0:
+            global _process_name
+            _process_name = "Beat"
+            status = 1
+            try:
+                self.app.after_fork()
+                Beat(self.app).run()
+                status = 0
+            finally:
+                os._exit(status)
+        return pid
 
     def stop(self, cold=False):
         if self.consumer is not None:
@@ -3731,11 +3826,432 @@ def _safe_url(url):
 
 
 # =============================================================================
-# 11. Command line
+# 11. Beat: periodic tasks
+# =============================================================================
+# A schedule answers beat's one question about an entry: given when it last ran,
+# is it due now, and how long may beat sleep before asking again? `schedule` is a
+# fixed interval of elapsed time; `crontab` names wall-clock minutes as cron(5)
+# does. Both take `now` so tests can drive the clock.
+#
+# Crontab minutes are wall-clock times in the schedule's zone, and daylight
+# saving makes the clocks skip some of them and show others twice. Every time a
+# crontab names runs exactly once:
+#   - a time the clocks skip (02:30 on the spring-forward night in Berlin) runs
+#     at the first instant after the gap (03:00), as cron(8) does for jobs at a
+#     fixed time, so a daily job keeps its place before a 03:15 one;
+#   - a time the clocks show twice (02:30 on the fall-back night) runs the first
+#     time only.
+# So an hourly job at :30 runs at 01:30, 03:00 and 03:30 on the spring-forward
+# night, and at 01:30, 02:30 (summer time) and 03:30 on the fall-back night.
+# Celery: a skipped time runs as late as the clocks jumped (02:30 at 03:30), so
+# there the hourly job runs at 01:30 and 03:30 only; fall-back is the same.
+
+#: What is_due() returns: whether to run now, and seconds until beat should ask again.
+schedstate = namedtuple("schedstate", ("is_due", "next"))
+
+
+def _as_utc(moment: dt.datetime) -> dt.datetime:
+    """`moment` in UTC; a naive datetime is taken to be in UTC already.
+
+    Arithmetic and comparisons happen in UTC because Python compares two
+    datetimes of the same zone by their wall clocks, which DST makes lie.
+    """
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=dt.timezone.utc)
+    return moment.astimezone(dt.timezone.utc)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class schedule:
+    """Run every `run_every` (seconds or a timedelta), counted from the last run.
+
+    The interval is elapsed time: across a DST change, one day is 24 hours and not
+    "the same time tomorrow" (crontab does that).
+    """
+    # Celery: no `relative=True` (rounding runs to the interval's clock boundary).
+
+    def __init__(self, run_every):
+        if _is_number(run_every):
+            run_every = dt.timedelta(seconds=run_every)
+        if not isinstance(run_every, dt.timedelta):
+            raise ImproperlyConfigured(
+                f"schedule run_every must be seconds or a timedelta, "
+                f"not {type(run_every).__name__}: {run_every!r}")
+        self.run_every = run_every
+
+    @property
+    def seconds(self) -> float:
+        return max(self.run_every.total_seconds(), 0)
+
+    def remaining_estimate(self, last_run_at, now=None) -> dt.timedelta:
+        """Time from `now` until the next run; negative when it is overdue."""
+        return _as_utc(last_run_at) + self.run_every - _as_utc(now or utcnow())
+
+    def is_due(self, last_run_at, now=None) -> schedstate:
+        """(True, interval) when due, else (False, seconds left).
+
+        Overdue by many intervals is still one run: beat runs the entry now and
+        records now as its last run, so missed runs are not made up.
+        """
+        left = self.remaining_estimate(last_run_at, now).total_seconds()
+        if left > 0:
+            return schedstate(False, left)
+        return schedstate(True, self.seconds)
+
+    def __repr__(self):
+        return f"<freq: {self.seconds:g} seconds>"
+
+    def __eq__(self, other):
+        if isinstance(other, schedule):
+            return self.run_every == other.run_every
+        return NotImplemented
+
+
+_DAY_NAMES = {name: n for n, name in enumerate(
+    ("sun", "mon", "tue", "wed", "thu", "fri", "sat"))}
+_MONTH_NAMES = {name: n for n, name in enumerate(
+    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
+#: Each crontab field: its lowest and highest value, and the names it accepts.
+_CRON_FIELDS = {
+    "minute": (0, 59, {}), "hour": (0, 23, {}), "day_of_week": (0, 6, _DAY_NAMES),
+    "day_of_month": (1, 31, {}), "month_of_year": (1, 12, _MONTH_NAMES),
+}
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # the longest February
+#: One comma-separated part: `*`, `5`, `mon` or a range `1-5`, then maybe `/step`.
+_CRON_PART = re.compile(r"(?:(\*)|(\w+)(?:-(\w+))?)(?:/(\d+))?")
+#: The Gregorian calendar repeats every 400 years, so a day that ever matches
+#: matches within this many days.
+_GREGORIAN_CYCLE_DAYS = 146097
+
+
+def _cron_field(field: str, spec) -> frozenset:
+    """A crontab field (an int, a cron string or a collection of ints) as the set
+    of values it matches."""
+    if spec is None:
+        spec = "*"
+    if isinstance(spec, str):
+        values = {v for part in spec.split(",") for v in _cron_part(field, spec, part)}
+    elif isinstance(spec, int):
+        values = {spec}
+    elif isinstance(spec, (set, frozenset, list, tuple, range)) and \
+            all(isinstance(v, int) for v in spec):
+        values = set(spec)
+    else:
+        raise ImproperlyConfigured(
+            f"crontab {field} {spec!r} is not an int, a string like '*/15' or a set of ints")
+    if not values:
+        raise ImproperlyConfigured(f"crontab {field} {spec!r} matches nothing")
+    for value in values:
+        _cron_check(field, spec, value)
+    return frozenset(v % 7 if field == "day_of_week" else v for v in values)
+
+
+def _cron_part(field: str, spec: str, part: str) -> list:
+    """One part of a cron string: `*`, `5`, `mon`, or a range `1-5`; a range that
+    ends below its start wraps around (`fri-mon`, `22-2`). `*` and ranges may
+    take a step: `*/15`, `2-30/2`."""
+    lo, hi, _ = _CRON_FIELDS[field]
+    match = _CRON_PART.fullmatch(part.strip())
+    if not match or match[4] is not None and not (match[1] or match[3]):
+        raise ImproperlyConfigured(
+            f"crontab {field} {spec!r}: {part!r} is not like '*', '5', '1-5', '*/15' or '1-30/2'")
+    star, first, last, step = match.groups()
+    if star:
+        values = list(range(lo, hi + 1))
+    else:
+        first, last = _cron_value(field, spec, first), _cron_value(field, spec, last or first)
+        values = list(range(first, last + 1)) if first <= last else \
+            list(range(first, hi + 1)) + list(range(lo, last + 1))
+    if step is not None and int(step) == 0:
+        raise ImproperlyConfigured(f"crontab {field} {spec!r}: the step in {part!r} must be 1 or more")
+    return values[::int(step or 1)]
+
+
+def _cron_value(field: str, spec: str, token: str) -> int:
+    """A number or a name (`sun`, `sunday`, `jan`: the first three letters count)."""
+    names = _CRON_FIELDS[field][2]
+    if token.isdecimal():
+        return _cron_check(field, spec, int(token))
+    if token[:3].lower() in names:
+        return names[token[:3].lower()]
+    hint = f" or one of {', '.join(names)}" if names else ""
+    raise ImproperlyConfigured(f"crontab {field} {spec!r}: {token!r} is not a number{hint}")
+
+
+def _cron_check(field: str, spec, value: int) -> int:
+    lo, hi, _ = _CRON_FIELDS[field]
+    top = 7 if field == "day_of_week" else hi  # cron(5)'s 7 is Sunday too
+    if not lo <= value <= top:
+        what = repr(spec) if str(spec).strip() == str(value) else f"{spec!r}: {value}"
+        raise ImproperlyConfigured(f"crontab {field} {what} is out of range {lo}-{top}")
+    return value
+
+
+def _wall_to_instant(wall: dt.datetime, tz: dt.tzinfo) -> dt.datetime:
+    """The first instant the clocks in `tz` show the naive time `wall`, or when
+    they skip it (a DST gap), the instant they resume."""
+    while True:
+        moment = wall.replace(tzinfo=tz)  # fold=0: the earlier of a repeated time
+        if moment.astimezone(dt.timezone.utc).astimezone(tz).replace(tzinfo=None) == wall:
+            return moment
+        wall += dt.timedelta(minutes=1)
+
+
+class crontab:
+    """Run at the wall-clock minutes cron(5) would, in zone `tz` (UTC when None):
+    crontab(minute=0, hour='*/3') runs at midnight, 3am, 6am and so on.
+
+    Each field takes an int, a set of ints, or a cron string: `*`, `*/15`, `1-5`,
+    `0,3,6`, `*/3,8-17`, `2-30/2`. day_of_week takes day names too (`mon-fri`,
+    `sunday`; Sunday is 0, or 7), and month_of_year month names (`jan`, `march`).
+    A day runs only if it matches day_of_month, month_of_year *and* day_of_week:
+    day_of_week='mon', day_of_month='1-7' is the first Monday of each month.
+    """
+    # cron(5) runs on a day matching either day field when both are restricted;
+    # Celery needs both to match, and so do we.
+    # Celery: day_of_week=7 is an error there, and month or day names are
+    # accepted in any field there (hour='mon' is 1).
+    # Celery: tz comes from the app's timezone setting; here too, unless given.
+
+    def __init__(self, minute="*", hour="*", day_of_week="*", day_of_month="*",
+                 month_of_year="*", tz=None):
+        self._specs = (minute, hour, day_of_month, month_of_year, day_of_week)
+        self.minute = _cron_field("minute", minute)
+        self.hour = _cron_field("hour", hour)
+        self.day_of_week = _cron_field("day_of_week", day_of_week)
+        self.day_of_month = _cron_field("day_of_month", day_of_month)
+        self.month_of_year = _cron_field("month_of_year", month_of_year)
+        if not any(day <= _MONTH_DAYS[month - 1]
+                   for month in self.month_of_year for day in self.day_of_month):
+            raise ImproperlyConfigured(
+                f"crontab day_of_month {day_of_month!r} never occurs in "
+                f"month_of_year {month_of_year!r}")
+        #: the zone its wall-clock times are in; None: the app's timezone in beat, else UTC
+        self.tz = tz
+        if tz is not None and not isinstance(tz, dt.tzinfo):
+            raise ImproperlyConfigured(
+                f"crontab tz must be a tzinfo such as zoneinfo.ZoneInfo({tz!r}), "
+                f"not {type(tz).__name__}")
+
+    @classmethod
+    def from_string(cls, line: str, tz=None) -> "crontab":
+        """A crontab from a cron(5) line: `minute hour day_of_month month day_of_week`."""
+        fields = line.split()
+        if len(fields) != 5:
+            raise ImproperlyConfigured(
+                f"crontab {line!r} has {len(fields)} fields, not 5: "
+                f"minute hour day_of_month month_of_year day_of_week")
+        minute, hour, day_of_month, month_of_year, day_of_week = fields
+        return cls(minute, hour, day_of_week, day_of_month, month_of_year, tz=tz)
+
+    def _runs_on(self, day: dt.date) -> bool:
+        return (day.month in self.month_of_year and day.day in self.day_of_month
+                and day.isoweekday() % 7 in self.day_of_week)
+
+    def next_run_after(self, when: dt.datetime) -> dt.datetime:
+        """The first run strictly after `when`, as an aware datetime in tz.
+
+        Walks the zone's calendar day by day and tries each day's wall-clock
+        minutes in order; as they only ever map to later instants, the first one
+        after `when` is the answer. See the chapter comment for DST.
+        """
+        when, tz = _as_utc(when), self.tz or dt.timezone.utc
+        start = when.astimezone(tz).replace(tzinfo=None, second=0, microsecond=0)
+        day = start.date()
+        for _ in range(_GREGORIAN_CYCLE_DAYS):
+            if self._runs_on(day):
+                for hour in sorted(h for h in self.hour if day > start.date() or h >= start.hour):
+                    for minute in sorted(self.minute):
+                        wall = dt.datetime.combine(day, dt.time(hour, minute))
+                        if wall >= start and (run := _wall_to_instant(wall, tz)) > when:
+                            return run
+            day += dt.timedelta(days=1)
+        raise ImproperlyConfigured(f"{self!r} never runs")  # unreachable: __init__ checks
+
+    def remaining_estimate(self, last_run_at, now=None) -> dt.timedelta:
+        """Time from `now` until the first run after `last_run_at`; negative when overdue."""
+        return self.next_run_after(last_run_at) - _as_utc(now or utcnow())
+
+    def is_due(self, last_run_at, now=None) -> schedstate:
+        """(True, seconds to the following run) when a run came due since
+        `last_run_at`, else (False, seconds to it).
+
+        However many runs were missed, it is due once: beat runs the entry now and
+        records now as its last run, so the next answer counts from now.
+        """
+        # Celery: beat_cron_starting_deadline can skip a run missed long ago; not here.
+        now = _as_utc(now or utcnow())
+        left = self.remaining_estimate(last_run_at, now).total_seconds()
+        if left > 0:
+            return schedstate(False, left)
+        return schedstate(True, self.remaining_estimate(now, now).total_seconds())
+
+    def __repr__(self):
+        fields = " ".join(str(spec).replace(" ", "") for spec in self._specs)
+        return f"<crontab: {fields} (m/h/dM/MY/d) {self.tz or 'UTC'}>"
+
+    def __eq__(self, other):
+        if isinstance(other, crontab):
+            return (self.minute, self.hour, self.day_of_week, self.day_of_month,
+                    self.month_of_year, self.tz) == (
+                other.minute, other.hour, other.day_of_week, other.day_of_month,
+                other.month_of_year, other.tz)
+        return NotImplemented
+
+
+def maybe_schedule(value):
+    """A beat entry's `schedule` as a schedule object: seconds or a timedelta
+    become schedule(value); schedule, crontab, and any object with is_due() (a
+    schedule of your own) pass through."""
+    # Celery: None passes through there too, and fails later in beat.
+    if _is_number(value) or isinstance(value, dt.timedelta):
+        return schedule(value)
+    if callable(getattr(value, "is_due", None)):
+        return value
+    raise ImproperlyConfigured(
+        f"a beat schedule must be seconds, a timedelta, schedule(...) or crontab(...), "
+        f"not {type(value).__name__}: {value!r}")
+
+
+class ScheduleEntry:
+    """One periodic task: what to send, on which schedule, and when it last went."""
+
+    def __init__(self, name, task, schedule, args=(), kwargs=None, options=None,
+                 last_run_at=None, total_run_count=0):
+        self.name, self.task, self.schedule = name, task, maybe_schedule(schedule)
+        self.args, self.kwargs, self.options = list(args or ()), dict(kwargs or {}), dict(options or {})
+        self.last_run_at, self.total_run_count = last_run_at, total_run_count
+
+    def __repr__(self):
+        return f"<ScheduleEntry: {self.name} {self.task}(*{self.args}, **{self.kwargs}) {self.schedule}>"
+
+
+class Beat:
+    """Sends periodic tasks when due; one tick() at a time, with the clock passed in.
+
+    State (each entry's last run) is kept as JSON in `schedule_filename`, so a
+    restarted beat resumes: entries not yet due wait, overdue ones run once.
+    Only the beat holding the broker's lease sends anything: a second beat
+    started by mistake stands by, and takes over if the first stops renewing.
+    Celery: beat has no such lock; two beats send everything twice.
+    """
+
+    #: seconds a lease lasts unless renewed; the leader renews it every LEASE_TTL / 3
+    LEASE_TTL = 10.0
+
+    def __init__(self, app, schedule_filename=None, max_interval=None, lease_ttl=None):
+        self.app = app
+        self.lease_ttl = lease_ttl or self.LEASE_TTL
+        self.filename = schedule_filename or app.conf.beat_schedule_filename
+        self.max_interval = max_interval or app.conf.beat_max_loop_interval
+        self.token, self.leading, self.stopping = uuid(), None, False  # None: not asked yet
+        self.entries = {}
+
+    def setup(self, now=None):
+        """Load the entries from beat_schedule and add_periodic_task, with saved state."""
+        self.app.finalize()
+        now = now or utcnow()
+        saved = self._load_state()
+        for name, spec in dict(self.app.conf.beat_schedule, **self.app.periodic_tasks).items():
+            if "task" not in spec or "schedule" not in spec:
+                raise ImproperlyConfigured(f"beat_schedule entry {name!r} needs 'task' and 'schedule'")
+            state = saved.get(name, {})
+            entry = ScheduleEntry(name, spec["task"], spec["schedule"], spec.get("args"), spec.get("kwargs"),
+                                  spec.get("options"), to_datetime(state.get("last_run_at")) or now,
+                                  state.get("total_run_count", 0))
+            if isinstance(entry.schedule, crontab) and entry.schedule.tz is None:
+                entry.schedule.tz = self.app.timezone
+            self.entries[name] = entry
+
+    def tick(self, now=None) -> float:
+        """Send what is due (when leading); returns how long to sleep before the next tick."""
+        if not self._hold_lease():
+            return min(self.lease_ttl / 3, self.max_interval)
+        now = now or utcnow()
+        sleep = self.max_interval
+        for entry in self.entries.values():
+            due, next_check = entry.schedule.is_due(entry.last_run_at, now)
+            if due:
+                self.send(entry, now)
+            sleep = min(sleep, next_check)
+        return max(min(sleep, self.lease_ttl / 3), 0.0)
+
+    def send(self, entry, now):
+        beat_logger.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
+        entry.last_run_at, entry.total_run_count = now, entry.total_run_count + 1
+        self._save_state()  # before sending: a crash in between skips a run rather than doubling it
+        try:
+            self.app.send_task(entry.task, entry.args, entry.kwargs, **entry.options)
+        except Exception:  # a bad entry must not stop the others
+            beat_logger.exception("Message Error: couldn't send %s", entry.name)
+
+    def _hold_lease(self) -> bool:
+        leading = self.app.broker.lease("beat", self.token, self.lease_ttl)
+        if leading != self.leading:
+            beat_logger.info("beat: %s", "leading: this beat sends the periodic tasks" if leading else
+                             "another beat leads; standing by to take over")
+            self.leading = leading
+        return leading
+
+    def _load_state(self):
+        try:
+            with open(self.filename, encoding="utf-8") as f:
+                return json.load(f).get("entries", {})
+        except FileNotFoundError:
+            return {}
+        except (ValueError, AttributeError) as exc:
+            beat_logger.warning("beat: ignoring unreadable state file %s: %s", self.filename, exc)
+            return {}
+
+    def _save_state(self):
+        state = {name: {"last_run_at": e.last_run_at.isoformat(), "total_run_count": e.total_run_count}
+                 for name, e in self.entries.items()}
+        temporary = f"{self.filename}.tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump({"version": 1, "entries": state}, f)
+        os.replace(temporary, self.filename)  # atomic: a crash leaves the old state or the new
+
+    def run(self):
+        """Tick until stop() (SIGTERM/SIGINT in the main thread)."""
+        self.setup()
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: self.stop())
+        print(self.banner(), file=sys.stderr, flush=True)
+        while not self.stopping:
+            wait = self.tick()
+            deadline = time.monotonic() + wait
+            while not self.stopping and time.monotonic() < deadline:
+                time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+        if self.leading:
+            self.app.broker.lease("beat", self.token, 0)  # a restarted or standby beat goes on at once
+        beat_logger.info("beat: stopped")
+
+    def stop(self):
+        self.stopping = True
+
+    def banner(self):
+        return "\n".join([
+            f"minicelery beat v{__version__} is starting.",
+            f"LocalTime -> {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
+            "Configuration ->",
+            f"    . broker -> {_safe_url(self.app.broker_url)}",
+            f"    . scheduler -> minicelery.Beat (lease {self.lease_ttl:g}s in the broker)",
+            f"    . db -> {self.filename}",
+            f"    . maxinterval -> {self.max_interval:g}s",
+            f"    . entries -> {', '.join(self.entries) or '(none)'}"])
+
+
+# =============================================================================
+# 12. Command line
 # =============================================================================
 # python -m minicelery worker APP [options]      (or Celery's order: -A APP worker)
 # python -m minicelery -A APP call NAME --args '[2, 2]'
 # python -m minicelery -A APP purge [-Q queue,...]
+# python -m minicelery beat APP [-s FILE] [--max-interval S]   (or: worker APP -B)
 
 def find_app(spec: str) -> Celery:
     """'module', 'module:attr' or 'package.module.attr' as the Celery app it names."""
@@ -3771,6 +4287,13 @@ def _parser():
     worker.add_argument("-l", "--loglevel", default="INFO")
     worker.add_argument("--max-tasks-per-child", type=int)
     worker.add_argument("--prefetch-multiplier", type=int)
+    worker.add_argument("-B", "--beat", action="store_true", help="also run beat, in a process of its own")
+    beat = commands.add_parser("beat", help="send periodic tasks")
+    beat.add_argument("app_positional", nargs="?", metavar="APP")
+    beat.add_argument("-A", "--app", dest="beat_app")
+    beat.add_argument("-s", "--schedule", help="state file (JSON)")
+    beat.add_argument("--max-interval", type=float)
+    beat.add_argument("-l", "--loglevel", default="INFO")
     call = commands.add_parser("call", help="send a task by name")
     call.add_argument("name")
     call.add_argument("-a", "--args", default="[]", help="JSON list")
@@ -3787,7 +4310,8 @@ def _parser():
 def main(argv=None):
     args = _parser().parse_args(argv)
     spec = (getattr(args, "app_positional", None) or getattr(args, "worker_app", None)
-            or getattr(args, "call_app", None) or getattr(args, "purge_app", None) or args.app)
+            or getattr(args, "call_app", None) or getattr(args, "purge_app", None)
+            or getattr(args, "beat_app", None) or args.app)
     if not spec:
         print("minicelery: name the app with -A module (or module:app)", file=sys.stderr)
         return 2
@@ -3799,7 +4323,9 @@ def main(argv=None):
             Worker(app, concurrency=args.concurrency, pool=args.pool, queues=queues,
                    hostname=args.hostname, loglevel=args.loglevel,
                    max_tasks_per_child=args.max_tasks_per_child,
-                   prefetch_multiplier=args.prefetch_multiplier).start()
+                   prefetch_multiplier=args.prefetch_multiplier, beat=args.beat).start()
+        elif args.command == "beat":
+            Beat(app, schedule_filename=args.schedule, max_interval=args.max_interval).run()
         elif args.command == "call":
             result = app.send_task(args.name, json.loads(args.args), json.loads(args.kwargs),
                                    countdown=args.countdown, queue=args.queue)

@@ -21,12 +21,16 @@ import traceback
 
 import pytest
 import redis
+from freezegun import freeze_time
+from zoneinfo import ZoneInfo
 
 import minicelery
 from minicelery import (Celery, Config, AsyncResult, EagerResult, ImproperlyConfigured,
                         EncodeError, NotRegistered, ResultTimeout, WorkerLostError,
                         MaxRetriesExceededError, Reject, Ignore, Task, shared_task,
-                        signature, chain, group, chord, GroupResult, ChordError)
+                        signature, chain, group, chord, GroupResult, ChordError,
+                        crontab, schedule, Beat)
+from minicelery import maybe_schedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -485,9 +489,20 @@ def apply_signature(sig, value):
     return minicelery.signature(sig, app=APP)(value)
 
 
+@APP.task(ignore_result=True)
+def stamp(path):
+    """A periodic task: appends the time it ran."""
+    record.run(repr(time.time()), path)
+
+
 @APP.task(bind=True)
 def when_run(self):
     return {"at": time.time(), "eta": self.request.eta, "expires": self.request.expires}
+
+
+if os.environ.get("TEST_BEAT_STAMPS"):  # the CLI beat test configures the subprocess's app
+    APP.conf.beat_schedule = {"stamp": {"task": "test_minicelery.stamp", "schedule": 0.5,
+                                        "args": (os.environ["TEST_BEAT_STAMPS"],)}}
 
 
 def _marker_redis():
@@ -1735,6 +1750,724 @@ def test_canvas_eager():
         APP.conf.task_always_eager = False
 
 
+# --- §11 Beat: schedules (expected run times computed once with real Celery 5.7) ---
+
+UTC = dt.timezone.utc
+BERLIN = ZoneInfo("Europe/Berlin")
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+def utc(text):
+    """'2024-01-01 12:00[:30]' as an aware UTC datetime."""
+    return dt.datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def next_runs(sched, start, n=5):
+    """The next n runs after `start`, each found from the one before."""
+    runs = []
+    for _ in range(n):
+        start = sched.next_run_after(start)
+        runs.append(start)
+    return runs
+
+
+def utc_minutes(runs):
+    return [r.astimezone(UTC).strftime("%Y-%m-%d %H:%M") for r in runs]
+
+
+def walls(runs, tz):
+    """Runs as wall-clock times with their offset: '2024-03-31T03:00+02:00'."""
+    return [r.astimezone(tz).isoformat(timespec="minutes") for r in runs]
+
+
+def simulate(sched, start, end, step=dt.timedelta(minutes=1)):
+    """Drive `sched` as beat would from `start` (its last run) until `end`: tick a
+    frozen clock, run when is_due() says so, and record the run as the last run."""
+    runs, last_run = [], start
+    with freeze_time(start) as clock:
+        while minicelery.utcnow() < end:
+            clock.tick(step)
+            if sched.is_due(last_run).is_due:
+                last_run = minicelery.utcnow()
+                runs.append(last_run)
+    return runs
+
+
+def exists(wall, tz):
+    """Whether the clocks in `tz` ever show the naive time `wall`."""
+    aware = wall.replace(tzinfo=tz)
+    return aware.astimezone(UTC).astimezone(tz).replace(tzinfo=None) == wall
+
+
+# -----------------------------------------------------------------------------
+# The crontab examples table of Celery's periodic-tasks guide
+# -----------------------------------------------------------------------------
+
+DOCS_ROWS = {
+    "crontab()": ((), {}),
+    "crontab(minute=0, hour=0)": ((), dict(minute=0, hour=0)),
+    "crontab(minute=0, hour='*/3')": ((), dict(minute=0, hour="*/3")),
+    "crontab(minute=0, hour='0,3,6,9,12,15,18,21')":
+        ((), dict(minute=0, hour="0,3,6,9,12,15,18,21")),
+    "crontab(minute='*/15')": ((), dict(minute="*/15")),
+    "crontab(day_of_week='sunday')": ((), dict(day_of_week="sunday")),
+    "crontab(minute='*', hour='*', day_of_week='sun')":
+        ((), dict(minute="*", hour="*", day_of_week="sun")),
+    "crontab(minute='*/10', hour='3,17,22', day_of_week='thu,fri')":
+        ((), dict(minute="*/10", hour="3,17,22", day_of_week="thu,fri")),
+    "crontab(minute=0, hour='*/2,*/3')": ((), dict(minute=0, hour="*/2,*/3")),
+    "crontab(minute=0, hour='*/5')": ((), dict(minute=0, hour="*/5")),
+    "crontab(minute=0, hour='*/3,8-17')": ((), dict(minute=0, hour="*/3,8-17")),
+    "crontab(0, 0, day_of_month='2')": ((0, 0), dict(day_of_month="2")),
+    "crontab(0, 0, day_of_month='2-30/2')": ((0, 0), dict(day_of_month="2-30/2")),
+    "crontab(0, 0, day_of_month='1-7,15-21')": ((0, 0), dict(day_of_month="1-7,15-21")),
+    "crontab(0, 0, day_of_month='11', month_of_year='5')":
+        ((0, 0), dict(day_of_month="11", month_of_year="5")),
+    "crontab(0, 0, month_of_year='*/3')": ((0, 0), dict(month_of_year="*/3")),
+}
+
+#: Start instants (UTC): on a slot, the eve of a leap day (with seconds), a
+#: Saturday night at the end of a year, and the day before the 11th of May.
+DOCS_STARTS = ["2024-01-01 00:00:00", "2024-02-28 23:59:30",
+               "2023-12-30 21:47:13", "2025-05-10 12:00:00"]
+
+#: For each row, the next 5 runs after each of DOCS_STARTS, per Celery 5.7.
+DOCS_TABLE = {
+    'crontab()': (
+        ['2024-01-01 00:01', '2024-01-01 00:02', '2024-01-01 00:03', '2024-01-01 00:04', '2024-01-01 00:05'],
+        ['2024-02-29 00:00', '2024-02-29 00:01', '2024-02-29 00:02', '2024-02-29 00:03', '2024-02-29 00:04'],
+        ['2023-12-30 21:48', '2023-12-30 21:49', '2023-12-30 21:50', '2023-12-30 21:51', '2023-12-30 21:52'],
+        ['2025-05-10 12:01', '2025-05-10 12:02', '2025-05-10 12:03', '2025-05-10 12:04', '2025-05-10 12:05'],
+    ),
+    'crontab(minute=0, hour=0)': (
+        ['2024-01-02 00:00', '2024-01-03 00:00', '2024-01-04 00:00', '2024-01-05 00:00', '2024-01-06 00:00'],
+        ['2024-02-29 00:00', '2024-03-01 00:00', '2024-03-02 00:00', '2024-03-03 00:00', '2024-03-04 00:00'],
+        ['2023-12-31 00:00', '2024-01-01 00:00', '2024-01-02 00:00', '2024-01-03 00:00', '2024-01-04 00:00'],
+        ['2025-05-11 00:00', '2025-05-12 00:00', '2025-05-13 00:00', '2025-05-14 00:00', '2025-05-15 00:00'],
+    ),
+    "crontab(minute=0, hour='*/3')": (
+        ['2024-01-01 03:00', '2024-01-01 06:00', '2024-01-01 09:00', '2024-01-01 12:00', '2024-01-01 15:00'],
+        ['2024-02-29 00:00', '2024-02-29 03:00', '2024-02-29 06:00', '2024-02-29 09:00', '2024-02-29 12:00'],
+        ['2023-12-31 00:00', '2023-12-31 03:00', '2023-12-31 06:00', '2023-12-31 09:00', '2023-12-31 12:00'],
+        ['2025-05-10 15:00', '2025-05-10 18:00', '2025-05-10 21:00', '2025-05-11 00:00', '2025-05-11 03:00'],
+    ),
+    "crontab(minute=0, hour='0,3,6,9,12,15,18,21')": (
+        ['2024-01-01 03:00', '2024-01-01 06:00', '2024-01-01 09:00', '2024-01-01 12:00', '2024-01-01 15:00'],
+        ['2024-02-29 00:00', '2024-02-29 03:00', '2024-02-29 06:00', '2024-02-29 09:00', '2024-02-29 12:00'],
+        ['2023-12-31 00:00', '2023-12-31 03:00', '2023-12-31 06:00', '2023-12-31 09:00', '2023-12-31 12:00'],
+        ['2025-05-10 15:00', '2025-05-10 18:00', '2025-05-10 21:00', '2025-05-11 00:00', '2025-05-11 03:00'],
+    ),
+    "crontab(minute='*/15')": (
+        ['2024-01-01 00:15', '2024-01-01 00:30', '2024-01-01 00:45', '2024-01-01 01:00', '2024-01-01 01:15'],
+        ['2024-02-29 00:00', '2024-02-29 00:15', '2024-02-29 00:30', '2024-02-29 00:45', '2024-02-29 01:00'],
+        ['2023-12-30 22:00', '2023-12-30 22:15', '2023-12-30 22:30', '2023-12-30 22:45', '2023-12-30 23:00'],
+        ['2025-05-10 12:15', '2025-05-10 12:30', '2025-05-10 12:45', '2025-05-10 13:00', '2025-05-10 13:15'],
+    ),
+    "crontab(day_of_week='sunday')": (
+        ['2024-01-07 00:00', '2024-01-07 00:01', '2024-01-07 00:02', '2024-01-07 00:03', '2024-01-07 00:04'],
+        ['2024-03-03 00:00', '2024-03-03 00:01', '2024-03-03 00:02', '2024-03-03 00:03', '2024-03-03 00:04'],
+        ['2023-12-31 00:00', '2023-12-31 00:01', '2023-12-31 00:02', '2023-12-31 00:03', '2023-12-31 00:04'],
+        ['2025-05-11 00:00', '2025-05-11 00:01', '2025-05-11 00:02', '2025-05-11 00:03', '2025-05-11 00:04'],
+    ),
+    "crontab(minute='*', hour='*', day_of_week='sun')": (
+        ['2024-01-07 00:00', '2024-01-07 00:01', '2024-01-07 00:02', '2024-01-07 00:03', '2024-01-07 00:04'],
+        ['2024-03-03 00:00', '2024-03-03 00:01', '2024-03-03 00:02', '2024-03-03 00:03', '2024-03-03 00:04'],
+        ['2023-12-31 00:00', '2023-12-31 00:01', '2023-12-31 00:02', '2023-12-31 00:03', '2023-12-31 00:04'],
+        ['2025-05-11 00:00', '2025-05-11 00:01', '2025-05-11 00:02', '2025-05-11 00:03', '2025-05-11 00:04'],
+    ),
+    "crontab(minute='*/10', hour='3,17,22', day_of_week='thu,fri')": (
+        ['2024-01-04 03:00', '2024-01-04 03:10', '2024-01-04 03:20', '2024-01-04 03:30', '2024-01-04 03:40'],
+        ['2024-02-29 03:00', '2024-02-29 03:10', '2024-02-29 03:20', '2024-02-29 03:30', '2024-02-29 03:40'],
+        ['2024-01-04 03:00', '2024-01-04 03:10', '2024-01-04 03:20', '2024-01-04 03:30', '2024-01-04 03:40'],
+        ['2025-05-15 03:00', '2025-05-15 03:10', '2025-05-15 03:20', '2025-05-15 03:30', '2025-05-15 03:40'],
+    ),
+    "crontab(minute=0, hour='*/2,*/3')": (
+        ['2024-01-01 02:00', '2024-01-01 03:00', '2024-01-01 04:00', '2024-01-01 06:00', '2024-01-01 08:00'],
+        ['2024-02-29 00:00', '2024-02-29 02:00', '2024-02-29 03:00', '2024-02-29 04:00', '2024-02-29 06:00'],
+        ['2023-12-30 22:00', '2023-12-31 00:00', '2023-12-31 02:00', '2023-12-31 03:00', '2023-12-31 04:00'],
+        ['2025-05-10 14:00', '2025-05-10 15:00', '2025-05-10 16:00', '2025-05-10 18:00', '2025-05-10 20:00'],
+    ),
+    "crontab(minute=0, hour='*/5')": (
+        ['2024-01-01 05:00', '2024-01-01 10:00', '2024-01-01 15:00', '2024-01-01 20:00', '2024-01-02 00:00'],
+        ['2024-02-29 00:00', '2024-02-29 05:00', '2024-02-29 10:00', '2024-02-29 15:00', '2024-02-29 20:00'],
+        ['2023-12-31 00:00', '2023-12-31 05:00', '2023-12-31 10:00', '2023-12-31 15:00', '2023-12-31 20:00'],
+        ['2025-05-10 15:00', '2025-05-10 20:00', '2025-05-11 00:00', '2025-05-11 05:00', '2025-05-11 10:00'],
+    ),
+    "crontab(minute=0, hour='*/3,8-17')": (
+        ['2024-01-01 03:00', '2024-01-01 06:00', '2024-01-01 08:00', '2024-01-01 09:00', '2024-01-01 10:00'],
+        ['2024-02-29 00:00', '2024-02-29 03:00', '2024-02-29 06:00', '2024-02-29 08:00', '2024-02-29 09:00'],
+        ['2023-12-31 00:00', '2023-12-31 03:00', '2023-12-31 06:00', '2023-12-31 08:00', '2023-12-31 09:00'],
+        ['2025-05-10 13:00', '2025-05-10 14:00', '2025-05-10 15:00', '2025-05-10 16:00', '2025-05-10 17:00'],
+    ),
+    "crontab(0, 0, day_of_month='2')": (
+        ['2024-01-02 00:00', '2024-02-02 00:00', '2024-03-02 00:00', '2024-04-02 00:00', '2024-05-02 00:00'],
+        ['2024-03-02 00:00', '2024-04-02 00:00', '2024-05-02 00:00', '2024-06-02 00:00', '2024-07-02 00:00'],
+        ['2024-01-02 00:00', '2024-02-02 00:00', '2024-03-02 00:00', '2024-04-02 00:00', '2024-05-02 00:00'],
+        ['2025-06-02 00:00', '2025-07-02 00:00', '2025-08-02 00:00', '2025-09-02 00:00', '2025-10-02 00:00'],
+    ),
+    "crontab(0, 0, day_of_month='2-30/2')": (
+        ['2024-01-02 00:00', '2024-01-04 00:00', '2024-01-06 00:00', '2024-01-08 00:00', '2024-01-10 00:00'],
+        ['2024-03-02 00:00', '2024-03-04 00:00', '2024-03-06 00:00', '2024-03-08 00:00', '2024-03-10 00:00'],
+        ['2024-01-02 00:00', '2024-01-04 00:00', '2024-01-06 00:00', '2024-01-08 00:00', '2024-01-10 00:00'],
+        ['2025-05-12 00:00', '2025-05-14 00:00', '2025-05-16 00:00', '2025-05-18 00:00', '2025-05-20 00:00'],
+    ),
+    "crontab(0, 0, day_of_month='1-7,15-21')": (
+        ['2024-01-02 00:00', '2024-01-03 00:00', '2024-01-04 00:00', '2024-01-05 00:00', '2024-01-06 00:00'],
+        ['2024-03-01 00:00', '2024-03-02 00:00', '2024-03-03 00:00', '2024-03-04 00:00', '2024-03-05 00:00'],
+        ['2024-01-01 00:00', '2024-01-02 00:00', '2024-01-03 00:00', '2024-01-04 00:00', '2024-01-05 00:00'],
+        ['2025-05-15 00:00', '2025-05-16 00:00', '2025-05-17 00:00', '2025-05-18 00:00', '2025-05-19 00:00'],
+    ),
+    "crontab(0, 0, day_of_month='11', month_of_year='5')": (
+        ['2024-05-11 00:00', '2025-05-11 00:00', '2026-05-11 00:00', '2027-05-11 00:00', '2028-05-11 00:00'],
+        ['2024-05-11 00:00', '2025-05-11 00:00', '2026-05-11 00:00', '2027-05-11 00:00', '2028-05-11 00:00'],
+        ['2024-05-11 00:00', '2025-05-11 00:00', '2026-05-11 00:00', '2027-05-11 00:00', '2028-05-11 00:00'],
+        ['2025-05-11 00:00', '2026-05-11 00:00', '2027-05-11 00:00', '2028-05-11 00:00', '2029-05-11 00:00'],
+    ),
+    "crontab(0, 0, month_of_year='*/3')": (
+        ['2024-01-02 00:00', '2024-01-03 00:00', '2024-01-04 00:00', '2024-01-05 00:00', '2024-01-06 00:00'],
+        ['2024-04-01 00:00', '2024-04-02 00:00', '2024-04-03 00:00', '2024-04-04 00:00', '2024-04-05 00:00'],
+        ['2024-01-01 00:00', '2024-01-02 00:00', '2024-01-03 00:00', '2024-01-04 00:00', '2024-01-05 00:00'],
+        ['2025-07-01 00:00', '2025-07-02 00:00', '2025-07-03 00:00', '2025-07-04 00:00', '2025-07-05 00:00'],
+    ),
+}
+
+
+@pytest.mark.parametrize("row", DOCS_ROWS)
+@pytest.mark.parametrize("start_index", range(len(DOCS_STARTS)))
+def test_beat_docs_table_matches_celery(row, start_index):
+    args, kwargs = DOCS_ROWS[row]
+    start = utc(DOCS_STARTS[start_index])
+    expected = DOCS_TABLE[row][start_index]
+    assert utc_minutes(next_runs(crontab(*args, **kwargs), start)) == expected
+
+
+@pytest.mark.parametrize("row", DOCS_ROWS)
+def test_beat_docs_table_through_is_due(row):
+    """The same runs come out of beat's view: is_due() with a frozen clock."""
+    args, kwargs = DOCS_ROWS[row]
+    start = utc(DOCS_STARTS[0])
+    first, second = (utc(t) for t in DOCS_TABLE[row][0][:2])
+    sched = crontab(*args, **kwargs)
+    assert sched.remaining_estimate(start, now=start) == first - start
+    with freeze_time(first - dt.timedelta(seconds=1)):
+        assert sched.is_due(start) == (False, 1.0)
+    with freeze_time(first):
+        assert sched.is_due(start) == (True, (second - first).total_seconds())
+
+
+def test_beat_both_day_fields_must_match():
+    """Celery ANDs day_of_week and day_of_month (cron(5) would OR them)."""
+    first_mondays = crontab(0, 0, day_of_week="mon", day_of_month="1-7")
+    assert utc_minutes(next_runs(first_mondays, utc("2024-01-01 12:00"))) == [
+        "2024-02-05 00:00", "2024-03-04 00:00", "2024-04-01 00:00",
+        "2024-05-06 00:00", "2024-06-03 00:00"]
+    friday_13th = crontab(0, 0, day_of_week="fri", day_of_month=13)
+    assert utc_minutes(next_runs(friday_13th, utc("2024-01-01 12:00"), 4)) == [
+        "2024-09-13 00:00", "2024-12-13 00:00", "2025-06-13 00:00", "2026-02-13 00:00"]
+
+
+# -----------------------------------------------------------------------------
+# Month ends and leap days (expected values agree with Celery 5.7)
+# -----------------------------------------------------------------------------
+
+def test_beat_31st_skips_30_day_months():
+    assert utc_minutes(next_runs(crontab(0, 0, day_of_month=31), utc("2024-04-01 00:00"))) == [
+        "2024-05-31 00:00", "2024-07-31 00:00", "2024-08-31 00:00",
+        "2024-10-31 00:00", "2024-12-31 00:00"]
+    in_q2 = crontab(0, 0, day_of_month=31, month_of_year="4,5,6")
+    assert utc_minutes(next_runs(in_q2, utc("2024-01-01 00:00"), 3)) == [
+        "2024-05-31 00:00", "2025-05-31 00:00", "2026-05-31 00:00"]
+
+
+@pytest.mark.parametrize("start, expected", [
+    ("2023-01-30 12:00", ["2023-01-31", "2023-03-29", "2023-03-30", "2023-03-31",
+                          "2023-04-29", "2023-04-30"]),
+    ("2024-01-30 12:00", ["2024-01-31", "2024-02-29", "2024-03-29", "2024-03-30",
+                          "2024-03-31", "2024-04-29"]),
+], ids=["non-leap", "leap"])
+def test_beat_late_days_in_february(start, expected):
+    runs = next_runs(crontab(0, 0, day_of_month="29-31"), utc(start), 6)
+    assert [r.strftime("%Y-%m-%d") for r in runs] == expected
+
+
+def test_beat_feb_29_only_in_leap_years():
+    leap_day = crontab(0, 0, day_of_month=29, month_of_year=2)
+    assert utc_minutes(next_runs(leap_day, utc("2023-01-01 00:00"))) == [
+        "2024-02-29 00:00", "2028-02-29 00:00", "2032-02-29 00:00",
+        "2036-02-29 00:00", "2040-02-29 00:00"]
+    # 2100 is not a leap year.
+    assert utc_minutes(next_runs(leap_day, utc("2097-01-01 00:00"), 2)) == [
+        "2104-02-29 00:00", "2108-02-29 00:00"]
+    on_a_monday = crontab(0, 0, day_of_week="mon", day_of_month=29, month_of_year=2)
+    assert utc_minutes(next_runs(on_a_monday, utc("2024-03-01 00:00"), 2)) == [
+        "2044-02-29 00:00", "2072-02-29 00:00"]
+
+
+def test_beat_feb_28_and_29():
+    end_of_feb = crontab(30, 12, day_of_month="28-29", month_of_year="feb")
+    assert utc_minutes(next_runs(end_of_feb, utc("2023-02-27 00:00"), 4)) == [
+        "2023-02-28 12:30", "2024-02-28 12:30", "2024-02-29 12:30", "2025-02-28 12:30"]
+
+
+# -----------------------------------------------------------------------------
+# Daylight saving time: every named wall-clock time runs exactly once
+# -----------------------------------------------------------------------------
+# Berlin 2024: clocks jump 02:00 -> 03:00 on 31 March, fall 03:00 -> 02:00 on 27 October.
+# New York 2024: 02:00 -> 03:00 on 10 March, 02:00 -> 01:00 on 3 November.
+
+DST_CASES = {
+    "berlin-spring-daily-0230": (BERLIN, dict(minute=30, hour=2), "2024-03-30 12:00", [
+        "2024-03-31T03:00+02:00",   # 02:30 doesn't exist: the first instant after the gap
+        "2024-04-01T02:30+02:00"]),
+    "berlin-fall-daily-0230": (BERLIN, dict(minute=30, hour=2), "2024-10-26 12:00", [
+        "2024-10-27T02:30+02:00",   # the first 02:30 only, not the one an hour later
+        "2024-10-28T02:30+01:00"]),
+    "new-york-spring-daily-0230": (NEW_YORK, dict(minute=30, hour=2), "2024-03-09 12:00", [
+        "2024-03-10T03:00-04:00",
+        "2024-03-11T02:30-04:00"]),
+    "new-york-fall-daily-0230": (NEW_YORK, dict(minute=30, hour=2), "2024-11-02 12:00", [
+        "2024-11-03T02:30-05:00",   # 02:30 happens once in New York
+        "2024-11-04T02:30-05:00"]),
+    "new-york-fall-daily-0130": (NEW_YORK, dict(minute=30, hour=1), "2024-11-02 12:00", [
+        "2024-11-03T01:30-04:00",   # 01:30 happens twice: the first one
+        "2024-11-04T01:30-05:00"]),
+    "berlin-spring-hourly-30": (BERLIN, dict(minute=30), "2024-03-30 22:00", [
+        "2024-03-30T23:30+01:00", "2024-03-31T00:30+01:00", "2024-03-31T01:30+01:00",
+        "2024-03-31T03:00+02:00",   # the skipped 02:30
+        "2024-03-31T03:30+02:00", "2024-03-31T04:30+02:00"]),
+    "berlin-spring-hourly-00": (BERLIN, dict(minute=0), "2024-03-30 21:30", [
+        "2024-03-30T23:00+01:00", "2024-03-31T00:00+01:00", "2024-03-31T01:00+01:00",
+        "2024-03-31T03:00+02:00",   # the skipped 02:00 and the real 03:00: one run
+        "2024-03-31T04:00+02:00"]),
+    "berlin-fall-hourly-30": (BERLIN, dict(minute=30), "2024-10-26 22:00", [
+        "2024-10-27T00:30+02:00", "2024-10-27T01:30+02:00", "2024-10-27T02:30+02:00",
+        "2024-10-27T03:30+01:00",   # not 02:30+01:00 again
+        "2024-10-27T04:30+01:00"]),
+    "new-york-spring-hourly-30": (NEW_YORK, dict(minute=30), "2024-03-10 05:00", [
+        "2024-03-10T00:30-05:00", "2024-03-10T01:30-05:00", "2024-03-10T03:00-04:00",
+        "2024-03-10T03:30-04:00", "2024-03-10T04:30-04:00"]),
+    "new-york-fall-hourly-30": (NEW_YORK, dict(minute=30), "2024-11-03 04:00", [
+        "2024-11-03T00:30-04:00", "2024-11-03T01:30-04:00",
+        "2024-11-03T02:30-05:00",   # not 01:30-05:00 again
+        "2024-11-03T03:30-05:00"]),
+}
+
+
+@pytest.mark.parametrize("case", DST_CASES)
+def test_beat_dst_next_run_after(case):
+    tz, fields, start, expected = DST_CASES[case]
+    runs = next_runs(crontab(**fields, tz=tz), utc(start), len(expected))
+    assert walls(runs, tz) == expected
+
+
+@pytest.mark.parametrize("case", DST_CASES)
+def test_beat_dst_as_beat_sees_it(case):
+    """Beat ticking every minute runs each expected time once and nothing else."""
+    tz, fields, start, expected = DST_CASES[case]
+    end = dt.datetime.fromisoformat(expected[-1]) + dt.timedelta(seconds=30)
+    runs = simulate(crontab(**fields, tz=tz), utc(start), end)
+    assert walls(runs, tz) == expected
+
+
+@pytest.mark.parametrize("tz", [BERLIN, NEW_YORK], ids=["berlin", "new-york"])
+@pytest.mark.parametrize("day", ["spring", "fall"])
+def test_beat_dst_hourly_no_double_no_skip(tz, day):
+    """Over a DST day, an hourly job runs once at each wall-clock :15 that exists,
+    never twice at the same one; on the spring day the skipped 02:15 runs at 03:00."""
+    date = {(BERLIN, "spring"): "2024-03-31", (BERLIN, "fall"): "2024-10-27",
+            (NEW_YORK, "spring"): "2024-03-10", (NEW_YORK, "fall"): "2024-11-03"}[tz, day]
+    midnight = dt.datetime.fromisoformat(date).replace(tzinfo=tz)
+    next_midnight = (midnight + dt.timedelta(days=1)).replace(tzinfo=tz)
+    runs = simulate(crontab(minute=15, tz=tz), midnight.astimezone(UTC), next_midnight)
+    minutes = [r.astimezone(tz).strftime("%H:%M") for r in runs]
+    existing = {f"{h:02}:15" for h in range(24)
+                if exists(midnight.replace(tzinfo=None, hour=h, minute=15), tz)}
+    assert len(minutes) == len(set(minutes))     # no wall-clock minute twice
+    assert existing <= set(minutes)              # no existing one skipped
+    if day == "spring":
+        assert len(existing) == 23 and set(minutes) - existing == {"03:00"}
+    else:
+        assert len(existing) == 24 and set(minutes) == existing
+
+
+def test_beat_last_run_in_the_repeated_hour():
+    """A last run during the second 02:xx of the fall-back night is later than the
+    first 02:30, so the next run is 03:30, not 02:30 again."""
+    second_0210 = dt.datetime(2024, 10, 27, 2, 10, tzinfo=BERLIN, fold=1)
+    run = crontab(minute=30, tz=BERLIN).next_run_after(second_0210)
+    assert walls([run], BERLIN) == ["2024-10-27T03:30+01:00"]
+    first_0210 = second_0210.replace(fold=0)
+    run = crontab(minute=30, tz=BERLIN).next_run_after(first_0210)
+    assert walls([run], BERLIN) == ["2024-10-27T02:30+02:00"]
+
+
+def test_beat_inputs_in_any_zone_or_naive():
+    sched = crontab(minute=0, hour=9, tz=BERLIN)
+    naive = dt.datetime(2024, 6, 1, 12, 0)                  # naive is UTC
+    in_tokyo = naive.replace(tzinfo=UTC).astimezone(ZoneInfo("Asia/Tokyo"))
+    expected = ["2024-06-02T09:00+02:00"]
+    assert walls([sched.next_run_after(naive)], BERLIN) == expected
+    assert walls([sched.next_run_after(in_tokyo)], BERLIN) == expected
+    assert sched.remaining_estimate(naive, now=naive) == dt.timedelta(hours=19)
+
+
+# -----------------------------------------------------------------------------
+# Parsing
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, spec, expected", [
+    ("minute", "*/15", {0, 15, 30, 45}),
+    ("minute", "1,13,30-45,50-59/2", {1, 13, *range(30, 46), 50, 52, 54, 56, 58}),
+    ("minute", "0-59/20", {0, 20, 40}),
+    ("minute", " 5 , 10 ", {5, 10}),
+    ("minute", {0, 30}, {0, 30}),
+    ("minute", range(0, 60, 20), {0, 20, 40}),
+    ("minute", 7, {7}),
+    ("hour", "0,8-17/2", {0, 8, 10, 12, 14, 16}),
+    ("hour", "*/3,8-17", {0, 3, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 21}),
+    ("hour", "*/2,*/3", set(range(24)) - {1, 5, 7, 11, 13, 17, 19, 23}),
+    ("hour", "22-2", {22, 23, 0, 1, 2}),
+    ("hour", [8, 17], {8, 17}),
+    ("day_of_week", "mon-fri", {1, 2, 3, 4, 5}),
+    ("day_of_week", "sunday", {0}),
+    ("day_of_week", "SUN", {0}),
+    ("day_of_week", "Thursday,fri", {4, 5}),
+    ("day_of_week", "fri-mon", {5, 6, 0, 1}),
+    ("day_of_week", "sat-sun", {6, 0}),
+    ("day_of_week", "*/2", {0, 2, 4, 6}),
+    ("day_of_week", "mon-fri/2", {1, 3, 5}),
+    ("day_of_week", 7, {0}),
+    ("day_of_week", "7", {0}),
+    ("day_of_week", "5-7", {5, 6, 0}),
+    ("day_of_week", "0-7", set(range(7))),
+    ("day_of_week", {0, 6}, {0, 6}),
+    ("day_of_month", "2-30/2", set(range(2, 31, 2))),
+    ("day_of_month", "*/3", {1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31}),
+    ("day_of_month", "1-7,15-21", {*range(1, 8), *range(15, 22)}),
+    ("month_of_year", "*/3", {1, 4, 7, 10}),
+    ("month_of_year", "2-12/2", {2, 4, 6, 8, 10, 12}),
+    ("month_of_year", "jan", {1}),
+    ("month_of_year", "January,MAR-may", {1, 3, 4, 5}),
+    ("month_of_year", "nov-feb", {11, 12, 1, 2}),
+    ("month_of_year", None, set(range(1, 13))),
+])
+def test_beat_field_syntax(field, spec, expected):
+    assert getattr(crontab(**{field: spec}), field) == expected
+
+
+def test_beat_defaults_are_every_minute():
+    every = crontab()
+    assert every.minute == set(range(60)) and every.hour == set(range(24))
+    assert every.day_of_week == set(range(7)) and every.day_of_month == set(range(1, 32))
+    assert every.month_of_year == set(range(1, 13)) and every.tz is None  # beat: the app's zone
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(minute="60"), "crontab minute '60' is out of range 0-59"),
+    (dict(minute="1-70"), "crontab minute '1-70': 70 is out of range 0-59"),
+    (dict(minute="*/0"), "crontab minute '*/0': the step in '*/0' must be 1 or more"),
+    (dict(minute="1-5/"), "crontab minute '1-5/'"),
+    (dict(minute="5/15"), "crontab minute '5/15'"),
+    (dict(minute="-1"), "crontab minute '-1'"),
+    (dict(minute="1,,2"), "crontab minute '1,,2'"),
+    (dict(minute=""), "crontab minute ''"),
+    (dict(minute=1.5), "crontab minute 1.5 is not an int"),
+    (dict(minute=["1"]), "crontab minute ['1'] is not an int"),
+    (dict(minute=[]), "crontab minute [] matches nothing"),
+    (dict(minute=[0, 60]), "crontab minute [0, 60]: 60 is out of range 0-59"),
+    (dict(hour="25"), "crontab hour '25' is out of range 0-23"),
+    (dict(hour=24), "crontab hour 24 is out of range 0-23"),
+    (dict(hour="22-25"), "crontab hour '22-25': 25 is out of range 0-23"),
+    (dict(hour="mon"), "crontab hour 'mon': 'mon' is not a number"),
+    (dict(day_of_week="funday"), "crontab day_of_week 'funday': 'funday' is not a number "
+                                 "or one of sun, mon, tue, wed, thu, fri, sat"),
+    (dict(day_of_week=8), "crontab day_of_week 8 is out of range 0-7"),
+    (dict(day_of_week="mon-8"), "crontab day_of_week 'mon-8': 8 is out of range 0-7"),
+    (dict(day_of_week="jan"), "crontab day_of_week 'jan': 'jan' is not a number"),
+    (dict(day_of_month="0"), "crontab day_of_month '0' is out of range 1-31"),
+    (dict(day_of_month="32"), "crontab day_of_month '32' is out of range 1-31"),
+    (dict(day_of_month="L"), "crontab day_of_month 'L': 'L' is not a number"),
+    (dict(month_of_year="13"), "crontab month_of_year '13' is out of range 1-12"),
+    (dict(month_of_year="0"), "crontab month_of_year '0' is out of range 1-12"),
+    (dict(month_of_year="foo"), "crontab month_of_year 'foo': 'foo' is not a number "
+                                "or one of jan, feb"),
+    (dict(day_of_month=30, month_of_year=2),
+     "crontab day_of_month 30 never occurs in month_of_year 2"),
+    (dict(day_of_month=31, month_of_year="apr,jun,sep,nov"),
+     "crontab day_of_month 31 never occurs in month_of_year 'apr,jun,sep,nov'"),
+    (dict(tz="Europe/Berlin"), "crontab tz must be a tzinfo such as zoneinfo.ZoneInfo"),
+])
+def test_beat_invalid_expressions_name_the_field_and_value(kwargs, message):
+    with pytest.raises(ImproperlyConfigured) as error:
+        crontab(**kwargs)
+    assert str(error.value).startswith(message)
+
+
+def test_beat_from_string_uses_cron_field_order():
+    assert crontab.from_string("*/15 8-17 1 jan-mar mon-fri") == crontab(
+        minute="*/15", hour="8-17", day_of_month=1, month_of_year="1-3", day_of_week="1-5")
+    with pytest.raises(ImproperlyConfigured, match="has 4 fields, not 5"):
+        crontab.from_string("* * * *")
+
+
+def test_beat_equality_and_repr():
+    assert crontab(minute="0,30") == crontab(minute=[30, 0])
+    assert crontab(day_of_week=7) == crontab(day_of_week="sun")
+    assert crontab(minute=0) != crontab(minute=0, tz=BERLIN)
+    assert repr(crontab(0, "*/3", tz=BERLIN)) == "<crontab: 0 */3 * * * (m/h/dM/MY/d) Europe/Berlin>"
+    assert schedule(30) == schedule(dt.timedelta(seconds=30))
+    assert repr(schedule(1.5)) == "<freq: 1.5 seconds>"
+
+
+# -----------------------------------------------------------------------------
+# is_due and remaining_estimate
+# -----------------------------------------------------------------------------
+
+@freeze_time("2024-01-01 12:00:00")
+def test_beat_interval_is_due_and_remaining():
+    every_30s = schedule(30)
+    now = utc("2024-01-01 12:00:00")
+    assert every_30s.seconds == 30
+    assert every_30s.remaining_estimate(now - dt.timedelta(seconds=10)) == dt.timedelta(seconds=20)
+    state = every_30s.is_due(now - dt.timedelta(seconds=10))
+    assert state == (False, 20.0) and state.is_due is False and state.next == 20.0
+    assert every_30s.is_due(now - dt.timedelta(seconds=30)) == (True, 30.0)
+    assert every_30s.is_due(now - dt.timedelta(seconds=45)) == (True, 30.0)
+    # naive last_run_at is UTC; an explicit now wins over the clock
+    assert every_30s.is_due(dt.datetime(2024, 1, 1, 11, 59, 50)) == (False, 20.0)
+    assert every_30s.is_due(now, now=now + dt.timedelta(seconds=31)) == (True, 30.0)
+
+
+def test_beat_interval_with_a_ticking_clock():
+    every_5m = schedule(dt.timedelta(minutes=5))
+    assert every_5m.seconds == 300
+    with freeze_time("2024-01-01 12:00:00") as clock:
+        last_run = minicelery.utcnow()
+        clock.tick(299)
+        assert every_5m.is_due(last_run) == (False, 1.0)
+        clock.tick(1)
+        assert every_5m.is_due(last_run) == (True, 300.0)
+
+
+def test_beat_interval_is_elapsed_time_across_dst():
+    """A 1-hour interval on Berlin's 23-hour spring-forward day runs 23 times."""
+    start = dt.datetime(2024, 3, 31, tzinfo=BERLIN).astimezone(UTC)
+    runs = simulate(schedule(3600), start, start + dt.timedelta(hours=23))
+    assert len(runs) == 23
+    assert {b - a for a, b in zip(runs, runs[1:])} == {dt.timedelta(hours=1)}
+
+
+@pytest.mark.parametrize("run_every", ["30", None, True, [30]])
+def test_beat_interval_rejects_other_values(run_every):
+    with pytest.raises(ImproperlyConfigured, match="schedule run_every must be seconds or a timedelta"):
+        schedule(run_every)
+
+
+def test_beat_interval_missed_many_slots_is_due_once():
+    every_30s = schedule(30)
+    with freeze_time("2024-01-05 12:00:00"):
+        last_run = utc("2024-01-01 00:00:00")      # thousands of slots ago
+        assert every_30s.is_due(last_run) == (True, 30.0)
+        last_run = minicelery.utcnow()              # beat ran it and recorded now
+        assert every_30s.is_due(last_run) == (False, 30.0)
+
+
+def test_beat_crontab_missed_many_slots_is_due_once():
+    quarter_hours = crontab(minute="*/15")
+    with freeze_time("2024-01-05 10:07:30"):
+        last_run = utc("2024-01-02 10:00:00")      # ~300 runs missed
+        assert quarter_hours.remaining_estimate(last_run) < dt.timedelta(days=-2)
+        assert quarter_hours.is_due(last_run) == (True, 450.0)   # next: 10:15
+        assert quarter_hours.is_due(minicelery.utcnow()) == (False, 450.0)
+
+
+def test_beat_crontab_missed_runs_as_beat_sees_it():
+    """Beat down for a day, then ticking: one catch-up run, then back on schedule."""
+    daily = crontab(minute=0, hour=6)
+    runs, last_run = [], utc("2024-01-01 06:00")
+    with freeze_time("2024-01-03 12:00:00") as clock:
+        for _ in range(24 * 60):
+            if daily.is_due(last_run).is_due:
+                last_run = minicelery.utcnow()
+                runs.append(last_run)
+            clock.tick(60)
+    assert utc_minutes(runs) == ["2024-01-03 12:00", "2024-01-04 06:00"]
+
+
+def test_beat_crontab_is_due_next_is_seconds_to_the_run_after_now():
+    hourly = crontab(minute=0)
+    last = utc("2024-01-01 09:00")
+    assert hourly.is_due(last, now=utc("2024-01-01 09:59:00")) == (False, 60.0)
+    assert hourly.is_due(last, now=utc("2024-01-01 10:00:00")) == (True, 3600.0)
+    assert hourly.is_due(last, now=utc("2024-01-01 10:20:30")) == (True, 2370.0)
+
+
+def test_beat_next_run_after_is_strictly_after():
+    every_minute = crontab()
+    assert every_minute.next_run_after(utc("2024-01-01 10:00:00")) == utc("2024-01-01 10:01")
+    assert every_minute.next_run_after(utc("2024-01-01 09:59:59.999")) == utc("2024-01-01 10:00")
+
+
+@pytest.mark.parametrize("fields", [
+    dict(minute="*/7", hour="*/5", day_of_week="mon-wed,sat"),
+    dict(minute="13,47", hour="22-2", day_of_month="1-3,28-31"),
+    dict(minute=59, hour=23, day_of_week="sun", day_of_month="*/2"),
+])
+def test_beat_agrees_with_a_brute_force_minute_scan(fields):
+    """Every minute of 9 days, checked by hand against the fields."""
+    sched = crontab(**fields)
+    t, expected = utc("2024-02-25 00:00"), []
+    while t < utc("2024-03-05 00:00"):
+        if (t.minute in sched.minute and t.hour in sched.hour
+                and t.isoweekday() % 7 in sched.day_of_week
+                and t.day in sched.day_of_month and t.month in sched.month_of_year):
+            expected.append(t)
+        t += dt.timedelta(minutes=1)
+    assert next_runs(sched, utc("2024-02-24 23:59:59"), len(expected)) == expected
+
+
+# -----------------------------------------------------------------------------
+# maybe_schedule
+# -----------------------------------------------------------------------------
+
+def test_beat_maybe_schedule():
+    assert maybe_schedule(10) == schedule(10)
+    assert maybe_schedule(0.5).seconds == 0.5
+    assert maybe_schedule(dt.timedelta(hours=1)).seconds == 3600
+    cron, every = crontab(minute=0), schedule(5)
+    assert maybe_schedule(cron) is cron and maybe_schedule(every) is every
+
+    class Sunrise:
+        def is_due(self, last_run_at, now=None):
+            return minicelery.schedstate(False, 60.0)
+
+    own = Sunrise()
+    assert maybe_schedule(own) is own
+
+
+@pytest.mark.parametrize("value", ["*/5 * * * *", None, True, {"minute": 0}])
+def test_beat_maybe_schedule_rejects_other_values(value):
+    with pytest.raises(ImproperlyConfigured, match="a beat schedule must be seconds, a timedelta"):
+        maybe_schedule(value)
+
+
+# --- §11 Beat: running ---------------------------------------------------------
+
+def stamps(path):
+    return [float(line) for line in open(path)] if os.path.exists(path) else []
+
+
+@contextlib.contextmanager
+def beat_process(app, tmp_path, name="beat", **options):
+    """`Beat(app, **options).run()` in a forked process, logging to a file."""
+    log_path = tmp_path / f"{name}.log"
+    log_path.touch()
+    pid_ = os.fork()
+    if pid_ == 0:
+        code = 1
+        try:
+            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+            os.dup2(fd, 2)
+            sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+            app.after_fork()
+            minicelery.setup_logging("INFO")
+            Beat(app, **options).run()
+            code = 0
+        finally:
+            os._exit(code)
+    handle = WorkerProcess(pid_, log_path)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def test_beat_tick_sends_due_entries_and_resumes(tmp_path):
+    app_ = Celery("beaty", broker=f"memory://{tmp_path}", set_as_current=False)
+    ping = app_.task(name="beaty.ping")(lambda x: x)
+    calls = []
+
+    @app_.on_after_configure.connect
+    def setup_periodic_tasks(sender, **kwargs):
+        calls.append("configure")
+        sender.add_periodic_task(10.0, ping.s("hi"), name="ping every 10s", expires=10)
+
+    @app_.on_after_finalize.connect
+    def finalized(sender, **kwargs):
+        calls.append("finalize")
+
+    app_.conf.beat_schedule = {"daily": {"task": "beaty.ping", "schedule": crontab(minute=0, hour=7),
+                                         "args": (1,)}}
+    state = str(tmp_path / "state.json")
+    start = dt.datetime(2026, 3, 1, 6, 59, 55, tzinfo=dt.timezone.utc)
+    beat = Beat(app_, schedule_filename=state, lease_ttl=30)  # renewing every 10 s
+    beat.setup(now=start)
+    assert calls == ["configure", "finalize"]
+    assert beat.tick(start) == pytest.approx(5.0)  # the 07:00 run is next
+    assert app_.broker.size("celery") == 0
+    beat.tick(start + dt.timedelta(seconds=10))  # both due
+    assert app_.broker.size("celery") == 2
+    entry = beat.entries["ping every 10s"]
+    [delivery] = [d for d in app_.broker.reserve(["celery"], 2, 0)
+                  if minicelery.decode_message(d.raw).headers["expires"]]
+    assert entry.total_run_count == 1 and entry.options == {"expires": 10}
+    # A restart an hour later: each overdue entry runs once, not once per missed slot.
+    restarted = Beat(app_, schedule_filename=state)
+    restarted.token = beat.token  # the same lease holder, as after a quick restart
+    restarted.setup(now=start + dt.timedelta(hours=1))
+    assert restarted.entries["daily"].last_run_at == start + dt.timedelta(seconds=10)
+    restarted.tick(start + dt.timedelta(days=1, seconds=30))
+    assert app_.broker.size("celery") == 2
+    assert json.load(open(state))["entries"]["daily"]["total_run_count"] == 2
+
+
+def test_beat_bad_entries_are_clear_errors(tmp_path):
+    app_ = Celery("beaty", broker=f"memory://{tmp_path}", set_as_current=False)
+    app_.conf.beat_schedule = {"broken": {"task": "x", "schedule": "every minute"}}
+    with pytest.raises(ImproperlyConfigured, match="a beat schedule must be seconds"):
+        Beat(app_, schedule_filename=str(tmp_path / "s.json")).setup()
+    app_.conf.beat_schedule = {"no-task": {"schedule": 5}}
+    with pytest.raises(ImproperlyConfigured, match="'no-task' needs 'task' and 'schedule'"):
+        Beat(app_, schedule_filename=str(tmp_path / "s.json")).setup()
+
+
+def test_beat_every_second_on_time_and_restart_without_duplicates(app, tmp_path):
+    out = str(tmp_path / "stamps")
+    app.conf.beat_schedule = {"stamp": {"task": "test_minicelery.stamp", "schedule": 1.0, "args": (out,)}}
+    state = str(tmp_path / "beat-state.json")
+    with worker(app, tmp_path):
+        with beat_process(app, tmp_path, schedule_filename=state, lease_ttl=2) as beat:
+            wait_until(lambda: len(stamps(out)) >= 4, what="four runs")
+            beat.wait_for_log("beat: leading")
+        first = len(stamps(out))
+        with beat_process(app, tmp_path, name="beat2", schedule_filename=state, lease_ttl=2):
+            wait_until(lambda: len(stamps(out)) >= first + 3, what="three more runs")
+    runs = stamps(out)
+    gaps = [b - a for a, b in zip(runs, runs[1:])]
+    assert all(0.6 < gap < 1.6 for gap in gaps), gaps  # on time, and no duplicate after the restart
+
+
+def test_beat_second_beat_stands_by_until_the_leader_dies(app, tmp_path):
+    out = str(tmp_path / "stamps")
+    app.conf.beat_schedule = {"stamp": {"task": "test_minicelery.stamp", "schedule": 1.0, "args": (out,)}}
+    with worker(app, tmp_path):
+        with beat_process(app, tmp_path, name="leader", schedule_filename=str(tmp_path / "a.json"),
+                          lease_ttl=2) as leader:
+            leader.wait_for_log("beat: leading")
+            with beat_process(app, tmp_path, name="standby", schedule_filename=str(tmp_path / "b.json"),
+                              lease_ttl=2) as standby:
+                standby.wait_for_log("standing by")
+                before = len(stamps(out))
+                wait_until(lambda: len(stamps(out)) >= before + 3, what="runs while both are up")
+                assert "Sending due task" not in standby.log()
+                leader.stop(signal.SIGKILL)
+                standby.wait_for_log("beat: leading", timeout=10)
+                taken_over = len(stamps(out))
+                wait_until(lambda: len(stamps(out)) >= taken_over + 2, what="runs after the takeover")
+    runs = stamps(out)
+    assert all(b - a > 0.6 for a, b in zip(runs, runs[1:]))  # never two beats sending
+
+
 # --- §10 Command line ------------------------------------------------------------
 
 def _cli(*args, env=None, **kwargs):
@@ -1960,3 +2693,28 @@ def test_interop_canvas_from_real_celery_runs_on_minicelery(app, celery_app, tmp
         body = AsyncResult(failing.id, app=app)
         wait_until(body.ready, what="the chord body's state")
         assert isinstance(body.result, ChordError) and "chordfail" in str(body.result)
+
+
+def test_cli_beat_and_worker_minus_b(app, tmp_path):
+    env = {"MINICELERY_BROKER_URL": app.conf.broker_url,
+           "MINICELERY_RESULT_BACKEND": app.conf.result_backend, "TEST_BEAT_STAMPS": str(tmp_path / "cli")}
+    proc = subprocess.Popen([sys.executable, "-m", "minicelery", "worker", "test_minicelery", "-B", "-P", "solo"],
+                            cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=HERE, **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: len(stamps(env["TEST_BEAT_STAMPS"])) >= 2, timeout=20, what="runs from worker -B")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=20)[0]
+    assert proc.returncode == 0 and "minicelery beat v" in output and "beat: leading" in output
+    app.broker.purge("celery")  # what worker -B's beat sent after the worker stopped
+    beat = subprocess.Popen([sys.executable, "-m", "minicelery", "beat", "-A", "test_minicelery", "-s",
+                             str(tmp_path / "cli-beat.json"), "--max-interval", "1"],
+                            cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=HERE, **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: app.broker.size("celery") >= 1, timeout=20, what="a message from beat")
+    finally:
+        beat.send_signal(signal.SIGTERM)
+        output = beat.communicate(timeout=20)[0]
+    assert beat.returncode == 0 and ". maxinterval -> 1s" in output
