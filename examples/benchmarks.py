@@ -3,6 +3,7 @@
     python3 examples/benchmarks.py throughput [--tasks 5000]
     python3 examples/benchmarks.py eta-lateness [--tasks 200]
     python3 examples/benchmarks.py eta-memory [--tasks 100000]
+    python3 examples/benchmarks.py beat-drift [--tasks 60]
 
 Each run starts its own redis-server on a unix socket, then for each system a
 worker (`python -m minicelery ...` or `celery ...`, prefork, 2 processes) and
@@ -35,6 +36,17 @@ def noop(i):
     return i
 
 
+@app.task(name="bench.stamp", ignore_result=True)
+def stamp(path):
+    with open(path, "a") as f:
+        f.write(f"{time.time()!r}\n")
+
+
+STAMPS = os.environ.get("BENCH_STAMPS")
+if STAMPS:  # beat-drift: one entry, every second
+    app.conf.beat_schedule = {"stamp": {"task": "bench.stamp", "schedule": 1.0, "args": (STAMPS,)}}
+
+
 @app.task(name="bench.lateness")
 def lateness(eta_timestamp):
     return time.time() - eta_timestamp
@@ -47,6 +59,8 @@ try:
     celery_app.conf.broker_connection_retry_on_startup = True
     celery_app.task(name="bench.lateness")(lateness.run)
     celery_app.task(name="bench.noop")(noop.run)
+    celery_app.task(name="bench.stamp", ignore_result=True)(stamp.run)
+    celery_app.conf.beat_schedule = app.conf.beat_schedule
 except ImportError:
     celery = celery_app = None
 
@@ -129,6 +143,40 @@ def throughput(count):
         print(f"{system:<11} {broker:<7} {n:>6} {seconds:>8.2f} {rate:>8.0f}")
 
 
+def beat_drift(count):
+    """Runs of a 1-second beat entry: how far the last of `count` intervals drifted."""
+    rows = []
+    for system in systems():
+        with tempfile.TemporaryDirectory() as directory:
+            redis_proc, sock = start_redis(directory)
+            path = os.path.join(directory, "stamps")
+            os.environ["BENCH_STAMPS"] = path
+            worker = start_worker(system, sock, directory, settle=0)
+            env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), MINICELERY_BROKER_URL=f"unix://{sock}",
+                       BENCH_CELERY_BROKER=f"redis+socket://{sock}")
+            argv = ([sys.executable, "-m", "minicelery", "-A", "benchmarks:app", "beat"] if system == "minicelery"
+                    else [sys.executable, "-m", "celery", "-A", "benchmarks:celery_app", "beat"])
+            beat = subprocess.Popen(argv + ["-s", os.path.join(directory, "beat-state"), "-l", "warning"],
+                                    cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            try:
+                deadline = time.monotonic() + count + 60
+                while time.monotonic() < deadline:
+                    runs = [float(x) for x in open(path)] if os.path.exists(path) else []
+                    if len(runs) > count:
+                        break
+                    time.sleep(0.5)
+            finally:
+                stop(beat)
+                stop(worker)
+                redis_proc.kill()
+            runs = runs[:count + 1]
+            gaps = [b - a for a, b in zip(runs, runs[1:])]
+            rows.append((system, len(gaps), (runs[-1] - runs[0]) - len(gaps), min(gaps), max(gaps)))
+    print(f"{'system':<11} {'intervals':>9} {'drift ms':>9} {'min gap s':>10} {'max gap s':>10}")
+    for system, n, drift, shortest, longest in rows:
+        print(f"{system:<11} {n:>9} {drift * 1000:>9.1f} {shortest:>10.4f} {longest:>10.4f}")
+
+
 def systems():
     return ["minicelery"] + (["celery"] if celery_app is not None else [])
 
@@ -196,13 +244,15 @@ def eta_memory(count):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=["throughput", "eta-lateness", "eta-memory"])
+    parser.add_argument("benchmark", choices=["throughput", "eta-lateness", "eta-memory", "beat-drift"])
     parser.add_argument("--tasks", type=int)
     args = parser.parse_args()
     if args.benchmark == "throughput":
         throughput(args.tasks or 5000)
     elif args.benchmark == "eta-lateness":
         eta_lateness(args.tasks or 200)
+    elif args.benchmark == "beat-drift":
+        beat_drift(args.tasks or 60)
     else:
         eta_memory(args.tasks or 100000)
 
