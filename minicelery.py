@@ -54,6 +54,7 @@ import difflib
 import fnmatch
 import heapq
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -78,7 +79,7 @@ __all__ = [
     "Signature", "signature", "subtask", "chain", "group", "chord", "ChordError",
     "crontab", "schedule", "Beat",
     "MiniCeleryError", "ImproperlyConfigured", "NotRegistered", "EncodeError",
-    "DecodeError", "ContentDisallowed", "ResultTimeout", "TaskRevokedError",
+    "DecodeError", "ContentDisallowed", "OperationalError", "ResultTimeout", "TaskRevokedError",
     "WorkerLostError", "TimeLimitExceeded", "SoftTimeLimitExceeded",
     "MaxRetriesExceededError", "Retry", "Reject", "Ignore",
     "PENDING", "RECEIVED", "STARTED", "SUCCESS", "FAILURE", "RETRY", "REVOKED",
@@ -98,6 +99,7 @@ __all__ = [
 #    ├── NotRegistered (KeyError)    no task by that name
 #    ├── EncodeError / DecodeError   a value that can't cross the wire
 #    │    └── ContentDisallowed      a content type not in accept_content
+#    ├── OperationalError            the broker stayed unreachable while sending
 #    ├── ResultTimeout (TimeoutError) get() waited too long
 #    ├── TaskRevokedError            the task was revoked or expired
 #    ├── WorkerLostError             the child running the task died
@@ -134,6 +136,11 @@ class DecodeError(MiniCeleryError):
 
 class ContentDisallowed(DecodeError):
     """Raised when a message's content type is not in accept_content."""
+
+
+class OperationalError(MiniCeleryError):
+    """Raised by delay()/apply_async() when the broker stayed unreachable: nothing was sent."""
+    celery_module = "kombu.exceptions"
 
 
 class ResultTimeout(MiniCeleryError, TimeoutError):
@@ -562,10 +569,12 @@ class Message:
     def priority(self):
         return clamp_priority(self.properties.get("priority"))
 
-    def decode_body(self, accept):
+    def decode_body(self, accept, max_size=None):
         """Fill args, kwargs and embed; raises DecodeError for a bad body or header."""
         if not self.content_type:
             raise DecodeError("the message has no content-type")
+        if max_size and len(self.body) > max_size:
+            raise DecodeError(f"the body has {len(self.body)} bytes, over worker_max_message_size ({max_size})")
         try:
             self.eta, self.expires  # parse them now, where a bad one is just a bad message
         except (ValueError, TypeError, AttributeError) as exc:
@@ -1492,19 +1501,34 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 
 
 class RedisBackend(ResultBackend):
-    """Celery's Redis result backend: SETEX + PUBLISH, waiting on pub/sub."""
+    """Celery's Redis result backend: SETEX + PUBLISH, waiting on pub/sub.
+
+    Reads and writes ride out a Redis restart: they retry for about half a
+    minute before giving up (Celery: result_backend_always_retry).
+    """
 
     def __init__(self, app, url):
         super().__init__(app, url)
+        redis = _import_redis()
+        self.connection_errors = (redis.ConnectionError, redis.TimeoutError)
         self.client = redis_client(url)
         self._store_script = self.client.register_script(_STORE_RESULT_LUA)
         self._chord_script = self.client.register_script(_CHORD_PART_LUA)
 
+    def _retrying(self, operation, *args, attempts=20):
+        for attempt in range(attempts):
+            try:
+                return operation(*args)
+            except self.connection_errors:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(min(0.05 * 2 ** attempt, 2.0))
+
     def _set(self, key, data):
-        self._store_script(keys=[key], args=[data, self.expires])
+        self._retrying(lambda: self._store_script(keys=[key], args=[data, self.expires]))
 
     def _get(self, key):
-        return self.client.get(key)
+        return self._retrying(self.client.get, key)
 
     def forget(self, task_id):
         self.client.delete(self.key_for(task_id))
@@ -1540,13 +1564,17 @@ class RedisBackend(ResultBackend):
         deadline = None if timeout is None else time.monotonic() + timeout
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
-            pubsub.subscribe(key)
+            self._retrying(pubsub.subscribe, key)
             meta = self.get_meta(task_id)
             while meta["status"] not in READY_STATES:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise ResultTimeout(f"task {task_id} not ready after {timeout}s")
-                message = pubsub.get_message(timeout=min(left if left is not None else 1.0, 1.0))
+                try:
+                    message = pubsub.get_message(timeout=min(left if left is not None else 1.0, 1.0))
+                except self.connection_errors:  # Redis went away: redis-py resubscribes on reconnect
+                    message = None
+                    time.sleep(0.1)
                 # A silent second re-reads the key: covers a reconnect that dropped a message.
                 meta = self.decode(message["data"]) if message else self.get_meta(task_id)
             return meta
@@ -1921,10 +1949,15 @@ class Task:
         """Raise TypeError at the call site when the arguments can't fit the function."""
         if not self.typing:
             return
-        import inspect
-        try:
-            signature = inspect.signature(type(self).run)
-        except (TypeError, ValueError):
+        cls = type(self)
+        if "_signature" not in cls.__dict__:  # once per task type: it is checked per message too
+            import inspect
+            try:
+                cls._signature = inspect.signature(cls.run)
+            except (TypeError, ValueError):
+                cls._signature = None
+        signature = cls._signature
+        if signature is None:
             return
         # A plain @app.task function is a staticmethod; bound ones and
         # hand-written run() methods take the task as their first argument.
@@ -2600,6 +2633,10 @@ class Config:
     #: run tasks inline on delay()/apply_async(); for tests
     task_always_eager: bool = False
     task_eager_propagates: bool = False
+    #: retry sending while the broker is unreachable, by task_publish_retry_policy:
+    #: {'max_retries': 3 (None: forever), 'interval_start': 0, 'interval_step': 0.2, 'interval_max': 0.2}
+    task_publish_retry: bool = True
+    task_publish_retry_policy: dict | None = None
     task_time_limit: int | float | None = None
     task_soft_time_limit: int | float | None = None
     #: rate limit for tasks that set none, like '10/s'
@@ -2610,6 +2647,8 @@ class Config:
     worker_concurrency: int | None = None
     #: messages reserved per pool process
     worker_prefetch_multiplier: int = 4
+    #: minicelery's own: a message body larger than this many bytes is refused (dead letter)
+    worker_max_message_size: int = 64 * 1024 * 1024
     worker_max_tasks_per_child: int | None = None
     timezone: str | None = None
     enable_utc: bool = True
@@ -2929,7 +2968,7 @@ class Celery:
             message_headers, body, content_type, queue, priority=clamp_priority(priority or 0),
             compression=compression_header,
             expires_in=(expires_at - now).total_seconds() if expires_at else None)
-        self.broker.publish(queue, envelope, clamp_priority(priority or 0))
+        self._publish(queue, envelope, clamp_priority(priority or 0), f"{name}[{task_id}]")
         return AsyncResult(task_id, app=self, task_name=name)
 
     @property
@@ -2944,6 +2983,25 @@ class Celery:
         if self.conf.enable_utc:
             return dt.timezone.utc
         return dt.datetime.now().astimezone().tzinfo
+
+    def _publish(self, queue, envelope, priority, what):
+        """Publish, retrying while the broker is unreachable (task_publish_retry_policy).
+
+        Raises OperationalError once the retries are used up: an id is returned
+        only for a message the broker took.
+        """
+        policy = dict(max_retries=3, interval_start=0, interval_step=0.2, interval_max=0.2)
+        policy.update(self.conf.task_publish_retry_policy or {})
+        retries = policy["max_retries"] if self.conf.task_publish_retry else 0
+        for attempt in itertools.count():
+            try:
+                return self.broker.publish(queue, envelope, priority)
+            except self.broker.connection_errors as exc:
+                if retries is not None and attempt >= retries:
+                    raise OperationalError(f"could not send {what}: the broker is unreachable "
+                                           f"after {attempt} retries ({exc!r}); nothing was sent") from exc
+                time.sleep(min(policy["interval_start"] + attempt * policy["interval_step"],
+                               policy["interval_max"]))
 
     @property
     def tz(self):
@@ -3512,9 +3570,10 @@ class Consumer:
                           f"{message.task_name!r}. The message has been ignored and discarded.{hint}", exc)
             return None
         try:
-            message.decode_body(self.accept)
-        except DecodeError as exc:
-            self._discard(delivery, message, f"can't decode task {message.describe()}: {exc}", exc)
+            message.decode_body(self.accept, self.app.conf.worker_max_message_size)
+            self.app.tasks[message.task_name].check_arguments(message.args, message.kwargs)
+        except (DecodeError, TypeError) as exc:
+            self._discard(delivery, message, f"can't run task {message.describe()}: {exc}", exc)
             return None
         return message
 
@@ -4173,15 +4232,18 @@ class Beat:
         now = now or utcnow()
         sleep = self.max_interval
         for entry in self.entries.values():
-            due, next_check = entry.schedule.is_due(entry.last_run_at, now)
-            if due:
+            if entry.schedule.is_due(entry.last_run_at, now).is_due:
                 self.send(entry, now)
-            sleep = min(sleep, next_check)
+            sleep = min(sleep, entry.schedule.remaining_estimate(entry.last_run_at, now).total_seconds())
         return max(min(sleep, self.lease_ttl / 3), 0.0)
 
     def send(self, entry, now):
         beat_logger.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
-        entry.last_run_at, entry.total_run_count = now, entry.total_run_count + 1
+        # Count the run from when it was due, so lateness doesn't add up run after run;
+        # from now if that would make it due again at once (runs missed are not made up).
+        due_at = now + entry.schedule.remaining_estimate(entry.last_run_at, now)
+        entry.last_run_at = now if entry.schedule.is_due(due_at, now).is_due else due_at
+        entry.total_run_count += 1
         self._save_state()  # before sending: a crash in between skips a run rather than doubling it
         try:
             self.app.send_task(entry.task, entry.args, entry.kwargs, **entry.options)
