@@ -795,9 +795,7 @@ def _queue_of_key(key: str):
 # Moves up to ARGV[1] messages from the queue lists (KEYS[5:]) into unacked
 # (KEYS[1]) and unacked_index (KEYS[2]), atomically, so that a worker dying
 # between "pop" and "remember" can't lose a message. First it moves parked ETA
-# messages (KEYS[3], KEYS[4]) due before ARGV[3] back to their queues. With
-# ARGV[4] set, it records that message, already popped by a BRPOP from list
-# ARGV[5]. A message
+# messages (KEYS[3], KEYS[4]) due before ARGV[3] back to their queues. A message
 # without a delivery_tag (kombu would lose it) gets one made up here, and one
 # that isn't JSON at all is still recorded, so the worker can dead-letter it.
 _RESERVE_LUA = r"""
@@ -839,7 +837,6 @@ for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[3], 'LIMI
   end
   redis.call('ZREM', KEYS[3], tag)
 end
-if ARGV[4] then remember(ARGV[5], ARGV[4]); left = left - 1 end
 for i = 5, #KEYS do
   while left > 0 do
     local raw = redis.call('RPOP', KEYS[i])
@@ -881,6 +878,8 @@ class RedisBroker(Broker):
     REVOKED = "minicelery:revoked"
     #: parked messages go back to their queue this many seconds before they are due
     ETA_MOVE_AHEAD = 2.0
+    #: longest an idle worker waits on its first queue before looking at the others
+    WATCH_LIMIT = 0.25
     #: how many dead letters to keep; the oldest go first
     DEAD_LETTER_LIMIT = 10000
 
@@ -895,6 +894,7 @@ class RedisBroker(Broker):
         self._declared = set()
         self._rotation = 0
         self._pubsub = None
+        self._orphaned = []  # scores of reserve calls whose reply never came
         db = self.client.connection_pool.connection_kwargs.get("db", 0)
         #: Celery's broadcast channel for remote control, per database
         self.pidbox = f"/{db}.celery.pidbox"
@@ -926,33 +926,35 @@ class RedisBroker(Broker):
             self._declare(queues)
         keys = self._ordered_keys(queues)
         fixed = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES]
+        self._restore_orphans()
         now = time.time()
-        found = self._reserve_script(keys=fixed + keys, args=[limit, now, now + self.ETA_MOVE_AHEAD])
+        found = self._take(fixed + keys, limit, now)
         if not found and timeout:
-            popped = self.client.brpop(keys, timeout=timeout)
-            if popped:
-                found = self._record_popped(fixed + keys, limit, *popped)
+            # Wait for a message without taking it: BLMOVE from a list to itself. A
+            # BRPOP (kombu's way) loses the message it popped if the reply is lost,
+            # as when Redis restarts. Only one list can be watched this way: the
+            # first queue's; others are checked at least every WATCH_LIMIT seconds.
+            wake = self.client.blmove(keys[0], keys[0], min(timeout, self.WATCH_LIMIT), "RIGHT", "RIGHT")
+            if wake is not None or len(keys) > 1:
+                found = self._take(fixed + keys, limit, time.time())
         return [Delivery(_queue_of_key(found[i].decode()), found[i + 1].decode(), found[i + 2])
                 for i in range(0, len(found), 3)]
 
-    def _record_popped(self, keys, limit, key, raw, attempts=30):
-        """Put a message BRPOP took into unacked; it exists nowhere else until then.
-
-        kombu loses it if the connection drops here; we retry for a while, then
-        push it back where it came from, and only if even that fails, log it whole.
-        """
-        for attempt in range(attempts):
-            try:
-                now = time.time()
-                return self._reserve_script(keys=keys, args=[limit, now, now + self.ETA_MOVE_AHEAD, raw, key])
-            except self.connection_errors:
-                time.sleep(min(0.1 * 2 ** attempt, 2.0))
+    def _take(self, keys, limit, now):
         try:
-            self.client.rpush(key, raw)
-            return []
+            return self._reserve_script(keys=keys, args=[limit, now, now + self.ETA_MOVE_AHEAD])
         except self.connection_errors:
-            logger.critical("lost contact with Redis holding a message; its text follows: %r", raw)
+            # The script may have run and only its reply been lost (Redis restarting):
+            # then its messages sit in unacked, scored `now`. Give them back next time.
+            self._orphaned.append(now)
             raise
+
+    def _restore_orphans(self):
+        while self._orphaned:
+            score = self._orphaned[0]
+            for tag in self.client.zrangebyscore(self.UNACKED_INDEX, score, score):
+                self._restore(tag.decode())
+            self._orphaned.pop(0)
 
     def ack(self, tags):
         if tags:

@@ -12,10 +12,12 @@ import datetime as dt
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -493,6 +495,20 @@ def apply_signature(sig, value):
 def stamp(path):
     """A periodic task: appends the time it ran."""
     record.run(repr(time.time()), path)
+
+
+@APP.task(acks_late=True, reject_on_worker_lost=True)
+def chaos_late(i, path, seconds):
+    """Chaos work, acked after it ran; its line is written once the work is done."""
+    time.sleep(seconds)
+    record.run(i, path)
+    return i
+
+
+@APP.task
+def chaos_early(i, path, seconds):
+    """The same work with early ack: a killed run ends FAILURE (WorkerLostError)."""
+    return chaos_late.run(i, path, seconds)
 
 
 @APP.task(bind=True)
@@ -2718,3 +2734,270 @@ def test_cli_beat_and_worker_minus_b(app, tmp_path):
         beat.send_signal(signal.SIGTERM)
         output = beat.communicate(timeout=20)[0]
     assert beat.returncode == 0 and ". maxinterval -> 1s" in output
+
+
+
+# --- Chaos: prove that nothing is lost (pytest -m chaos; full sizes: examples/chaos.py) ---
+
+CHAOS_FULL = os.environ.get("MINICELERY_CHAOS") == "full"
+
+
+def chaos_size(full, trimmed):
+    return full if CHAOS_FULL else trimmed
+
+
+def chaos_report(scenario, sent, path, started, ended_otherwise=()):
+    """Count a scenario: completed (ran, or ended as expected), duplicates, lost."""
+    runs = [int(line) for line in open(path)] if os.path.exists(path) else []
+    done = set(runs) | set(ended_otherwise)
+    row = {"scenario": scenario, "sent": sent, "completed": len(done & set(range(sent))),
+           "duplicates": len(runs) - len(set(runs)), "lost": sent - len(done & set(range(sent))),
+           "seconds": round(time.monotonic() - started, 1)}
+    if os.environ.get("MINICELERY_CHAOS_REPORT"):
+        with open(os.environ["MINICELERY_CHAOS_REPORT"], "a") as f:
+            f.write(json.dumps(row) + "\n")
+    print(row)
+    return row
+
+
+def _distinct_runs(path):
+    return len({line for line in open(path)}) if os.path.exists(path) else 0
+
+
+def _kill_children_while(w, busy, kills, interval):
+    killed = 0
+    while killed < kills and busy():
+        children = w.children()
+        if children:
+            os.kill(random.choice(children), signal.SIGKILL)
+            killed += 1
+        time.sleep(interval)
+    return killed
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)
+def test_chaos_children_killed(any_app, tmp_path):
+    n, kills, out = chaos_size(2000, 300), chaos_size(100, 15), str(tmp_path / "runs")
+    started = time.monotonic()
+    for i in range(n):
+        chaos_late.delay(i, out, 0.02)
+    with worker(any_app, tmp_path, concurrency=4) as w:
+        killed = _kill_children_while(w, lambda: _distinct_runs(out) < n, kills, 0.1)
+        wait_until(lambda: _distinct_runs(out) >= n, timeout=chaos_size(600, 120), what="every task")
+    row = chaos_report(f"1. children killed {killed}x ({_kind(any_app)}, acks_late)",
+                       n, out, started)
+    assert row["lost"] == 0 and killed > 0
+
+
+@pytest.mark.chaos
+def test_chaos_children_killed_early_ack_fail_loudly(app, tmp_path):
+    n, out = chaos_size(300, 100), str(tmp_path / "runs")
+    started = time.monotonic()
+    results = [chaos_early.delay(i, out, 0.02) for i in range(n)]
+    with worker(app, tmp_path, concurrency=4) as w:
+        killed = _kill_children_while(w, lambda: _distinct_runs(out) < n, chaos_size(20, 5), 0.1)
+        wait_until(lambda: all(r.ready() for r in results), timeout=120, what="every task ended")
+    lost_loudly = {i for i, r in enumerate(results) if r.failed() and isinstance(r.result, WorkerLostError)}
+    row = chaos_report(f"1b. children killed {killed}x (early ack: WorkerLostError)", n, out, started,
+                       lost_loudly)
+    assert row["lost"] == 0 and row["duplicates"] == 0
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)
+def test_chaos_main_worker_killed(any_app, tmp_path):
+    any_app.conf.broker_transport_options = {"visibility_timeout": 1}
+    n, kills, out = chaos_size(2000, 300), chaos_size(10, 3), str(tmp_path / "runs")
+    started = time.monotonic()
+    for i in range(n):
+        chaos_late.delay(i, out, 0.01)
+    for _ in range(kills):
+        with worker(any_app, tmp_path, concurrency=2) as w:
+            time.sleep(random.uniform(0.3, 1.0))  # let it take work, then kill it mid-flight
+            children = w.children()
+            w.stop(signal.SIGKILL)
+            for child in children:
+                _kill(child)
+    with worker(any_app, tmp_path, concurrency=2):
+        wait_until(lambda: _distinct_runs(out) >= n, timeout=chaos_size(600, 120), what="every task")
+    row = chaos_report(f"2. main worker killed {kills}x ({_kind(any_app)})", n, out, started)
+    assert row["lost"] == 0
+
+
+def _kill(pid_):
+    try:
+        os.kill(pid_, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.chaos
+def test_chaos_redis_restarted(app, tmp_path):
+    sock, proc = str(tmp_path / "aof.sock"), []
+
+    def start():
+        proc.append(subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", sock,
+                                      "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                                      "--dir", str(tmp_path)], stdout=subprocess.DEVNULL))
+        wait_until(lambda: os.path.exists(sock) and redis.Redis(unix_socket_path=sock).ping(), what="redis")
+
+    start()
+    app.conf.update(broker_url=f"unix://{sock}", result_backend=f"unix://{sock}?db=1",
+                    task_publish_retry_policy={"max_retries": 20, "interval_step": 0.1, "interval_max": 0.5})
+    app.close()
+    n, restarts, out = chaos_size(1000, 200), chaos_size(3, 1), str(tmp_path / "runs")
+    sent, refused, started = [], [], time.monotonic()
+    try:
+        with worker(app, tmp_path, concurrency=2) as w:
+            def produce():
+                for i in range(n):
+                    try:
+                        sent.append((i, chaos_late.delay(i, out, 0.005)))
+                    except minicelery.OperationalError:
+                        refused.append(i)
+            producer = threading.Thread(target=produce)
+            producer.start()
+            for _ in range(restarts):
+                time.sleep(0.5)
+                proc[-1].terminate()
+                proc[-1].wait(10)
+                time.sleep(0.3)
+                start()
+            producer.join(120)
+            try:
+                assert all(r.get(timeout=60) == i for i, r in sent)
+            except minicelery.ResultTimeout:  # say where the missing ones are
+                client = redis.Redis(unix_socket_path=sock)
+                missing = [(i, r.id) for i, r in sent if not r.ready()]
+                raw = b" ".join(client.lrange("celery", 0, -1) + client.hvals("unacked"))
+                print("MISSING", [(i, tid, tid.encode() in raw) for i, tid in missing[:5]], len(missing),
+                      "runs", _distinct_runs(out), "queue", client.llen("celery"), "unacked", client.hlen("unacked"))
+                raise
+            w.wait_for_log("Connection to broker lost")
+        row = chaos_report(f"3. redis restarted {restarts}x", len(sent), out, started)
+        assert row["lost"] == 0 and not refused and len(sent) == n
+    finally:
+        for p in proc:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.chaos
+def test_chaos_bad_input(app, tmp_path, redis_client):
+    n_bad, out = chaos_size(1000, 200), str(tmp_path / "runs")
+    app.conf.worker_max_message_size = 100_000
+    started, good, bad_with_id = time.monotonic(), [], []
+    kinds = ["garbage", "json", "two", "headers", "unknown", "pickle", "arguments", "huge"]
+    for i in range(n_bad):
+        kind = kinds[i % len(kinds)]
+        if kind == "garbage":
+            redis_client.lpush("celery", os.urandom(64))
+        elif kind == "json":
+            redis_client.lpush("celery", b'{"body": "not closed')
+        elif kind == "headers":
+            redis_client.lpush("celery", json.dumps({"body": "", "properties": {}}))
+        else:
+            options = {"pickle": {"serializer": "pickle"}}.get(kind, {})
+            name = "test_minicelery.nope" if kind == "unknown" else "test_minicelery.chaos_late"
+            args = {"arguments": (1, 2, 3, 4, 5), "huge": ("x" * 200_000, out, 0)}.get(kind, (i, out, 0))
+            result = app.send_task(name, args, **options)
+            if kind == "two":
+                raw = json.loads(redis_client.lpop("celery"))
+                raw["body"] = base64.b64encode(json.dumps([[1], {}]).encode()).decode()
+                redis_client.lpush("celery", json.dumps(raw))
+            bad_with_id.append(result)
+        good.append(chaos_late.delay(n_bad + i, out, 0))  # good work interleaved with the bad
+    with worker(app, tmp_path, concurrency=2) as w:
+        assert [r.get(timeout=60) for r in good] == list(range(n_bad, 2 * n_bad))
+        wait_until(lambda: all(r.ready() for r in bad_with_id), timeout=60, what="every bad message handled")
+        assert w.alive()
+    assert all(r.failed() for r in bad_with_id)
+    assert len(app.broker.dead_letters()) == n_bad and redis_client.hlen("unacked") == 0
+    assert w.log().count("can't") + w.log().count("unregistered") == n_bad  # logged once each
+    # Report: the good tasks, every one completed beside the bad.
+    shifted = str(tmp_path / "good")
+    with open(shifted, "w") as f:
+        f.writelines(f"{int(line) - n_bad}\n" for line in open(out))
+    row = chaos_report(f"4. bad input ({n_bad} bad messages interleaved)", n_bad, shifted, started)
+    assert row["lost"] == 0 and row["duplicates"] == 0
+
+
+@pytest.mark.chaos
+def test_chaos_results_that_cannot_be_stored(app, tmp_path):
+    n, started = chaos_size(200, 50), time.monotonic()
+    with worker(app, tmp_path, concurrency=1):
+        child = pid.delay().get(timeout=10)
+        results = [unserializable_result.delay() for _ in range(n)]
+        for r in results:
+            with pytest.raises(EncodeError):
+                r.get(timeout=30)
+        assert pid.delay().get(timeout=10) == child  # the child survived them all
+    path = str(tmp_path / "none")
+    row = chaos_report("5. results that can't be stored (EncodeError)", n, path, started, range(n))
+    assert row["lost"] == 0
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)
+def test_chaos_warm_shutdown_under_load(any_app, tmp_path):
+    n, out = chaos_size(500, 200), str(tmp_path / "runs")
+    started = time.monotonic()
+    with worker(any_app, tmp_path, concurrency=2) as w:
+        running = [chaos_late.delay(i, out, 1.0) for i in range(2)]
+        for i in range(2, n):
+            chaos_late.delay(i, out, 0)
+        wait_until(lambda: "received" in w.log() and len(w.children()) == 2, what="work started")
+        time.sleep(0.3)
+        w.stop(signal.SIGTERM)
+    assert all(r.get(timeout=5) in (0, 1) for r in running)
+    with worker(any_app, tmp_path, concurrency=2):
+        wait_until(lambda: _distinct_runs(out) >= n, timeout=60, what="the rest")
+    row = chaos_report(f"6. warm shutdown with {n} queued ({_kind(any_app)})", n, out, started)
+    assert row["lost"] == 0 and row["duplicates"] == 0
+
+
+@pytest.mark.chaos
+def test_chaos_security_password_and_no_pickle(tmp_path):
+    import socket as socket_
+    with socket_.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                             "--requirepass", "s3cret", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: redis.Redis(port=port, password="s3cret").ping() if _port_open(port) else False,
+                   what="password redis")
+        app_ = APP
+        app_.close()
+        app_.conf = Config()
+        app_.conf.update(broker_url=f"redis://:s3cret@127.0.0.1:{port}/0",
+                         result_backend=f"redis://:s3cret@127.0.0.1:{port}/1")
+        with worker(app_, tmp_path):
+            assert add.delay(1, 2).get(timeout=10) == 3
+            with pytest.raises(minicelery.ContentDisallowed):
+                app_.send_task("test_minicelery.add", (1, 1), serializer="pickle").get(timeout=10)
+            with pytest.raises(NotRegistered):
+                app_.send_task("os.system", ("echo pwned",)).get(timeout=10)
+        wrong = Celery("wrong", broker=f"redis://:nope@127.0.0.1:{port}/0", set_as_current=False)
+        with pytest.raises(redis.AuthenticationError):
+            wrong.broker.size("celery")
+        assert app_.broker.client.ttl("minicelery:dead-letters") > 0
+        row = chaos_report("7. password Redis; pickle and unregistered names refused", 3, str(tmp_path / "x"),
+                           time.monotonic(), range(3))
+        assert row["lost"] == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        APP.close()
+
+
+def _port_open(port):
+    import socket as socket_
+    with socket_.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _kind(app_):
+    return "sqlite" if app_.broker_url.startswith("sqlite") else "redis"
