@@ -4,6 +4,7 @@
     python3 examples/benchmarks.py eta-lateness [--tasks 200]
     python3 examples/benchmarks.py eta-memory [--tasks 100000]
     python3 examples/benchmarks.py beat-drift [--tasks 60]
+    python3 examples/benchmarks.py chord [--tasks 1000]
 
 Each run starts its own redis-server on a unix socket, then for each system a
 worker (`python -m minicelery ...` or `celery ...`, prefork, 2 processes) and
@@ -47,6 +48,11 @@ if STAMPS:  # beat-drift: one entry, every second
     app.conf.beat_schedule = {"stamp": {"task": "bench.stamp", "schedule": 1.0, "args": (STAMPS,)}}
 
 
+@app.task(name="bench.count")
+def count(values):
+    return len(values)
+
+
 @app.task(name="bench.lateness")
 def lateness(eta_timestamp):
     return time.time() - eta_timestamp
@@ -60,6 +66,7 @@ try:
     celery_app.task(name="bench.lateness")(lateness.run)
     celery_app.task(name="bench.noop")(noop.run)
     celery_app.task(name="bench.stamp", ignore_result=True)(stamp.run)
+    celery_app.task(name="bench.count")(count.run)
     celery_app.conf.beat_schedule = app.conf.beat_schedule
 except ImportError:
     celery = celery_app = None
@@ -177,6 +184,37 @@ def beat_drift(count):
         print(f"{system:<11} {n:>9} {drift * 1000:>9.1f} {shortest:>10.4f} {longest:>10.4f}")
 
 
+def chord_bench(size):
+    """A chord of `size` no-op tasks: seconds from sending to the body's result, and what
+    the chord leaves in Redis once done (keys and used memory beyond the results)."""
+    rows = []
+    for system in systems():
+        with tempfile.TemporaryDirectory() as directory:
+            redis_proc, sock = start_redis(directory)
+            os.environ.update(MINICELERY_BROKER_URL=f"unix://{sock}",
+                              MINICELERY_RESULT_BACKEND=f"unix://{sock}?db=1")
+            app.close()
+            client = redis.Redis(unix_socket_path=sock, db=1)
+            worker = start_worker(system, sock, directory)
+            try:
+                before = client.info("memory")["used_memory"]
+                started = time.monotonic()
+                result = minicelery.chord(noop.s(i) for i in range(size))(count.s())
+                assert result.get(timeout=600) == size
+                seconds = time.monotonic() - started
+                time.sleep(1)
+                chord_keys = [k.decode() for k in client.keys("celery-taskset-meta-*")]
+                results_bytes = sum(client.memory_usage(k) or 0 for k in client.keys("celery-task-meta-*"))
+                used = client.info("memory")["used_memory"] - before
+            finally:
+                stop(worker)
+                redis_proc.kill()
+            rows.append((system, size, seconds, used / 1024, results_bytes / 1024, chord_keys))
+    print(f"{'system':<11} {'tasks':>6} {'seconds':>8} {'Redis +KiB':>11} {'results KiB':>12}  chord keys left")
+    for system, n, seconds, used, results, keys in rows:
+        print(f"{system:<11} {n:>6} {seconds:>8.2f} {used:>11.0f} {results:>12.0f}  {keys}")
+
+
 def systems():
     return ["minicelery"] + (["celery"] if celery_app is not None else [])
 
@@ -244,13 +282,15 @@ def eta_memory(count):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=["throughput", "eta-lateness", "eta-memory", "beat-drift"])
+    parser.add_argument("benchmark", choices=["throughput", "eta-lateness", "eta-memory", "beat-drift", "chord"])
     parser.add_argument("--tasks", type=int)
     args = parser.parse_args()
     if args.benchmark == "throughput":
         throughput(args.tasks or 5000)
     elif args.benchmark == "eta-lateness":
         eta_lateness(args.tasks or 200)
+    elif args.benchmark == "chord":
+        chord_bench(args.tasks or 1000)
     elif args.benchmark == "beat-drift":
         beat_drift(args.tasks or 60)
     else:
