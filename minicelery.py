@@ -1290,6 +1290,8 @@ class SQLiteBroker(Broker):
                                [(due - self.ETA_MOVE_AHEAD, d.tag) for d, _, due in parked])
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
+        if not broadcast:
+            return  # every row here is durable already; a new row would be broadcast again
         now = time.time()
         with self.store.transaction() as db:
             db.execute("DELETE FROM revocations WHERE expires < ?", (now,))
@@ -2095,6 +2097,8 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None,
     if expires is not None and expires <= (now or utcnow()):
         worker_logger.info("Discarding revoked task: %s", message.describe())
         store(message.id, TaskRevokedError("expired"), REVOKED, request=request)
+        if request.chord and not eager:
+            _chord_part_done(app, request, REVOKED, exception_to_dict(TaskRevokedError("expired")))
         return Outcome(REVOKED, TaskRevokedError("expired"))
     if task.option("track_started") and not eager:
         store(message.id, {"pid": os.getpid(), "hostname": hostname}, STARTED, request=request)
@@ -2377,9 +2381,20 @@ class chain(Signature):
             result.parent = parent
         return results[-1]
 
+    def link(self, callback):
+        return self.tasks[-1].link(callback)
+
+    def link_error(self, errback):
+        for task in self.tasks:
+            task.link_error(errback)
+        return errback
+
     def apply_async(self, args=(), kwargs=None, **options):
         if self._app().conf.task_always_eager:
             return self.apply(args, kwargs)
+        # Inside a group or chord header, the chain's last task is the member that counts.
+        membership = {k: options.pop(k) for k in ("group_id", "group_index", "chord") if k in options}
+        self.tasks[-1].options.update(membership)
         result = self.freeze()
         first, rest = self.tasks[0], self.tasks[1:]
         first.apply_async(args, kwargs, chain=list(reversed(rest)) or None, **dict(self.options, **options))
@@ -2464,9 +2479,14 @@ class chord(Signature):
         app, header = self._app(), self.header
         if app.conf.task_always_eager:
             return self.apply(args, kwargs)
-        group_id = options.pop("group_id", None) or uuid()
+        for outer in ("group_id", "group_index", "chord"):  # a chord inside a group counts on its own
+            options.pop(outer, None)
+        group_id = self.options.get("group_id") or uuid()
         body = self.body.clone(group_id=group_id)
         result = body.freeze()
+        if not header.tasks:
+            body.apply_async(([],), **options)
+            return result
         # The size must be stored before any header task can finish.
         app.backend.chord_start(group_id, len(header.tasks))
         parts = [task.clone().apply_async(args, kwargs, group_id=group_id, group_index=i, chord=body, **options)
@@ -2561,11 +2581,20 @@ def _after_failure(app, request, exc, exc_traceback):
         else:
             errback.apply_async((request.id,), parent_id=request.id, root_id=request.root_id)
     for step in request.chain or ():
-        step_id = (step.get("options") or {}).get("task_id")
-        if step_id:
+        for step_id in _result_ids(signature(step, app=app)):
             app.backend.store_result(step_id, exc, FAILURE, traceback=exc_traceback)
     if request.chord:
         _chord_part_done(app, request, FAILURE, exception_to_dict(exc))
+
+
+def _result_ids(sig):
+    """The task ids a caller waits on for a (frozen) signature: a chord's body, a group's members."""
+    if isinstance(sig, chord):
+        return _result_ids(sig.body)
+    if isinstance(sig, (group, chain)):
+        members = sig.tasks if isinstance(sig, group) else sig.tasks[-1:]
+        return [i for member in members for i in _result_ids(member)]
+    return [sig.id] if sig.id else []
 
 
 def _positional_arity(task):
@@ -3630,9 +3659,12 @@ class Consumer:
         self._to_ack.append(message.delivery_tag)
 
     def _store_final(self, message, exc, state):
-        task = self.app.tasks[message.task_name]
+        """Store how a task ended without running to the end (revoked, killed, expired)."""
+        task, request = self.app.tasks[message.task_name], Request.from_message(message)
         if not (message.headers.get("ignore_result") or task.option("ignore_result")):
-            task.backend.store_result(message.id, exc, state, request=Request.from_message(message))
+            task.backend.store_result(message.id, exc, state, request=request)
+        if request.chord:  # its chord must still count it, or the body never comes
+            _chord_part_done(self.app, request, state, exception_to_dict(exc))
 
     # -- dispatching and acking ---------------------------------------------
 
@@ -4224,6 +4256,8 @@ class Beat:
                                   spec.get("options"), to_datetime(state.get("last_run_at")) or now,
                                   state.get("total_run_count", 0))
             if isinstance(entry.schedule, crontab) and entry.schedule.tz is None:
+                import copy
+                entry.schedule = copy.copy(entry.schedule)  # the declared one may be shared
                 entry.schedule.tz = self.app.timezone
             self.entries[name] = entry
 
@@ -4257,8 +4291,17 @@ class Beat:
         if leading != self.leading:
             beat_logger.info("beat: %s", "leading: this beat sends the periodic tasks" if leading else
                              "another beat leads; standing by to take over")
+            if leading and self.leading is not None:
+                self._catch_up_with_state()
             self.leading = leading
         return leading
+
+    def _catch_up_with_state(self):
+        """Taking over: runs the old leader recorded (same state file) are not run again."""
+        for name, state in self._load_state().items():
+            last = to_datetime(state.get("last_run_at"))
+            if name in self.entries and last and last > self.entries[name].last_run_at:
+                self.entries[name].last_run_at = last
 
     def _load_state(self):
         try:
