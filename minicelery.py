@@ -4449,5 +4449,4 @@ def main(argv=None):
 if __name__ == "__main__":
     # Run the importable module, not this __main__ copy, so that the user's
     # `from minicelery import Celery` and the CLI share one set of classes.
-    import minicelery
-    sys.exit(minicelery.main())
+    sys.exit(importlib.import_module("minicelery").main())

@@ -1061,7 +1061,7 @@ def test_worker_consumes_only_its_queues(app, tmp_path, redis_client):
         assert on_low_queue.delay().get(timeout=10) == "low"
         assert add.apply_async((1, 1), queue="other").get(timeout=10) == 2
         add.delay(5, 5)  # default queue: not consumed here
-        time.sleep(0.3)
+        assert add.apply_async((2, 2), queue="other").get(timeout=10) == 4  # sent after it, done
         assert redis_client.llen("celery") == 1
 
 
@@ -3010,9 +3010,10 @@ def test_chaos_warm_shutdown_under_load(any_app, tmp_path):
         for i in range(2, n):
             chaos_late.delay(i, out, 0)
         wait_until(lambda: "received" in w.log() and len(w.children()) == 2, what="work started")
-        time.sleep(0.3)
+        wait_until(lambda: all(r.state == "PENDING" for r in running) and w.log().count("received") >= 8,
+                   what="the prefetch filled")
         w.stop(signal.SIGTERM)
-    assert all(r.get(timeout=5) in (0, 1) for r in running)
+    assert all(r.get(timeout=10) in (0, 1) for r in running)
     with worker(any_app, tmp_path, concurrency=2):
         wait_until(lambda: _distinct_runs(out) >= n, timeout=60, what="the rest")
     row = chaos_report(f"6. warm shutdown with {n} queued ({_kind(any_app)})", n, out, started)
