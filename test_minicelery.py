@@ -767,8 +767,10 @@ def test_backend_get_wakes_on_publish(app):
     # The write happens after get() subscribed: only the PUBLISH can wake it.
     pid_ = os.fork()
     if pid_ == 0:
-        time.sleep(0.3)
         app.after_fork()
+        channel = "celery-task-meta-later"
+        while not app.backend.client.pubsub_numsub(channel)[0][1]:  # until get() listens
+            time.sleep(0.01)
         app.backend.store_result("later", 42, "SUCCESS")
         os._exit(0)
     try:
@@ -1608,9 +1610,11 @@ def test_sqlite_many_processes_lose_and_double_nothing(tmp_path):
         for _ in range(4):
             stack.enter_context(worker(app_, tmp_path, pool="solo"))
         assert all(os.waitpid(p, 0)[1] == 0 for p in producers)
+        # Done when every line is written and no message is left, not even a reserved one:
+        # from then on nothing can run again, so the file's count is final.
         wait_until(lambda: os.path.exists(out) and sum(1 for _ in open(out)) >= total
-                   and app_.broker.size("celery") == 0, timeout=240, what="20,000 tasks")
-        time.sleep(0.5)  # a task run twice would show up within this
+                   and app_.broker.store.read("SELECT COUNT(*) FROM messages")[0][0] == 0,
+                   timeout=240, what="20,000 tasks")
     with open(out) as f:
         runs = [int(line) for line in f]
     assert len(runs) == total and set(runs) == set(range(total))
@@ -1801,11 +1805,13 @@ def test_regression_canvas_review_cases(tmp_path):
 
 def test_regression_sqlite_revocations_are_not_rebroadcast(tmp_path):
     app_ = Celery("rev", broker=f"sqlite:///{tmp_path}/r.db", set_as_current=False)
+    echo_ = app_.task(name="rev.echo")(lambda x: x)
     with app_.Worker(pool="solo") as w:
         app_.control.revoke("some-id")
         wait_until(lambda: "some-id" in w.consumer.revoked, what="the revocation")
         rows = app_.broker.store.read("SELECT COUNT(*) FROM revocations")[0][0]
-        time.sleep(1.5)  # several consumer steps: the count must not grow
+        for i in range(5):  # each task takes the consumer through more steps
+            assert echo_.delay(i).get(timeout=10) == i
         assert app_.broker.store.read("SELECT COUNT(*) FROM revocations")[0][0] == rows == 1
 
 

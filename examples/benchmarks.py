@@ -12,6 +12,7 @@ prints a table. The real Celery is measured when `celery` is installed. The
 numbers are for the machine they ran on; the README says which.
 """
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -85,6 +86,22 @@ def start_redis(directory):
     return proc, sock
 
 
+@contextlib.contextmanager
+def private_redis(broker_url=None):
+    """A scratch directory with its own redis-server; the demo app points at it
+    (or at `broker_url`, for SQLite) for the block."""
+    with tempfile.TemporaryDirectory() as directory:
+        redis_proc, sock = start_redis(directory)
+        os.environ.update(MINICELERY_BROKER_URL=broker_url or f"unix://{sock}",
+                          MINICELERY_RESULT_BACKEND=broker_url or f"unix://{sock}?db=1")
+        app.close()
+        try:
+            yield directory, sock
+        finally:
+            redis_proc.kill()
+            redis_proc.wait()
+
+
 def start_worker(system, sock, directory, broker_url=None, settle=3):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE),
                MINICELERY_BROKER_URL=broker_url or f"unix://{sock}",
@@ -129,12 +146,9 @@ def throughput(count):
     setups = [("minicelery", "sqlite"), ("minicelery", "redis")] + \
         ([("celery", "redis")] if celery_app is not None else [])
     for system, broker in setups:
-        with tempfile.TemporaryDirectory() as directory:
-            redis_proc, sock = start_redis(directory)
-            url = f"sqlite:///{directory}/bench.db" if broker == "sqlite" else None
-            os.environ.update(MINICELERY_BROKER_URL=url or f"unix://{sock}",
-                              MINICELERY_RESULT_BACKEND=url or f"unix://{sock}?db=1")
-            app.close()
+        scratch = tempfile.mkdtemp()
+        url = f"sqlite:///{scratch}/bench.db" if broker == "sqlite" else None
+        with private_redis(url) as (directory, sock):
             results = [noop.delay(i) for i in range(count)]
             worker = start_worker(system, sock, directory, url, settle=0)
             try:
@@ -143,7 +157,7 @@ def throughput(count):
                 seconds = (done[-1] - done[0]).total_seconds()
             finally:
                 stop(worker)
-                redis_proc.kill()
+                shutil.rmtree(scratch, ignore_errors=True)
             rows.append((system, broker, count, seconds, count / seconds))
     print(f"{'system':<11} {'broker':<7} {'tasks':>6} {'seconds':>8} {'tasks/s':>8}")
     for system, broker, n, seconds, rate in rows:
@@ -154,8 +168,7 @@ def beat_drift(count):
     """Runs of a 1-second beat entry: how far the last of `count` intervals drifted."""
     rows = []
     for system in systems():
-        with tempfile.TemporaryDirectory() as directory:
-            redis_proc, sock = start_redis(directory)
+        with private_redis() as (directory, sock):
             path = os.path.join(directory, "stamps")
             os.environ["BENCH_STAMPS"] = path
             worker = start_worker(system, sock, directory, settle=0)
@@ -175,7 +188,6 @@ def beat_drift(count):
             finally:
                 stop(beat)
                 stop(worker)
-                redis_proc.kill()
             runs = runs[:count + 1]
             gaps = [b - a for a, b in zip(runs, runs[1:])]
             rows.append((system, len(gaps), (runs[-1] - runs[0]) - len(gaps), min(gaps), max(gaps)))
@@ -189,11 +201,7 @@ def chord_bench(size):
     the chord leaves in Redis once done (keys and used memory beyond the results)."""
     rows = []
     for system in systems():
-        with tempfile.TemporaryDirectory() as directory:
-            redis_proc, sock = start_redis(directory)
-            os.environ.update(MINICELERY_BROKER_URL=f"unix://{sock}",
-                              MINICELERY_RESULT_BACKEND=f"unix://{sock}?db=1")
-            app.close()
+        with private_redis() as (directory, sock):
             client = redis.Redis(unix_socket_path=sock, db=1)
             worker = start_worker(system, sock, directory)
             try:
@@ -208,7 +216,6 @@ def chord_bench(size):
                 used = client.info("memory")["used_memory"] - before
             finally:
                 stop(worker)
-                redis_proc.kill()
             rows.append((system, size, seconds, used / 1024, results_bytes / 1024, chord_keys))
     print(f"{'system':<11} {'tasks':>6} {'seconds':>8} {'Redis +KiB':>11} {'results KiB':>12}  chord keys left")
     for system, n, seconds, used, results, keys in rows:
@@ -223,11 +230,7 @@ def eta_lateness(count):
     """Lateness of ETA tasks on an idle worker: ETAs spread over 1-8 s, some parked."""
     rows = []
     for system in systems():
-        with tempfile.TemporaryDirectory() as directory:
-            redis_proc, sock = start_redis(directory)
-            os.environ.update(MINICELERY_BROKER_URL=f"unix://{sock}",
-                              MINICELERY_RESULT_BACKEND=f"unix://{sock}?db=1")
-            app.close()
+        with private_redis() as (directory, sock):
             worker = start_worker(system, sock, directory)
             try:
                 now = time.time()
@@ -241,7 +244,6 @@ def eta_lateness(count):
                              late[-1], late[0]))
             finally:
                 stop(worker)
-                redis_proc.kill()
     print(f"{'system':<11} {'tasks':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'min ms':>8}")
     for system, n, p50, p99, worst, best in rows:
         print(f"{system:<11} {n:>6} {p50:>8.1f} {p99:>8.1f} {worst:>8.1f} {best:>8.1f}")
@@ -251,10 +253,7 @@ def eta_memory(count):
     """Worker memory (main + pool) once `count` tasks due in a day have been received."""
     rows = []
     for system in systems():
-        with tempfile.TemporaryDirectory() as directory:
-            redis_proc, sock = start_redis(directory)
-            os.environ.update(MINICELERY_BROKER_URL=f"unix://{sock}")
-            app.close()
+        with private_redis() as (directory, sock):
             client = redis.Redis(unix_socket_path=sock)
             worker = start_worker(system, sock, directory)
             try:
@@ -272,7 +271,6 @@ def eta_memory(count):
                              time.monotonic() - started, client.llen("celery")))
             finally:
                 stop(worker)
-                redis_proc.kill()
     print(f"{'system':<11} {'tasks':>7} {'RSS before':>11} {'RSS after':>10} {'unacked':>8} "
           f"{'parked':>8} {'seconds':>8} {'left':>6}")
     for system, n, before, after, held, parked, seconds, left in rows:
