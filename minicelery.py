@@ -170,6 +170,10 @@ class SoftTimeLimitExceeded(Exception):
     celery_module = "billiard.exceptions"
 
 
+class WorkerTerminate(SystemExit):
+    """Raised in the worker's own thread by a cold shutdown, to stop a solo-pool task."""
+
+
 class MaxRetriesExceededError(MiniCeleryError):
     """Raised by Task.retry() when the task has no retries left."""
 
@@ -268,6 +272,17 @@ def import_string(path: str):
         return getattr(importlib.import_module(module_name), attr)
 
 
+def signal_number(value) -> int:
+    """A signal as its number, from 15, 'TERM', 'SIGTERM' or 'sigterm'; ValueError otherwise."""
+    if isinstance(value, str):
+        name = value.upper() if value.upper().startswith("SIG") else f"SIG{value.upper()}"
+        if name in signal.Signals.__members__:
+            return int(signal.Signals[name])
+    elif isinstance(value, int) and not isinstance(value, bool) and value in signal.valid_signals():
+        return value
+    raise ValueError(f"unknown signal {_short_repr(value, 80)}; use a name like 'SIGTERM' or a number")
+
+
 class _ProcessNameFilter(logging.Filter):
     """Stamps log records with Celery's process names (MainProcess, ForkPoolWorker-1)."""
 
@@ -287,7 +302,11 @@ def setup_logging(loglevel="INFO", stream=None):
 
 
 def _short_repr(value, limit=1024):
-    text = repr(value)
+    """repr() for logs and argsrepr; an object whose repr raises gets a placeholder."""
+    try:
+        text = repr(value)
+    except Exception as exc:  # a user's __repr__ can raise, or recurse too deep
+        text = f"<{type(value).__name__} object: repr() raised {type(exc).__name__}>"
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -379,8 +398,8 @@ def dumps(obj, serializer="json", compression=None):
             data = json_dumps(obj).encode("utf-8")
         else:
             data = pickle.dumps(obj, protocol=4)
-    except (TypeError, ValueError, pickle.PicklingError, AttributeError) as exc:
-        raise EncodeError(f"can't serialize with {serializer}: {exc}") from exc
+    except (TypeError, ValueError, pickle.PicklingError, AttributeError, RecursionError) as exc:
+        raise EncodeError(f"can't serialize with {serializer}: {_short_repr(exc, 200)}") from None
     header = None
     if compression:
         header = COMPRESSIONS.get(compression, compression)
@@ -391,20 +410,41 @@ def dumps(obj, serializer="json", compression=None):
     return data, content_type, header
 
 
-def loads(data: bytes, content_type: str, accept, compression=None):
-    """Decode bytes of `content_type`, refusing types not in `accept`."""
+def loads(data: bytes, content_type: str, accept, compression=None, max_size=None):
+    """Decode bytes of `content_type`, refusing types not in `accept`.
+
+    A compressed body is inflated to at most `max_size` bytes: a few MB of zlib
+    can claim gigabytes, so the limit holds for what it inflates to.
+    """
     if content_type not in accept:
         raise ContentDisallowed(
             f"refusing to deserialize content of type {content_type!r}: "
             f"accept_content allows {sorted(accept)}")
+    if compression and compression not in _COMPRESSORS:
+        raise DecodeError(f"unknown compression {_short_repr(compression, 80)}")
+    if compression:
+        data = _inflate(data, compression, max_size)
     try:
-        if compression:
-            data = _COMPRESSORS[compression][1](data)
         if content_type == JSON_TYPE:
             return json_loads(data.decode("utf-8"))
         return pickle.loads(data)
     except Exception as exc:
         raise DecodeError(f"can't decode {content_type} body: {exc!r}") from exc
+
+
+def _inflate(data: bytes, compression: str, max_size=None) -> bytes:
+    # One byte more than allowed is enough to know it is too big.
+    limit = max_size + 1 if max_size else None
+    try:
+        if compression == COMPRESSIONS["zlib"]:
+            out = zlib.decompressobj().decompress(data, limit or 0)
+        else:
+            out = bz2.BZ2Decompressor().decompress(data, max_length=limit or -1)
+    except (OSError, ValueError, zlib.error, EOFError) as exc:
+        raise DecodeError(f"can't decompress the body ({compression}): {exc}") from None
+    if max_size and len(out) > max_size:
+        raise DecodeError(f"the body inflates to more than worker_max_message_size ({max_size} bytes)")
+    return out
 
 
 def accepted_types(accept_content) -> frozenset:
@@ -416,7 +456,8 @@ def exception_to_dict(exc: BaseException) -> dict:
     """Celery's form of a stored exception; arguments JSON can't carry become their repr."""
     cls = type(exc)
     module = getattr(cls, "celery_module", None) if cls.__module__ == __name__ else None
-    return {"exc_type": cls.__qualname__, "exc_message": [_jsonable(a) for a in exc.args],
+    args = exc.args if isinstance(getattr(exc, "args", None), tuple) else ()
+    return {"exc_type": cls.__qualname__, "exc_message": [_jsonable(a) for a in args],
             "exc_module": module or cls.__module__}
 
 
@@ -424,8 +465,8 @@ def _jsonable(value):
     try:
         json_dumps(value)
         return value
-    except (TypeError, ValueError):
-        return repr(value)
+    except Exception:  # not JSON (or too deep): its repr, which may itself fail
+        return _short_repr(value)
 
 
 #: Modules whose exception names we map to our own classes when reading results.
@@ -507,7 +548,7 @@ def build_headers(task_name, task_id, args, kwargs, *, eta=None, expires=None,
 
 
 def build_envelope(headers, body: bytes, content_type, queue, *, priority=0,
-                   compression=None, expires_in=None, reply_to=None) -> str:
+                   compression=None, expires_in=None, reply_to=None, delivery_tag=None) -> str:
     """The JSON string kombu's Redis transport LPUSHes for one message."""
     if compression:
         headers = dict(headers, compression=compression)
@@ -515,7 +556,7 @@ def build_envelope(headers, body: bytes, content_type, queue, *, priority=0,
         "correlation_id": headers["id"], "reply_to": reply_to or "",
         "delivery_mode": 2,
         "delivery_info": {"exchange": "", "routing_key": queue},
-        "priority": priority, "body_encoding": "base64", "delivery_tag": uuid(),
+        "priority": priority, "body_encoding": "base64", "delivery_tag": delivery_tag or uuid(),
     }
     if expires_in is not None:
         properties["expiration"] = str(int(max(expires_in, 0) * 1000))
@@ -579,16 +620,52 @@ class Message:
             self.eta, self.expires  # parse them now, where a bad one is just a bad message
         except (ValueError, TypeError, AttributeError) as exc:
             raise DecodeError(f"eta/expires header is not an ISO-8601 date: {exc}") from None
-        body = loads(self.body, self.content_type, accept, self.headers.get("compression"))
+        _check_fields("header", self.headers, _HEADER_TYPES)
+        _check_timelimit(self.headers.get("timelimit"))
+        body = loads(self.body, self.content_type, accept, self.headers.get("compression"), max_size)
         if not (isinstance(body, (list, tuple)) and len(body) == 3):
             raise DecodeError(f"body must be the list [args, kwargs, embed], got {_short_repr(body, 80)}")
         args, kwargs, embed = body
-        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict) \
+                or not all(isinstance(key, str) for key in kwargs):
             raise DecodeError("body args must be a list and kwargs an object")
+        if not isinstance(embed or {}, dict):
+            raise DecodeError("body embed must be an object")
+        _check_fields("embed", embed or {}, _EMBED_TYPES)
         self.args, self.kwargs, self.embed = list(args), kwargs, embed or {}
 
     def describe(self):
         return f"{self.task_name}[{self.id}]"
+
+
+#: what each header a worker reads must be, when present and not null; checked on
+#: arrival, so a wrong type makes a bad message, never a worker error later on
+_HEADER_TYPES = {"retries": int, "group_index": int, "timelimit": (list, tuple),
+                 "group": str, "root_id": str, "parent_id": str, "shadow": str,
+                 "ignore_result": (bool, int), "compression": str}
+_EMBED_TYPES = {"callbacks": list, "errbacks": list, "chain": list, "chord": dict}
+
+
+def _check_fields(what, fields, types):
+    for name, allowed in types.items():
+        value = fields.get(name)
+        if value is not None and not isinstance(value, allowed):
+            raise DecodeError(f"{what} {name!r} has the wrong type: {_short_repr(value, 80)}")
+    for name in ("callbacks", "errbacks", "chain") if what == "embed" else ():
+        if not all(isinstance(sig, dict) for sig in fields.get(name) or ()):
+            raise DecodeError(f"embed {name!r} must be a list of signatures")
+
+
+def _check_timelimit(value):
+    """[hard, soft]: each a number of seconds >= 0, or null."""
+    if value is None:
+        return
+    if len(value) > 2 or not all(limit is None or (_is_number(limit) and limit >= 0) for limit in value):
+        raise DecodeError(f"header 'timelimit' must be [hard, soft] seconds, got {_short_repr(value, 80)}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def clamp_priority(value) -> int:
@@ -598,8 +675,14 @@ def clamp_priority(value) -> int:
         return 0
 
 
-def decode_message(raw, queue="", delivery_tag="") -> Message:
-    """Parse an envelope into a Message with headers; raises DecodeError."""
+def decode_message(raw, queue="", delivery_tag="", max_size=None) -> Message:
+    """Parse an envelope into a Message with headers; raises DecodeError.
+
+    With `max_size`, an envelope far too big for a body of that size is refused
+    before it is parsed (a body just over it is refused later, with its id known).
+    """
+    if max_size and len(raw) > 2 * max_size + 1024 * 1024:
+        raise DecodeError(f"the message has {len(raw)} bytes, over worker_max_message_size ({max_size})")
     try:
         envelope = json.loads(raw)
         headers = envelope["headers"]
@@ -611,6 +694,7 @@ def decode_message(raw, queue="", delivery_tag="") -> Message:
     properties = envelope.get("properties") or {}
     if not isinstance(properties, dict) or not isinstance(headers, dict):
         raise DecodeError("headers and properties must be objects")
+    _check_fields("property", properties, {"delivery_info": dict})
     body = envelope.get("body", "")
     try:
         if properties.get("body_encoding") == "base64":
@@ -639,8 +723,10 @@ def decode_message(raw, queue="", delivery_tag="") -> Message:
 #   _kombu.binding.<q>    set   routing table entry, written when a worker starts
 #   minicelery:dead-letters list  messages no worker could read, with the reason
 #   minicelery:eta        zset  delivery_tag -> due time of a parked far-ETA message
-#   minicelery:eta-messages hash delivery_tag -> "<queue list key>\n<envelope>"
-#   minicelery:revoked    zset  task id -> when its revocation expires
+#   minicelery:eta-messages hash delivery_tag -> "<length of key>:<queue list key><envelope>"
+#   minicelery:revoked    zset  task id -> when its revocation expires (the key expires too)
+#   minicelery:sent:<tag> string marks a message published in the last minute, so a
+#                               publish retried after a lost reply queues it only once
 #   minicelery:lease:beat string the token of the beat that sends periodic tasks (expires)
 #   /<db>.celery.pidbox   channel  Celery's broadcast for revoke (and other control)
 #
@@ -674,7 +760,9 @@ class Broker:
     restore_unacked() once the visibility timeout has passed.
     """
 
-    #: exceptions meaning "the broker is unreachable right now": the worker waits and retries
+    #: exceptions meaning "the broker can't serve us right now" (unreachable, stalled,
+    #: full, locked): the worker logs them, waits and retries; a producer retries, then
+    #: raises OperationalError
     connection_errors = ()
 
     def __init__(self, app, url):
@@ -683,8 +771,9 @@ class Broker:
         #: seconds a reserved message may go untouched before it counts as abandoned
         self.visibility_timeout = float(options.get("visibility_timeout", 3600))
 
-    def publish(self, queue: str, envelope: str, priority: int = 0):
-        """Append one message (an envelope JSON string) to `queue`."""
+    def publish(self, queue: str, envelope: str, priority: int = 0, tag=None):
+        """Append one message (an envelope JSON string, with delivery tag `tag`) to
+        `queue`; sending the same message again must not queue it twice."""
         raise NotImplementedError
 
     def reserve(self, queues, limit: int, timeout: float) -> list:
@@ -702,8 +791,12 @@ class Broker:
         """Put reserved messages back at the head of their queues, marked redelivered."""
         raise NotImplementedError
 
-    def touch(self, tags):
-        """Tell the broker these reserved messages are still held by a live worker."""
+    def touch(self, tags) -> set:
+        """Tell the broker these reserved messages are still held by a live worker.
+
+        Returns the tags that are no longer reserved: restored to their queue
+        (we were out of touch past the visibility timeout), so no longer ours.
+        """
         raise NotImplementedError
 
     def restore_unacked(self, now=None) -> int:
@@ -728,7 +821,8 @@ class Broker:
         raise NotImplementedError
 
     def control_messages(self) -> list:
-        """Revocations broadcast since the last call, as (task_ids, terminate, signal, destination)."""
+        """Revocations broadcast since the last call, as (task_ids, terminate, signal number,
+        destination); malformed ones are logged and left out."""
         raise NotImplementedError
 
     def lease(self, name, token, ttl) -> bool:
@@ -760,11 +854,15 @@ def _import_redis():
     return redis
 
 
-def redis_client(url: str, decode_responses=False):
+def redis_client(url: str, decode_responses=False, socket_timeout=5.0):
     """A redis-py client for any of Celery's and redis-py's URL forms.
 
     redis://[:password@]host:port/db, rediss:// (TLS), unix:///path?db=N, and
     Celery's redis+socket:///path and socket:///path (with ?virtual_host=N).
+
+    redis-py's own retries are off: after a timeout it can't know whether Redis
+    ran the command, and sending an LPUSH again would queue the task twice. We
+    retry where it is safe (an idempotent command or script) and nowhere else.
     """
     redis = _import_redis()
     for prefix in ("redis+socket://", "socket://"):
@@ -773,8 +871,11 @@ def redis_client(url: str, decode_responses=False):
     for celery_name, redis_name in (("CERT_REQUIRED", "required"), ("CERT_OPTIONAL", "optional"),
                                     ("CERT_NONE", "none")):
         url = url.replace(f"ssl_cert_reqs={celery_name}", f"ssl_cert_reqs={redis_name}")
-    return redis.Redis.from_url(url, decode_responses=decode_responses,
-                                health_check_interval=30)
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    return redis.Redis.from_url(url, decode_responses=decode_responses, health_check_interval=30,
+                                socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+                                retry=Retry(NoBackoff(), 0), max_connections=2 ** 16)
 
 
 def _queue_keys(queue):
@@ -830,11 +931,16 @@ end
 -- Parked ETA messages due before ARGV[3] go back to the consuming end of their lists.
 for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[3], 'LIMIT', 0, 100)) do
   local entry = redis.call('HGET', KEYS[4], tag)
-  if entry then
-    local sep = string.find(entry, '\n', 1, true)
-    redis.call('RPUSH', string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1))
-    redis.call('HDEL', KEYS[4], tag)
+  local length = entry and string.match(entry, '^(%d+):')
+  if length then  -- "<length>:<queue list key><envelope>"
+    local start = #length + 2
+    redis.call('RPUSH', string.sub(entry, start, start + length - 1), string.sub(entry, start + length))
   end
+  if entry and not length then  -- minicelery 0.1's form: "<queue list key>\n<envelope>"
+    local sep = string.find(entry, '\n', 1, true)
+    if sep then redis.call('RPUSH', string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1)) end
+  end
+  if entry then redis.call('HDEL', KEYS[4], tag) end
   redis.call('ZREM', KEYS[3], tag)
 end
 for i = 5, #KEYS do
@@ -845,6 +951,33 @@ for i = 5, #KEYS do
   end
 end
 return out
+"""
+
+# Queues a message once however often it is sent: the first copy to reach Redis
+# sets the marker KEYS[2] (named by its delivery tag), and a copy sent again
+# after a lost reply finds it and does nothing. The marker outlives any retry.
+_PUBLISH_LUA = r"""
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
+  redis.call('LPUSH', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+# Renews our hold on reserved messages (ARGV[2], ARGV[4], ... with the scores we
+# last wrote in ARGV[3], ARGV[5], ...) to the time ARGV[1]. A message whose score
+# is not ours any more was restored while we were out of touch (and maybe taken
+# by another worker): it is left alone and returned, so we let it go.
+_TOUCH_LUA = r"""
+local lost = {}
+for i = 2, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
 """
 
 # Takes lease KEYS[1] for token ARGV[1] (or renews it, if ours) for ARGV[2] ms;
@@ -882,25 +1015,32 @@ class RedisBroker(Broker):
     WATCH_LIMIT = 0.25
     #: how many dead letters to keep; the oldest go first
     DEAD_LETTER_LIMIT = 10000
+    #: seconds a publish marker lives: longer than any retried publish takes
+    SENT_MARKER_TTL = 60
 
     def __init__(self, app, url):
         super().__init__(app, url)
         redis = _import_redis()
-        self.connection_errors = (redis.ConnectionError, redis.TimeoutError)
+        # ResponseError covers a Redis that is full (OOM), read-only or still loading.
+        self.connection_errors = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
         self.client = redis_client(url)
+        self._publish_script = self.client.register_script(_PUBLISH_LUA)
         self._reserve_script = self.client.register_script(_RESERVE_LUA)
+        self._touch_script = self.client.register_script(_TOUCH_LUA)
         self._restore_script = self.client.register_script(_RESTORE_LUA)
         self._lease_script = self.client.register_script(_LEASE_LUA)
         self._declared = set()
         self._rotation = 0
         self._pubsub = None
         self._orphaned = []  # scores of reserve calls whose reply never came
+        self._held = {}  # delivery tag -> unacked_index score we last wrote: our claim on it
         db = self.client.connection_pool.connection_kwargs.get("db", 0)
         #: Celery's broadcast channel for remote control, per database
         self.pidbox = f"/{db}.celery.pidbox"
 
-    def publish(self, queue, envelope, priority=0):
-        self.client.lpush(_queue_key(queue, priority), envelope)
+    def publish(self, queue, envelope, priority=0, tag=None):
+        self._publish_script(keys=[_queue_key(queue, priority), f"minicelery:sent:{tag or uuid()}"],
+                             args=[envelope, self.SENT_MARKER_TTL])
 
     def _declare(self, queues):
         """Write kombu's binding entries once, so named-exchange producers find our queues."""
@@ -942,7 +1082,9 @@ class RedisBroker(Broker):
 
     def _take(self, keys, limit, now):
         try:
-            return self._reserve_script(keys=keys, args=[limit, now, now + self.ETA_MOVE_AHEAD])
+            found = self._reserve_script(keys=keys, args=[limit, now, now + self.ETA_MOVE_AHEAD])
+            self._held.update((found[i].decode(), now) for i in range(1, len(found), 3))
+            return found
         except self.connection_errors:
             # The script may have run and only its reply been lost (Redis restarting):
             # then its messages sit in unacked, scored `now`. Give them back next time.
@@ -957,6 +1099,8 @@ class RedisBroker(Broker):
             self._orphaned.pop(0)
 
     def ack(self, tags):
+        for tag in tags:
+            self._held.pop(tag, None)
         if tags:
             with self.client.pipeline() as pipe:
                 pipe.zrem(self.UNACKED_INDEX, *tags)
@@ -964,9 +1108,18 @@ class RedisBroker(Broker):
                 pipe.execute()
 
     def touch(self, tags):
-        if tags:
-            now = time.time()
-            self.client.zadd(self.UNACKED_INDEX, {tag: now for tag in tags}, xx=True)
+        claims = [(tag, self._held[tag]) for tag in tags if tag in self._held]
+        if not claims:
+            return set()
+        now = time.time()
+        lost = {tag.decode() for tag in self._touch_script(
+            keys=[self.UNACKED_INDEX], args=[now, *itertools.chain.from_iterable(claims)])}
+        for tag, _ in claims:
+            if tag in lost:
+                self._held.pop(tag, None)
+            elif tag in self._held:
+                self._held[tag] = now
+        return lost
 
     def requeue(self, tags):
         for tag in tags:
@@ -978,6 +1131,7 @@ class RedisBroker(Broker):
         return sum(self._restore(tag.decode()) for tag in stale)
 
     def _restore(self, tag) -> int:
+        self._held.pop(tag, None)
         entry = self.client.hget(self.UNACKED, tag)
         if entry is None:
             self.client.zrem(self.UNACKED_INDEX, tag)
@@ -1013,9 +1167,12 @@ class RedisBroker(Broker):
             for delivery, priority, due in parked:
                 key = _queue_key(delivery.queue, priority).encode()
                 raw = delivery.raw if isinstance(delivery.raw, bytes) else delivery.raw.encode()
-                pipe.hset(self.ETA_MESSAGES, delivery.tag, key + b"\n" + raw)
+                # Length-prefixed: a queue name (or an envelope) may hold any byte.
+                pipe.hset(self.ETA_MESSAGES, delivery.tag, b"%d:%s%s" % (len(key), key, raw))
                 pipe.zadd(self.ETA, {delivery.tag: due})
             tags = [delivery.tag for delivery, _, _ in parked]
+            for tag in tags:
+                self._held.pop(tag, None)
             pipe.zrem(self.UNACKED_INDEX, *tags)
             pipe.hdel(self.UNACKED, *tags)
             pipe.execute()
@@ -1035,12 +1192,17 @@ class RedisBroker(Broker):
         with self.client.pipeline() as pipe:
             pipe.zadd(self.REVOKED, {task_id: now + expires for task_id in task_ids})
             pipe.zremrangebyscore(self.REVOKED, "-inf", now)
+            pipe.expire(self.REVOKED, int(expires) + 1)  # the newest entry expires last
             if broadcast:
                 pipe.publish(self.pidbox, envelope)
             pipe.execute()
 
     def revoked(self):
-        return {i.decode() for i in self.client.zrangebyscore(self.REVOKED, time.time(), "+inf")}
+        now = time.time()
+        with self.client.pipeline() as pipe:
+            pipe.zremrangebyscore(self.REVOKED, "-inf", now)
+            pipe.zrangebyscore(self.REVOKED, now, "+inf")
+            return {i.decode() for i in pipe.execute()[1]}
 
     def control_messages(self):
         if self._pubsub is None:
@@ -1102,22 +1264,43 @@ class RedisBroker(Broker):
         self.client.close()
 
 
+#: a control broadcast larger than this is not read: revoke needs a few ids
+CONTROL_MESSAGE_LIMIT = 1024 * 1024
+
+
 def _parse_control(raw):
-    """A Celery pidbox broadcast as (task_ids, terminate, signal, destination), for revoke only."""
+    """A Celery pidbox broadcast as a revoke command (see revoke_command), or None.
+
+    Anything else (another method, or a malformed broadcast) is left out; a
+    malformed one is logged as Celery does: "Control command error".
+    """
     # Celery's broadcasts expire after a second; we may read one later than that
     # (blocked in BRPOP), and a late revoke is still right, so expiry is ignored.
     try:
+        if len(raw) > CONTROL_MESSAGE_LIMIT:
+            raise ValueError(f"{len(raw)} bytes, over {CONTROL_MESSAGE_LIMIT}")
         envelope = json.loads(raw)
         body = json.loads(base64.b64decode(envelope["body"]))
         if body.get("method") != "revoke":
             return None
         arguments = body["arguments"]
-        ids = arguments["task_id"]
-        return ([ids] if isinstance(ids, str) else list(ids), bool(arguments.get("terminate")),
-                arguments.get("signal") or "SIGTERM", body.get("destination"))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        logger.warning("ignoring a control message that is not valid: %r", _short_repr(raw, 200))
+        return revoke_command(arguments["task_id"], arguments.get("terminate"),
+                              arguments.get("signal"), body.get("destination"))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        logger.error("Control command error: %s in %s", _short_repr(exc, 200), _short_repr(raw, 200))
         return None
+
+
+def revoke_command(task_ids, terminate=False, signum=None, destination=None):
+    """(task ids, terminate, signal number, destination) from a revoke's arguments,
+    checked: a ValueError or TypeError names what is wrong."""
+    ids = [task_ids] if isinstance(task_ids, str) else task_ids
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, str) for i in ids):
+        raise TypeError(f"task_id must be an id or a list of ids, not {_short_repr(task_ids, 80)}")
+    if destination is not None and not (isinstance(destination, (list, tuple))
+                                        and all(isinstance(d, str) for d in destination)):
+        raise TypeError(f"destination must be a list of node names, not {_short_repr(destination, 80)}")
+    return list(ids), bool(terminate), signal_number(signum or "SIGTERM"), destination
 
 
 # -- SQLite and memory ----------------------------------------------------------
@@ -1150,13 +1333,21 @@ CREATE TABLE IF NOT EXISTS chord_parts (
 class SQLiteStore:
     """One SQLite database, shared by the threads of a process and by processes.
 
-    Threads share one connection under a lock. Writers wake waiting readers of
-    this process at once; other processes' writes are noticed by polling the
-    cheap `PRAGMA data_version` every POLL seconds.
+    Writes go through one connection under a lock; reads use a second one (WAL
+    lets reads go on beside a write), so a write waiting for another process's
+    lock never holds up a get(). Writers wake waiting readers of this process
+    at once; other processes' writes are noticed by polling the cheap `PRAGMA
+    data_version` every POLL seconds. A database file deleted or replaced under
+    us is noticed within FILE_CHECK seconds and opened again by its name, as
+    the producers that made the new one did.
     """
 
     #: seconds between checks for other processes' writes while waiting
     POLL = 0.01
+    #: seconds a write waits for another process's lock before giving up (OperationalError)
+    LOCK_TIMEOUT = 30.0
+    #: seconds between checks that the file we have open is still the one at our path
+    FILE_CHECK = 1.0
     _open = {}  # (pid, url) -> store: one per database per process
 
     @classmethod
@@ -1169,55 +1360,96 @@ class SQLiteStore:
     def __init__(self, url):
         import sqlite3
         self.memory = url.startswith("memory://")
-        path = ":memory:" if self.memory else url.split("://", 1)[1][1:] or "minicelery.db"
+        self.path = ":memory:" if self.memory else url.split("://", 1)[1][1:] or "minicelery.db"
         self.errors = sqlite3.OperationalError
-        self.conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.lock = threading.RLock()  # the writing connection's
+        # memory:// is one database per connection, so it reads through the writer.
+        self.read_lock = self.lock if self.memory else threading.Lock()
+        self._changed = threading.Condition()  # notified after every write here
+        self._writes = 0
+        self._connect()
+
+    def _connect(self):
+        import sqlite3
+        def connect():
+            return sqlite3.connect(self.path, timeout=1.0, isolation_level=None, check_same_thread=False)
+        self.conn = connect()
         if not self.memory:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.lock = threading.RLock()
-        self._changed = threading.Condition(self.lock)  # notified after every write here
-        self._writes = 0
-        with self.lock:
-            self.conn.executescript(_SQLITE_SCHEMA)  # IF NOT EXISTS: safe from every process
+        self.conn.executescript(_SQLITE_SCHEMA)  # IF NOT EXISTS: safe from every process
+        self.reader = self.conn if self.memory else connect()
+        self._file, self._next_file_check = self._identity(), time.monotonic() + self.FILE_CHECK
+
+    def _identity(self):
+        try:
+            info = os.stat(self.path)
+            return info.st_dev, info.st_ino
+        except OSError:
+            return None
+
+    def _check_file(self):
+        """Reopen the database if its file was deleted or replaced since we opened it."""
+        if self.memory or time.monotonic() < self._next_file_check:
+            return
+        self._next_file_check = time.monotonic() + self.FILE_CHECK
+        if self._identity() != self._file:
+            with self.lock, self.read_lock:
+                logger.warning("the database file %s was deleted or replaced; opening it again", self.path)
+                self.conn.close()
+                self.reader.close()
+                self._connect()
 
     @contextlib.contextmanager
     def transaction(self):
-        """A write transaction holding the database lock; retried while another holds it."""
+        """A write transaction holding the database lock; waits up to LOCK_TIMEOUT for it."""
+        self._check_file()
         with self.lock:
-            for attempt in range(50):
-                try:
-                    self.conn.execute("BEGIN IMMEDIATE")
-                    break
-                except self.errors as exc:  # locked past the busy timeout: keep trying
-                    if "locked" not in str(exc) and "busy" not in str(exc):
-                        raise
-                    time.sleep(min(0.01 * 2 ** attempt, 1.0))
+            self._begin()
             try:
                 yield self.conn
                 self.conn.execute("COMMIT")
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                if self.conn.in_transaction:  # a COMMIT that failed (disk full) rolled back already
+                    with contextlib.suppress(self.errors):
+                        self.conn.execute("ROLLBACK")
                 raise
+        with self._changed:
             self._writes += 1
             self._changed.notify_all()
 
+    def _begin(self):
+        deadline, pause = time.monotonic() + self.LOCK_TIMEOUT, 0.01
+        while True:
+            try:
+                return self.conn.execute("BEGIN IMMEDIATE")
+            except self.errors as exc:  # locked past the busy timeout: keep trying, until the deadline
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+
     def read(self, sql, params=()):
-        with self.lock:
-            return self.conn.execute(sql, params).fetchall()
+        self._check_file()
+        with self.read_lock:
+            return self.reader.execute(sql, params).fetchall()
 
     def wait_for_change(self, timeout):
         """Sleep until the database may have changed, or `timeout` seconds pass."""
         deadline = time.monotonic() + timeout
-        with self.lock:
-            writes, version = self._writes, self._data_version()
-            while time.monotonic() < deadline:
+        writes, version = self._writes, self._data_version()
+        while time.monotonic() < deadline:
+            with self._changed:
                 self._changed.wait(min(self.POLL, max(deadline - time.monotonic(), 0)))
-                if self._writes != writes or self._data_version() != version:
-                    return
+            if self._writes != writes or self._data_version() != version:
+                return
 
     def _data_version(self):
-        return None if self.memory else self.conn.execute("PRAGMA data_version").fetchone()[0]
+        if self.memory:
+            return None
+        self._check_file()
+        with self.read_lock:
+            return self.reader.execute("PRAGMA data_version").fetchone()[0]
 
 
 def _marks(values):
@@ -1232,10 +1464,14 @@ class SQLiteBroker(Broker):
 
     def __init__(self, app, url):
         super().__init__(app, url)
+        import sqlite3
+        # A locked, full, vanished or unreadable database: log, wait and retry.
+        self.connection_errors = (sqlite3.DatabaseError,)
         self.store = SQLiteStore.for_url(url)
         self._last_control = None
+        self._held = {}  # delivery tag -> reserved_at we last wrote: our claim on the row
 
-    def publish(self, queue, envelope, priority=0):
+    def publish(self, queue, envelope, priority=0, tag=None):
         step = PRIORITY_STEPS.index(max(s for s in PRIORITY_STEPS if s <= clamp_priority(priority)))
         with self.store.transaction() as db:
             db.execute("INSERT INTO messages (queue, step, seq, raw) VALUES (?, ?, ?, ?)",
@@ -1258,10 +1494,13 @@ class SQLiteBroker(Broker):
                 "AND reserved_at IS NULL AND due <= ? ORDER BY step, seq LIMIT ?",
                 (*queues, now, limit)).fetchall()
             db.executemany("UPDATE messages SET reserved_at = ? WHERE id = ?", [(now, r[0]) for r in rows])
+        self._held.update((str(row[0]), now) for row in rows)
         return [Delivery(queue, str(row_id), raw) for row_id, queue, raw in rows]
 
     def _update(self, sql, tags, *params):
         tags = list(tags)
+        for tag in tags:
+            self._held.pop(tag, None)
         if tags:
             with self.store.transaction() as db:
                 return db.execute(f"{sql} WHERE id IN ({_marks(tags)})", (*params, *tags)).rowcount
@@ -1276,7 +1515,20 @@ class SQLiteBroker(Broker):
                      "seq = (SELECT MIN(seq) FROM messages) - 1", tags)
 
     def touch(self, tags):
-        self._update("UPDATE messages SET reserved_at = ?", tags, time.time())
+        claims = [(tag, self._held[tag]) for tag in tags if tag in self._held]
+        if not claims:
+            return set()
+        now, lost = time.time(), set()
+        with self.store.transaction() as db:
+            for tag, reserved_at in claims:  # ours only while reserved_at is what we wrote
+                if db.execute("UPDATE messages SET reserved_at = ? WHERE id = ? AND reserved_at = ?",
+                              (now, tag, reserved_at)).rowcount:
+                    self._held[tag] = now
+                else:
+                    lost.add(tag)
+        for tag in lost:
+            self._held.pop(tag, None)
+        return lost
 
     def restore_unacked(self, now=None):
         with self.store.transaction() as db:
@@ -1285,6 +1537,8 @@ class SQLiteBroker(Broker):
 
     def park(self, parked):
         if parked:
+            for delivery, _, _ in parked:
+                self._held.pop(delivery.tag, None)
             with self.store.transaction() as db:
                 db.executemany("UPDATE messages SET reserved_at = NULL, due = ? WHERE id = ?",
                                [(due - self.ETA_MOVE_AHEAD, d.tag) for d, _, due in parked])
@@ -1310,7 +1564,13 @@ class SQLiteBroker(Broker):
                                "ORDER BY id", (self._last_control,))
         if rows:
             self._last_control = rows[-1][0]
-        return [([task_id], bool(terminate), signal, None) for _, task_id, terminate, signal in rows]
+        commands = []
+        for _, task_id, terminate, signum in rows:  # rows another process (or version) wrote
+            try:
+                commands.append(revoke_command(task_id, terminate, signum))
+            except (TypeError, ValueError) as exc:
+                logger.error("Control command error: %s", exc)
+        return commands
 
     def lease(self, name, token, ttl):
         now = time.time()
@@ -1359,7 +1619,7 @@ def _pick_by_scheme(registry, url, what):
         return registry[scheme]
     except KeyError:
         raise ImproperlyConfigured(
-            f"unknown {what} URL scheme {scheme!r} in {url!r}; "
+            f"unknown {what} URL scheme {scheme!r} in {_safe_url(url)!r}; "
             f"supported: {', '.join(s + '://' for s in registry)}") from None
 
 
@@ -1400,7 +1660,16 @@ class ResultBackend:
             if value:
                 meta[field] = value
         meta["task_id"] = task_id
-        self._set(self.key_for(task_id), self.encode(meta))
+        try:
+            data = self.encode(meta)
+        except EncodeError as exc:
+            if state == SUCCESS:
+                raise  # run_task() turns it into a FAILURE, with hooks and logs
+            # A failure must be stored whatever its exception holds, or get() waits for ever.
+            meta.update(status=FAILURE, result=exception_to_dict(
+                EncodeError(f"can't store the {state} result: {exc}")))
+            data = self.encode(meta)
+        self._set(self.key_for(task_id), data)
         return meta
 
     def encode(self, meta):
@@ -1414,11 +1683,17 @@ class ResultBackend:
         return loads(data, content_type, self.accept)
 
     def get_meta(self, task_id) -> dict:
-        data = self._get(self.key_for(task_id))
+        return self.meta_from(self._get(self.key_for(task_id)), task_id)
+
+    def meta_from(self, data, task_id) -> dict:
+        """Stored data as metadata; nothing stored means PENDING, as in Celery."""
         if data is None:
             return {"status": PENDING, "result": None, "traceback": None,
                     "children": [], "date_done": None, "task_id": task_id}
-        return self.decode(data)
+        meta = self.decode(data)
+        if not (isinstance(meta, dict) and isinstance(meta.get("status"), str)):
+            raise DecodeError(f"not a stored task result: {_short_repr(meta, 200)}")
+        return meta
 
     def wait_for(self, task_id, timeout=None, interval=0.5) -> dict:
         """Block until the task is ready; raises ResultTimeout. Polls by default."""
@@ -1504,29 +1779,115 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 
+class _SharedSubscriptions:
+    """One pub/sub connection for all the threads of a process waiting in get().
+
+    A waiter that finds the connection free reads it for everyone for up to
+    SLICE seconds and files each message under its channel; the others sleep
+    until theirs is filed or it is their turn to read. (A connection per waiter
+    ran out of connections with a few hundred waiting threads.)
+    """
+
+    SLICE = 0.05
+
+    def __init__(self, client, errors):
+        self.client, self.errors = client, errors
+        self.pubsub = None
+        self.reading = threading.Lock()  # held by the thread using the pub/sub connection
+        self.filed = threading.Condition()  # guards `messages` and `waiters`; notified on news
+        self.messages, self.waiters = {}, {}
+
+    def subscribe(self, channel):
+        with self.reading, self.filed:
+            if self.pubsub is None:
+                self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            if not self.waiters.get(channel):
+                self.pubsub.subscribe(channel)
+            self.waiters[channel] = self.waiters.get(channel, 0) + 1
+
+    def unsubscribe(self, channel):
+        with self.filed:
+            self.waiters[channel] -= 1
+            if self.waiters[channel] > 0:
+                return
+            del self.waiters[channel]
+            self.messages.pop(channel, None)
+        if self.reading.acquire(timeout=self.SLICE * 2):  # else the channel lingers, harmless
+            try:
+                if not self.waiters.get(channel):
+                    self.pubsub.unsubscribe(channel)
+            except self.errors:
+                pass  # a reconnect resubscribes only to what is left
+            finally:
+                self.reading.release()
+
+    def wait(self, channel, deadline):
+        """The next data published on `channel`; None after a second (or at the deadline) without."""
+        until = min(deadline, time.monotonic() + 1.0)
+        while True:
+            with self.filed:
+                if channel in self.messages:
+                    return self.messages.pop(channel)
+            left = until - time.monotonic()
+            if left <= 0:
+                return None
+            if self.reading.acquire(blocking=False):
+                try:
+                    self._read(min(left, self.SLICE))
+                finally:
+                    self.reading.release()
+            else:
+                with self.filed:
+                    if channel not in self.messages:
+                        self.filed.wait(min(left, self.SLICE))
+
+    def _read(self, timeout):
+        try:
+            message = self.pubsub.get_message(timeout=timeout)
+        except self.errors:  # Redis went away: redis-py reconnects and resubscribes
+            time.sleep(min(timeout, 0.1))
+            return
+        if message is not None and message.get("type") == "message":
+            with self.filed:
+                channel = message["channel"].decode()
+                if self.waiters.get(channel):
+                    self.messages[channel] = message["data"]
+                self.filed.notify_all()
+
+
 class RedisBackend(ResultBackend):
     """Celery's Redis result backend: SETEX + PUBLISH, waiting on pub/sub.
 
     Reads and writes ride out a Redis restart: they retry for about half a
-    minute before giving up (Celery: result_backend_always_retry).
+    minute (or until a get()'s timeout) before giving up (Celery:
+    result_backend_always_retry). Every command has a short socket timeout, so
+    a stalled Redis can't hold a get() more than about a second past its timeout.
     """
+
+    #: seconds one Redis command may take before it counts as failed
+    SOCKET_TIMEOUT = 1.0
 
     def __init__(self, app, url):
         super().__init__(app, url)
         redis = _import_redis()
-        self.connection_errors = (redis.ConnectionError, redis.TimeoutError)
-        self.client = redis_client(url)
+        self.connection_errors = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
+        self.client = redis_client(url, socket_timeout=self.SOCKET_TIMEOUT)
         self._store_script = self.client.register_script(_STORE_RESULT_LUA)
         self._chord_script = self.client.register_script(_CHORD_PART_LUA)
+        self._waiters = _SharedSubscriptions(self.client, self.connection_errors)
 
-    def _retrying(self, operation, *args, attempts=20):
+    def _retrying(self, operation, *args, attempts=20, deadline=None):
+        """Call `operation`, retrying through connection errors; ResultTimeout at `deadline`."""
         for attempt in range(attempts):
             try:
                 return operation(*args)
-            except self.connection_errors:
+            except self.connection_errors as exc:
+                pause = min(0.05 * 2 ** attempt, 2.0)
+                if deadline is not None and time.monotonic() + pause >= deadline:
+                    raise ResultTimeout(f"the result backend did not answer in time: {exc!r}") from exc
                 if attempt == attempts - 1:
                     raise
-                time.sleep(min(0.05 * 2 ** attempt, 2.0))
+                time.sleep(pause)
 
     def _set(self, key, data):
         self._retrying(lambda: self._store_script(keys=[key], args=[data, self.expires]))
@@ -1563,27 +1924,25 @@ class RedisBackend(ResultBackend):
             pipe.execute()
 
     def wait_for(self, task_id, timeout=None, interval=0.5):
-        # Subscribe before the first GET, so a state written in between is not missed.
         key = self.key_for(task_id)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        deadline = float("inf") if timeout is None else time.monotonic() + timeout
+        # Subscribe before the first GET, so a state written in between is not missed.
+        self._retrying(self._waiters.subscribe, key, deadline=deadline, attempts=10 ** 9)
         try:
-            self._retrying(pubsub.subscribe, key)
-            meta = self.get_meta(task_id)
+            meta = self._read_meta(task_id, deadline)
             while meta["status"] not in READY_STATES:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+                if time.monotonic() >= deadline:
                     raise ResultTimeout(f"task {task_id} not ready after {timeout}s")
-                try:
-                    message = pubsub.get_message(timeout=min(left if left is not None else 1.0, 1.0))
-                except self.connection_errors:  # Redis went away: redis-py resubscribes on reconnect
-                    message = None
-                    time.sleep(0.1)
+                data = self._waiters.wait(key, deadline)
                 # A silent second re-reads the key: covers a reconnect that dropped a message.
-                meta = self.decode(message["data"]) if message else self.get_meta(task_id)
+                meta = self.meta_from(data, task_id) if data is not None else self._read_meta(task_id, deadline)
             return meta
         finally:
-            pubsub.close()
+            self._waiters.unsubscribe(key)
+
+    def _read_meta(self, task_id, deadline):
+        data = self._retrying(self.client.get, self.key_for(task_id), deadline=deadline, attempts=10 ** 9)
+        return self.meta_from(data, task_id)
 
     def close(self):
         self.client.close()
@@ -1627,7 +1986,10 @@ class SQLiteBackend(ResultBackend):
                         json_dumps([1, task_id, state, value])))
             row = db.execute("SELECT size, done, (SELECT COUNT(*) FROM chord_parts WHERE group_id = ?) "
                              "FROM chords WHERE group_id = ?", (group_id, group_id)).fetchone()
-            if row is None or row[1] or row[2] != row[0]:
+            if row is None:  # done and forgotten already: a late duplicate leaves nothing behind
+                db.execute("DELETE FROM chord_parts WHERE group_id = ?", (group_id,))
+                return None
+            if row[1] or row[2] != row[0]:
                 return None
             db.execute("UPDATE chords SET done = 1 WHERE group_id = ?", (group_id,))
             return [json_loads(p) for (p,) in db.execute(
@@ -1636,6 +1998,7 @@ class SQLiteBackend(ResultBackend):
     def chord_done(self, group_id):
         with self.store.transaction() as db:
             db.execute("DELETE FROM chord_parts WHERE group_id = ?", (group_id,))
+            db.execute("DELETE FROM chords WHERE group_id = ?", (group_id,))
 
     def wait_for(self, task_id, timeout=None, interval=0.5):
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -2129,6 +2492,11 @@ def _call_task(task, request, message, soft_time_limit=None) -> Outcome:
     except Exception as exc:
         if task.autoretry_for and isinstance(exc, tuple(task.autoretry_for)):
             return _autoretry(task, request, exc, traceback.format_exc())
+        return Outcome(FAILURE, exc, traceback.format_exc())
+    except (SystemExit, KeyboardInterrupt) as exc:
+        if isinstance(exc, WorkerTerminate):
+            raise  # our own cold shutdown, interrupting a task in the solo pool
+        # sys.exit() in a task ends the task, not the process running it.
         return Outcome(FAILURE, exc, traceback.format_exc())
     return Outcome(SUCCESS, retval)
 
@@ -2705,6 +3073,11 @@ class Config:
         for name, value in dict(other or {}, **settings).items():
             setattr(self, name, value)
 
+    def __repr__(self):
+        # Settings end up in logs and tracebacks: URLs and anything named *password* masked.
+        shown = (f"{f.name}={_mask_secrets(f.name, getattr(self, f.name))!r}" for f in dataclasses.fields(self))
+        return f"Config({', '.join(shown)})"
+
     def __getitem__(self, name):
         try:
             return getattr(self, name)
@@ -2722,6 +3095,14 @@ class Config:
         value = self.result_expires
         value = value.total_seconds() if isinstance(value, dt.timedelta) else value
         return int(-(-value // 1)) if value else 0
+
+
+def _mask_secrets(name, value):
+    if isinstance(value, dict):
+        return {key: _mask_secrets(str(key), item) for key, item in value.items()}
+    if "password" in name.lower() and value:
+        return "**"
+    return _safe_url(value) if isinstance(value, str) and "://" in value else value
 
 
 def _allowed_types(annotation):
@@ -2981,6 +3362,8 @@ class Celery:
             parent_id, root_id = parent.request.id, root_id or parent.request.root_id
         route = self.route_for(name, args, kwargs)
         queue = queue or route.get("queue") or self.conf.task_default_queue
+        if not isinstance(queue, str):
+            raise TypeError(f"send_task({name!r}): queue must be a name (str), not {queue!r}")
         if priority is None:
             priority = route.get("priority", self.conf.task_default_priority)
         message_headers = build_headers(
@@ -2995,11 +3378,12 @@ class Celery:
         body, content_type, compression_header = dumps(
             [args, kwargs, embed],
             serializer or self.conf.task_serializer, compression or self.conf.task_compression)
+        tag = uuid()
         envelope = build_envelope(
             message_headers, body, content_type, queue, priority=clamp_priority(priority or 0),
-            compression=compression_header,
+            compression=compression_header, delivery_tag=tag,
             expires_in=(expires_at - now).total_seconds() if expires_at else None)
-        self._publish(queue, envelope, clamp_priority(priority or 0), f"{name}[{task_id}]")
+        self._publish(queue, envelope, clamp_priority(priority or 0), f"{name}[{task_id}]", tag)
         return AsyncResult(task_id, app=self, task_name=name)
 
     @property
@@ -3015,22 +3399,24 @@ class Celery:
             return dt.timezone.utc
         return dt.datetime.now().astimezone().tzinfo
 
-    def _publish(self, queue, envelope, priority, what):
+    def _publish(self, queue, envelope, priority, what, tag):
         """Publish, retrying while the broker is unreachable (task_publish_retry_policy).
 
-        Raises OperationalError once the retries are used up: an id is returned
-        only for a message the broker took.
+        Retrying is safe: the broker queues a message (by its tag) only once. Raises
+        OperationalError once the retries are used up: an id is returned only for a
+        message the broker confirmed.
         """
         policy = dict(max_retries=3, interval_start=0, interval_step=0.2, interval_max=0.2)
         policy.update(self.conf.task_publish_retry_policy or {})
         retries = policy["max_retries"] if self.conf.task_publish_retry else 0
         for attempt in itertools.count():
             try:
-                return self.broker.publish(queue, envelope, priority)
+                return self.broker.publish(queue, envelope, priority, tag)
             except self.broker.connection_errors as exc:
                 if retries is not None and attempt >= retries:
-                    raise OperationalError(f"could not send {what}: the broker is unreachable "
-                                           f"after {attempt} retries ({exc!r}); nothing was sent") from exc
+                    raise OperationalError(
+                        f"could not send {what}: the broker did not take it after {attempt} "
+                        f"retries ({exc!r}). If it only stalled, it may still queue it, once.") from exc
                 time.sleep(min(policy["interval_start"] + attempt * policy["interval_step"],
                                policy["interval_max"]))
 
@@ -3067,7 +3453,8 @@ class Control:
         """
         if celery_options.get("destination"):
             raise TypeError("revoke(destination=...) is not supported: revocations reach every worker")
-        ids = [task_id] if isinstance(task_id, str) else list(task_id)
+        ids = list(task_id) if isinstance(task_id, (set, frozenset)) else task_id
+        ids, terminate, _, _ = revoke_command(ids, terminate, signal)  # raises at the call site
         self.app.broker.revoke(ids, terminate=terminate, signal=signal, expires=self.app.revoke_expires)
 
 
@@ -3249,26 +3636,17 @@ class PreforkPool(Pool):
 
     def _spawn(self, index) -> _Child:
         ours, theirs = Pipe()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        pid = os.fork()
-        if pid == 0:
-            # The child: keep only its own pipe end, so it sees EOF when the main process dies.
-            status = 0
-            try:
-                ours.close()
-                for sibling in self.children:
-                    sibling.conn.close()
-                    if sibling.sentinel is not None:
-                        os.close(sibling.sentinel)
-                child_main(self.app, theirs, index, self.hostname, self.max_tasks_per_child)
-            except BaseException:
-                traceback.print_exc()
-                status = 1
-            finally:
-                for stream in (sys.stdout, sys.stderr):
-                    stream.flush()
-                os._exit(status)  # never return into the parent's code after fork()
+
+        def run_child():
+            # Keep only our own pipe end, so we see EOF when the main process dies.
+            ours.close()
+            for sibling in self.children:
+                sibling.conn.close()
+                if sibling.sentinel is not None:
+                    os.close(sibling.sentinel)
+            child_main(self.app, theirs, index, self.hostname, self.max_tasks_per_child)
+
+        pid = fork_child(run_child)
         theirs.close()
         return _Child(index, pid, ours)
 
@@ -3389,17 +3767,51 @@ def _exit_reason(status) -> str:
     return f"exitcode {os.WEXITSTATUS(status)}"
 
 
+def fork_child(run_child) -> int:
+    """fork(); the child runs `run_child()`, then always leaves by os._exit().
+
+    Whatever the child's code does (a task that broke stdout, an exception in a
+    finally), it never returns into the parent's code: a child that ran the
+    parent's shutdown would give back the parent's messages, and they would run
+    twice. Signals are blocked across fork(), so one arriving meanwhile is
+    neither lost by the parent nor handled in the child by the parent's handler:
+    the child ignores SIGINT and SIGHUP (a Ctrl-C or a hang-up reaches the whole
+    process group; the main process decides what to do) and dies of SIGTERM.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    watched = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    pid = os.fork()
+    if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return pid
+    status = 1
+    try:
+        for signum in watched:
+            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        run_child()
+        status = 0
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                stream.flush()
+        os._exit(status)
+
+
 def child_main(app, conn, index, hostname, max_tasks=None):
     """The loop of one pool process: receive a message, run_task() it, report.
 
-    This runs in a forked child. It ignores SIGINT (a Ctrl-C in the terminal
-    reaches the whole process group; the main process decides what to do) and
-    leaves when the pipe closes, when told to (None), or after max_tasks.
+    This runs in a child made by fork_child(). It leaves when the pipe closes,
+    when told to (None), or after max_tasks.
     """
     global _process_name
     _process_name = f"ForkPoolWorker-{index}"
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     app.after_fork()
     done = 0
     while not max_tasks or done < max_tasks:
@@ -3467,11 +3879,13 @@ class Consumer:
         self.revoked = set()    # task ids revoked (from the broker, kept fresh)
         self.buckets = {}       # task name -> TokenBucket, for rate-limited tasks
         self._to_ack, self._sequence = [], 0
+        self._lost_claims = set()  # held messages the broker says are no longer ours
+        self._let_go = set()       # running ones among them: never ack another's claim
         #: None while running; "warm" or "cold" once a shutdown was asked for
         self.stopping = None
         vt = self.broker.visibility_timeout
         self.maintain_every = max(0.2, min(5.0, vt / 4))
-        self._next_maintenance = 0.0
+        self._next_maintenance = self._restore_after = 0.0
 
     # -- the loop ---------------------------------------------------------
 
@@ -3489,13 +3903,23 @@ class Consumer:
                 try:
                     self.step()
                     failures = 0
-                except self.broker.connection_errors as exc:
+                except Exception as exc:  # nothing a broker or a message does may stop the worker
                     failures += 1
                     delay = min(2 ** failures * 0.1, 10.0)
-                    worker_logger.error("Connection to broker lost: %r; trying again in %.1fs", exc, delay)
+                    if isinstance(exc, self.broker.connection_errors):
+                        worker_logger.error("Connection to broker lost: %r; trying again in %.1fs", exc, delay)
+                    else:
+                        worker_logger.exception("Unexpected error in the worker loop; going on in %.1fs", delay)
+                    self._after_outage()
                     time.sleep(delay)
         finally:
             self.shutdown()
+
+    def _after_outage(self):
+        """After the broker failed us, wait two maintenance rounds before restoring
+        "abandoned" messages: the other workers were cut off too, and need a round
+        to renew their claims before theirs look abandoned."""
+        self._restore_after = time.monotonic() + 2 * self.maintain_every
 
     def _start_keepalive(self):
         """Solo pool: tasks run in this thread, so a helper thread keeps our messages' leases."""
@@ -3503,7 +3927,7 @@ class Consumer:
             while not self.stopping:
                 time.sleep(self.maintain_every)
                 try:
-                    self.broker.touch(self.held_tags())
+                    self._renew_claims()
                 except Exception:  # a torn read of the lists, or the broker away: next time
                     worker_logger.debug("keepalive touch failed", exc_info=True)
         threading.Thread(target=touch_held_messages, name="keepalive", daemon=True).start()
@@ -3515,7 +3939,9 @@ class Consumer:
         self._apply_control()
         self._release_due()
         self._dispatch()
-        room = self.prefetch_limit - len(self.ready) - len(self.active)
+        # Everything held counts, waiting for an ETA or a rate limit too: a worker
+        # holds at most prefetch_limit messages, and the rest stay for others.
+        room = self.prefetch_limit - len(self.ready) - len(self.scheduled) - len(self.active)
         wait, precise = self._wait_time()
         received = 0
         self._flush_acks()  # before we may block: a late ack must not wait for the next message
@@ -3589,7 +4015,8 @@ class Consumer:
     def _decode(self, delivery):
         """The delivery as a runnable Message, or None after logging and dead-lettering it."""
         try:
-            message = decode_message(delivery.raw, delivery.queue, delivery.tag)
+            message = decode_message(delivery.raw, delivery.queue, delivery.tag,
+                                     self.app.conf.worker_max_message_size)
         except DecodeError as exc:
             self._discard(delivery, None, f"can't decode message: {exc}", exc)
             return None
@@ -3645,12 +4072,10 @@ class Consumer:
         heapq.heapify(self.scheduled)
 
     def _terminate(self, task_ids, signum):
-        number = signum if isinstance(signum, int) else signal.Signals[
-            signum if str(signum).startswith("SIG") else f"SIG{signum}"]
         for tag, message in list(self.active.items()):
             if message.id in task_ids:
-                worker_logger.info("Terminating %s (%s)", message.id, int(number))
-                if not self.pool.terminate(tag, number):
+                worker_logger.info("Terminating %s (%s)", message.id, signum)
+                if not self.pool.terminate(tag, signum):
                     worker_logger.warning("the %s pool can't terminate %s", self.pool.name, message.id)
 
     def _discard_revoked(self, message, why):
@@ -3698,12 +4123,23 @@ class Consumer:
                 message = self.ready.popleft()
                 if not self._throttled(message):
                     batch.append(message)
-            # Early ack: acked before it runs, so a crash can't run it twice.
-            self.broker.ack([m.delivery_tag for m in batch if not self._acks_late(m)])
+            try:  # early ack: acked before it runs, so a crash can't run it twice
+                self.broker.ack([m.delivery_tag for m in batch if not self._acks_late(m)])
+            except Exception:
+                self.ready.extendleft(reversed(batch))  # not acked, not run: still ours
+                raise
             for message in batch:
                 self.active[message.delivery_tag] = message
-                self.pool.apply(message)
+                self._apply(message)
             self._handle(self.pool.collect(0))
+
+    def _apply(self, message):
+        try:
+            self.pool.apply(message)
+        except Exception as exc:  # the pool couldn't take it: it ends like a lost child's task
+            worker_logger.exception("the pool could not run %s", message.describe())
+            self.active.pop(message.delivery_tag, None)
+            self._on_worker_lost(message, repr(exc))
 
     def _handle(self, events):
         for event in events:
@@ -3741,7 +4177,9 @@ class Consumer:
 
     def _flush_acks(self):
         if self._to_ack:
-            self.broker.ack(self._to_ack)
+            # A message we let go may be another worker's claim now: not ours to ack.
+            self.broker.ack([tag for tag in self._to_ack if tag not in self._let_go])
+            self._let_go.difference_update(self._to_ack)
             self._to_ack = []
 
     def held_tags(self):
@@ -3755,12 +4193,31 @@ class Consumer:
         if now < self._next_maintenance:
             return
         self._next_maintenance = now + self.maintain_every
-        self.broker.touch(self.held_tags())
-        restored = self.broker.restore_unacked()
-        if restored:
-            worker_logger.warning("Restored %d unacknowledged message(s) of lost workers", restored)
+        self._renew_claims()
+        if self._lost_claims:
+            self._let_go_of(self._lost_claims)
+        if now >= self._restore_after:
+            restored = self.broker.restore_unacked()
+            if restored:
+                worker_logger.warning("Restored %d unacknowledged message(s) of lost workers", restored)
         self.revoked = self.broker.revoked()
         self._drop_revoked()
+
+    def _renew_claims(self):
+        """Touch what we hold; note what we lost (called by the solo keepalive thread too)."""
+        self._lost_claims.update(self.broker.touch(self.held_tags()))
+
+    def _let_go_of(self, tags):
+        """Held messages went back to the queue while we were out of touch with the
+        broker for longer than the visibility timeout: another worker may run them
+        now, so we drop the ones we have not started."""
+        tags, self._lost_claims = set(tags), set()
+        worker_logger.warning("Out of touch with the broker for longer than the visibility timeout: "
+                              "%d held message(s) went back to the queue; letting them go", len(tags))
+        self.ready = deque(m for m in self.ready if m.delivery_tag not in tags)
+        self.scheduled = [entry for entry in self.scheduled if entry[2].delivery_tag not in tags]
+        heapq.heapify(self.scheduled)
+        self._let_go.update(tags & set(self.active))
 
     # -- shutdown -----------------------------------------------------------
 
@@ -3815,6 +4272,7 @@ class Worker:
                 "can't share: use pool='solo' (-P solo), or sqlite:// to share them between processes")
         self.consumer = None
         self.embed_beat = beat
+        self.restarting = False  # SIGHUP asked for a restart
         self.ready = threading.Event()  # set once the worker consumes
         self._thread = None
 
@@ -3838,21 +4296,24 @@ class Worker:
                 _kill(beat_pid, signal.SIGTERM)
                 _reap(beat_pid)
             self.app.close()
+        if self.restarting:
+            self._restart()
+
+    def _restart(self):
+        """SIGHUP: after a warm shutdown, run this program again as it was started (as Celery does)."""
+        worker_logger.warning("Restarting worker (%s)", " ".join(sys.orig_argv))
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
     def _start_beat(self):
         """`worker -B`: beat in a process of its own, forked before the pool."""
-        pid = os.fork()
-        if pid == 0:
+        def run_beat():
             global _process_name
             _process_name = "Beat"
-            status = 1
-            try:
-                self.app.after_fork()
-                Beat(self.app).run()
-                status = 0
-            finally:
-                os._exit(status)
-        return pid
+            self.app.after_fork()
+            Beat(self.app).run()
+        return fork_child(run_beat)
 
     def stop(self, cold=False):
         if self.consumer is not None:
@@ -3875,13 +4336,20 @@ class Worker:
 
         def on_signal(signum, frame):
             cold = self.consumer.stopping is not None
+            self.restarting = False  # asked to stop: no restart after all
             worker_logger.warning("worker: %s shutdown (MainProcess)", "Cold" if cold else "Warm")
             self.stop(cold)
             if cold and isinstance(self.consumer.pool, SoloPool) and self.consumer.active:
-                raise SystemExit(1)  # interrupt the task running in this very process
+                raise WorkerTerminate(1)  # interrupt the task running in this very process
+
+        def on_hangup(signum, frame):
+            worker_logger.warning("worker: Warm shutdown, then restart (SIGHUP)")
+            self.restarting = True
+            self.stop()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hangup)
 
     def banner(self, pool):
         import platform
@@ -3914,8 +4382,21 @@ def _expand_hostname(name):
 
 
 def _safe_url(url):
-    """The URL with its password masked, for banners and logs."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1**@", url or "")
+    """The URL with its password masked, for banners, logs and errors.
+
+    Masks `user:password@` (the password may hold '@', ':' or '/': the host
+    is after the last '@' before the query) and `password=` in the query.
+    """
+    url = str(url or "")
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        location, question, query = rest.partition("?")
+        userinfo, at, host = location.rpartition("@")
+        if at:
+            user, colon, _ = userinfo.partition(":")
+            location = f"{user}{colon}{'**' if colon else ''}@{host}"
+        url = f"{scheme}{sep}{location}{question}{query}"
+    return re.sub(r"(?i)(\bpassword=)[^&;#]*", r"\1**", url)
 
 
 # =============================================================================
@@ -3952,10 +4433,6 @@ def _as_utc(moment: dt.datetime) -> dt.datetime:
     if moment.tzinfo is None:
         return moment.replace(tzinfo=dt.timezone.utc)
     return moment.astimezone(dt.timezone.utc)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class schedule:
@@ -4251,10 +4728,9 @@ class Beat:
         for name, spec in dict(self.app.conf.beat_schedule, **self.app.periodic_tasks).items():
             if "task" not in spec or "schedule" not in spec:
                 raise ImproperlyConfigured(f"beat_schedule entry {name!r} needs 'task' and 'schedule'")
-            state = saved.get(name, {})
+            last_run_at, count = saved.get(name, (now, 0))
             entry = ScheduleEntry(name, spec["task"], spec["schedule"], spec.get("args"), spec.get("kwargs"),
-                                  spec.get("options"), to_datetime(state.get("last_run_at")) or now,
-                                  state.get("total_run_count", 0))
+                                  spec.get("options"), min(last_run_at, now), count)
             if isinstance(entry.schedule, crontab) and entry.schedule.tz is None:
                 import copy
                 entry.schedule = copy.copy(entry.schedule)  # the declared one may be shared
@@ -4298,28 +4774,51 @@ class Beat:
 
     def _catch_up_with_state(self):
         """Taking over: runs the old leader recorded (same state file) are not run again."""
-        for name, state in self._load_state().items():
-            last = to_datetime(state.get("last_run_at"))
-            if name in self.entries and last and last > self.entries[name].last_run_at:
+        now = utcnow()
+        for name, (last, _) in self._load_state().items():
+            if name in self.entries and self.entries[name].last_run_at < last <= now:
                 self.entries[name].last_run_at = last
 
-    def _load_state(self):
+    def _load_state(self) -> dict:
+        """{entry name: (last_run_at, total_run_count)} from the state file; anything
+        unreadable is logged and left out (that entry starts afresh)."""
         try:
             with open(self.filename, encoding="utf-8") as f:
-                return json.load(f).get("entries", {})
+                entries = json.load(f)["entries"]
+            if not isinstance(entries, dict):
+                raise TypeError("'entries' is not an object")
         except FileNotFoundError:
             return {}
-        except (ValueError, AttributeError) as exc:
-            beat_logger.warning("beat: ignoring unreadable state file %s: %s", self.filename, exc)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            beat_logger.warning("beat: ignoring unreadable state file %s: %r", self.filename, exc)
             return {}
+        state = {}
+        for name, saved in entries.items():
+            try:
+                last, count = to_datetime(saved["last_run_at"]), saved.get("total_run_count", 0)
+                if not isinstance(last, dt.datetime) or not isinstance(count, int):
+                    raise TypeError("wrong types")
+                state[name] = (last, count)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                beat_logger.warning("beat: ignoring the saved state of %r: %r", name, exc)
+        return state
 
     def _save_state(self):
         state = {name: {"last_run_at": e.last_run_at.isoformat(), "total_run_count": e.total_run_count}
                  for name, e in self.entries.items()}
-        temporary = f"{self.filename}.tmp"
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump({"version": 1, "entries": state}, f)
-        os.replace(temporary, self.filename)  # atomic: a crash leaves the old state or the new
+        import tempfile
+        # A fresh file of our own (O_EXCL: never one planted, never through a link), then an
+        # atomic rename: a crash leaves the old state or the new.
+        fd, temporary = tempfile.mkstemp(prefix=os.path.basename(self.filename) + ".",
+                                         dir=os.path.dirname(os.path.abspath(self.filename)))
+        try:
+            with open(fd, "w", encoding="utf-8") as f:
+                json.dump({"version": 1, "entries": state}, f)
+            os.replace(temporary, self.filename)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
 
     def run(self):
         """Tick until stop() (SIGTERM/SIGINT in the main thread)."""

@@ -686,9 +686,16 @@ def test_broker_touch_keeps_a_held_message(app, redis_client):
     app.close()
     add.delay(1, 1)
     [delivery] = app.broker.reserve(["celery"], 1, timeout=0)
+    time.sleep(0.01)  # the touch must write a later time than the reserve did
+    assert app.broker.touch([delivery.tag]) == set()
+    touched = redis_client.zscore("unacked_index", delivery.tag)
+    assert touched > time.time() - 1
+    assert app.broker.restore_unacked(now=touched + 4) == 0
+    # A claim someone else rewrote (restored and taken again) is reported lost, not renewed.
     redis_client.zadd("unacked_index", {delivery.tag: time.time() - 100})
-    app.broker.touch([delivery.tag])
-    assert app.broker.restore_unacked() == 0
+    assert app.broker.touch([delivery.tag]) == {delivery.tag}
+    assert app.broker.touch([delivery.tag]) == set()  # and forgotten: no longer ours
+    assert app.broker.restore_unacked() == 1
 
 
 def test_broker_requeue_purge_and_size(app):
@@ -1507,7 +1514,7 @@ def test_contract_park_and_revocations(any_app):
     assert {"t1", "t2"} <= broker.revoked()
     commands = wait_until(broker.control_messages, timeout=5, what="revoke broadcast")
     assert sorted(i for ids, terminate, sig, _ in commands for i in ids) == ["t1", "t2"]
-    assert all(terminate and sig == "SIGKILL" for _, terminate, sig, _ in commands)
+    assert all(terminate and sig == signal.SIGKILL for _, terminate, sig, _ in commands)
 
 
 def test_contract_tasks_run_fail_retry(any_app, tmp_path):
