@@ -1337,17 +1337,15 @@ class SQLiteStore:
     lets reads go on beside a write), so a write waiting for another process's
     lock never holds up a get(). Writers wake waiting readers of this process
     at once; other processes' writes are noticed by polling the cheap `PRAGMA
-    data_version` every POLL seconds. A database file deleted or replaced under
-    us is noticed within FILE_CHECK seconds and opened again by its name, as
-    the producers that made the new one did.
+    data_version` every POLL seconds. Before each use we check (one stat) that
+    the file is still the one at our path: one deleted or replaced under us is
+    opened again by its name, as the producers that made the new one did.
     """
 
     #: seconds between checks for other processes' writes while waiting
     POLL = 0.01
     #: seconds a write waits for another process's lock before giving up (OperationalError)
     LOCK_TIMEOUT = 30.0
-    #: seconds between checks that the file we have open is still the one at our path
-    FILE_CHECK = 1.0
     _open = {}  # (pid, url) -> store: one per database per process
 
     @classmethod
@@ -1379,7 +1377,7 @@ class SQLiteStore:
             self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(_SQLITE_SCHEMA)  # IF NOT EXISTS: safe from every process
         self.reader = self.conn if self.memory else connect()
-        self._file, self._next_file_check = self._identity(), time.monotonic() + self.FILE_CHECK
+        self._file = self._identity()
 
     def _identity(self):
         try:
@@ -1390,10 +1388,7 @@ class SQLiteStore:
 
     def _check_file(self):
         """Reopen the database if its file was deleted or replaced since we opened it."""
-        if self.memory or time.monotonic() < self._next_file_check:
-            return
-        self._next_file_check = time.monotonic() + self.FILE_CHECK
-        if self._identity() != self._file:
+        if not self.memory and self._identity() != self._file:
             with self.lock, self.read_lock:
                 logger.warning("the database file %s was deleted or replaced; opening it again", self.path)
                 self.conn.close()

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+import zlib
 
 import pytest
 import redis
@@ -2597,6 +2598,345 @@ def test_cli_bad_app_is_a_clear_error():
     proc = _cli("worker", "no_such_module_here")
     output = proc.communicate(timeout=20)[0]
     assert proc.returncode == 1 and "can't import the app 'no_such_module_here'" in output
+
+
+# --- Hostile input and faults: each promise kept when the input or the machine misbehaves ---
+
+@APP.task
+def exits(code):
+    sys.exit(code)
+
+
+@APP.task
+def deep_result(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+class BadRepr(Exception):
+    def __repr__(self):
+        raise ValueError("no repr for you")
+
+    __str__ = __repr__
+
+
+@APP.task
+def fail_with_bad_repr():
+    raise BadRepr(object())
+
+
+@APP.task(rate_limit="1/m")
+def one_a_minute(i):
+    return i
+
+
+def _pidbox_broadcast(body_text):
+    return json.dumps({"body": base64.b64encode(body_text.encode()).decode(), "content-encoding": "utf-8",
+                       "content-type": "application/json", "headers": {"clock": 1},
+                       "properties": {"delivery_mode": 2, "body_encoding": "base64",
+                                      "delivery_info": {"exchange": "celery.pidbox", "routing_key": ""},
+                                      "delivery_tag": "x"}})
+
+
+@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+def test_hostile_control_messages_never_stop_a_worker(kind, app, tmp_path, redis_client):
+    if kind == "sqlite":
+        app.conf.update(broker_url=f"sqlite:///{tmp_path}/b.db", result_backend=None)
+        app.close()
+    with pytest.raises(ValueError, match="unknown signal"):
+        app.control.revoke("x", terminate=True, signal="SIGNOPE")
+    with pytest.raises(TypeError, match="task_id"):
+        app.control.revoke(12, terminate=True)
+    with worker(app, tmp_path, concurrency=1) as w:
+        if kind == "redis":
+            bodies = [{"method": "revoke", "arguments": {"task_id": "a", "terminate": True, "signal": s}}
+                      for s in ("term", "SIGNOPE", 12345, ["SIGTERM"])]
+            bodies += [{"method": "revoke", "arguments": {"task_id": t}} for t in ({"a": 1}, 7, [1, 2])]
+            bodies += [{"method": "revoke", "arguments": {"task_id": "a"}, "destination": d} for d in (3, "w")]
+            bodies += [{"method": "revoke"}, ["not", "an", "object"]]
+            for body in bodies:
+                redis_client.publish("/0.celery.pidbox", _pidbox_broadcast(json.dumps(body)))
+            for raw in ("not json", json.dumps({"body": "!!not base64"}), _pidbox_broadcast("x" * 2_000_000)):
+                redis_client.publish("/0.celery.pidbox", raw)
+            expected_errors = len(bodies) + 2  # "term" is fine: any case is accepted
+        else:
+            store = minicelery.SQLiteStore.for_url(app.conf.broker_url)
+            with store.transaction() as db:
+                db.execute("INSERT INTO revocations (task_id, expires, terminate, signal) "
+                           "VALUES ('a', ?, 1, 'SIGNOPE')", (time.time() + 60,))
+            expected_errors = 1
+        w.wait_for_log("Control command error", count=expected_errors)
+        # Still consuming, and a good revoke still works.
+        assert add.delay(1, 2).get(timeout=10) if app.conf.result_backend else True
+        held = sleep_then.apply_async((30,), countdown=2)
+        app.control.revoke(held.id)
+        w.wait_for_log("Discarding revoked task")
+        assert w.alive()
+
+
+def test_hostile_headers_and_embeds_are_bad_messages_not_worker_errors(app, tmp_path, redis_client):
+    def send_with(headers=None, embed=None, compression=None, body=None):
+        result = add.delay(1, 2)
+        raw = json.loads(redis_client.lpop("celery"))
+        raw["headers"].update(headers or {})
+        if embed is not None or body is not None:
+            payload = body if body is not None else json.dumps([[1, 2], {}, embed]).encode()
+            raw["body"] = base64.b64encode(payload).decode()
+        if compression:
+            raw["headers"]["compression"] = compression
+        redis_client.lpush("celery", json.dumps(raw))
+        return result
+    app.conf.worker_max_message_size = 1_000_000
+    bomb = zlib.compress(b"[" * 50_000_000)  # 50 MB of JSON from 50 KB of zlib
+    bad = [send_with(headers={"timelimit": ["soon", None]}), send_with(headers={"timelimit": [-1, None]}),
+           send_with(headers={"retries": "many"}), send_with(headers={"group_index": "x"}),
+           send_with(embed={"chain": "not a list"}), send_with(embed={"callbacks": [1, 2]}),
+           send_with(embed=["not", "an", "object"]), send_with(compression="application/x-gzip", body=bomb),
+           send_with(compression="application/x-snappy", body=b"...")]
+    with worker(app, tmp_path) as w:
+        assert add.delay(2, 2).get(timeout=10) == 4
+        wait_until(lambda: all(r.ready() for r in bad), what="every bad message failed")
+        assert all(isinstance(r.result, minicelery.DecodeError) for r in bad)
+        assert "inflates to more than worker_max_message_size" in w.log()
+        assert w.alive() and add.delay(3, 3).get(timeout=10) == 6
+    assert w.stop is not None and redis_client.hlen("unacked") == 0
+    assert len(app.broker.dead_letters()) == len(bad)
+
+
+def test_hostile_sys_exit_in_a_task_fails_the_task_not_the_worker(app, tmp_path):
+    for pool in ("solo", "prefork"):
+        with worker(app, tmp_path, pool=pool, concurrency=1) as w:
+            result = exits.delay(3)
+            with pytest.raises(SystemExit):
+                result.get(timeout=10)
+            assert add.delay(1, 1).get(timeout=10) == 2
+            assert w.alive()
+
+
+def test_hostile_unstorable_results_are_failures_and_args_fail_at_the_call_site(app, tmp_path):
+    deep = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(EncodeError):
+        echo.delay(deep)
+    with pytest.raises(EncodeError):
+        echo.delay(BadRepr(object()))
+    with worker(app, tmp_path) as w:
+        with pytest.raises(EncodeError):
+            deep_result.delay(100_000).get(timeout=10)
+        with pytest.raises(Exception) as raised:
+            fail_with_bad_repr.delay().get(timeout=10)
+        assert type(raised.value).__name__ in ("BadRepr", "EncodeError")
+        assert w.alive()
+
+
+def test_hostile_rate_limited_messages_count_against_prefetch(app, tmp_path, redis_client):
+    sent = [one_a_minute.delay(i) for i in range(60)]
+    with worker(app, tmp_path, concurrency=1, prefetch_multiplier=4) as w:
+        assert sent[0].get(timeout=10) == 0  # one ran; the rest wait a minute each
+        w.wait_for_log("Task test_minicelery.one_a_minute", count=4)
+        time.sleep(1.0)  # give it the chance to take more, which it must not
+        assert redis_client.hlen("unacked") <= 4
+        assert app.broker.size("celery") >= 55  # left for other workers
+
+
+def test_hostile_many_threads_wait_in_get_on_one_connection(app, tmp_path):
+    with worker(app, tmp_path, concurrency=2):
+        results = [add.delay(i, i) for i in range(300)]
+        values, errors = {}, []
+
+        def wait(i):
+            try:
+                values[i] = results[i].get(timeout=60)
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=wait, args=(i,)) for i in range(300)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+    assert not errors and values == {i: 2 * i for i in range(300)}
+
+
+def test_hostile_sqlite_get_keeps_its_deadline_while_another_process_holds_the_lock(tmp_path):
+    url = f"sqlite:///{tmp_path}/locked.db"
+    app_ = Celery("locked", broker=url, set_as_current=False)
+    result = app_.AsyncResult("nobody")
+    assert result.state == "PENDING"  # creates the file and tables
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+        "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(30)"),
+        str(tmp_path / "locked.db")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        def write():
+            with contextlib.suppress(Exception):
+                app_.backend.store_result("w", 1, "SUCCESS")
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()  # this process's writer now waits for the lock...
+        started = time.monotonic()
+        with pytest.raises(ResultTimeout):
+            result.get(timeout=1)  # ...and must not hold up a reader
+        assert time.monotonic() - started < 2.5
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_hostile_sqlite_database_deleted_under_a_worker(tmp_path):
+    url = f"sqlite:///{tmp_path}/gone.db"
+    APP.close()
+    APP.conf = Config()
+    APP.conf.update(broker_url=url)
+    with worker(APP, tmp_path, concurrency=1) as w:
+        assert add.delay(1, 1).get(timeout=10) == 2
+        APP.close()
+        minicelery.SQLiteStore._open.clear()
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{tmp_path}/gone.db{suffix}")
+        results = [add.delay(i, i) for i in range(20)]  # a producer makes a new file
+        assert [r.get(timeout=15) for r in results] == [2 * i for i in range(20)]
+        assert "deleted or replaced" in w.log()
+    APP.close()
+
+
+def test_hostile_sqlite_full_database_is_named_and_ridden_out(tmp_path):
+    url = f"sqlite:///{tmp_path}/full.db"
+    app_ = Celery("full", broker=url, set_as_current=False)
+    store = minicelery.SQLiteStore.for_url(url)
+    pages = store.read("PRAGMA page_count")[0][0]
+    with store.lock:
+        store.conn.execute(f"PRAGMA max_page_count = {pages}")  # this connection: the disk is full
+    with pytest.raises(minicelery.OperationalError, match="full"):
+        app_.send_task("x.y", ["z" * 100_000])
+    assert store.conn.in_transaction is False  # rolled back, and not "cannot rollback"
+    with store.lock:
+        store.conn.execute("PRAGMA max_page_count = 1073741823")
+    app_.send_task("x.y", [1])
+    assert app_.broker.size("celery") == 1
+
+
+def test_hostile_sighup_restarts_the_worker_and_loses_nothing(app, redis_server, tmp_path):
+    env = {"MINICELERY_BROKER_URL": app.conf.broker_url,
+           "MINICELERY_RESULT_BACKEND": app.conf.result_backend}
+    out = str(tmp_path / "runs")
+    log = open(tmp_path / "cli.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "minicelery", "worker", "test_minicelery", "-c", "1"],
+                            cwd=HERE, env=dict(os.environ, **env), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "ready." in (tmp_path / "cli.log").read_text(), what="worker ready")
+        results = [chaos_early.delay(i, out, 0.05) for i in range(20)]
+        wait_until(lambda: os.path.exists(out), what="first task")
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: (tmp_path / "cli.log").read_text().count("ready.") >= 2, what="restart")
+        assert [r.get(timeout=30) for r in results] == list(range(20))
+        assert sorted(int(line) for line in open(out)) == list(range(20))  # each once
+        assert proc.poll() is None and "Restarting worker" in (tmp_path / "cli.log").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        log.close()
+
+
+def test_hostile_a_signal_during_fork_is_neither_lost_nor_handled_in_the_child(tmp_path):
+    marks = tmp_path / "marks"
+    code = f"""
+import os, signal, minicelery
+marks = {str(marks)!r}
+def note(signum, frame):
+    with open(marks, "a") as f:
+        f.write(str(os.getpid()) + "\\n")
+signal.signal(signal.SIGINT, note)
+signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})
+os.kill(os.getpid(), signal.SIGINT)  # pending across the fork
+pid = minicelery.fork_child(lambda: os.kill(os.getpid(), signal.SIGINT))
+_, status = os.waitpid(pid, 0)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}})
+print(os.getpid(), os.waitstatus_to_exitcode(status))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=20)
+    parent, child_exit = out.stdout.split()
+    assert child_exit == "0", out.stderr
+    assert marks.read_text().split() == [parent]  # handled once, in the parent only
+
+
+def test_hostile_child_that_breaks_stdout_never_runs_parent_code(app, tmp_path):
+    # The child's last flush raises; it must still leave by os._exit, not unwind into the parent.
+    code = """
+import io, os, sys, minicelery
+class Broken(io.TextIOBase):
+    def write(self, s): raise OSError("broken pipe")
+    def flush(self): raise OSError("broken pipe")
+def child():
+    sys.stdout = sys.stderr = Broken()
+pid = minicelery.fork_child(child)
+_, status = os.waitpid(pid, 0)
+print("parent", os.getpid(), os.waitstatus_to_exitcode(status))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=20)
+    assert out.stdout.count("parent") == 1 and out.stdout.split()[-1] == "0", out
+
+
+def test_hostile_secrets_never_printed(app, tmp_path, redis_server):
+    url = f"unix://{redis_server}?db=0&password=s3cr@t"
+    app_ = Celery("s", broker="redis://user:p@ss:w/rd@localhost:1/0", set_as_current=False)
+    assert "p@ss" not in repr(app_.conf) and "w/rd" not in repr(app_.conf)
+    with pytest.raises(ImproperlyConfigured) as raised:
+        Celery("s", broker="amqp://u:hunter2@host//", set_as_current=False).broker
+    assert "hunter2" not in str(raised.value)
+    banner = minicelery.Worker(Celery("s", broker=url, set_as_current=False), pool="solo").banner(
+        minicelery.SoloPool(app_, 1, "h"))
+    assert "s3cr" not in banner and "password=**" in banner
+
+
+def test_hostile_beat_state_files_of_the_wrong_shape_or_time(tmp_path):
+    app_ = Celery("b", broker=f"sqlite:///{tmp_path}/b.db", set_as_current=False)
+    app_.conf.beat_schedule = {"tick": {"task": "b.tick", "schedule": 10.0}}
+    state = tmp_path / "state.json"
+    for content in ('["a", "list"]', '{"entries": []}', '{"entries": {"tick": "x"}}',
+                    '{"entries": {"tick": {"last_run_at": 5}}}', '{"entries": {"tick": {"last_run_at": "2999-01-01T00:00:00+00:00"}}}'):
+        state.write_text(content)
+        beat = Beat(app_, schedule_filename=str(state))
+        now = minicelery.utcnow()
+        beat.setup(now=now)
+        assert beat.entries["tick"].last_run_at <= now  # a future last run is not believed
+        beat.tick(now=now + dt.timedelta(seconds=11))
+        assert beat.entries["tick"].total_run_count >= 1, content
+        app_.broker.lease("beat", beat.token, 0)  # the next Beat leads at once
+    # The state file is written through a fresh temp file, never through a planted link.
+    target = tmp_path / "victim"
+    target.write_text("keep")
+    os.symlink(target, f"{state}.tmp")
+    beat._save_state()
+    assert target.read_text() == "keep" and json.loads(state.read_text())["entries"]["tick"]
+
+
+def test_hostile_queue_names_with_any_byte_park_and_come_back(app, tmp_path, redis_client):
+    queue = "odd\nqueue\x06\x16name"
+    result = add.apply_async((4, 4), queue=queue, countdown=4)
+    with worker(app, tmp_path, queues=[queue]) as w:
+        w.wait_for_log("Parked 1 task")
+        assert result.get(timeout=15) == 8
+    with pytest.raises(TypeError, match="queue"):
+        add.apply_async((1, 1), queue=7)
+
+
+def test_hostile_bookkeeping_does_not_grow_for_ever(app, tmp_path, redis_client):
+    app.control.revoke("gone")
+    assert 0 < redis_client.ttl("minicelery:revoked") <= app.revoke_expires + 1
+    sqlite_app = Celery("c", broker=f"sqlite:///{tmp_path}/c.db", set_as_current=False)
+    backend = sqlite_app.backend
+    backend.chord_start("g", 1)
+    assert backend.chord_part("g", 0, "t", "SUCCESS", 1)
+    backend.chord_done("g")
+    assert backend.chord_part("g", 0, "t", "SUCCESS", 1) is None  # a late duplicate
+    assert backend.store.read("SELECT COUNT(*) FROM chords")[0][0] == 0
+    assert backend.store.read("SELECT COUNT(*) FROM chord_parts")[0][0] == 0
+
 
 
 # --- Interop with the real Celery ----------------------------------------------------
