@@ -3911,9 +3911,9 @@ class Consumer:
             self.shutdown()
 
     def _after_outage(self):
-        """After the broker failed us, wait two maintenance rounds before restoring
-        "abandoned" messages: the other workers were cut off too, and need a round
-        to renew their claims before theirs look abandoned."""
+        """After the broker failed or stalled us, wait two maintenance rounds before
+        restoring "abandoned" messages: the other workers were cut off too, and
+        need a round to renew their claims before theirs look abandoned."""
         self._restore_after = time.monotonic() + 2 * self.maintain_every
 
     def _start_keepalive(self):
@@ -4187,6 +4187,8 @@ class Consumer:
         now = time.monotonic()
         if now < self._next_maintenance:
             return
+        if now - self._next_maintenance > self.maintain_every:
+            self._after_outage()  # this round is late: the broker stalled us, and the others too
         self._next_maintenance = now + self.maintain_every
         self._renew_claims()
         if self._lost_claims:

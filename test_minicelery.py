@@ -2651,6 +2651,7 @@ def test_hostile_control_messages_never_stop_a_worker(kind, app, tmp_path, redis
         app.control.revoke(12, terminate=True)
     with worker(app, tmp_path, concurrency=1) as w:
         if kind == "redis":
+            wait_until(lambda: redis_client.pubsub_numsub("/0.celery.pidbox")[0][1], what="worker listening")
             bodies = [{"method": "revoke", "arguments": {"task_id": "a", "terminate": True, "signal": s}}
                       for s in ("term", "SIGNOPE", 12345, ["SIGTERM"])]
             bodies += [{"method": "revoke", "arguments": {"task_id": t}} for t in ({"a": 1}, 7, [1, 2])]
@@ -2734,12 +2735,13 @@ def test_hostile_unstorable_results_are_failures_and_args_fail_at_the_call_site(
 
 def test_hostile_rate_limited_messages_count_against_prefetch(app, tmp_path, redis_client):
     sent = [one_a_minute.delay(i) for i in range(60)]
-    with worker(app, tmp_path, concurrency=1, prefetch_multiplier=4) as w:
+    with worker(app, tmp_path, concurrency=1, prefetch_multiplier=4) as first:
         assert sent[0].get(timeout=10) == 0  # one ran; the rest wait a minute each
-        w.wait_for_log("Task test_minicelery.one_a_minute", count=4)
-        time.sleep(1.0)  # give it the chance to take more, which it must not
-        assert redis_client.hlen("unacked") <= 4
-        assert app.broker.size("celery") >= 55  # left for other workers
+        first.wait_for_log("received", count=5)  # the one that ran and 4 waiting
+        with worker(app, tmp_path, concurrency=1, prefetch_multiplier=4) as second:
+            second.wait_for_log("received", count=5)  # the rest were left for other workers
+            assert first.log().count("received") == 5
+            assert redis_client.hlen("unacked") <= 8 and app.broker.size("celery") >= 50
 
 
 def test_hostile_many_threads_wait_in_get_on_one_connection(app, tmp_path):
@@ -2879,6 +2881,24 @@ print("parent", os.getpid(), os.waitstatus_to_exitcode(status))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=20)
     assert out.stdout.count("parent") == 1 and out.stdout.split()[-1] == "0", out
+
+
+def test_hostile_a_stall_past_the_visibility_timeout_runs_nothing_twice(app, tmp_path, private_redis):
+    sock, procs, _ = private_redis
+    app.conf.update(broker_url=f"unix://{sock}", result_backend=f"unix://{sock}?db=1",
+                    broker_transport_options={"visibility_timeout": 2})
+    app.close()
+    out = str(tmp_path / "runs")
+    results = [chaos_early.delay(i, out, 0.1) for i in range(60)]
+    with worker(app, tmp_path, concurrency=1) as first, worker(app, tmp_path, concurrency=1) as second:
+        wait_until(lambda: lines_in(out) >= 4, what="both working")
+        procs[0].send_signal(signal.SIGSTOP)  # Redis stalls for twice the visibility timeout
+        time.sleep(4)
+        procs[0].send_signal(signal.SIGCONT)
+        assert [r.get(timeout=60) for r in results] == list(range(60))
+        assert first.alive() and second.alive()
+    runs = [int(line) for line in open(out)]
+    assert sorted(runs) == list(range(60)), "a task ran twice or never"
 
 
 def test_hostile_secrets_never_printed(app, tmp_path, redis_server):
