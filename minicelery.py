@@ -769,7 +769,10 @@ class Broker:
         self.app, self.url = app, url
         options = app.conf.broker_transport_options or {}
         #: seconds a reserved message may go untouched before it counts as abandoned
-        self.visibility_timeout = float(options.get("visibility_timeout", 3600))
+        self.visibility_timeout = options.get("visibility_timeout", 3600)
+        if not _is_number(self.visibility_timeout) or self.visibility_timeout <= 0:
+            raise ImproperlyConfigured(f"visibility_timeout must be a number of seconds > 0, "
+                                       f"not {self.visibility_timeout!r}")
 
     def publish(self, queue: str, envelope: str, priority: int = 0, tag=None):
         """Append one message (an envelope JSON string, with delivery tag `tag`) to
@@ -1606,6 +1609,14 @@ class SQLiteBroker(Broker):
 #: URL scheme -> broker class; issue-free extension point for other brokers.
 BROKERS = {"redis": RedisBroker, "rediss": RedisBroker, "redis+socket": RedisBroker,
            "unix": RedisBroker, "socket": RedisBroker, "sqlite": SQLiteBroker, "memory": SQLiteBroker}
+
+
+def _connect(cls, app, url, what):
+    """cls(app, url); a URL the client library can't read is a clear configuration error."""
+    try:
+        return cls(app, url)
+    except (ValueError, TypeError) as exc:
+        raise ImproperlyConfigured(f"can't use the {what} URL {_safe_url(url)!r}: {exc}") from None
 
 
 def _pick_by_scheme(registry, url, what):
@@ -3061,7 +3072,9 @@ class Config:
         if allowed and not _fits(value, allowed):
             names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
             raise ImproperlyConfigured(
-                f"setting {name} must be {names}, not {type(value).__name__}: {value!r}")
+                f"setting {name} must be {names}, not {type(value).__name__}: {_mask_secrets(name, value)!r}")
+        if _is_number(value) and value < 0:
+            raise ImproperlyConfigured(f"setting {name} can't be negative: {value!r}")
         object.__setattr__(self, name, value)
 
     def update(self, other=None, **settings):
@@ -3093,6 +3106,8 @@ class Config:
 
 
 def _mask_secrets(name, value):
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
     if isinstance(value, dict):
         return {key: _mask_secrets(str(key), item) for key, item in value.items()}
     if "password" in name.lower() and value:
@@ -3279,7 +3294,7 @@ class Celery:
     def broker(self) -> Broker:
         if self._broker is None:
             url = self.broker_url
-            self._broker = _pick_by_scheme(BROKERS, url, "broker")(self, url)
+            self._broker = _connect(_pick_by_scheme(BROKERS, url, "broker"), self, url, "broker")
         return self._broker
 
     @property
@@ -3287,7 +3302,7 @@ class Celery:
         if self._backend is None:
             url = self.backend_url
             cls = _pick_by_scheme(BACKENDS, url, "result backend") if url else DisabledBackend
-            self._backend = cls(self, url)
+            self._backend = _connect(cls, self, url, "result backend")
         return self._backend
 
     def after_fork(self):

@@ -2702,7 +2702,7 @@ def test_hostile_headers_and_embeds_are_bad_messages_not_worker_errors(app, tmp_
         assert all(isinstance(r.result, minicelery.DecodeError) for r in bad)
         assert "inflates to more than worker_max_message_size" in w.log()
         assert w.alive() and add.delay(3, 3).get(timeout=10) == 6
-    assert w.stop is not None and redis_client.hlen("unacked") == 0
+    assert redis_client.hlen("unacked") == 0
     assert len(app.broker.dead_letters()) == len(bad)
 
 
@@ -2899,6 +2899,19 @@ def test_hostile_a_stall_past_the_visibility_timeout_runs_nothing_twice(app, tmp
         assert first.alive() and second.alive()
     runs = [int(line) for line in open(out)]
     assert sorted(runs) == list(range(60)), "a task ran twice or never"
+
+
+def test_hostile_config_values_and_urls_are_clear_errors():
+    with pytest.raises(ImproperlyConfigured, match="notaport"):
+        Celery("c", broker="redis://h:notaport/0", set_as_current=False).broker
+    with pytest.raises(ImproperlyConfigured, match="visibility_timeout"):
+        Celery("c", broker="redis://h/0", broker_transport_options={"visibility_timeout": "x"},
+               set_as_current=False).broker
+    with pytest.raises(ImproperlyConfigured, match="negative"):
+        Celery("c", result_expires=-5, set_as_current=False)
+    with pytest.raises(ImproperlyConfigured, match="must be str") as raised:
+        Celery("c", set_as_current=False).conf.update(broker_url=b"redis://:hunter2@h/0")
+    assert "hunter2" not in str(raised.value)
 
 
 def test_hostile_secrets_never_printed(app, tmp_path, redis_server):
