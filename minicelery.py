@@ -483,7 +483,8 @@ def exception_from_dict(meta) -> BaseException:
     make us call an arbitrary function. Other classes are recreated by name,
     deriving from Exception.
     """
-    if not isinstance(meta, dict) or "exc_type" not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get("exc_type"), str) \
+            or not isinstance(meta.get("exc_module") or "", str):
         return Exception(meta)
     name, module = meta["exc_type"], meta.get("exc_module") or "builtins"
     args = meta.get("exc_message", [])
@@ -491,13 +492,15 @@ def exception_from_dict(meta) -> BaseException:
     cls = None
     if module in _CELERY_MODULES:
         candidate = globals().get(name)
-        if isinstance(candidate, type) and issubclass(candidate, BaseException):
+        if isinstance(candidate, type) and issubclass(candidate, Exception):
             cls = candidate
     if cls is None and module in sys.modules:
         cls = sys.modules[module]
         for part in name.split("."):
             cls = getattr(cls, part, None)
-    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+    # Only Exception subclasses: a SystemExit or KeyboardInterrupt raised by get() would
+    # end the caller's process or thread past its `except Exception`.
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
         cls = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module})
     try:
         return cls(*args)
@@ -586,29 +589,12 @@ class Message:
     kwargs: dict = dataclasses.field(default_factory=dict)
     embed: dict = dataclasses.field(default_factory=dict)
 
-    @property
-    def id(self):
-        return self.headers["id"]
-
-    @property
-    def task_name(self):
-        return self.headers["task"]
-
-    @property
-    def retries(self):
-        return self.headers.get("retries") or 0
-
-    @property
-    def eta(self):
-        return to_datetime(self.headers.get("eta"))
-
-    @property
-    def expires(self):
-        return to_datetime(self.headers.get("expires"))
-
-    @property
-    def priority(self):
-        return clamp_priority(self.properties.get("priority"))
+    id = property(lambda self: self.headers["id"])
+    task_name = property(lambda self: self.headers["task"])
+    retries = property(lambda self: self.headers.get("retries") or 0)
+    eta = property(lambda self: to_datetime(self.headers.get("eta")))
+    expires = property(lambda self: to_datetime(self.headers.get("expires")))
+    priority = property(lambda self: clamp_priority(self.properties.get("priority")))
 
     def decode_body(self, accept, max_size=None):
         """Fill args, kwargs and embed; raises DecodeError for a bad body or header."""
@@ -658,9 +644,8 @@ def _check_fields(what, fields, types):
 
 def _check_timelimit(value):
     """[hard, soft]: each a number of seconds >= 0, or null."""
-    if value is None:
-        return
-    if len(value) > 2 or not all(limit is None or (_is_number(limit) and limit >= 0) for limit in value):
+    if value is not None and (len(value) > 2 or not all(
+            limit is None or (_is_number(limit) and limit >= 0) for limit in value)):
         raise DecodeError(f"header 'timelimit' must be [hard, soft] seconds, got {_short_repr(value, 80)}")
 
 
@@ -675,13 +660,18 @@ def clamp_priority(value) -> int:
         return 0
 
 
+def _envelope_limit(max_body_size) -> int:
+    """The largest envelope worth parsing for a body of at most `max_body_size` (0: any)."""
+    return 2 * max_body_size + 1024 * 1024 if max_body_size else 0
+
+
 def decode_message(raw, queue="", delivery_tag="", max_size=None) -> Message:
     """Parse an envelope into a Message with headers; raises DecodeError.
 
     With `max_size`, an envelope far too big for a body of that size is refused
     before it is parsed (a body just over it is refused later, with its id known).
     """
-    if max_size and len(raw) > 2 * max_size + 1024 * 1024:
+    if max_size and len(raw) > _envelope_limit(max_size):
         raise DecodeError(f"the message has {len(raw)} bytes, over worker_max_message_size ({max_size})")
     try:
         envelope = json.loads(raw)
@@ -739,16 +729,8 @@ def decode_message(raw, queue="", delivery_tag="", max_size=None) -> Message:
 # because it outlived the visibility timeout. Celery holds ETA tasks in worker
 # memory (and unacked) until due; we park far-future ones in Redis instead.
 
-class Delivery(tuple):
-    """(queue, delivery_tag, raw envelope bytes) as reserve() returns them."""
-    __slots__ = ()
-
-    def __new__(cls, queue, tag, raw):
-        return tuple.__new__(cls, (queue, tag, raw))
-
-    queue = property(lambda self: self[0])
-    tag = property(lambda self: self[1])
-    raw = property(lambda self: self[2])
+#: one message as reserve() returns it: its queue, delivery tag and raw envelope bytes
+Delivery = namedtuple("Delivery", "queue tag raw")
 
 
 class Broker:
@@ -815,8 +797,12 @@ class Broker:
         """
         raise NotImplementedError
 
+    #: revocations kept at most (the newest; Celery's workers keep 50,000 too)
+    REVOKES_MAX = 50000
+
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
-        """Remember revoked ids for `expires` seconds and (with broadcast) tell every worker now."""
+        """Remember revoked ids for `expires` seconds (REVOKES_MAX at most) and, with
+        broadcast, tell every worker now."""
         raise NotImplementedError
 
     def revoked(self) -> set:
@@ -881,6 +867,32 @@ def redis_client(url: str, decode_responses=False, socket_timeout=5.0):
                                 retry=Retry(NoBackoff(), 0), max_connections=2 ** 16)
 
 
+def next_pubsub_message(pubsub, timeout):
+    """The next pub/sub message, or None if none starts to arrive within `timeout`.
+
+    One that has started is read whole: redis-py 8 applies the wait to the read
+    itself, and gives up on (and drops the connection under) a large message
+    only half arrived when the wait is up.
+    """
+    if pubsub.connection is None:
+        return None
+    try:
+        if not pubsub.connection.can_read(timeout=timeout):
+            return None
+    except Exception:
+        pubsub.connection.disconnect()  # the next call connects again, and resubscribes
+        raise
+    return pubsub.get_message(timeout=max(timeout, RedisBackend.SOCKET_TIMEOUT))
+
+
+def _redis_transient_errors() -> tuple:
+    """Errors that pass: unreachable, stalled, loading, full (OOM), read-only, fail-over.
+    Any other error (a key of the wrong type, say) is not waited out."""
+    e = _import_redis().exceptions
+    return (e.ConnectionError, e.TimeoutError, e.OutOfMemoryError, e.ReadOnlyError,
+            e.TryAgainError, e.MasterDownError)
+
+
 def _queue_keys(queue):
     """The Redis list keys of a queue, highest priority (lowest number) first."""
     return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
@@ -896,14 +908,25 @@ def _queue_of_key(key: str):
     return queue if sep and step.isdigit() else key
 
 
-# Moves up to ARGV[1] messages from the queue lists (KEYS[5:]) into unacked
+# Moves up to ARGV[1] messages from the queue lists (KEYS[6:]) into unacked
 # (KEYS[1]) and unacked_index (KEYS[2]), atomically, so that a worker dying
 # between "pop" and "remember" can't lose a message. First it moves parked ETA
 # messages (KEYS[3], KEYS[4]) due before ARGV[3] back to their queues. A message
-# without a delivery_tag (kombu would lose it) gets one made up here, and one
-# that isn't JSON at all is still recorded, so the worker can dead-letter it.
+# without a delivery_tag (kombu would lose it), or with one already held or
+# parked, gets one made up here; one that isn't JSON at all is still recorded,
+# so the worker can dead-letter it. One longer than ARGV[4] bytes is not even
+# parsed: its first 64 KiB go to the dead letters (KEYS[5]) and the worker gets
+# only its size (an empty tag), so no worker's memory pays for it.
 _RESERVE_LUA = r"""
-local out, left = {}, tonumber(ARGV[1])
+local out, left, limit = {}, tonumber(ARGV[1]), tonumber(ARGV[4])
+local function bury(key, raw)
+  local queue = string.gsub(key, '\6\22%d$', '')
+  redis.call('LPUSH', KEYS[5], cjson.encode({reason = 'a message of ' .. #raw ..
+    ' bytes, over worker_max_message_size (cut to 64 KiB here)', queue = queue,
+    time = tonumber(ARGV[2]), raw = string.sub(raw, 1, 65536)}))
+  redis.call('LTRIM', KEYS[5], 0, 9999)
+  table.insert(out, key); table.insert(out, ''); table.insert(out, tostring(#raw))
+end
 local function remember(key, raw)
   local tag, exchange, rk = nil, '', nil
   local ok, env = pcall(cjson.decode, raw)
@@ -915,7 +938,8 @@ local function remember(key, raw)
       if type(di.routing_key) == 'string' and di.routing_key ~= '' then rk = di.routing_key end
     end
   end
-  if type(tag) ~= 'string' or redis.call('HEXISTS', KEYS[1], tag) == 1 then
+  if type(tag) ~= 'string' or redis.call('HEXISTS', KEYS[1], tag) == 1
+      or redis.call('HEXISTS', KEYS[4], tag) == 1 then
     tag = 'minicelery-' .. redis.call('INCR', 'minicelery:tag-seq')
   end
   if rk == nil then rk = string.gsub(key, '\6\22%d$', '') end
@@ -946,11 +970,12 @@ for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[3], 'LIMI
   if entry then redis.call('HDEL', KEYS[4], tag) end
   redis.call('ZREM', KEYS[3], tag)
 end
-for i = 5, #KEYS do
+for i = 6, #KEYS do
   while left > 0 do
     local raw = redis.call('RPOP', KEYS[i])
     if not raw then break end
-    remember(KEYS[i], raw); left = left - 1
+    if limit > 0 and #raw > limit then bury(KEYS[i], raw) else remember(KEYS[i], raw) end
+    left = left - 1
   end
 end
 return out
@@ -1023,9 +1048,7 @@ class RedisBroker(Broker):
 
     def __init__(self, app, url):
         super().__init__(app, url)
-        redis = _import_redis()
-        # ResponseError covers a Redis that is full (OOM), read-only or still loading.
-        self.connection_errors = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
+        self.connection_errors = _redis_transient_errors()
         self.client = redis_client(url)
         self._publish_script = self.client.register_script(_PUBLISH_LUA)
         self._reserve_script = self.client.register_script(_RESERVE_LUA)
@@ -1068,7 +1091,7 @@ class RedisBroker(Broker):
         if set(queues) - self._declared:
             self._declare(queues)
         keys = self._ordered_keys(queues)
-        fixed = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES]
+        fixed = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES, self.DEAD_LETTERS]
         self._restore_orphans()
         now = time.time()
         found = self._take(fixed + keys, limit, now)
@@ -1080,13 +1103,21 @@ class RedisBroker(Broker):
             wake = self.client.blmove(keys[0], keys[0], min(timeout, self.WATCH_LIMIT), "RIGHT", "RIGHT")
             if wake is not None or len(keys) > 1:
                 found = self._take(fixed + keys, limit, time.time())
-        return [Delivery(_queue_of_key(found[i].decode()), found[i + 1].decode(), found[i + 2])
-                for i in range(0, len(found), 3)]
+        deliveries = []
+        for i in range(0, len(found), 3):
+            queue, tag = _queue_of_key(found[i].decode()), found[i + 1].decode()
+            if tag:
+                deliveries.append(Delivery(queue, tag, found[i + 2]))
+            else:  # buried by the script: too big to hand out
+                logger.error("A message of %s bytes in queue %r is over worker_max_message_size: "
+                             "kept (cut) in the dead letters", found[i + 2].decode(), queue)
+        return deliveries
 
     def _take(self, keys, limit, now):
         try:
-            found = self._reserve_script(keys=keys, args=[limit, now, now + self.ETA_MOVE_AHEAD])
-            self._held.update((found[i].decode(), now) for i in range(1, len(found), 3))
+            found = self._reserve_script(keys=keys, args=[limit, now, now + self.ETA_MOVE_AHEAD,
+                                                          _envelope_limit(self.app.conf.worker_max_message_size)])
+            self._held.update((found[i].decode(), now) for i in range(1, len(found), 3) if found[i])
             return found
         except self.connection_errors:
             # The script may have run and only its reply been lost (Redis restarting):
@@ -1195,6 +1226,7 @@ class RedisBroker(Broker):
         with self.client.pipeline() as pipe:
             pipe.zadd(self.REVOKED, {task_id: now + expires for task_id in task_ids})
             pipe.zremrangebyscore(self.REVOKED, "-inf", now)
+            pipe.zremrangebyrank(self.REVOKED, 0, -self.REVOKES_MAX - 1)  # a flood keeps the newest
             pipe.expire(self.REVOKED, int(expires) + 1)  # the newest entry expires last
             if broadcast:
                 pipe.publish(self.pidbox, envelope)
@@ -1213,7 +1245,7 @@ class RedisBroker(Broker):
             self._pubsub.subscribe(self.pidbox)
         found = []
         while True:
-            message = self._pubsub.get_message(timeout=0)
+            message = next_pubsub_message(self._pubsub, 0)
             if message is None:
                 return found
             command = _parse_control(message["data"])
@@ -1259,7 +1291,7 @@ class RedisBroker(Broker):
 
     def dead_letters(self):
         """The kept dead letters, newest first, as dicts."""
-        return [json.loads(e) for e in self.client.lrange(self.DEAD_LETTERS, 0, -1)]
+        return [json.loads(e.decode("utf-8", "replace")) for e in self.client.lrange(self.DEAD_LETTERS, 0, -1)]
 
     def close(self):
         if self._pubsub is not None:
@@ -1289,7 +1321,7 @@ def _parse_control(raw):
         arguments = body["arguments"]
         return revoke_command(arguments["task_id"], arguments.get("terminate"),
                               arguments.get("signal"), body.get("destination"))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         logger.error("Control command error: %s in %s", _short_repr(exc, 200), _short_repr(raw, 200))
         return None
 
@@ -1298,7 +1330,7 @@ def revoke_command(task_ids, terminate=False, signum=None, destination=None):
     """(task ids, terminate, signal number, destination) from a revoke's arguments,
     checked: a ValueError or TypeError names what is wrong."""
     ids = [task_ids] if isinstance(task_ids, str) else task_ids
-    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, str) for i in ids):
+    if not isinstance(ids, (list, tuple, set, frozenset)) or not all(isinstance(i, str) for i in ids):
         raise TypeError(f"task_id must be an id or a list of ids, not {_short_repr(task_ids, 80)}")
     if destination is not None and not (isinstance(destination, (list, tuple))
                                         and all(isinstance(d, str) for d in destination)):
@@ -1379,15 +1411,15 @@ class SQLiteStore:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(_SQLITE_SCHEMA)  # IF NOT EXISTS: safe from every process
+        self.generation = getattr(self, "generation", 0) + 1  # which file we opened, 1 first
         self.reader = self.conn if self.memory else connect()
         self._file = self._identity()
 
     def _identity(self):
-        try:
+        with contextlib.suppress(OSError):
             info = os.stat(self.path)
             return info.st_dev, info.st_ino
-        except OSError:
-            return None
+        return None  # deleted
 
     def _check_file(self):
         """Reopen the database if its file was deleted or replaced since we opened it."""
@@ -1450,6 +1482,14 @@ class SQLiteStore:
             return self.reader.execute("PRAGMA data_version").fetchone()[0]
 
 
+def _blob_head(db, row_id, size=65536) -> bytes:
+    """The first bytes of a message row, read without loading the rest (Python 3.11+)."""
+    if not hasattr(db, "blobopen"):
+        return b""
+    with db.blobopen("messages", "raw", row_id, readonly=True) as blob:
+        return blob.read(size)
+
+
 def _marks(values):
     return ",".join("?" * len(values))
 
@@ -1485,20 +1525,42 @@ class SQLiteBroker(Broker):
             self.store.wait_for_change(left)
 
     def _take(self, queues, limit):
-        now = time.time()
+        now, too_big = time.time(), _envelope_limit(self.app.conf.worker_max_message_size) or -1
         with self.store.transaction() as db:
+            # A row too big to hand out is not even read whole: it goes to the dead letters, cut.
             rows = db.execute(
-                f"SELECT id, queue, raw FROM messages WHERE queue IN ({_marks(queues)}) "
+                "SELECT id, queue, CASE WHEN ? > 0 AND length(raw) > ? THEN length(raw) END, "
+                f"CASE WHEN ? > 0 AND length(raw) > ? THEN NULL ELSE raw END "
+                f"FROM messages WHERE queue IN ({_marks(queues)}) "
                 "AND reserved_at IS NULL AND due <= ? ORDER BY step, seq LIMIT ?",
-                (*queues, now, limit)).fetchall()
+                (too_big, too_big, too_big, too_big, *queues, now, limit)).fetchall()
+            for row_id, queue, size, _ in (row for row in rows if row[2] is not None):
+                logger.error("A message of %s bytes in queue %r is over worker_max_message_size: "
+                             "kept (cut) in the dead letters", size, queue)
+                self._bury(db, _blob_head(db, row_id), f"a message of {size} bytes, over "
+                           "worker_max_message_size (cut to 64 KiB here)", queue)
+                db.execute("DELETE FROM messages WHERE id = ?", (row_id,))  # (an UPDATE would load it)
+            rows = [row for row in rows if row[2] is None]
             db.executemany("UPDATE messages SET reserved_at = ? WHERE id = ?", [(now, r[0]) for r in rows])
-        self._held.update((str(row[0]), now) for row in rows)
-        return [Delivery(queue, str(row_id), raw) for row_id, queue, raw in rows]
+        self._held.update((self._tag(row[0]), now) for row in rows)
+        return [Delivery(queue, self._tag(row_id), raw) for row_id, queue, _, raw in rows]
+
+    def _tag(self, row_id) -> str:
+        # Row ids start again in a new file: tags carry which file we had open.
+        generation = self.store.generation
+        return str(row_id) if generation == 1 else f"{generation}.{row_id}"
+
+    def _row_ids(self, tags) -> list:
+        """The row ids that `tags` name in the file open now (a deleted file's rows are gone)."""
+        current = str(self.store.generation)
+        return [int(row) for generation, _, row in (tag.rpartition(".") for tag in tags)
+                if (generation or "1") == current]
 
     def _update(self, sql, tags, *params):
         tags = list(tags)
         for tag in tags:
             self._held.pop(tag, None)
+        tags = self._row_ids(tags)
         if tags:
             with self.store.transaction() as db:
                 return db.execute(f"{sql} WHERE id IN ({_marks(tags)})", (*params, *tags)).rowcount
@@ -1519,13 +1581,13 @@ class SQLiteBroker(Broker):
         now, lost = time.time(), set()
         with self.store.transaction() as db:
             for tag, reserved_at in claims:  # ours only while reserved_at is what we wrote
-                if db.execute("UPDATE messages SET reserved_at = ? WHERE id = ? AND reserved_at = ?",
-                              (now, tag, reserved_at)).rowcount:
+                row_id = self._row_ids([tag])
+                if row_id and db.execute("UPDATE messages SET reserved_at = ? WHERE id = ? AND reserved_at = ?",
+                                         (now, row_id[0], reserved_at)).rowcount:
                     self._held[tag] = now
                 else:
                     lost.add(tag)
-        for tag in lost:
-            self._held.pop(tag, None)
+                    self._held.pop(tag, None)
         return lost
 
     def restore_unacked(self, now=None):
@@ -1539,14 +1601,16 @@ class SQLiteBroker(Broker):
                 self._held.pop(delivery.tag, None)
             with self.store.transaction() as db:
                 db.executemany("UPDATE messages SET reserved_at = NULL, due = ? WHERE id = ?",
-                               [(due - self.ETA_MOVE_AHEAD, d.tag) for d, _, due in parked])
+                               [(due - self.ETA_MOVE_AHEAD, row_id) for (d, _, due) in parked
+                                for row_id in self._row_ids([d.tag])])
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         if not broadcast:
             return  # every row here is durable already; a new row would be broadcast again
         now = time.time()
         with self.store.transaction() as db:
-            db.execute("DELETE FROM revocations WHERE expires < ?", (now,))
+            db.execute("DELETE FROM revocations WHERE expires < ? OR id <= "
+                       "(SELECT MAX(id) FROM revocations) - ?", (now, self.REVOKES_MAX))
             db.executemany("INSERT INTO revocations (task_id, expires, terminate, signal) VALUES (?, ?, ?, ?)",
                            [(i, now + expires, int(terminate and broadcast), signal) for i in task_ids])
 
@@ -1590,13 +1654,15 @@ class SQLiteBroker(Broker):
                                "AND due <= ?", (queue, time.time()))[0][0]
 
     def dead_letter(self, raw, reason, queue=""):
-        now = time.time()
         with self.store.transaction() as db:
-            db.execute("INSERT INTO dead_letters (time, queue, reason, raw) VALUES (?, ?, ?, ?)",
-                       (now, queue, reason, raw))
-            db.execute("DELETE FROM dead_letters WHERE time < ? OR id <= "
-                       "(SELECT MAX(id) FROM dead_letters) - ?",
-                       (now - (self.app.conf.result_expires_seconds or 86400), self.DEAD_LETTER_LIMIT))
+            self._bury(db, raw, reason, queue)
+
+    def _bury(self, db, raw, reason, queue):
+        now = time.time()
+        db.execute("INSERT INTO dead_letters (time, queue, reason, raw) VALUES (?, ?, ?, ?)",
+                   (now, queue, reason, raw))
+        db.execute("DELETE FROM dead_letters WHERE time < ? OR id <= (SELECT MAX(id) FROM dead_letters) - ?",
+                   (now - (self.app.conf.result_expires_seconds or 86400), self.DEAD_LETTER_LIMIT))
 
     def dead_letters(self):
         """The kept dead letters, newest first, as dicts."""
@@ -1650,6 +1716,7 @@ class ResultBackend:
         self.serializer = app.conf.result_serializer
         self.accept = accepted_types(app.conf.result_accept_content or app.conf.accept_content)
         self.expires = app.conf.result_expires_seconds
+        self.max_size = app.conf.worker_max_message_size
 
     def key_for(self, task_id):
         return f"{self.KEY_PREFIX}{task_id}"
@@ -1668,6 +1735,8 @@ class ResultBackend:
         meta["task_id"] = task_id
         try:
             data = self.encode(meta)
+            if self.max_size and len(data) > self.max_size:
+                raise EncodeError(f"a result of {len(data)} bytes is over worker_max_message_size")
         except EncodeError as exc:
             if state == SUCCESS:
                 raise  # run_task() turns it into a FAILURE, with hooks and logs
@@ -1798,34 +1867,25 @@ class _SharedSubscriptions:
 
     def __init__(self, client, errors):
         self.client, self.errors = client, errors
-        self.pubsub = None
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)  # connects on first subscribe
         self.reading = threading.Lock()  # held by the thread using the pub/sub connection
         self.filed = threading.Condition()  # guards `messages` and `waiters`; notified on news
         self.messages, self.waiters = {}, {}
 
     def subscribe(self, channel):
         with self.reading, self.filed:
-            if self.pubsub is None:
-                self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             if not self.waiters.get(channel):
                 self.pubsub.subscribe(channel)
             self.waiters[channel] = self.waiters.get(channel, 0) + 1
 
     def unsubscribe(self, channel):
-        with self.filed:
+        with self.reading, self.filed:
             self.waiters[channel] -= 1
-            if self.waiters[channel] > 0:
-                return
-            del self.waiters[channel]
-            self.messages.pop(channel, None)
-        if self.reading.acquire(timeout=self.SLICE * 2):  # else the channel lingers, harmless
-            try:
-                if not self.waiters.get(channel):
+            if not self.waiters[channel]:
+                del self.waiters[channel]
+                self.messages.pop(channel, None)
+                with contextlib.suppress(*self.errors):  # a reconnect resubscribes only to what is left
                     self.pubsub.unsubscribe(channel)
-            except self.errors:
-                pass  # a reconnect resubscribes only to what is left
-            finally:
-                self.reading.release()
 
     def wait(self, channel, deadline):
         """The next data published on `channel`; None after a second (or at the deadline) without."""
@@ -1849,7 +1909,7 @@ class _SharedSubscriptions:
 
     def _read(self, timeout):
         try:
-            message = self.pubsub.get_message(timeout=timeout)
+            message = next_pubsub_message(self.pubsub, timeout)
         except self.errors:  # Redis went away: redis-py reconnects and resubscribes
             time.sleep(min(timeout, 0.1))
             return
@@ -1875,8 +1935,7 @@ class RedisBackend(ResultBackend):
 
     def __init__(self, app, url):
         super().__init__(app, url)
-        redis = _import_redis()
-        self.connection_errors = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
+        self.connection_errors = _redis_transient_errors()
         self.client = redis_client(url, socket_timeout=self.SOCKET_TIMEOUT)
         self._store_script = self.client.register_script(_STORE_RESULT_LUA)
         self._chord_script = self.client.register_script(_CHORD_PART_LUA)
@@ -2472,9 +2531,11 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None,
     if task.option("track_started") and not eager:
         store(message.id, {"pid": os.getpid(), "hostname": hostname}, STARTED, request=request)
     task.push_request(request)
-    started = time.perf_counter()
+    started, pid = time.perf_counter(), os.getpid()
     try:
         outcome = _call_task(task, request, message, soft_time_limit)
+        if pid != os.getpid() and not eager:
+            os._exit(0)  # the task forked, and its child returned: it must not go on as a worker
         outcome.runtime = time.perf_counter() - started
         _store_outcome(task, request, outcome, store)
     finally:
@@ -3463,8 +3524,7 @@ class Control:
         """
         if celery_options.get("destination"):
             raise TypeError("revoke(destination=...) is not supported: revocations reach every worker")
-        ids = list(task_id) if isinstance(task_id, (set, frozenset)) else task_id
-        ids, terminate, _, _ = revoke_command(ids, terminate, signal)  # raises at the call site
+        ids, terminate, _, _ = revoke_command(task_id, terminate, signal)  # raises at the call site
         self.app.broker.revoke(ids, terminate=terminate, signal=signal, expires=self.app.revoke_expires)
 
 
@@ -3788,9 +3848,7 @@ def fork_child(run_child) -> int:
     the child ignores SIGINT and SIGHUP (a Ctrl-C or a hang-up reaches the whole
     process group; the main process decides what to do) and dies of SIGTERM.
     """
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    _flush_std_streams()
     watched = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     pid = os.fork()
@@ -3808,10 +3866,14 @@ def fork_child(run_child) -> int:
         with contextlib.suppress(BaseException):
             traceback.print_exc()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(BaseException):
-                stream.flush()
+        _flush_std_streams()
         os._exit(status)
+
+
+def _flush_std_streams():
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BaseException):  # a broken stream must not stop us
+            stream.flush()
 
 
 def child_main(app, conn, index, hostname, max_tasks=None):
@@ -3877,6 +3939,8 @@ class Consumer:
     ETA_HORIZON = 3.0
     #: BRPOP's timeout is only as precise as redis-server's clock tick (hz 10: up to 100 ms late)
     BLOCKING_PRECISION = 0.1
+    #: seconds between reloads of every revoked id from the broker
+    REVOKED_RELOAD = 30.0
 
     def __init__(self, app, pool, queues, hostname, prefetch_limit):
         self.app, self.pool, self.queues, self.hostname = app, pool, list(queues), hostname
@@ -3895,7 +3959,7 @@ class Consumer:
         self.stopping = None
         vt = self.broker.visibility_timeout
         self.maintain_every = max(0.2, min(5.0, vt / 4))
-        self._next_maintenance = self._restore_after = 0.0
+        self._next_maintenance = self._restore_after = self._next_revoked_reload = 0.0
 
     # -- the loop ---------------------------------------------------------
 
@@ -3917,7 +3981,8 @@ class Consumer:
                     failures += 1
                     delay = min(2 ** failures * 0.1, 10.0)
                     if isinstance(exc, self.broker.connection_errors):
-                        worker_logger.error("Connection to broker lost: %r; trying again in %.1fs", exc, delay)
+                        worker_logger.error("Connection to broker lost: %s: %s; trying again in %.1fs",
+                                            type(exc).__name__, exc, delay)
                     else:
                         worker_logger.exception("Unexpected error in the worker loop; going on in %.1fs", delay)
                     self._after_outage()
@@ -3985,8 +4050,14 @@ class Consumer:
     # -- receiving ----------------------------------------------------------
 
     def _receive(self, deliveries) -> int:
-        parked = []
+        parked, holding = [], set(self.held_tags())
         for delivery in deliveries:
+            if delivery.tag in holding:
+                # A copy of a message we hold, restored while we were out of touch and
+                # taken again: its claim is ours again; the copy we hold is the one to run.
+                worker_logger.warning("Message %s came back while we hold it; running it once", delivery.tag)
+                continue
+            holding.add(delivery.tag)
             try:
                 self._accept(delivery, parked)
             except self.broker.connection_errors:
@@ -4199,21 +4270,29 @@ class Consumer:
 
     def _maintain(self):
         """Keep our messages' leases fresh, bring back those of dead workers, reload revocations."""
-        now = time.monotonic()
-        if now < self._next_maintenance:
+        started = time.monotonic()
+        if started < self._next_maintenance:
             return
-        if now - self._next_maintenance > self.maintain_every:
-            self._after_outage()  # this round is late: the broker stalled us, and the others too
-        self._next_maintenance = now + self.maintain_every
+        late = started - self._next_maintenance > self.maintain_every
         self._renew_claims()
+        if late or time.monotonic() - started > self.maintain_every:
+            self._after_outage()  # the broker stalled us (before or during this round), and the others too
+        self._next_maintenance = time.monotonic() + self.maintain_every
         if self._lost_claims:
             self._let_go_of(self._lost_claims)
-        if now >= self._restore_after:
+        if time.monotonic() >= self._restore_after:
             restored = self.broker.restore_unacked()
             if restored:
                 worker_logger.warning("Restored %d unacknowledged message(s) of lost workers", restored)
-        self.revoked = self.broker.revoked()
-        self._drop_revoked()
+        self._reload_revoked()
+
+    def _reload_revoked(self):
+        """Reload the durable revocations now and then: broadcasts bring new ones at once,
+        this catches what a reconnect missed and lets expired ones go."""
+        if time.monotonic() >= self._next_revoked_reload:
+            self._next_revoked_reload = time.monotonic() + self.REVOKED_RELOAD
+            self.revoked = self.broker.revoked()
+            self._drop_revoked()
 
     def _renew_claims(self):
         """Touch what we hold; note what we lost (called by the solo keepalive thread too)."""
@@ -4314,9 +4393,9 @@ class Worker:
     def _restart(self):
         """SIGHUP: after a warm shutdown, run this program again as it was started (as Celery does)."""
         worker_logger.warning("Restarting worker (%s)", " ".join(sys.orig_argv))
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+        logging.shutdown()  # flushed: nothing logged is lost in the exec
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # stays ignored across exec, until the new
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # worker handles it again
 
     def _start_beat(self):
         """`worker -B`: beat in a process of its own, forked before the pool."""
@@ -4394,21 +4473,28 @@ def _expand_hostname(name):
 
 
 def _safe_url(url):
-    """The URL with its password masked, for banners, logs and errors.
+    """The URL with its secrets masked, for banners, logs and errors.
 
-    Masks `user:password@` (the password may hold '@', ':' or '/': the host
-    is after the last '@' before the query) and `password=` in the query.
+    Everything between the scheme and the last '@' before the query (user and
+    password, which may hold '@', '?' or '/') becomes `user:**`, and so does
+    the value of any query parameter whose name (percent-decoded) holds "password".
     """
+    import urllib.parse
     url = str(url or "")
-    scheme, sep, rest = url.partition("://")
-    if sep:
-        location, question, query = rest.partition("?")
-        userinfo, at, host = location.rpartition("@")
-        if at:
-            user, colon, _ = userinfo.partition(":")
-            location = f"{user}{colon}{'**' if colon else ''}@{host}"
-        url = f"{scheme}{sep}{location}{question}{query}"
-    return re.sub(r"(?i)(\bpassword=)[^&;#]*", r"\1**", url)
+    scheme, colon, rest = url.partition(":")
+    location, question, query = rest.partition("?")
+    if "=" not in query:  # not a query: a '?' in the password
+        location, question, query = rest, "", ""
+    if "@" in location:
+        slashes = location[:len(location) - len(location.lstrip("/"))]
+        userinfo, _, host = location[len(slashes):].rpartition("@")
+        user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+        location = f"{slashes}{user}:**@{host}"
+
+    def hide(match):
+        secret = "password" in urllib.parse.unquote_plus(match.group(1)).lower()
+        return f"{match.group(1)}=**" if secret else match.group(0)
+    return scheme + colon + location + question + re.sub(r"([^&;=]+)=([^&;#]*)", hide, query)
 
 
 # =============================================================================
@@ -4801,7 +4887,7 @@ class Beat:
                 raise TypeError("'entries' is not an object")
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # whatever is in it (too deep, not JSON, not ours)
             beat_logger.warning("beat: ignoring unreadable state file %s: %r", self.filename, exc)
             return {}
         state = {}
@@ -4811,7 +4897,7 @@ class Beat:
                 if not isinstance(last, dt.datetime) or not isinstance(count, int):
                     raise TypeError("wrong types")
                 state[name] = (last, count)
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            except Exception as exc:  # a date out of range, a wrong type, ...
                 beat_logger.warning("beat: ignoring the saved state of %r: %r", name, exc)
         return state
 

@@ -9,12 +9,14 @@ is mocked. Interop tests run the real `celery` package when it is installed.
 import base64
 import contextlib
 import datetime as dt
+import errno
 import json
 import logging
 import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -32,7 +34,7 @@ from minicelery import (Celery, Config, AsyncResult, EagerResult, ImproperlyConf
                         EncodeError, NotRegistered, ResultTimeout, WorkerLostError,
                         MaxRetriesExceededError, Reject, Ignore, Task, shared_task,
                         signature, chain, group, chord, GroupResult, ChordError,
-                        crontab, schedule, Beat)
+                        crontab, schedule, Beat, TaskRevokedError)
 from minicelery import maybe_schedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -241,7 +243,8 @@ def worker(app, tmp_path, wait_ready=True, **options):
         except BaseException:
             traceback.print_exc()
         finally:
-            sys.stderr.flush()
+            with contextlib.suppress(BaseException):  # a broken stderr must not keep us from leaving
+                sys.stderr.flush()
             os._exit(code)
     handle = WorkerProcess(pid, log_path)
     try:
@@ -2710,8 +2713,9 @@ def test_hostile_sys_exit_in_a_task_fails_the_task_not_the_worker(app, tmp_path)
     for pool in ("solo", "prefork"):
         with worker(app, tmp_path, pool=pool, concurrency=1) as w:
             result = exits.delay(3)
-            with pytest.raises(SystemExit):
+            with pytest.raises(Exception) as raised:  # an Exception here: never the caller's exit
                 result.get(timeout=10)
+            assert type(raised.value).__name__ == "SystemExit" and raised.value.args == (3,)
             assert add.delay(1, 1).get(timeout=10) == 2
             assert w.alive()
 
@@ -2970,6 +2974,156 @@ def test_hostile_bookkeeping_does_not_grow_for_ever(app, tmp_path, redis_client)
     assert backend.store.read("SELECT COUNT(*) FROM chords")[0][0] == 0
     assert backend.store.read("SELECT COUNT(*) FROM chord_parts")[0][0] == 0
 
+
+
+@APP.task
+def fork_and_return():
+    """Forks, and both copies return: only the original may report."""
+    os.fork()
+    return os.getpid()
+
+
+def test_hostile_a_forked_task_copy_never_acts_as_the_worker(app, tmp_path):
+    with worker(app, tmp_path, concurrency=1) as w:
+        fork_and_return.delay().get(timeout=10)
+        assert [add.delay(2, i).get(timeout=10) for i in range(3)] == [2, 3, 4]  # none taken for lost
+        log = w.log()
+        assert "WorkerLostError" not in log and log.count("succeeded") == 4  # the copy reported nothing
+
+
+def test_hostile_sighup_twice_in_a_row_still_restarts(app, redis_server, tmp_path):
+    env = {"MINICELERY_BROKER_URL": app.conf.broker_url,
+           "MINICELERY_RESULT_BACKEND": app.conf.result_backend}
+    log_path = tmp_path / "cli.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "minicelery", "worker", "test_minicelery", "-c", "1"],
+                                cwd=HERE, env=dict(os.environ, **env), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "ready." in log_path.read_text(), what="worker ready")
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "Restarting worker" in log_path.read_text(), what="restart begins")
+        proc.send_signal(signal.SIGHUP)  # lands while the new program starts up
+        wait_until(lambda: log_path.read_text().count("ready.") >= 2, what="restarted")
+        assert add.delay(1, 1).get(timeout=20) == 2 and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
+@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+def test_hostile_an_oversized_message_never_reaches_a_worker(kind, app, tmp_path, redis_client):
+    if kind == "sqlite":
+        app.conf.update(broker_url=f"sqlite:///{tmp_path}/big.db", result_backend=None)
+        app.close()
+    app.conf.worker_max_message_size = 100_000
+
+    def memory_kb(w, field):
+        with open(f"/proc/{w.pid}/status") as f:
+            return int(next(line for line in f if line.startswith(field)).split()[1])
+    with worker(app, tmp_path, concurrency=1) as w:
+        at_start = memory_kb(w, "VmRSS")
+        raw = json.dumps({"body": "x" * 30_000_000, "headers": {"id": "big", "task": "test_minicelery.add"},
+                          "properties": {"delivery_tag": "big"}})
+        if kind == "redis":
+            # Behind a small one, so an idle worker's wake-up (BLMOVE returns what it
+            # moves) brings the small one: the reserve script meets the big one.
+            small = json.loads(CELERY_ADD_MESSAGE)
+            small["headers"]["task"] = "test_minicelery.add"
+            redis_client.lpush("celery", json.dumps(small), raw)
+        else:
+            app.broker.publish("celery", raw)
+        w.wait_for_log("over worker_max_message_size: kept (cut) in the dead letters")
+        [dead] = app.broker.dead_letters()
+        assert len(dead["raw"]) <= 65536 and "30000" in dead["reason"]
+        # The 30 MB message never came into the worker's memory (not even once).
+        assert memory_kb(w, "VmHWM") - at_start < 20_000
+        if kind == "redis":
+            assert add.delay(1, 1).get(timeout=10) == 2
+
+
+def test_hostile_two_messages_with_one_tag_both_park_and_run(app, tmp_path, redis_client):
+    out = str(tmp_path / "runs")
+    for i in (0, 1):
+        chaos_early.apply_async((i, out, 0), countdown=4)
+        raw = json.loads(redis_client.lpop("celery"))
+        raw["properties"]["delivery_tag"] = "same"
+        redis_client.lpush("celery", json.dumps(raw))
+    with worker(app, tmp_path, concurrency=1) as w:
+        w.wait_for_log("Parked", count=1)
+        wait_until(lambda: lines_in(out) >= 2, timeout=20, what="both runs")
+    assert sorted(int(line) for line in open(out)) == [0, 1]
+
+
+def test_hostile_a_revocation_flood_is_capped(app, redis_client):
+    app.control.revoke([f"flood-{i}" for i in range(60_000)])
+    app.control.revoke("the-newest")
+    assert redis_client.zcard("minicelery:revoked") <= minicelery.Broker.REVOKES_MAX
+    assert "the-newest" in app.broker.revoked()
+
+
+def test_hostile_stored_results_that_are_not_results(app, redis_client, results):
+    results.rpush("celery-task-meta-wrongtype", "x")
+    started = time.monotonic()
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        app.AsyncResult("wrongtype").get(timeout=30)
+    assert time.monotonic() - started < 5  # not retried as if Redis were away
+    for exc_type in ("SystemExit", "KeyboardInterrupt", ["a", "list"]):
+        results.set(f"celery-task-meta-{exc_type}", json.dumps(
+            {"status": "FAILURE", "result": {"exc_type": exc_type, "exc_message": [3],
+                                             "exc_module": "builtins"}, "task_id": "x"}))
+        with pytest.raises(Exception):  # an Exception: the caller's `except Exception` catches it
+            app.AsyncResult(str(exc_type)).get(timeout=5)
+
+
+def test_hostile_beat_state_out_of_range_or_too_deep(tmp_path):
+    app_ = Celery("b", broker=f"sqlite:///{tmp_path}/b.db", set_as_current=False)
+    app_.conf.beat_schedule = {"tick": {"task": "b.tick", "schedule": 10.0}}
+    state = tmp_path / "state.json"
+    for content in ('{"entries": {"tick": {"last_run_at": "0001-01-01T00:00:00+23:59"}}}',
+                    "[" * 100_000 + "]" * 100_000):
+        state.write_text(content)
+        beat = Beat(app_, schedule_filename=str(state))
+        beat.setup()
+        assert beat.entries["tick"].total_run_count == 0
+
+
+def test_hostile_secrets_in_odd_places_of_a_url():
+    for url, secret in [("redis://h/0?pass%77ord=SECRET", "SECRET"), ("redis://user:a?SECRET@host/0", "SECRET"),
+                        ("redis:/:SECRET@host", "SECRET"), ("redis://SECRET@host", "SECRET"),
+                        ("redis://u:p@ss/w@rd@host:1/0", "ss/w")]:
+        assert secret not in minicelery._safe_url(url), url
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("workers", [1, 2])
+def test_chaos_stalls_past_the_visibility_timeout_run_nothing_twice(workers, app, tmp_path, private_redis):
+    """Redis stalls 3 s (past a 2 s visibility timeout, short of the 5 s socket timeout) three
+    times while tasks are sent and run: early-ack tasks run once, none lost."""
+    sock, procs, _ = private_redis
+    app.conf.update(broker_url=f"unix://{sock}", result_backend=f"unix://{sock}?db=1",
+                    broker_transport_options={"visibility_timeout": 2})
+    app.close()
+    sent, out, started = chaos_size(800, 300), str(tmp_path / "runs"), time.monotonic()
+    with contextlib.ExitStack() as stack:
+        running = [stack.enter_context(worker(app, tmp_path, concurrency=2)) for _ in range(workers)]
+
+        def produce():
+            for i in range(sent):
+                chaos_early.delay(i, out, 0.01)
+                time.sleep(0.002)
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        for _ in range(3):
+            time.sleep(1.5)  # pacing the fault
+            procs[0].send_signal(signal.SIGSTOP)
+            time.sleep(3)
+            procs[0].send_signal(signal.SIGCONT)
+        producer.join(120)
+        wait_until(lambda: _distinct_runs(out) >= sent, timeout=120, what="every task run")
+        assert all(w.alive() for w in running)
+    row = chaos_report(f"8b. Redis stalled 3 s x3 (visibility 2 s), {workers} worker(s)", sent, out, started)
+    assert row["duplicates"] == 0 and row["lost"] == 0
 
 
 # --- Interop with the real Celery ----------------------------------------------------
@@ -3450,3 +3604,606 @@ def _port_open(port):
 
 def _kind(app_):
     return "sqlite" if app_.broker_url.startswith("sqlite") else "redis"
+
+
+# --- Chaos: hostile environments ----------------------------------------------------
+# A paused Redis, a full Redis, a full disk under SQLite, malformed control
+# messages, and tasks that break their own stdout.
+
+
+class _ExplodingStream:
+    """A stand-in for sys.stdout whose every write and flush fails."""
+
+    def write(self, text):
+        raise OSError(errno.EIO, "this stdout explodes")
+
+    def flush(self):
+        raise OSError(errno.EIO, "this stdout explodes")
+
+    def fileno(self):
+        raise OSError(errno.EBADF, "this stdout has no file descriptor")
+
+    def close(self):
+        raise OSError(errno.EIO, "this stdout explodes")
+
+
+STDOUT_BREAKERS = ["nothing", "sys.stdout.close()", "os.close(1)", "os.close(stdout's fd)",
+                   "a stdout that raises", "print to a closed pipe"]
+
+
+@APP.task(ignore_result=True)
+def break_stdout(i, path, how):
+    """Records its run, then leaves its process's stdout broken in the way `how` says."""
+    record.run(i, path)
+    if how == "sys.stdout.close()":
+        sys.stdout.close()  # in a forked test worker, sys.stderr is the same object
+    elif how == "os.close(1)":
+        print("left in the buffer", end="")
+        os.close(1)
+    elif how == "os.close(stdout's fd)":
+        print("left in the buffer", end="")
+        os.close(sys.stdout.fileno())
+    elif how == "a stdout that raises":
+        sys.stdout = sys.stderr = _ExplodingStream()
+    elif how == "print to a closed pipe":
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        os.dup2(write_end, sys.stdout.fileno())
+        os.close(write_end)
+        print("into a pipe nobody reads", end="")  # EPIPE when flushed
+
+
+# --- helpers ------------------------------------------------------------------------
+
+def _settle(condition, timeout):
+    """wait_until that returns False at the deadline instead of failing, so the
+    test can report what is missing before it asserts."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _runs(path):
+    return [int(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def _renumbered(path, order, out):
+    """Write the runs in `path` renumbered by `order` (index -> position), for chaos_report,
+    which counts 0..sent-1. Runs of indices not in `order` get numbers past the end, so
+    they still count as duplicates when they ran twice."""
+    extra = {}
+    with open(out, "w") as f:
+        for i in _runs(path):
+            number = order.get(i)
+            if number is None:
+                number = extra.setdefault(i, len(order) + len(extra))
+            f.write(f"{number}\n")
+    return out
+
+
+def _tail(w, lines=15):
+    """The worker's last warnings and errors (with their tracebacks), then its last lines."""
+    log = w.log().splitlines()
+    ready = max((n for n, line in enumerate(log) if line.endswith(" ready.")), default=0)
+    loud = [line for line in log[ready + 1:] if "INFO/" not in line and "DEBUG/" not in line]
+    return "\n".join(loud[-lines:] + ["..."] + log[-5:])
+
+
+def _process_state(pid_):
+    with open(f"/proc/{pid_}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _use_private_redis(app_, sock):
+    app_.conf.update(broker_url=f"unix://{sock}", result_backend=f"unix://{sock}?db=1")
+    app_.close()
+
+
+def _start_redis(tmp_path, name, *options):
+    """A redis-server of the test's own on a unix socket (private_redis with options)."""
+    sock = str(tmp_path / f"{name}.sock")
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", sock,
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path), *options],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_until(lambda: redis.Redis(unix_socket_path=sock).ping() if os.path.exists(sock) else
+               proc.poll() is not None, what=f"redis-server {name}")
+    assert proc.poll() is None, f"redis-server {' '.join(options)} did not start"
+    return sock, proc
+
+
+def _in_background(function, *args):
+    """Run function(*args) in a daemon thread; returns (thread, box) where box gets
+    'outcome' (the return value or the exception) and 'seconds'."""
+    box = {}
+
+    def run():
+        started = time.monotonic()
+        try:
+            box["outcome"] = function(*args)
+        except BaseException as exc:
+            box["outcome"] = exc
+        box["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+# --- 8. Redis paused (SIGSTOP) for longer than the socket timeout ---------------------
+
+PAUSE = 7.0           # seconds: longer than redis-py's 5 s socket timeout
+GET_TIMEOUT = 2.0     # get(timeout=) asked for during the pause
+GET_SLACK = 1.5       # what get() may take beyond its timeout
+
+
+@pytest.mark.chaos
+def test_chaos_redis_paused(app, tmp_path, private_redis):
+    """redis-server SIGSTOPped for 7 s, while a producer keeps sending and two
+    workers (early ack) consume: every task delay() took runs exactly once, a
+    get(timeout=2) during the pause ends with ResultTimeout on time, and both
+    workers live on. delay() may refuse (OperationalError) while Redis is away."""
+    sock, procs, _ = private_redis
+    _use_private_redis(app, sock)
+    redis_pid = procs[0].pid
+    pauses, out = chaos_size(3, 1), str(tmp_path / "runs")
+    sent, refused, gets = {}, [], []
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def produce():
+        i = 0
+        while not stop.is_set():
+            try:
+                sent[i] = chaos_early.delay(i, out, 0.005)
+            except minicelery.OperationalError:
+                refused.append(i)
+            i += 1
+            time.sleep(0.02)  # paces the producer: about 40 tasks a second
+
+    def get_something_never_sent():
+        return AsyncResult(minicelery.uuid(), app=app).get(timeout=GET_TIMEOUT)
+
+    try:
+        with worker(app, tmp_path, concurrency=2) as w1, worker(app, tmp_path, concurrency=2) as w2:
+            producer = threading.Thread(target=produce, daemon=True)
+            producer.start()
+            for _ in range(pauses):
+                time.sleep(1.0)  # paces the fault: sending and working before each pause
+                os.kill(redis_pid, signal.SIGSTOP)
+                try:
+                    wait_until(lambda: _process_state(redis_pid) == "T", what="redis-server stopped")
+                    getter, box = _in_background(get_something_never_sent)
+                    time.sleep(PAUSE)  # the fault itself
+                finally:
+                    os.kill(redis_pid, signal.SIGCONT)
+                getter.join(120)
+                gets.append(box)
+            time.sleep(1.0)  # sending and working after the last pause
+            stop.set()
+            producer.join(120)
+            assert not producer.is_alive(), "delay() still blocked two minutes after Redis came back"
+            everything_ran = _settle(lambda: set(sent) <= set(_runs(out)), chaos_size(60, 20))
+            alive = w1.alive(), w2.alive()
+            logs = _tail(w1) + "\n---\n" + _tail(w2)
+        order = {i: n for n, i in enumerate(sorted(sent))}
+        row = chaos_report(f"8. redis paused {PAUSE:.0f}s x{pauses} (2 workers, early ack)", len(sent),
+                           _renumbered(out, order, str(tmp_path / "sent-runs")), started)
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
+    if not everything_ran:
+        client = redis.Redis(unix_socket_path=sock)
+        missing = sorted(set(sent) - set(_runs(out)))
+        raw = b" ".join(client.lrange("celery", 0, -1) + client.hvals("unacked"))
+        print("MISSING", len(missing), [(i, sent[i].id.encode() in raw) for i in missing[:5]],
+              "queue", client.llen("celery"), "unacked", client.hlen("unacked"))
+    refused_but_ran = sorted(set(refused) & set(_runs(out)))
+    print("refused", len(refused), "of which ran anyway", len(refused_but_ran))
+    print("get() during the pauses:", [(box.get("outcome"), round(box.get("seconds", -1), 2))
+                                       for box in gets])
+    assert len(sent) > 0 and row["lost"] == 0 and row["duplicates"] == 0, f"{row}\n{logs}"
+    for box in gets:
+        outcome, seconds = box.get("outcome"), box.get("seconds")
+        assert isinstance(outcome, ResultTimeout), \
+            f"get(timeout={GET_TIMEOUT}) during the pause ended with {outcome!r} after {seconds}s"
+        assert seconds <= GET_TIMEOUT + GET_SLACK, \
+            f"get(timeout={GET_TIMEOUT}) during the pause took {seconds:.1f}s"
+    assert alive == (True, True), logs
+
+
+# --- 9. Redis full (maxmemory, noeviction) ----------------------------------------------
+
+#: seconds a full Redis or disk stays full after the worker first said so
+FULL_FOR = 2.0
+
+
+def _memory_errors(log):
+    """Log lines at ERROR or WARNING that say Redis is out of memory."""
+    return [line for line in log.splitlines()
+            if ("ERROR" in line or "WARNING" in line)
+            and any(word in line for word in ("maxmemory", "OutOfMemory", "OOM", "out of memory"))]
+
+
+@pytest.mark.chaos
+def test_chaos_redis_full(app, tmp_path):
+    """Redis at its maxmemory with noeviction: every write is refused (OOM) while a
+    worker runs and tasks wait. The worker says so and stays up, delay() raises
+    OperationalError, and once memory is freed every accepted task runs once."""
+    sock, proc = _start_redis(tmp_path, "small", "--maxmemory", "8mb", "--maxmemory-policy", "noeviction")
+    client = redis.Redis(unix_socket_path=sock)
+    try:
+        _use_private_redis(app, sock)
+        n, out = chaos_size(1000, 200), str(tmp_path / "runs")
+        started = time.monotonic()
+        with worker(app, tmp_path, concurrency=2) as w:
+            for i in range(n):
+                chaos_early.delay(i, out, 0.01)
+            client.setrange("filler", 16 * 2 ** 20, b"x")  # 16 MB over an 8 MB limit
+            with pytest.raises(redis.OutOfMemoryError):
+                client.lpush("probe", "x")  # the fault is real: writes are refused
+            with pytest.raises(minicelery.OperationalError):
+                chaos_early.delay(n, out, 0)
+            wait_until(lambda: _memory_errors(w.log()) or not w.alive(), timeout=20,
+                       what="the worker to report the full Redis")
+            time.sleep(FULL_FOR)  # paces the fault: Redis stays full while the worker goes on trying
+            assert w.alive(), _tail(w)
+            still_waiting = n - len(set(_runs(out)))
+            client.delete("filler")
+            everything_ran = _settle(lambda: _distinct_runs(out) >= n, chaos_size(120, 20))
+            assert add.delay(2, 2).get(timeout=20) == 4
+            assert w.alive(), _tail(w)
+        row = chaos_report(f"9. redis full (maxmemory, noeviction), {still_waiting} waiting",
+                           n, out, started)
+        assert everything_ran and row["lost"] == 0 and row["duplicates"] == 0, f"{row}\n{_tail(w)}"
+        assert still_waiting > 0  # the test did hold tasks back while Redis was full
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# --- 10. SQLite on a full disk --------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 8 MiB tmpfs of the test's own: a disk that can really fill up."""
+    if os.geteuid() != 0:
+        pytest.skip("a full disk here is a small tmpfs, and mounting one needs root")
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    directory = tmp_path / "disk"
+    directory.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(directory)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"can't mount a tmpfs for a full disk: {done.stderr.strip()}")
+    yield directory
+    # This process keeps its SQLite connection open (one per database per process): detach lazily.
+    if subprocess.run(["umount", str(directory)], capture_output=True).returncode:
+        subprocess.run(["umount", "-l", str(directory)], check=True)
+
+
+def _fill(path):
+    """Write zeros to `path` until the disk is full; returns the bytes written."""
+    fd, written = os.open(path, os.O_WRONLY | os.O_CREAT), 0
+    try:
+        while True:
+            written += os.write(fd, b"\0" * 65536)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return written
+
+
+@pytest.mark.chaos
+def test_chaos_sqlite_disk_full(tmp_path, small_disk):
+    """The disk under the SQLite broker fills up while a worker works: it logs that
+    the disk is full (not a masking "cannot rollback"), stays up, and once space is
+    freed runs every queued task, none twice."""
+    app_ = APP
+    app_.close()
+    app_.conf = Config()
+    app_.conf.update(broker_url=f"sqlite:///{small_disk}/minicelery.db")
+    n, out = chaos_size(300, 100), str(tmp_path / "runs")
+    started = time.monotonic()
+    try:
+        with worker(app_, tmp_path, concurrency=2) as w:
+            for i in range(n):
+                chaos_early.delay(i, out, 0.05)  # ~2.5 s of work: most of it waits for the full disk
+            filler = small_disk / "filler"
+            _fill(filler)
+            assert shutil.disk_usage(small_disk).free < 65536
+            wait_until(lambda: "disk is full" in w.log() or not w.alive(), timeout=20,
+                       what="the worker to report the full disk")
+            time.sleep(FULL_FOR)  # paces the fault: the disk stays full while the worker goes on trying
+            assert w.alive(), _tail(w)
+            assert "cannot rollback" not in w.log(), _tail(w)
+            still_waiting = n - len(set(_runs(out)))
+            os.unlink(filler)
+            everything_ran = _settle(lambda: _distinct_runs(out) >= n, chaos_size(120, 20))
+            assert add.delay(2, 2).get(timeout=20) == 4
+            assert w.alive(), _tail(w)
+        row = chaos_report(f"10. sqlite disk full (tmpfs), {still_waiting} waiting", n, out, started)
+        assert everything_ran and row["lost"] == 0 and row["duplicates"] == 0, f"{row}\n{_tail(w)}"
+        assert still_waiting > 0  # the test did hold tasks back while the disk was full
+    finally:
+        app_.close()
+
+
+# --- 11. Hostile control messages ------------------------------------------------------
+
+def _pidbox_envelope(body, encode=True):
+    """A Celery pidbox broadcast, as RedisBroker.revoke builds it, around `body`."""
+    if encode:
+        body = base64.b64encode(body if isinstance(body, bytes) else body.encode()).decode()
+    return json.dumps({
+        "body": body, "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": {"clock": 1, "expires": time.time() + 60},
+        "properties": {"delivery_mode": 2, "priority": 0, "body_encoding": "base64",
+                       "delivery_info": {"exchange": "celery.pidbox", "routing_key": ""},
+                       "delivery_tag": minicelery.uuid()}})
+
+
+def _revoke(destination=None, **arguments):
+    return json.dumps({"method": "revoke", "arguments": arguments, "destination": destination,
+                       "pattern": None, "matcher": None})
+
+
+def _hostile_broadcasts():
+    """(label, make) pairs: make(running) is the raw broadcast, where `running` is the
+    id of a task running at the time (so a bad terminate has something to hit)."""
+    nobody = minicelery.uuid()
+    return [
+        ("signal 'term'", lambda running: _pidbox_envelope(
+            _revoke(task_id=running, terminate=True, signal="term"))),
+        ("signal 'SIGNOPE'", lambda running: _pidbox_envelope(
+            _revoke(task_id=running, terminate=True, signal="SIGNOPE"))),
+        ("signal 12345", lambda running: _pidbox_envelope(
+            _revoke(task_id=running, terminate=True, signal=12345))),
+        ("task_id a dict", lambda running: _pidbox_envelope(
+            _revoke(task_id={"id": running}, terminate=True))),
+        ("task_id an int", lambda running: _pidbox_envelope(_revoke(task_id=12345, terminate=True))),
+        ("task_id a list of ints", lambda running: _pidbox_envelope(
+            _revoke(task_id=[1, 2, 3], terminate=True))),
+        ("destination an int", lambda running: _pidbox_envelope(
+            _revoke(destination=7, task_id=nobody, terminate=True))),
+        ("destination a string", lambda running: _pidbox_envelope(
+            _revoke(destination="celery@nowhere", task_id=nobody))),
+        ("arguments missing", lambda running: _pidbox_envelope(json.dumps({"method": "revoke"}))),
+        ("arguments a list", lambda running: _pidbox_envelope(
+            json.dumps({"method": "revoke", "arguments": [running]}))),
+        ("body not base64", lambda running: _pidbox_envelope("%%% not base64 %%%", encode=False)),
+        ("body not JSON", lambda running: _pidbox_envelope(b"\xff\xfe not json")),
+        ("body nested 100,000 deep", lambda running: _pidbox_envelope(b"[" * 100_000)),
+        ("envelope not JSON", lambda running: b"\x00\xff garbage"),
+        ("envelope a JSON list", lambda running: "[1, 2, 3]"),
+        ("a 5 MB body", lambda running: _pidbox_envelope(_revoke(task_id=nobody) + " " * 5_000_000)),
+    ]
+
+
+def _control_error_lines(log):
+    return [line for line in log.splitlines()
+            if "Control command error" in line or "control message" in line]
+
+
+class _Victim:
+    """A task kept running in the worker, for bad terminates to aim at. Short enough
+    that a worker whose shutdown waits for it (after a test failed) still stops."""
+
+    SECONDS = 8
+
+    def __init__(self, tmp_path):
+        self.tmp_path, self.count, self.result = tmp_path, 0, None
+
+    def start(self):
+        self.count += 1
+        started = str(self.tmp_path / f"started-{self.count}")
+        self.result = counted_sleep.delay(started, self.SECONDS)
+        wait_until(lambda: lines_in(started) == 1, what="a long task to be running")
+        return self.result.id
+
+
+def _survive_each(app_, tmp_path, stack, w, faults, out):
+    """Inject each (label, inject) fault (inject gets the id of a running task), then
+    run a task through the worker. A fault after which the worker died is noted and
+    the worker replaced. Returns the labels of the faults that killed it, and the
+    worker now running."""
+    killers, victim = [], _Victim(tmp_path)
+    running = victim.start()
+    for k, (label, inject) in enumerate(faults):
+        children = w.children()
+        inject(running)
+        proof = chaos_early.delay(k, out, 0)  # behind the fault: the worker reads control first
+        if not _settle(lambda: proof.ready() or not w.alive(), 5) or not w.alive():
+            killers.append(label)
+            for child in children:  # the long task may hold up its shutdown: end it
+                _kill(child)
+            _settle(lambda: not w.alive(), 5)  # then it exits, with its traceback
+            print(f"KILLED BY {label}:\n{_tail(w, 12)}")
+            w.stop(signal.SIGKILL)
+            w = stack.enter_context(worker(app_, tmp_path, concurrency=2))
+            proof.get(timeout=15)  # the replacement runs what the dead one left
+            victim.result.revoke()  # it died with the old worker; never run it again
+            running = victim.start()
+        elif victim.result.ready():  # a bad terminate was taken as a good one: aim at a new task
+            running = victim.start()
+    victim.result.revoke(terminate=True)
+    return killers, w
+
+
+def _valid_revokes_still_work(w, tmp_path):
+    """A valid revoke reaches the worker: one for a task it holds, one for a running task."""
+    held = echo.apply_async(("held",), countdown=2)
+    w.wait_for_log(f"[{held.id}] received")
+    held.revoke()
+    with pytest.raises(TaskRevokedError):
+        held.get(timeout=10)
+    started = str(tmp_path / "started-last")
+    sleeper = counted_sleep.delay(started, _Victim.SECONDS)
+    wait_until(lambda: lines_in(started) == 1, what="a task to be running")
+    sleeper.revoke(terminate=True)
+    with pytest.raises(TaskRevokedError, match="terminated"):
+        sleeper.get(timeout=_Victim.SECONDS + 5)
+    assert w.alive(), _tail(w)
+    assert "'held'" not in w.log()
+
+
+@pytest.mark.chaos
+def test_chaos_hostile_control_messages_redis(app, tmp_path, redis_client):
+    """Malformed revoke broadcasts on the pidbox channel (bad signals, ids and
+    destinations, no arguments, not base64, not JSON, too deep, 5 MB): the worker
+    logs them and keeps running tasks; a valid revoke afterwards still works."""
+    out, started = str(tmp_path / "runs"), time.monotonic()
+    broadcasts = _hostile_broadcasts()
+
+    def broadcaster(make):
+        def publish(running):
+            receivers = redis_client.publish(app.broker.pidbox, make(running))
+            assert receivers >= 1, "no worker listens on the pidbox"
+        return publish
+
+    faults = [(label, broadcaster(make)) for label, make in broadcasts]
+    with contextlib.ExitStack() as stack:
+        w = stack.enter_context(worker(app, tmp_path, concurrency=2))
+        killers, w = _survive_each(app, tmp_path, stack, w, faults, out)
+        assert not killers, f"malformed broadcasts that killed the worker: {killers}"
+        assert _control_error_lines(w.log()), "no 'Control command error' line for the malformed broadcasts"
+        _valid_revokes_still_work(w, tmp_path)
+    row = chaos_report(f"11. {len(broadcasts)} malformed revoke broadcasts (redis)", len(broadcasts),
+                       out, started)
+    assert row["lost"] == 0 and row["duplicates"] == 0
+
+
+@pytest.mark.chaos
+def test_chaos_malformed_broadcasts_do_not_swallow_their_neighbours(app, tmp_path, redis_client):
+    """Each malformed broadcast sent between two valid revokes, in one go (so the
+    worker reads all three together): both valid revokes still take effect, the
+    tasks they name never run. A bad message is dropped alone, not with its batch."""
+    out, started, swallowed = str(tmp_path / "runs"), time.monotonic(), []
+    broadcasts = _hostile_broadcasts()
+    with worker(app, tmp_path, concurrency=2) as w:
+        wait_until(lambda: redis_client.pubsub_numsub(app.broker.pidbox)[0][1] >= 1,
+                   what="the worker listening on the pidbox")
+        for k, (label, make) in enumerate(broadcasts):
+            held = [echo.apply_async((f"{label}: {side}",), countdown=2.5) for side in ("before", "after")]
+            for result in held:
+                w.wait_for_log(f"[{result.id}] received")
+            with redis_client.pipeline() as pipe:  # MULTI: delivered back to back
+                pipe.publish(app.broker.pidbox, _pidbox_envelope(_revoke(task_id=held[0].id)))
+                pipe.publish(app.broker.pidbox, make(minicelery.uuid()))
+                pipe.publish(app.broker.pidbox, _pidbox_envelope(_revoke(task_id=held[1].id)))
+                pipe.execute()
+            _settle(lambda: all(result.ready() for result in held) or not w.alive(), 10)
+            assert w.alive(), f"the worker died on {label}:\n{_tail(w)}"
+            states = [result.state for result in held]
+            assert all(state in ("SUCCESS", "REVOKED") for state in states), (label, states)
+            ran = [side for side, state in zip(("before", "after"), states) if state == "SUCCESS"]
+            if ran:
+                swallowed.append(f"{label} (revoke {' and '.join(ran)} lost)")
+            else:
+                record.run(k, out)  # this hostile broadcast left its neighbours alone
+    row = chaos_report("11c. malformed broadcasts between valid revokes (redis)", len(broadcasts),
+                       out, started)
+    assert not swallowed, f"valid revokes lost next to a malformed broadcast: {swallowed}"
+    assert row["lost"] == 0
+
+
+@pytest.fixture
+def sqlite_app(tmp_path):
+    app_ = APP
+    app_.close()
+    app_.conf = Config()
+    app_.conf.update(broker_url=f"sqlite:///{tmp_path}/minicelery.db")
+    yield app_
+    app_.close()
+
+
+@pytest.mark.chaos
+def test_chaos_hostile_revocation_rows_sqlite(sqlite_app, tmp_path):
+    """Revocation rows another version (or a person with sqlite3) wrote with bad
+    values: the worker logs them and keeps running tasks. A bad signal is refused at
+    the call site, and a valid revoke afterwards still works."""
+    out, started = str(tmp_path / "runs"), time.monotonic()
+    sqlite_app.broker.size("celery")  # creates the tables
+    database = sqlite3.connect(str(tmp_path / "minicelery.db"), timeout=30, isolation_level=None)
+
+    def row(task_id, signal_name):
+        def insert(running):
+            database.execute("INSERT INTO revocations (task_id, expires, terminate, signal) "
+                             "VALUES (?, ?, 1, ?)", (task_id or running, time.time() + 3600, signal_name))
+        return insert
+
+    rows = [("signal 'SIGNOPE'", row(None, "SIGNOPE")),
+            ("signal 'term'", row(None, "term")),
+            ("signal '12345'", row(None, "12345")),
+            ("signal ''", row(None, "")),
+            ("task_id a blob", row(b"\x00\xff", "SIGTERM"))]
+    try:
+        with contextlib.ExitStack() as stack:
+            w = stack.enter_context(worker(sqlite_app, tmp_path, concurrency=2))
+            killers, w = _survive_each(sqlite_app, tmp_path, stack, w, rows, out)
+            assert not killers, f"revocation rows that killed the worker: {killers}"
+            assert _control_error_lines(w.log()), "no 'Control command error' line for the bad rows"
+            # At the call site, a signal that does not exist is a clear error, and nothing is written.
+            count = database.execute("SELECT COUNT(*) FROM revocations").fetchone()[0]
+            with pytest.raises((ValueError, TypeError), match="SIGNOPE"):
+                sqlite_app.control.revoke(minicelery.uuid(), terminate=True, signal="SIGNOPE")
+            assert database.execute("SELECT COUNT(*) FROM revocations").fetchone()[0] == count
+            _valid_revokes_still_work(w, tmp_path)
+    finally:
+        database.close()
+    report = chaos_report(f"11b. {len(rows)} bad revocation rows (sqlite)", len(rows), out, started)
+    assert report["lost"] == 0 and report["duplicates"] == 0
+
+
+# --- 12. Tasks that break their process's stdout ------------------------------------
+
+@contextlib.contextmanager
+def _forks_stay_out():
+    """End any forked copy of this process that gets here.
+
+    A pool child that escapes its os._exit runs its parent's code, and if that
+    escapes worker()'s os._exit too (its stderr is broken), it unwinds into this
+    test as a second pytest, which would run the rest of the session (and hold
+    the terminal's pipe open). Such a copy ends here instead.
+    """
+    pid = os.getpid()
+    try:
+        yield
+    finally:
+        if os.getpid() != pid:
+            os._exit(70)
+
+
+def _drained(app_):
+    """No message waiting or held anywhere in the broker."""
+    broker = app_.broker
+    if isinstance(broker, minicelery.SQLiteBroker):
+        return broker.store.read("SELECT COUNT(*) FROM messages")[0][0] == 0
+    return broker.size("celery") == 0 and broker.client.hlen(broker.UNACKED) == 0
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)
+def test_chaos_children_break_their_stdout(any_app, tmp_path):
+    """Tasks close sys.stdout, close fd 1, swap in a stdout that raises, or leave
+    output for a closed pipe, in children recycled every 3 tasks: each task runs
+    exactly once (early ack), so no child ever runs the worker's own code, and the
+    worker lives on."""
+    n, out = chaos_size(600, 60), str(tmp_path / "runs")
+    started = time.monotonic()
+    for i in range(n):  # queued first, so the worker holds a full prefetch from the start
+        break_stdout.delay(i, out, STDOUT_BREAKERS[i % len(STDOUT_BREAKERS)])
+    with _forks_stay_out(), worker(any_app, tmp_path, concurrency=2, max_tasks_per_child=3) as w:
+        everything_ran = _settle(lambda: _distinct_runs(out) >= n, chaos_size(120, 30))
+        # Everything is out of the broker and one more task goes through: no straggler left
+        # to run a second time.
+        wait_until(lambda: _drained(any_app), what="the broker to be empty")
+        assert add.delay(2, 2).get(timeout=15) == 4
+        assert w.alive(), _tail(w)
+    row = chaos_report(f"12. children break their stdout, recycled every 3 ({_kind(any_app)})",
+                       n, out, started)
+    assert everything_ran and row["lost"] == 0 and row["duplicates"] == 0, f"{row}\n{_tail(w, 40)}"
