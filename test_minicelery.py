@@ -2987,6 +2987,7 @@ def test_hostile_a_forked_task_copy_never_acts_as_the_worker(app, tmp_path):
     with worker(app, tmp_path, concurrency=1) as w:
         fork_and_return.delay().get(timeout=10)
         assert [add.delay(2, i).get(timeout=10) for i in range(3)] == [2, 3, 4]  # none taken for lost
+        w.wait_for_log("succeeded", count=4)  # the log line follows the stored result
         log = w.log()
         assert "WorkerLostError" not in log and log.count("succeeded") == 4  # the copy reported nothing
 
