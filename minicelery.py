@@ -4010,8 +4010,8 @@ class Consumer:
     def step(self):
         """One turn: collect finished tasks, dispatch, reserve more or wait."""
         self._handle(self.pool.collect(0))
+        self._apply_control()  # first: listening starts before the first reload of revocations
         self._maintain()
-        self._apply_control()
         self._release_due()
         self._dispatch()
         # Everything held counts, waiting for an ETA or a rate limit too: a worker
