@@ -2790,6 +2790,9 @@ def test_hostile_sqlite_get_keeps_its_deadline_while_another_process_holds_the_l
     finally:
         holder.kill()
         holder.wait()
+    # The writer gets the lock now: no thread may be inside SQLite when the next test forks.
+    writer.join(15)
+    assert not writer.is_alive()
 
 
 def test_hostile_sqlite_database_deleted_under_a_worker(tmp_path):
