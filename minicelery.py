@@ -615,8 +615,6 @@ class Message:
         if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict) \
                 or not all(isinstance(key, str) for key in kwargs):
             raise DecodeError("body args must be a list and kwargs an object")
-        if not isinstance(embed or {}, dict):
-            raise DecodeError("body embed must be an object")
         _check_fields("embed", embed or {}, _EMBED_TYPES)
         self.args, self.kwargs, self.embed = list(args), kwargs, embed or {}
 
@@ -633,6 +631,8 @@ _EMBED_TYPES = {"callbacks": list, "errbacks": list, "chain": list, "chord": dic
 
 
 def _check_fields(what, fields, types):
+    if not isinstance(fields, dict):
+        raise DecodeError(f"the message's {what} part must be an object, not {_short_repr(fields, 80)}")
     for name, allowed in types.items():
         value = fields.get(name)
         if value is not None and not isinstance(value, allowed):
@@ -681,9 +681,7 @@ def decode_message(raw, queue="", delivery_tag="", max_size=None) -> Message:
         raise DecodeError(f"not a protocol 2 task message: {exc!r}") from exc
     if not isinstance(task_id, str) or not isinstance(task_name, str):
         raise DecodeError("headers 'id' and 'task' must be strings")
-    properties = envelope.get("properties") or {}
-    if not isinstance(properties, dict) or not isinstance(headers, dict):
-        raise DecodeError("headers and properties must be objects")
+    properties = envelope.get("properties") or {}  # (headers are an object: we read an id from them)
     _check_fields("property", properties, {"delivery_info": dict})
     body = envelope.get("body", "")
     try:
@@ -1019,10 +1017,13 @@ return 1
 """
 
 # Moves one reserved message (ARGV[1]) back to list KEYS[3], but only if its
-# unacked entry is still ARGV[2]: if another worker restored or acked it first,
+# unacked entry is still ARGV[2] and its claim is no newer than ARGV[4]: if
+# another worker restored or acked it first, or restored it and took it again,
 # nothing happens. This replaces kombu's WATCH/MULTI, which fails under load.
 _RESTORE_LUA = r"""
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+local claim = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if claim and tonumber(claim) > tonumber(ARGV[4]) then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[3])
@@ -1162,9 +1163,9 @@ class RedisBroker(Broker):
     def restore_unacked(self, now=None):
         deadline = (now or time.time()) - self.visibility_timeout
         stale = self.client.zrangebyscore(self.UNACKED_INDEX, "-inf", deadline, start=0, num=1000)
-        return sum(self._restore(tag.decode()) for tag in stale)
+        return sum(self._restore(tag.decode(), deadline) for tag in stale)
 
-    def _restore(self, tag) -> int:
+    def _restore(self, tag, stale_before="+inf") -> int:
         self._held.pop(tag, None)
         entry = self.client.hget(self.UNACKED, tag)
         if entry is None:
@@ -1192,7 +1193,7 @@ class RedisBroker(Broker):
         if exchange:
             queue = self._route_by_binding(exchange, routing_key) or queue
         return self._restore_script(keys=[self.UNACKED, self.UNACKED_INDEX, _queue_key(queue, priority)],
-                                    args=[tag, entry, raw])
+                                    args=[tag, entry, raw, stale_before])
 
     def park(self, parked):
         if not parked:
@@ -1391,10 +1392,8 @@ class SQLiteStore:
         return cls._open[key]
 
     def __init__(self, url):
-        import sqlite3
         self.memory = url.startswith("memory://")
         self.path = ":memory:" if self.memory else url.split("://", 1)[1][1:] or "minicelery.db"
-        self.errors = sqlite3.OperationalError
         self.lock = threading.RLock()  # the writing connection's
         # memory:// is one database per connection, so it reads through the writer.
         self.read_lock = self.lock if self.memory else threading.Lock()
@@ -1404,13 +1403,17 @@ class SQLiteStore:
 
     def _connect(self):
         import sqlite3
-        def connect():
-            return sqlite3.connect(self.path, timeout=1.0, isolation_level=None, check_same_thread=False)
-        self.conn = connect()
+        self.errors = sqlite3.OperationalError
+
+        def connect(timeout=1.0):
+            return sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+        # Several processes may open a new file at once: setting it up waits for the lock.
+        self.conn = connect(self.LOCK_TIMEOUT)
         if not self.memory:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(_SQLITE_SCHEMA)  # IF NOT EXISTS: safe from every process
+        self.conn.execute("PRAGMA busy_timeout = 1000")  # from now on _begin() waits, lock free
         self.generation = getattr(self, "generation", 0) + 1  # which file we opened, 1 first
         self.reader = self.conn if self.memory else connect()
         self._file = self._identity()
@@ -1475,17 +1478,11 @@ class SQLiteStore:
                 return
 
     def _data_version(self):
-        if self.memory:
-            return None
-        self._check_file()
-        with self.read_lock:
-            return self.reader.execute("PRAGMA data_version").fetchone()[0]
+        return None if self.memory else self.read("PRAGMA data_version")[0][0]
 
 
 def _blob_head(db, row_id, size=65536) -> bytes:
-    """The first bytes of a message row, read without loading the rest (Python 3.11+)."""
-    if not hasattr(db, "blobopen"):
-        return b""
+    """The first bytes of a message row, read without loading the rest."""
     with db.blobopen("messages", "raw", row_id, readonly=True) as blob:
         return blob.read(size)
 
@@ -1550,20 +1547,26 @@ class SQLiteBroker(Broker):
         generation = self.store.generation
         return str(row_id) if generation == 1 else f"{generation}.{row_id}"
 
-    def _row_ids(self, tags) -> list:
-        """The row ids that `tags` name in the file open now (a deleted file's rows are gone)."""
-        current = str(self.store.generation)
-        return [int(row) for generation, _, row in (tag.rpartition(".") for tag in tags)
-                if (generation or "1") == current]
+    def _claimed(self, tags) -> list:
+        """(tag, row id, claim) for each tag. A tag of the file open now needs no claim (None);
+        one of a file since replaced names a row only where the row still holds our claim
+        (a copy of the old file), never an unrelated row of a new file."""
+        current, rows = str(self.store.generation), []
+        for tag in tags:
+            generation, _, row_id = tag.rpartition(".")
+            if (generation or "1") == current or tag in self._held:
+                rows.append((tag, int(row_id), None if (generation or "1") == current else self._held[tag]))
+        return rows
 
     def _update(self, sql, tags, *params):
         tags = list(tags)
+        rows = self._claimed(tags)
         for tag in tags:
             self._held.pop(tag, None)
-        tags = self._row_ids(tags)
-        if tags:
+        if rows:
             with self.store.transaction() as db:
-                return db.execute(f"{sql} WHERE id IN ({_marks(tags)})", (*params, *tags)).rowcount
+                return db.executemany(f"{sql} WHERE id = ? AND (? IS NULL OR reserved_at = ?)",
+                                      [(*params, row_id, claim, claim) for _, row_id, claim in rows]).rowcount
         return 0
 
     def ack(self, tags):
@@ -1581,9 +1584,8 @@ class SQLiteBroker(Broker):
         now, lost = time.time(), set()
         with self.store.transaction() as db:
             for tag, reserved_at in claims:  # ours only while reserved_at is what we wrote
-                row_id = self._row_ids([tag])
-                if row_id and db.execute("UPDATE messages SET reserved_at = ? WHERE id = ? AND reserved_at = ?",
-                                         (now, row_id[0], reserved_at)).rowcount:
+                if db.execute("UPDATE messages SET reserved_at = ? WHERE id = ? AND reserved_at = ?",
+                              (now, int(tag.rpartition(".")[2]), reserved_at)).rowcount:
                     self._held[tag] = now
                 else:
                     lost.add(tag)
@@ -1596,13 +1598,14 @@ class SQLiteBroker(Broker):
                               ((now or time.time()) - self.visibility_timeout,)).rowcount
 
     def park(self, parked):
-        if parked:
-            for delivery, _, _ in parked:
-                self._held.pop(delivery.tag, None)
+        dues = {delivery.tag: due - self.ETA_MOVE_AHEAD for delivery, _, due in parked}
+        rows = self._claimed(dues)
+        for tag in dues:
+            self._held.pop(tag, None)
+        if rows:
             with self.store.transaction() as db:
-                db.executemany("UPDATE messages SET reserved_at = NULL, due = ? WHERE id = ?",
-                               [(due - self.ETA_MOVE_AHEAD, row_id) for (d, _, due) in parked
-                                for row_id in self._row_ids([d.tag])])
+                db.executemany("UPDATE messages SET reserved_at = NULL, due = ? WHERE id = ? AND "
+                               "(? IS NULL OR reserved_at = ?)", [(dues[t], i, c, c) for t, i, c in rows])
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         if not broadcast:
@@ -1772,14 +1775,18 @@ class ResultBackend:
 
     def wait_for(self, task_id, timeout=None, interval=0.5) -> dict:
         """Block until the task is ready; raises ResultTimeout. Polls by default."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = float("inf") if timeout is None else time.monotonic() + timeout
         while True:
             meta = self.get_meta(task_id)
             if meta["status"] in READY_STATES:
                 return meta
-            if deadline is not None and time.monotonic() >= deadline:
+            if time.monotonic() >= deadline:
                 raise ResultTimeout(f"task {task_id} not ready after {timeout}s")
-            time.sleep(interval if deadline is None else max(0, min(interval, deadline - time.monotonic())))
+            self.pause(min(interval, deadline - time.monotonic()))
+
+    def pause(self, seconds):
+        """Sleep between two looks at a result; a backend that can tell when it changed wakes early."""
+        time.sleep(max(seconds, 0))
 
     def _set(self, key, data):
         raise NotImplementedError
@@ -1870,7 +1877,7 @@ class _SharedSubscriptions:
         self.pubsub = client.pubsub(ignore_subscribe_messages=True)  # connects on first subscribe
         self.reading = threading.Lock()  # held by the thread using the pub/sub connection
         self.filed = threading.Condition()  # guards `messages` and `waiters`; notified on news
-        self.messages, self.waiters = {}, {}
+        self.messages, self.waiters, self.received = {}, {}, 0
 
     def subscribe(self, channel):
         with self.reading, self.filed:
@@ -1887,13 +1894,14 @@ class _SharedSubscriptions:
                 with contextlib.suppress(*self.errors):  # a reconnect resubscribes only to what is left
                     self.pubsub.unsubscribe(channel)
 
-    def wait(self, channel, deadline):
-        """The next data published on `channel`; None after a second (or at the deadline) without."""
+    def wait(self, channel, deadline, after=0):
+        """(number, data) of the latest message on `channel` numbered above `after` (every
+        waiter on the channel sees it); None after a second (or at the deadline) without."""
         until = min(deadline, time.monotonic() + 1.0)
         while True:
             with self.filed:
-                if channel in self.messages:
-                    return self.messages.pop(channel)
+                if self.messages.get(channel, (0,))[0] > after:
+                    return self.messages[channel]
             left = until - time.monotonic()
             if left <= 0:
                 return None
@@ -1904,7 +1912,7 @@ class _SharedSubscriptions:
                     self.reading.release()
             else:
                 with self.filed:
-                    if channel not in self.messages:
+                    if self.messages.get(channel, (0,))[0] <= after:
                         self.filed.wait(min(left, self.SLICE))
 
     def _read(self, timeout):
@@ -1917,7 +1925,8 @@ class _SharedSubscriptions:
             with self.filed:
                 channel = message["channel"].decode()
                 if self.waiters.get(channel):
-                    self.messages[channel] = message["data"]
+                    self.received += 1
+                    self.messages[channel] = (self.received, message["data"])
                 self.filed.notify_all()
 
 
@@ -1994,13 +2003,16 @@ class RedisBackend(ResultBackend):
         # Subscribe before the first GET, so a state written in between is not missed.
         self._retrying(self._waiters.subscribe, key, deadline=deadline, attempts=10 ** 9)
         try:
-            meta = self._read_meta(task_id, deadline)
+            meta, seen = self._read_meta(task_id, deadline), 0
             while meta["status"] not in READY_STATES:
                 if time.monotonic() >= deadline:
                     raise ResultTimeout(f"task {task_id} not ready after {timeout}s")
-                data = self._waiters.wait(key, deadline)
-                # A silent second re-reads the key: covers a reconnect that dropped a message.
-                meta = self.meta_from(data, task_id) if data is not None else self._read_meta(task_id, deadline)
+                news = self._waiters.wait(key, deadline, seen)
+                if news:
+                    seen, data = news
+                    meta = self.meta_from(data, task_id)
+                else:  # a silent second re-reads the key: covers a reconnect that dropped a message
+                    meta = self._read_meta(task_id, deadline)
             return meta
         finally:
             self._waiters.unsubscribe(key)
@@ -2065,16 +2077,8 @@ class SQLiteBackend(ResultBackend):
             db.execute("DELETE FROM chord_parts WHERE group_id = ?", (group_id,))
             db.execute("DELETE FROM chords WHERE group_id = ?", (group_id,))
 
-    def wait_for(self, task_id, timeout=None, interval=0.5):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            meta = self.get_meta(task_id)
-            if meta["status"] in READY_STATES:
-                return meta
-            left = 1.0 if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                raise ResultTimeout(f"task {task_id} not ready after {timeout}s")
-            self.store.wait_for_change(min(left, 1.0))
+    def pause(self, seconds):
+        self.store.wait_for_change(max(seconds, 0))
 
 
 BACKENDS = {"redis": RedisBackend, "rediss": RedisBackend, "redis+socket": RedisBackend,
@@ -3475,21 +3479,26 @@ class Celery:
 
         Retrying is safe: the broker queues a message (by its tag) only once. Raises
         OperationalError once the retries are used up: an id is returned only for a
-        message the broker confirmed.
+        message the broker confirmed. A task running in a worker (sending a chain's
+        next step, a callback, a retry) keeps trying for up to the visibility
+        timeout instead: its message is work already done, not to be lost.
         """
         policy = dict(max_retries=3, interval_start=0, interval_step=0.2, interval_max=0.2)
         policy.update(self.conf.task_publish_retry_policy or {})
         retries = policy["max_retries"] if self.conf.task_publish_retry else 0
+        patient_until = time.monotonic() + self.broker.visibility_timeout if _local.__dict__.get("in_worker") else 0
         for attempt in itertools.count():
             try:
                 return self.broker.publish(queue, envelope, priority, tag)
             except self.broker.connection_errors as exc:
-                if retries is not None and attempt >= retries:
+                if time.monotonic() < patient_until:
+                    worker_logger.warning("can't send %s yet (%s: %s); trying again", what, type(exc).__name__, exc)
+                elif retries is not None and attempt >= retries:
                     raise OperationalError(
                         f"could not send {what}: the broker did not take it after {attempt} "
                         f"retries ({exc!r}). If it only stalled, it may still queue it, once.") from exc
-                time.sleep(min(policy["interval_start"] + attempt * policy["interval_step"],
-                               policy["interval_max"]))
+                time.sleep(1.0 if patient_until else min(policy["interval_start"] + attempt * policy["interval_step"],
+                                                         policy["interval_max"]))
 
     @property
     def tz(self):
@@ -3647,7 +3656,7 @@ class SoloPool(Pool):
 
     def apply(self, message):
         # No hard time limit here: killing the task would kill the worker.
-        self._running = message.delivery_tag
+        self._running, _local.in_worker = message.delivery_tag, True
         soft = time_limits(self.app.tasks[message.task_name], message)[1]
         try:
             outcome = run_task(self.app, message, hostname=self.hostname, soft_time_limit=soft)
@@ -3884,6 +3893,7 @@ def child_main(app, conn, index, hostname, max_tasks=None):
     """
     global _process_name
     _process_name = f"ForkPoolWorker-{index}"
+    _local.in_worker = True
     app.after_fork()
     done = 0
     while not max_tasks or done < max_tasks:
@@ -3980,11 +3990,10 @@ class Consumer:
                 except Exception as exc:  # nothing a broker or a message does may stop the worker
                     failures += 1
                     delay = min(2 ** failures * 0.1, 10.0)
-                    if isinstance(exc, self.broker.connection_errors):
-                        worker_logger.error("Connection to broker lost: %s: %s; trying again in %.1fs",
-                                            type(exc).__name__, exc, delay)
-                    else:
-                        worker_logger.exception("Unexpected error in the worker loop; going on in %.1fs", delay)
+                    lost = isinstance(exc, self.broker.connection_errors)  # else a bug: with its traceback
+                    worker_logger.error("%s: %s: %s; trying again in %.1fs", "Connection to broker lost" if lost
+                                        else "Unexpected error in the worker loop", type(exc).__name__, exc,
+                                        delay, exc_info=not lost)
                     self._after_outage()
                     time.sleep(delay)
         finally:

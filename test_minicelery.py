@@ -3129,6 +3129,77 @@ def test_chaos_stalls_past_the_visibility_timeout_run_nothing_twice(workers, app
     assert row["duplicates"] == 0 and row["lost"] == 0
 
 
+def test_hostile_a_message_restored_and_taken_again_is_not_restored_twice(app, redis_client):
+    app.conf.broker_transport_options = {"visibility_timeout": 5}
+    app.close()
+    add.delay(1, 1)
+    [delivery] = app.broker.reserve(["celery"], 1, timeout=0)
+    redis_client.zadd("unacked_index", {delivery.tag: time.time() - 100})  # its holder went quiet
+    late = Celery("late", broker=app.conf.broker_url, set_as_current=False)
+    late.conf.broker_transport_options = {"visibility_timeout": 5}
+    deadline = time.time() - 5  # the late worker listed it as stale...
+    assert app.broker.restore_unacked() == 1  # ...another restored it first,
+    [again] = app.broker.reserve(["celery"], 1, timeout=0)  # and took it again: a fresh claim
+    assert again.tag == delivery.tag
+    assert late.broker._restore(delivery.tag, deadline) == 0  # so the late restore does nothing
+    assert redis_client.hlen("unacked") == 1 and app.broker.size("celery") == 0
+    late.close()
+
+
+def test_hostile_sqlite_file_replaced_by_a_copy_keeps_its_claims(tmp_path):
+    url = f"sqlite:///{tmp_path}/copy.db"
+    app_ = Celery("copy", broker=url, set_as_current=False)
+    app_.send_task("x.y", [1])
+    [delivery] = app_.broker.reserve(["celery"], 1, timeout=0)
+    with sqlite3.connect(f"{tmp_path}/copy.db") as source, sqlite3.connect(f"{tmp_path}/new.db") as copy:
+        source.backup(copy)
+    os.replace(f"{tmp_path}/new.db", f"{tmp_path}/copy.db")
+    assert app_.broker.touch([delivery.tag]) == set()  # the copy holds our claim: still ours
+    app_.broker.ack([delivery.tag])
+    assert app_.broker.store.read("SELECT COUNT(*) FROM messages")[0][0] == 0  # acked in the new file
+    assert "copy.db" in app_.broker.store.path
+
+
+def test_hostile_many_processes_open_a_new_sqlite_file_at_once(tmp_path):
+    code = ("import sys, minicelery; app = minicelery.Celery('s', broker=sys.argv[1], set_as_current=False); "
+            "app.send_task('x.y', [1])")
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    procs = [subprocess.Popen([sys.executable, "-c", code, url], cwd=HERE, stderr=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, errors
+    assert Celery("s", broker=url, set_as_current=False).broker.size("celery") == 8
+
+
+def test_hostile_many_threads_wait_on_one_result(app, tmp_path):
+    result = sleep_then.delay(0.5, "done")
+    values = []
+    threads = [threading.Thread(target=lambda: values.append(app.AsyncResult(result.id).get(timeout=30)))
+               for _ in range(50)]
+    for t in threads:
+        t.start()
+    with worker(app, tmp_path, concurrency=1):
+        for t in threads:
+            t.join(40)
+    assert values == ["done"] * 50
+
+
+def test_hostile_a_chain_survives_its_broker_going_away_between_steps(app, tmp_path, private_redis, redis_server):
+    sock, procs, start = private_redis
+    app.conf.update(broker_url=f"unix://{sock}", result_backend=f"unix://{redis_server}?db=1")
+    app.close()
+    with worker(app, tmp_path, concurrency=1) as w:
+        started = str(tmp_path / "started")
+        result = (counted_sleep.si(started, 1.0) | echo.si(12))()
+        wait_until(lambda: lines_in(started), what="the first step running")
+        procs[0].kill()  # its broker goes away before it can send the next step
+
+        procs[0].wait()
+        w.wait_for_log("can't send")
+        procs.append(start())
+        assert result.get(timeout=30) == 12
+
+
 # --- Interop with the real Celery ----------------------------------------------------
 # A real Celery app with the same task names. Its worker runs as `celery -A
 # test_minicelery:CELERY_APP worker`, and reads its URLs from the environment.
