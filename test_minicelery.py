@@ -2899,7 +2899,7 @@ def test_hostile_a_stall_past_the_visibility_timeout_runs_nothing_twice(app, tmp
     with worker(app, tmp_path, concurrency=1) as first, worker(app, tmp_path, concurrency=1) as second:
         wait_until(lambda: lines_in(out) >= 4, what="both working")
         procs[0].send_signal(signal.SIGSTOP)  # Redis stalls for twice the visibility timeout
-        time.sleep(4)
+        time.sleep(4)  # the fault itself: the stall lasts this long
         procs[0].send_signal(signal.SIGCONT)
         assert [r.get(timeout=60) for r in results] == list(range(60))
         assert first.alive() and second.alive()
@@ -3113,14 +3113,14 @@ def test_chaos_stalls_past_the_visibility_timeout_run_nothing_twice(workers, app
         def produce():
             for i in range(sent):
                 chaos_early.delay(i, out, 0.01)
-                time.sleep(0.002)
+                time.sleep(0.002)  # paces the producer
 
         producer = threading.Thread(target=produce)
         producer.start()
         for _ in range(3):
             time.sleep(1.5)  # pacing the fault
             procs[0].send_signal(signal.SIGSTOP)
-            time.sleep(3)
+            time.sleep(3)  # the fault itself
             procs[0].send_signal(signal.SIGCONT)
         producer.join(120)
         wait_until(lambda: _distinct_runs(out) >= sent, timeout=120, what="every task run")
@@ -3447,7 +3447,7 @@ def _kill_children_while(w, busy, kills, interval):
         if children:
             os.kill(random.choice(children), signal.SIGKILL)
             killed += 1
-        time.sleep(interval)
+        time.sleep(interval)  # paces the fault: a kill every `interval`
     return killed
 
 
@@ -3535,10 +3535,10 @@ def test_chaos_redis_restarted(app, tmp_path):
             producer = threading.Thread(target=produce)
             producer.start()
             for _ in range(restarts):
-                time.sleep(0.5)
+                time.sleep(0.5)  # paces the fault: work goes on before each restart
                 proc[-1].terminate()
                 proc[-1].wait(10)
-                time.sleep(0.3)
+                time.sleep(0.3)  # paces the fault: Redis stays down this long
                 start()
             producer.join(120)
             try:
