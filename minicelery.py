@@ -68,6 +68,7 @@ import threading
 import time
 import traceback
 import uuid as _uuid
+import weakref
 import zlib
 from collections import deque, namedtuple
 from multiprocessing.connection import Pipe, wait as wait_for_connections
@@ -301,6 +302,19 @@ def setup_logging(loglevel="INFO", stream=None):
     root.setLevel(loglevel.upper() if isinstance(loglevel, str) else loglevel)
 
 
+def get_task_logger(name):
+    """Celery's logger for a tasks module: `logger = get_task_logger(__name__)`.
+
+    Its records go up through minicelery.task, as Celery's go through celery.task.
+    """
+    logger = logging.getLogger(name)
+    logger.parent = task_logger
+    return logger
+
+
+get_logger = logging.getLogger
+
+
 def _short_repr(value, limit=1024):
     """repr() for logs and argsrepr; an object whose repr raises gets a placeholder."""
     try:
@@ -320,7 +334,8 @@ def _short_repr(value, limit=1024):
 # Exceptions travel as Celery's {exc_type, exc_message, exc_module} dict.
 
 JSON_TYPE, PICKLE_TYPE = "application/json", "application/x-python-serialize"
-CONTENT_TYPES = {"json": JSON_TYPE, "pickle": PICKLE_TYPE}
+MSGPACK_TYPE, YAML_TYPE = "application/x-msgpack", "application/x-yaml"
+CONTENT_TYPES = {"json": JSON_TYPE, "pickle": PICKLE_TYPE, "msgpack": MSGPACK_TYPE, "yaml": YAML_TYPE}
 #: kombu's names for the compression header.
 COMPRESSIONS = {"zlib": "application/x-gzip", "gzip": "application/x-gzip",
                 "bzip2": "application/x-bz2"}
@@ -396,9 +411,15 @@ def dumps(obj, serializer="json", compression=None):
     try:
         if content_type == JSON_TYPE:
             data = json_dumps(obj).encode("utf-8")
-        else:
+        elif content_type == PICKLE_TYPE:
             data = pickle.dumps(obj, protocol=4)
-    except (TypeError, ValueError, pickle.PicklingError, AttributeError, RecursionError) as exc:
+        elif content_type == MSGPACK_TYPE:
+            data = _optional_library("msgpack").packb(obj, use_bin_type=True)
+        else:
+            data = _optional_library("yaml").safe_dump(obj).encode("utf-8")
+    except ImproperlyConfigured:
+        raise
+    except Exception as exc:  # each library has its own errors for a value it can't write
         raise EncodeError(f"can't serialize with {serializer}: {_short_repr(exc, 200)}") from None
     header = None
     if compression:
@@ -427,7 +448,13 @@ def loads(data: bytes, content_type: str, accept, compression=None, max_size=Non
     try:
         if content_type == JSON_TYPE:
             return json_loads(data.decode("utf-8"))
+        if content_type == MSGPACK_TYPE:
+            return _optional_library("msgpack").unpackb(data, raw=False)
+        if content_type == YAML_TYPE:
+            return _optional_library("yaml").safe_load(data)
         return pickle.loads(data)
+    except ImproperlyConfigured:
+        raise
     except Exception as exc:
         raise DecodeError(f"can't decode {content_type} body: {exc!r}") from exc
 
@@ -445,6 +472,15 @@ def _inflate(data: bytes, compression: str, max_size=None) -> bytes:
     if max_size and len(out) > max_size:
         raise DecodeError(f"the body inflates to more than worker_max_message_size ({max_size} bytes)")
     return out
+
+
+def _optional_library(name):
+    """msgpack or yaml, imported on first use: a JSON-only setup needs neither."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        package = {"yaml": "pyyaml"}.get(name, name)
+        raise ImproperlyConfigured(f"the {name} serializer needs its library: pip install {package}") from None
 
 
 def accepted_types(accept_content) -> frozenset:
@@ -565,7 +601,7 @@ def build_envelope(headers, body: bytes, content_type, queue, *, priority=0,
         properties["expiration"] = str(int(max(expires_in, 0) * 1000))
     return json.dumps({
         "body": base64.b64encode(body).decode("ascii"),
-        "content-encoding": "utf-8" if content_type == JSON_TYPE else "binary",
+        "content-encoding": "utf-8" if content_type in (JSON_TYPE, YAML_TYPE) else "binary",
         "content-type": content_type, "headers": headers, "properties": properties,
     })
 
@@ -1757,7 +1793,9 @@ class ResultBackend:
     def decode(self, data) -> dict:
         if isinstance(data, str):
             data = data.encode("utf-8")
-        content_type = PICKLE_TYPE if data[:1] == b"\x80" else JSON_TYPE
+        # Read as written: JSON and pickle show it in their first byte, else it is ours.
+        content_type = JSON_TYPE if data[:1] == b"{" else PICKLE_TYPE if data[:1] == b"\x80" \
+            else content_type_for(self.serializer)
         return loads(data, content_type, self.accept)
 
     def get_meta(self, task_id) -> dict:
@@ -2143,8 +2181,10 @@ class AsyncResult:
     def failed(self):
         return self.state == FAILURE
 
-    def get(self, timeout=None, propagate=True, interval=0.5):
+    def get(self, timeout=None, propagate=True, interval=0.5, disable_sync_subtasks=True):
         """Wait for the task and return its value, re-raising its exception."""
+        if disable_sync_subtasks:
+            _assert_will_not_block()
         if self._cache is None:
             self._cache = self.backend.wait_for(self.id, timeout=timeout, interval=interval)
         meta = self._cache
@@ -2197,7 +2237,7 @@ class EagerResult(AsyncResult):
 
     info = result
 
-    def get(self, timeout=None, propagate=True, interval=0.5):
+    def get(self, timeout=None, propagate=True, interval=0.5, disable_sync_subtasks=True):
         if isinstance(self._value, BaseException) and self._state in EXCEPTION_STATES:
             if propagate:
                 raise self._value
@@ -2264,6 +2304,15 @@ class Request:
                    is_eager=is_eager, called_directly=False,
                    callbacks=embed.get("callbacks"), errbacks=embed.get("errbacks"),
                    chain=embed.get("chain"), chord=embed.get("chord"))
+
+
+def _assert_will_not_block():
+    """Celery's guard: a task waiting on another task's result can hold the last
+    free pool process while that task waits for one, and the worker deadlocks."""
+    task = current_task() if _local.__dict__.get("in_worker") else None
+    if task is not None and not task.request.is_eager:
+        raise RuntimeError("Never call result.get() within a task! (pass disable_sync_subtasks=False "
+                           "to do it anyway; better: chain the tasks, or use a chord)")
 
 
 def current_task():
@@ -2457,8 +2506,10 @@ class Task:
         if not request.is_eager:
             delivery_info = request.delivery_info or {}
             custom = {k: v for k, v in (request.headers or {}).items() if k not in PROTOCOL_HEADERS}
-            options.setdefault("queue", delivery_info.get("routing_key"))
-            options.setdefault("priority", delivery_info.get("priority"))
+            # The retried message carries the rest of the workflow: callbacks, chain, chord.
+            options = {"queue": delivery_info.get("routing_key"), "priority": delivery_info.get("priority"),
+                       "link": request.callbacks, "link_error": request.errbacks,
+                       "chain": request.chain, "chord": request.chord, **options}
             self.app.send_task(
                 self.name, args, kwargs, task_id=request.id, retries=request.retries + 1,
                 countdown=countdown, eta=eta, root_id=request.root_id, parent_id=request.id,
@@ -2944,10 +2995,11 @@ class GroupResult:
     def __init__(self, id, results, app=None):
         self.id, self.results, self.app = id, list(results), app or current_app()
 
-    def get(self, timeout=None, propagate=True, interval=0.5):
+    def get(self, timeout=None, propagate=True, interval=0.5, disable_sync_subtasks=True):
         deadline = None if timeout is None else time.monotonic() + timeout
         return [r.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.001),
-                      propagate=propagate, interval=interval) for r in self.results]
+                      propagate=propagate, interval=interval, disable_sync_subtasks=disable_sync_subtasks)
+                for r in self.results]
 
     join = get
 
@@ -3002,12 +3054,29 @@ def _after_success(app, request, retval):
     """Start what comes next: link callbacks, the rest of a chain, a chord's body."""
     ids = {"parent_id": request.id, "root_id": request.root_id or request.id}
     for callback in request.callbacks or ():
-        signature(callback, app=app).apply_async((retval,), **ids)
+        _send_next(app, callback, (retval,), **ids)
     if request.chain:
         rest = list(request.chain)
-        signature(rest.pop(), app=app).apply_async((retval,), chain=rest or None, **ids)
+        _send_next(app, rest.pop(), (retval,), chain=rest or None, **ids)
     if request.chord:
         _chord_part_done(app, request, SUCCESS, retval)
+
+
+def _send_next(app, sig, args, **options):
+    """Send a workflow's next step. One that can't be sent (its arguments don't fit
+    its task, they can't be serialized) fails at once, and so does what waits on it:
+    the rest of its chain, its chord, its errbacks; nobody's get() waits for ever."""
+    sig = signature(sig, app=app)
+    try:
+        sig.apply_async(args, **options)
+    except (TypeError, EncodeError, NotRegistered) as exc:
+        task_logger.error("Can't send %r: %r", sig, exc)
+        for task_id in _result_ids(sig):
+            app.backend.store_result(task_id, exc, FAILURE, traceback=traceback.format_exc())
+        step = Request(id=sig.id, task=sig.task, root_id=options.get("root_id"), chain=options.get("chain"),
+                       errbacks=_signature_list(sig.options.get("link_error")), chord=sig.options.get("chord"),
+                       group=sig.options.get("group_id"), group_index=sig.options.get("group_index"))
+        _after_failure(app, step, exc, traceback.format_exc())
 
 
 def _after_failure(app, request, exc, exc_traceback):
@@ -3073,12 +3142,12 @@ def _chord_part_done(app, request, state, value):
 
 @dataclasses.dataclass
 class Config:
-    """Celery's settings that minicelery honours, with Celery's defaults."""
+    """Celery's settings that minicelery honours, with Celery's defaults.
 
-    #: where tasks go: redis://[:password@]host:port/db, rediss://, redis+socket:///path
-    broker_url: str | None = None
-    #: where results go (same URL forms); None disables results
-    result_backend: str | None = None
+    broker_url and result_backend are the properties below the fields: they
+    read what is in effect, also where it comes from the environment.
+    """
+
     #: {'visibility_timeout': seconds a reserved message may go unacked (3600)}
     broker_transport_options: dict = dataclasses.field(default_factory=dict)
     task_serializer: str = "json"
@@ -3090,6 +3159,9 @@ class Config:
     #: seconds (or a timedelta) results are kept; 0 or None keeps them forever
     result_expires: int | float | dt.timedelta | None = 86400
     task_default_queue: str = "celery"
+    #: the queues a worker without -Q consumes: names, kombu Queue objects, or
+    #: Celery 3's {name: {...}}; unset means task_default_queue alone
+    task_queues: list | tuple | dict | None = None
     task_default_priority: int | None = None
     #: {'name or glob': {'queue': 'q'} or 'q'}, a list of those, or router functions
     task_routes: dict | list | tuple | None = None
@@ -3120,6 +3192,8 @@ class Config:
     #: minicelery's own: a message body larger than this many bytes is refused (dead letter)
     worker_max_message_size: int = 64 * 1024 * 1024
     worker_max_tasks_per_child: int | None = None
+    #: 'prefork' or 'solo' (Celery's threads, eventlet and gevent pools are not here)
+    worker_pool: str = "prefork"
     timezone: str | None = None
     enable_utc: bool = True
     #: {name: {'task': ..., 'schedule': seconds|timedelta|crontab, 'args', 'kwargs', 'options'}}
@@ -3128,11 +3202,49 @@ class Config:
     beat_max_loop_interval: int | float = 300
     #: where beat keeps each entry's last run (JSON)
     beat_schedule_filename: str = "celerybeat-schedule.json"
+    #: only Celery's default, the file above: database schedulers are not here
+    beat_scheduler: str = "celery.beat:PersistentScheduler"
     #: modules the worker imports at start (Celery's `include` and `imports`)
     include: list | tuple = dataclasses.field(default_factory=list)
     imports: list | tuple = dataclasses.field(default_factory=list)
 
+    #: the broker, and result backend, when none is configured anywhere: zero setup
+    DEFAULT_URL = "sqlite:///minicelery.db"
+
+    @property
+    def broker_url(self):
+        """Where tasks go: the setting, else $MINICELERY_BROKER_URL or $CELERY_BROKER_URL, else DEFAULT_URL.
+
+        redis://[:password@]host:port/db, rediss://, redis+socket:///path, sqlite:///file, memory://name
+        """
+        return (self.__dict__.get("_broker_url") or os.environ.get("MINICELERY_BROKER_URL")
+                or os.environ.get("CELERY_BROKER_URL") or self.DEFAULT_URL)
+
+    @broker_url.setter
+    def broker_url(self, url):
+        if url:
+            _pick_by_scheme(BROKERS, url, "broker")  # an unknown scheme fails here, at start-up
+        self.__dict__["_broker_url"] = url
+
+    @property
+    def result_backend(self):
+        """Where results go: the setting or its environment variables; a SQLite or memory
+        broker keeps them too. None: results are not stored."""
+        url = (self.__dict__.get("_result_backend") or os.environ.get("MINICELERY_RESULT_BACKEND")
+               or os.environ.get("CELERY_RESULT_BACKEND"))
+        if url is None and self.broker_url.split("://")[0] in ("sqlite", "memory"):
+            url = self.broker_url
+        return url
+
+    @result_backend.setter
+    def result_backend(self, url):
+        if url:
+            _pick_by_scheme(BACKENDS, url, "result backend")
+        self.__dict__["_result_backend"] = url
+
     def __setattr__(self, name, value):
+        if name not in self.__dataclass_fields__:  # Celery 3's names: CELERYD_CONCURRENCY is worker_concurrency
+            name = setting_name(name) or name
         allowed = _CONFIG_TYPES.get(name) if "_CONFIG_TYPES" in globals() else None
         if allowed and not _fits(value, allowed):
             names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
@@ -3140,6 +3252,8 @@ class Config:
                 f"setting {name} must be {names}, not {type(value).__name__}: {_mask_secrets(name, value)!r}")
         if _is_number(value) and value < 0:
             raise ImproperlyConfigured(f"setting {name} can't be negative: {value!r}")
+        if name == "task_queues" and value:
+            queue_names(value)  # fails here, not when a worker starts
         object.__setattr__(self, name, value)
 
     def update(self, other=None, **settings):
@@ -3148,7 +3262,7 @@ class Config:
 
     def __repr__(self):
         # Settings end up in logs and tracebacks: URLs and anything named *password* masked.
-        shown = (f"{f.name}={_mask_secrets(f.name, getattr(self, f.name))!r}" for f in dataclasses.fields(self))
+        shown = (f"{name}={_mask_secrets(name, getattr(self, name))!r}" for name in _CONFIG_TYPES)
         return f"Config({', '.join(shown)})"
 
     def __getitem__(self, name):
@@ -3194,12 +3308,66 @@ def _fits(value, allowed):
     return isinstance(value, allowed)
 
 
-_CONFIG_TYPES = {f.name: _allowed_types(f.type) for f in dataclasses.fields(Config)}
+_CONFIG_TYPES = {"broker_url": (str, type(None)), "result_backend": (str, type(None)),
+                 **{f.name: _allowed_types(f.type) for f in dataclasses.fields(Config)}}
+
+#: Celery 3's upper-case setting names, renamed by prefix as Celery's table does
+#: (CELERYD_CONCURRENCY: worker_concurrency), tried in this order ...
+_OLD_PREFIXES = (("CELERYD_", "worker_"), ("CELERYBEAT_", "beat_"), ("CELERY_RESULT_", "result_"),
+                 ("CELERY_DEFAULT_", "task_default_"), ("CELERY_TASK_", "task_"), ("BROKER_", "broker_"),
+                 ("CELERY_", "task_"), ("CELERY_", ""))
+#: ... except for these, which the table renames its own way
+_OLD_RENAMES = {"CELERYD_TASK_TIME_LIMIT": "task_time_limit", "CELERYD_TASK_SOFT_TIME_LIMIT": "task_soft_time_limit",
+                "CELERY_EAGER_PROPAGATES_EXCEPTIONS": "task_eager_propagates",
+                "CELERY_MESSAGE_COMPRESSION": "task_compression", "CELERY_TASK_RESULT_EXPIRES": "result_expires"}
+
+
+def setting_name(key):
+    """The setting a key names: our names as they are, Celery 3's through Celery's
+    renames (CELERY_ALWAYS_EAGER is task_always_eager); None for one we don't use."""
+    if key in _CONFIG_TYPES or key in _OLD_RENAMES:
+        return _OLD_RENAMES.get(key, key)
+    for old, new in _OLD_PREFIXES if key.isupper() else ():
+        if key.startswith(old) and new + key[len(old):].lower() in _CONFIG_TYPES:
+            return new + key[len(old):].lower()
+    return None
+
+
+def queue_names(task_queues) -> list:
+    """task_queues as names, from kombu Queue objects (their .name, without importing
+    kombu), plain names, or Celery 3's {name: {'exchange': ..., 'routing_key': ...}}."""
+    entries = list(task_queues)  # a dict's keys are its queue names
+    names = [entry if isinstance(entry, str) else getattr(entry, "name", None) for entry in entries]
+    for entry, name in zip(entries, names):
+        if not (isinstance(name, str) and name):
+            raise ImproperlyConfigured(f"task_queues: {_short_repr(entry, 80)} is not a queue name or kombu Queue")
+    return names
 
 #: the app the calls without an explicit app use: the last one created
 _current_app = None
 #: functions decorated with @shared_task, registered on every app
 _shared_tasks = []
+#: every app, so a shared task defined after an app was made still joins it
+_all_apps = weakref.WeakSet()
+
+
+def _django():
+    """Django, when this process runs a Django project (DJANGO_SETTINGS_MODULE set); else None."""
+    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        return None
+    try:
+        import django
+    except ImportError:
+        return None
+    return django
+
+
+def _close_django_connections(forking=False):
+    """Celery's Django fix-up: a child must not share its parent's database connections,
+    and a task must not leave a stale or broken one behind for the next."""
+    if "django.db" in sys.modules and _django() is not None:
+        from django.db import close_old_connections, connections
+        connections.close_all() if forking else close_old_connections()
 
 
 def current_app():
@@ -3249,9 +3417,10 @@ class Celery:
         #: entries from add_periodic_task(), beside conf.beat_schedule
         self.periodic_tasks = {}
         self.on_after_configure, self.on_after_finalize = Signal(), Signal()
-        self._finalized = False
+        self._finalized, self._autodiscover = False, []
         for fun, options in _shared_tasks:
             self._task_from_fun(fun, **options)
+        _all_apps.add(self)
         if set_as_current:
             _current_app = self
 
@@ -3305,25 +3474,62 @@ class Celery:
         items = obj.items() if isinstance(obj, dict) else \
             ((key, getattr(obj, key)) for key in dir(obj) if not key.startswith("_"))
         prefix = f"{namespace}_" if namespace else ""
+        unused = []
         for key, value in items:
             if not key.startswith(prefix):
                 continue
-            setting = key[len(prefix):]
-            if not prefix and setting.isupper():  # Celery 3's names: CELERY_RESULT_BACKEND
-                setting = setting[len("CELERY_"):] if setting.startswith("CELERY_") else setting
-            setting = setting.lower()
-            if setting in _CONFIG_TYPES:
+            # CELERY_TASK_ALWAYS_EAGER in Django is task_always_eager, and so is Celery 3's CELERY_ALWAYS_EAGER
+            setting = setting_name(key[len(prefix):].lower()) or setting_name(key)
+            if setting:
                 setattr(self.conf, setting, value)
+            elif (prefix or key.islower() or key.startswith(("CELERY", "BROKER"))) \
+                    and not (callable(value) or isinstance(value, type(sys))):
+                unused.append(key)  # a config module's imports (modules, classes, functions) are not settings
+        if unused:
+            logger.warning("minicelery ignores these settings (it has no such feature, or a typo?): %s", "; ".join(
+                key + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(
+                    key[len(prefix):].lower(), _CONFIG_TYPES, 1)) for key in unused))
+
+    def autodiscover_tasks(self, packages=None, related_name="tasks", force=False):
+        """Import `<package>.tasks` of each package when the worker starts (now with force=True).
+
+        Lazy as in Celery: a project can call this while it is being imported.
+        `packages` may be a callable returning them; without it, Django's INSTALLED_APPS.
+        """
+        self._autodiscover.append((packages, related_name))
+        if force:
+            self._discover(packages, related_name)
+
+    def _discover(self, packages, related_name):
+        if packages is None and _django() is not None:
+            from django.apps import apps
+            packages = [config.name for config in apps.get_app_configs()]
+        for package in (packages() if callable(packages) else packages) or ():
+            module = f"{package}.{related_name}" if related_name else package
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as exc:
+                if exc.name != module:  # an import inside the tasks module failed: the user's error
+                    raise
 
     def import_task_modules(self):
-        """Import conf.include and conf.imports, which register their tasks."""
+        """Import conf.include and conf.imports, which register their tasks, then autodiscover."""
         for module in list(self.conf.include) + list(self.conf.imports):
             importlib.import_module(module)
+        for packages, related_name in self._autodiscover:
+            self._discover(packages, related_name)
 
     def finalize(self):
-        """Import the task modules and run the on_after_* receivers; once (worker and beat call it)."""
+        """Import the task modules and run the on_after_* receivers; once (worker and beat call it).
+
+        In a Django project (DJANGO_SETTINGS_MODULE set), django.setup() comes first, as
+        Celery's Django fix-up does, so task modules can use the ORM.
+        """
         if not self._finalized:
             self._finalized = True
+            django = _django()
+            if django is not None:
+                django.setup()
             self.import_task_modules()
             self.on_after_configure.send(sender=self, source=self.conf)
             self.on_after_finalize.send(sender=self)
@@ -3337,23 +3543,8 @@ class Celery:
 
     # -- broker and backend -------------------------------------------------
 
-    #: the broker (and result backend) when none is configured anywhere
-    DEFAULT_URL = "sqlite:///minicelery.db"
-
-    @property
-    def broker_url(self):
-        """broker_url, else $MINICELERY_BROKER_URL or $CELERY_BROKER_URL, else DEFAULT_URL."""
-        return (self.conf.broker_url or os.environ.get("MINICELERY_BROKER_URL")
-                or os.environ.get("CELERY_BROKER_URL") or self.DEFAULT_URL)
-
-    @property
-    def backend_url(self):
-        """result_backend or its environment variables; a SQLite or memory broker keeps results too."""
-        url = (self.conf.result_backend or os.environ.get("MINICELERY_RESULT_BACKEND")
-               or os.environ.get("CELERY_RESULT_BACKEND"))
-        if url is None and self.broker_url.split("://")[0] in ("sqlite", "memory"):
-            url = self.broker_url
-        return url
+    broker_url = property(lambda self: self.conf.broker_url, doc="the broker URL in effect (Config.broker_url)")
+    backend_url = property(lambda self: self.conf.result_backend, doc="the result backend URL in effect, or None")
 
     @property
     def broker(self) -> Broker:
@@ -3563,6 +3754,8 @@ def shared_task(*args, **options):
     """@shared_task: a task every app gets, for modules that don't know the app."""
     def register(fun):
         _shared_tasks.append((fun, options))
+        for app in list(_all_apps):  # in a module the worker imports (include, autodiscover)
+            app._task_from_fun(fun, **options)
         return _SharedTaskProxy(fun, options)
     if len(args) == 1 and callable(args[0]) and not options:
         return register(args[0])
@@ -3666,6 +3859,7 @@ class SoloPool(Pool):
         else:
             self._finished.append(("done", message.delivery_tag, outcome.state, outcome.requeue))
         self._running = None
+        _close_django_connections()
 
     def collect(self, timeout):
         finished, self._finished = self._finished, []
@@ -3725,6 +3919,7 @@ class PreforkPool(Pool):
                     os.close(sibling.sentinel)
             child_main(self.app, theirs, index, self.hostname, self.max_tasks_per_child)
 
+        _close_django_connections(forking=True)
         pid = fork_child(run_child)
         theirs.close()
         return _Child(index, pid, ours)
@@ -3910,6 +4105,7 @@ def child_main(app, conn, index, hostname, max_tasks=None):
         except Exception:
             worker_logger.exception("Task %s could not be run", message.describe())
             state, requeue = FAILURE, False
+        _close_django_connections()
         done += 1
         conn.send((message.delivery_tag, state, requeue, bool(max_tasks and done >= max_tasks)))
 
@@ -4126,10 +4322,19 @@ class Consumer:
         return message
 
     def _discard(self, delivery, message, reason, exc):
-        """Log, store FAILURE (when the id is known), dead-letter and ack a bad message."""
+        """Log, store FAILURE (when the id is known), dead-letter and ack a bad message.
+
+        What waits on it hears of the failure too (its chord, the rest of its
+        chain, its errbacks), so no get() on a workflow waits for ever.
+        """
         worker_logger.error(reason)
         if message is not None:
-            self.app.backend.store_result(message.id, exc, FAILURE, request=None)
+            if not message.embed:  # an unregistered task's body was not read yet
+                with contextlib.suppress(DecodeError):
+                    message.decode_body(self.accept, self.app.conf.worker_max_message_size)
+            request = Request.from_message(message, hostname=self.hostname)
+            self.app.backend.store_result(message.id, exc, FAILURE, request=request)
+            _after_failure(self.app, request, exc, None)
         self.broker.dead_letter(delivery.raw, reason, delivery.queue)
         self.broker.ack([delivery.tag])
 
@@ -4353,15 +4558,22 @@ class Worker:
     `with app.Worker(pool='solo'): ...`.
     """
 
-    def __init__(self, app, concurrency=None, pool="prefork", queues=None, hostname=None,
+    def __init__(self, app, concurrency=None, pool=None, queues=None, hostname=None,
                  loglevel="INFO", max_tasks_per_child=None, prefetch_multiplier=None, beat=False):
         conf = app.conf
         self.app = app
         self.concurrency = concurrency or conf.worker_concurrency or os.cpu_count() or 1
+        pool = pool or conf.worker_pool
+        if beat:
+            _check_beat_scheduler(conf)
         if pool not in POOLS:
-            raise ImproperlyConfigured(f"unknown pool {pool!r}; use one of {sorted(POOLS)}")
+            raise ImproperlyConfigured(f"the {pool!r} pool is not offered; use one of {sorted(POOLS)}")
         self.pool_name = pool
-        self.queues = list(queues or [conf.task_default_queue])
+        # Without -Q, every queue in task_queues, as Celery's worker consumes them.
+        self.queues = list(queues or queue_names(conf.task_queues or [conf.task_default_queue]))
+        if not queues and conf.task_default_queue not in self.queues:
+            worker_logger.warning("task_queues leaves out task_default_queue %r: tasks sent without "
+                                  "a route wait there, for a worker started with -Q", conf.task_default_queue)
         self.hostname = _expand_hostname(hostname or "celery@%h")
         self.loglevel = loglevel
         self.max_tasks_per_child = max_tasks_per_child or conf.worker_max_tasks_per_child
@@ -4456,7 +4668,7 @@ class Worker:
         tasks = "\n".join(f"  . {name}" for name in sorted(self.app.tasks)) or "  (none)"
         queues = "\n".join(f"                .> {q:<16} exchange={q}(direct) key={q}" for q in self.queues)
         backend = _safe_url(self.app.backend_url) if self.app.backend_url else "disabled://"
-        default = " (the default: no broker configured)" if self.app.broker_url == self.app.DEFAULT_URL else ""
+        default = " (the default: no broker configured)" if self.app.broker_url == Config.DEFAULT_URL else ""
         lines = [
             f" -------------- {self.hostname} v{__version__} (minicelery)",
             "--- ***** ----- ",
@@ -4806,6 +5018,13 @@ class ScheduleEntry:
         return f"<ScheduleEntry: {self.name} {self.task}(*{self.args}, **{self.kwargs}) {self.schedule}>"
 
 
+def _check_beat_scheduler(conf):
+    if conf.beat_scheduler not in ("celery.beat:PersistentScheduler", "celery.beat.PersistentScheduler"):
+        raise ImproperlyConfigured(
+            f"beat_scheduler {conf.beat_scheduler!r} is not offered: minicelery's beat is Celery's default "
+            "scheduler, with its schedule in beat_schedule (or add_periodic_task) and its state in a file")
+
+
 class Beat:
     """Sends periodic tasks when due; one tick() at a time, with the clock passed in.
 
@@ -4820,6 +5039,7 @@ class Beat:
     LEASE_TTL = 10.0
 
     def __init__(self, app, schedule_filename=None, max_interval=None, lease_ttl=None):
+        _check_beat_scheduler(app.conf)
         self.app = app
         self.lease_ttl = lease_ttl or self.LEASE_TTL
         self.filename = schedule_filename or app.conf.beat_schedule_filename
@@ -4967,22 +5187,38 @@ class Beat:
 # python -m minicelery beat APP [-s FILE] [--max-interval S]   (or: worker APP -B)
 
 def find_app(spec: str) -> Celery:
-    """'module', 'module:attr' or 'package.module.attr' as the Celery app it names."""
+    """The app `-A spec` names, found in Celery's order: 'module:attr' as named; for a
+    module, its `app` or `celery` attribute, then for a package its `celery` submodule
+    (Celery's project layout: proj/celery.py), then any app the module holds."""
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as Celery does, so `-A tasks` finds ./tasks.py
     try:
         found = import_string(spec)
+        if isinstance(found, type(sys)) and ":" not in spec:
+            found = _app_in_module(found)
     except (ImportError, AttributeError) as exc:
         raise ImproperlyConfigured(f"can't import the app {spec!r}: {exc}") from exc
-    if isinstance(found, Celery):
-        return found
+    if not isinstance(found, Celery):
+        raise ImproperlyConfigured(f"{spec!r} is {_short_repr(found, 80)}, not a Celery app; name it like 'module:app'")
+    return found
+
+
+def _app_in_module(module):
     for attr in ("app", "celery"):
-        if isinstance(getattr(found, attr, None), Celery):
-            return getattr(found, attr)
-    apps = [value for value in vars(found).values() if isinstance(value, Celery)]
-    if len(apps) == 1:
-        return apps[0]
-    raise ImproperlyConfigured(f"{spec!r} has no Celery app; name it like 'module:app'")
+        if isinstance(getattr(module, attr, None), Celery):
+            return getattr(module, attr)
+    if hasattr(module, "__path__"):
+        try:
+            return _app_in_module(importlib.import_module(f"{module.__name__}.celery"))
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{module.__name__}.celery":
+                raise
+        except AttributeError:
+            pass
+    apps = [value for value in vars(module).values() if isinstance(value, Celery)]
+    if not apps:
+        raise AttributeError(f"{module.__name__!r} has no Celery app; name it like 'module:app'")
+    return apps[0]
 
 
 def _parser():
@@ -4995,7 +5231,7 @@ def _parser():
     worker.add_argument("-A", "--app", dest="worker_app")
     worker.add_argument("-c", "--concurrency", type=int)
     worker.add_argument("-Q", "--queues", help="comma-separated queues to consume")
-    worker.add_argument("-P", "--pool", default="prefork", choices=sorted(POOLS))
+    worker.add_argument("-P", "--pool", choices=sorted(POOLS), help="default: worker_pool, prefork")
     worker.add_argument("-n", "--hostname", help="node name, like name@%%h")
     worker.add_argument("-l", "--loglevel", default="INFO")
     worker.add_argument("--max-tasks-per-child", type=int)
@@ -5050,6 +5286,24 @@ def main(argv=None):
         print(f"minicelery: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+# Celery's import paths, so code written for Celery imports unchanged: `from
+# minicelery.schedules import crontab` finds this same module (it stays one file).
+CELERY_MODULE_PATHS = ("app", "app.task", "canvas", "exceptions", "result", "schedules", "utils", "utils.log")
+
+
+def __getattr__(name):
+    if name in CELERY_MODULE_PATHS:  # `import minicelery.result; minicelery.result.AsyncResult`
+        return sys.modules[__name__]
+    if name == "TimeoutError":  # celery.exceptions.TimeoutError, without hiding the builtin here
+        return ResultTimeout
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ != "__main__":
+    for _path in CELERY_MODULE_PATHS:
+        sys.modules.setdefault(f"{__name__}.{_path}", sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -734,10 +734,12 @@ def test_broker_url_forms(url):
         assert kwargs["password"] == "secret" and kwargs["db"] == 2
 
 
-def test_broker_unknown_scheme_is_a_clear_error():
-    app_ = Celery("bad", broker="amqp://guest@localhost//", set_as_current=False)
+def test_broker_unknown_scheme_is_a_clear_error_when_configured():
+    # At start-up (where the project configures its app), not at the first delay().
     with pytest.raises(ImproperlyConfigured, match=r"unknown broker URL scheme 'amqp'.*redis://"):
-        app_.broker
+        Celery("bad", broker="amqp://guest@localhost//", set_as_current=False)
+    with pytest.raises(ImproperlyConfigured, match=r"unknown result backend URL scheme ''.*'django-db'.*sqlite://"):
+        Celery("bad", set_as_current=False).conf.update(result_backend="django-db")
 
 
 # --- §6 Result backends ----------------------------------------------------------
@@ -1159,7 +1161,7 @@ def test_worker_solo_pool(app, tmp_path):
 
 
 def test_worker_rejects_unknown_pool(app):
-    with pytest.raises(ImproperlyConfigured, match="unknown pool 'threads'"):
+    with pytest.raises(ImproperlyConfigured, match="the 'threads' pool is not offered; use one of \\['prefork', 'solo'\\]"):
         minicelery.Worker(app, pool="threads")
 
 
