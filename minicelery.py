@@ -53,7 +53,7 @@ import datetime as dt
 import difflib
 import fnmatch
 import heapq
-import importlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -2310,9 +2310,19 @@ def _assert_will_not_block():
     """Celery's guard: a task waiting on another task's result can hold the last
     free pool process while that task waits for one, and the worker deadlocks."""
     task = current_task() if _local.__dict__.get("in_worker") else None
-    if task is not None and not task.request.is_eager:
+    if task is not None and not task.request.is_eager and not _local.__dict__.get("allow_join"):
         raise RuntimeError("Never call result.get() within a task! (pass disable_sync_subtasks=False "
                            "to do it anyway; better: chain the tasks, or use a chord)")
+
+
+@contextlib.contextmanager
+def allow_join_result():
+    """`with allow_join_result(): result.get()`: Celery's way to wait inside a task anyway."""
+    previous, _local.allow_join = _local.__dict__.get("allow_join"), True
+    try:
+        yield
+    finally:
+        _local.allow_join = previous
 
 
 def current_task():
@@ -3128,8 +3138,8 @@ def _chord_part_done(app, request, state, value):
         for errback in body.options.get("link_error") or ():
             signature(errback, app=app).apply_async((body.id,))
     else:
-        body.apply_async(([part[3] for part in parts],), parent_id=request.id,
-                         root_id=request.root_id or request.id)
+        _send_next(app, body, ([part[3] for part in parts],), parent_id=request.id,
+                   root_id=request.root_id or request.id)
     app.backend.chord_done(request.group)
 
 
@@ -3244,6 +3254,8 @@ class Config:
 
     def __setattr__(self, name, value):
         if name not in self.__dataclass_fields__:  # Celery 3's names: CELERYD_CONCURRENCY is worker_concurrency
+            if setting_name(name) is None and name.lower().startswith(_SETTING_PREFIXES):
+                _warn_unused_settings([name])  # stored all the same: apps keep their own settings here too
             name = setting_name(name) or name
         allowed = _CONFIG_TYPES.get(name) if "_CONFIG_TYPES" in globals() else None
         if allowed and not _fits(value, allowed):
@@ -3315,7 +3327,7 @@ _CONFIG_TYPES = {"broker_url": (str, type(None)), "result_backend": (str, type(N
 #: (CELERYD_CONCURRENCY: worker_concurrency), tried in this order ...
 _OLD_PREFIXES = (("CELERYD_", "worker_"), ("CELERYBEAT_", "beat_"), ("CELERY_RESULT_", "result_"),
                  ("CELERY_DEFAULT_", "task_default_"), ("CELERY_TASK_", "task_"), ("BROKER_", "broker_"),
-                 ("CELERY_", "task_"), ("CELERY_", ""))
+                 ("CELERY_", "task_"), ("CELERY_", ""), ("", ""))
 #: ... except for these, which the table renames its own way
 _OLD_RENAMES = {"CELERYD_TASK_TIME_LIMIT": "task_time_limit", "CELERYD_TASK_SOFT_TIME_LIMIT": "task_soft_time_limit",
                 "CELERY_EAGER_PROPAGATES_EXCEPTIONS": "task_eager_propagates",
@@ -3331,6 +3343,17 @@ def setting_name(key):
         if key.startswith(old) and new + key[len(old):].lower() in _CONFIG_TYPES:
             return new + key[len(old):].lower()
     return None
+
+
+#: what names of Celery's settings start with, to tell a mistyped one from an app's own
+_SETTING_PREFIXES = ("task_", "worker_", "result_", "broker_", "beat_", "celery")
+
+
+def _warn_unused_settings(keys, prefix=""):
+    """One warning for settings minicelery has no use for, with the closest it has."""
+    logger.warning("minicelery ignores these settings (it has no such feature, or a typo?): %s", "; ".join(
+        key + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(
+            key[len(prefix):].lower(), _CONFIG_TYPES, 1)) for key in keys))
 
 
 def queue_names(task_queues) -> list:
@@ -3486,9 +3509,7 @@ class Celery:
                     and not (callable(value) or isinstance(value, type(sys))):
                 unused.append(key)  # a config module's imports (modules, classes, functions) are not settings
         if unused:
-            logger.warning("minicelery ignores these settings (it has no such feature, or a typo?): %s", "; ".join(
-                key + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(
-                    key[len(prefix):].lower(), _CONFIG_TYPES, 1)) for key in unused))
+            _warn_unused_settings(unused, prefix)
 
     def autodiscover_tasks(self, packages=None, related_name="tasks", force=False):
         """Import `<package>.tasks` of each package when the worker starts (now with force=True).
@@ -5207,14 +5228,8 @@ def _app_in_module(module):
     for attr in ("app", "celery"):
         if isinstance(getattr(module, attr, None), Celery):
             return getattr(module, attr)
-    if hasattr(module, "__path__"):
-        try:
-            return _app_in_module(importlib.import_module(f"{module.__name__}.celery"))
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{module.__name__}.celery":
-                raise
-        except AttributeError:
-            pass
+    if hasattr(module, "__path__") and importlib.util.find_spec(f"{module.__name__}.celery"):
+        return _app_in_module(importlib.import_module(f"{module.__name__}.celery"))
     apps = [value for value in vars(module).values() if isinstance(value, Celery)]
     if not apps:
         raise AttributeError(f"{module.__name__!r} has no Celery app; name it like 'module:app'")
@@ -5290,7 +5305,8 @@ def main(argv=None):
 
 # Celery's import paths, so code written for Celery imports unchanged: `from
 # minicelery.schedules import crontab` finds this same module (it stays one file).
-CELERY_MODULE_PATHS = ("app", "app.task", "canvas", "exceptions", "result", "schedules", "utils", "utils.log")
+CELERY_MODULE_PATHS = ("app", "app.task", "canvas", "exceptions", "result", "schedules", "states",
+                       "utils", "utils.log")
 
 
 def __getattr__(name):
