@@ -50,6 +50,7 @@ import bz2
 import contextlib
 import dataclasses
 import datetime as dt
+import decimal
 import difflib
 import fnmatch
 import heapq
@@ -344,13 +345,10 @@ _COMPRESSORS = {"application/x-gzip": (zlib.compress, zlib.decompress),
 
 
 def _json_default(obj):
-    if isinstance(obj, dt.datetime):
-        return {"__type__": "datetime", "__value__": obj.isoformat()}
-    if isinstance(obj, dt.date):
-        return {"__type__": "date", "__value__": obj.isoformat()}
-    if isinstance(obj, dt.time):
-        return {"__type__": "time", "__value__": obj.isoformat()}
-    if type(obj).__name__ == "Decimal":
+    for kind in (dt.datetime, dt.date, dt.time):  # datetime first: it is a date too
+        if isinstance(obj, kind):
+            return {"__type__": kind.__name__, "__value__": obj.isoformat()}
+    if isinstance(obj, decimal.Decimal):
         return {"__type__": "decimal", "__value__": str(obj)}
     if isinstance(obj, _uuid.UUID):
         return {"__type__": "uuid", "__value__": {"hex": obj.hex}}
@@ -364,25 +362,18 @@ def _json_default(obj):
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
+#: how each {"__type__": kind, "__value__": value} that _json_default writes is read back
+_JSON_TYPES = {
+    "datetime": dt.datetime.fromisoformat, "date": lambda value: dt.date.fromisoformat(value[:10]),
+    "time": dt.time.fromisoformat, "decimal": decimal.Decimal, "uuid": lambda value: _uuid.UUID(**value),
+    "bytes": lambda value: value.encode("utf-8"), "base64": base64.b64decode,
+}
+
+
 def _json_object_hook(obj):
-    if len(obj) != 2 or "__type__" not in obj or "__value__" not in obj:
-        return obj
-    kind, value = obj["__type__"], obj["__value__"]
-    if kind == "datetime":
-        return dt.datetime.fromisoformat(value)
-    if kind == "date":
-        return dt.date.fromisoformat(value[:10])
-    if kind == "time":
-        return dt.time.fromisoformat(value)
-    if kind == "decimal":
-        import decimal
-        return decimal.Decimal(value)
-    if kind == "uuid":
-        return _uuid.UUID(**value)
-    if kind == "bytes":
-        return value.encode("utf-8")
-    if kind == "base64":
-        return base64.b64decode(value)
+    kind = obj.get("__type__") if len(obj) == 2 and "__value__" in obj else None
+    if isinstance(kind, str) and kind in _JSON_TYPES:
+        return _JSON_TYPES[kind](obj["__value__"])
     return obj  # a type we don't know passes through unchanged
 
 
