@@ -1206,15 +1206,14 @@ class RedisBroker(Broker):
             self.ack([tag])
             return 0
         queue, priority = routing_key, 0
-        try:
+        # Marked redelivered where we can; a message we can't edit is restored as it was.
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
             envelope = raw if isinstance(raw, dict) else json.loads(raw)
             properties = envelope["properties"]
             priority = properties.get("priority", 0)
             properties.setdefault("delivery_info", {})["redelivered"] = True
             envelope["headers"]["redelivered"] = True
             raw = json.dumps(envelope)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            pass  # not a message we can edit: restore it as it was
         if not isinstance(raw, (str, bytes)):
             raw = json.dumps(raw)
         if exchange:
@@ -3944,10 +3943,8 @@ class PreforkPool(Pool):
         child.job, child.cause = message.delivery_tag, None
         hard = time_limits(self.app.tasks[message.task_name], message)[0]
         child.deadline = time.monotonic() + hard if hard else None
-        try:
+        with contextlib.suppress(OSError):  # it died: collect() sees the EOF and reports the job lost
             child.conn.send(message)
-        except OSError:
-            pass  # it died: collect() sees the EOF and reports the job lost
 
     def next_deadline(self):
         return min((c.deadline for c in self.children if c.deadline and c.job), default=None)
@@ -4014,20 +4011,16 @@ class PreforkPool(Pool):
             if cold:
                 _kill(child.pid)
             else:
-                try:
+                with contextlib.suppress(OSError):  # already gone: _replace() reaps it
                     child.conn.send(None)
-                except OSError:
-                    pass
         for child in list(self.children):
             lost.extend(self._replace(child))
         return lost
 
 
 def _kill(pid, sig=signal.SIGKILL):
-    try:
+    with contextlib.suppress(ProcessLookupError):  # gone already
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _reap(pid, timeout=10.0):
