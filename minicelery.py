@@ -780,6 +780,7 @@ class Broker:
         if not _is_number(self.visibility_timeout) or self.visibility_timeout <= 0:
             raise ImproperlyConfigured(f"visibility_timeout must be a number of seconds > 0, "
                                        f"not {self.visibility_timeout!r}")
+        self._held = {}  # delivery tag -> when we reserved (or last touched) it: our claim on it
 
     def publish(self, queue: str, envelope: str, priority: int = 0, tag=None):
         """Append one message (an envelope JSON string, with delivery tag `tag`) to
@@ -807,6 +808,20 @@ class Broker:
         Returns the tags that are no longer reserved: restored to their queue
         (we were out of touch past the visibility timeout), so no longer ours.
         """
+        claims = [(tag, self._held[tag]) for tag in tags if tag in self._held]
+        if not claims:
+            return set()
+        now = time.time()
+        lost = self._renew(claims, now)
+        for tag, _ in claims:
+            if tag in lost:
+                self._held.pop(tag, None)
+            elif tag in self._held:  # (not acked meanwhile by the worker's other thread)
+                self._held[tag] = now
+        return lost
+
+    def _renew(self, claims, now) -> set:
+        """Move each (tag, claim) whose claim is still ours to `now`; returns the tags that aren't."""
         raise NotImplementedError
 
     def restore_unacked(self, now=None) -> int:
@@ -824,6 +839,10 @@ class Broker:
 
     #: revocations kept at most (the newest; Celery's workers keep 50,000 too)
     REVOKES_MAX = 50000
+    #: how many dead letters to keep; the oldest go first
+    DEAD_LETTER_LIMIT = 10000
+    #: parked messages go back to their queue this many seconds before they are due
+    ETA_MOVE_AHEAD = 2.0
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         """Remember revoked ids for `expires` seconds (REVOKES_MAX at most) and, with
@@ -1065,12 +1084,8 @@ class RedisBroker(Broker):
     DEAD_LETTERS = "minicelery:dead-letters"
     ETA, ETA_MESSAGES = "minicelery:eta", "minicelery:eta-messages"
     REVOKED = "minicelery:revoked"
-    #: parked messages go back to their queue this many seconds before they are due
-    ETA_MOVE_AHEAD = 2.0
     #: longest an idle worker waits on its first queue before looking at the others
     WATCH_LIMIT = 0.25
-    #: how many dead letters to keep; the oldest go first
-    DEAD_LETTER_LIMIT = 10000
     #: seconds a publish marker lives: longer than any retried publish takes
     SENT_MARKER_TTL = 60
 
@@ -1087,7 +1102,6 @@ class RedisBroker(Broker):
         self._rotation = 0
         self._pubsub = None
         self._orphaned = []  # scores of reserve calls whose reply never came
-        self._held = {}  # delivery tag -> unacked_index score we last wrote: our claim on it
         db = self.client.connection_pool.connection_kwargs.get("db", 0)
         #: Celery's broadcast channel for remote control, per database
         self.pidbox = f"/{db}.celery.pidbox"
@@ -1169,19 +1183,9 @@ class RedisBroker(Broker):
                 pipe.hdel(self.UNACKED, *tags)
                 pipe.execute()
 
-    def touch(self, tags):
-        claims = [(tag, self._held[tag]) for tag in tags if tag in self._held]
-        if not claims:
-            return set()
-        now = time.time()
-        lost = {tag.decode() for tag in self._touch_script(
+    def _renew(self, claims, now):
+        return {tag.decode() for tag in self._touch_script(
             keys=[self.UNACKED_INDEX], args=[now, *itertools.chain.from_iterable(claims)])}
-        for tag, _ in claims:
-            if tag in lost:
-                self._held.pop(tag, None)
-            elif tag in self._held:
-                self._held[tag] = now
-        return lost
 
     def requeue(self, tags):
         for tag in tags:
@@ -1520,9 +1524,6 @@ def _marks(values):
 class SQLiteBroker(Broker):
     """The broker on SQLite: `sqlite:///relative.db`, `sqlite:////absolute.db`, `memory://`."""
 
-    DEAD_LETTER_LIMIT = RedisBroker.DEAD_LETTER_LIMIT
-    ETA_MOVE_AHEAD = RedisBroker.ETA_MOVE_AHEAD
-
     def __init__(self, app, url):
         super().__init__(app, url)
         import sqlite3
@@ -1530,7 +1531,6 @@ class SQLiteBroker(Broker):
         self.connection_errors = (sqlite3.DatabaseError,)
         self.store = SQLiteStore.for_url(url)
         self._last_control = None
-        self._held = {}  # delivery tag -> reserved_at we last wrote: our claim on the row
 
     def publish(self, queue, envelope, priority=0, tag=None):
         step = PRIORITY_STEPS.index(max(s for s in PRIORITY_STEPS if s <= clamp_priority(priority)))
@@ -1603,19 +1603,13 @@ class SQLiteBroker(Broker):
         self._update("UPDATE messages SET reserved_at = NULL, "
                      "seq = (SELECT MIN(seq) FROM messages) - 1", tags)
 
-    def touch(self, tags):
-        claims = [(tag, self._held[tag]) for tag in tags if tag in self._held]
-        if not claims:
-            return set()
-        now, lost = time.time(), set()
+    def _renew(self, claims, now):
+        lost = set()
         with self.store.transaction() as db:
             for tag, reserved_at in claims:  # ours only while reserved_at is what we wrote
-                if db.execute("UPDATE messages SET reserved_at = ? WHERE id = ? AND reserved_at = ?",
-                              (now, int(tag.rpartition(".")[2]), reserved_at)).rowcount:
-                    self._held[tag] = now
-                else:
+                if not db.execute("UPDATE messages SET reserved_at = ? WHERE id = ? AND reserved_at = ?",
+                                  (now, int(tag.rpartition(".")[2]), reserved_at)).rowcount:
                     lost.add(tag)
-                    self._held.pop(tag, None)
         return lost
 
     def restore_unacked(self, now=None):
