@@ -1584,24 +1584,23 @@ class SQLiteBroker(Broker):
                 rows.append((tag, int(row_id), None if (generation or "1") == current else self._held[tag]))
         return rows
 
-    def _update(self, sql, tags, *params):
-        tags = list(tags)
-        rows = self._claimed(tags)
-        for tag in tags:
+    def _update(self, sql, params):
+        """Run `sql` on each row of `params` (tag -> the row's own parameters) that is still ours."""
+        rows = self._claimed(params)
+        for tag in params:
             self._held.pop(tag, None)
         if rows:
             with self.store.transaction() as db:
-                return db.executemany(f"{sql} WHERE id = ? AND (? IS NULL OR reserved_at = ?)",
-                                      [(*params, row_id, claim, claim) for _, row_id, claim in rows]).rowcount
-        return 0
+                db.executemany(f"{sql} WHERE id = ? AND (? IS NULL OR reserved_at = ?)",
+                               [(*params[tag], row_id, claim, claim) for tag, row_id, claim in rows])
 
     def ack(self, tags):
-        self._update("DELETE FROM messages", tags)
+        self._update("DELETE FROM messages", dict.fromkeys(tags, ()))
 
     def requeue(self, tags):
         # Next out: before every waiting message of its priority.
         self._update("UPDATE messages SET reserved_at = NULL, "
-                     "seq = (SELECT MIN(seq) FROM messages) - 1", tags)
+                     "seq = (SELECT MIN(seq) FROM messages) - 1", dict.fromkeys(tags, ()))
 
     def _renew(self, claims, now):
         lost = set()
@@ -1618,14 +1617,8 @@ class SQLiteBroker(Broker):
                               ((now or time.time()) - self.visibility_timeout,)).rowcount
 
     def park(self, parked):
-        dues = {delivery.tag: due - self.ETA_MOVE_AHEAD for delivery, _, due in parked}
-        rows = self._claimed(dues)
-        for tag in dues:
-            self._held.pop(tag, None)
-        if rows:
-            with self.store.transaction() as db:
-                db.executemany("UPDATE messages SET reserved_at = NULL, due = ? WHERE id = ? AND "
-                               "(? IS NULL OR reserved_at = ?)", [(dues[t], i, c, c) for t, i, c in rows])
+        self._update("UPDATE messages SET reserved_at = NULL, due = ?",
+                     {delivery.tag: (due - self.ETA_MOVE_AHEAD,) for delivery, _, due in parked})
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         if not broadcast:
