@@ -1693,10 +1693,11 @@ BROKERS = {"redis": RedisBroker, "rediss": RedisBroker, "redis+socket": RedisBro
            "unix": RedisBroker, "socket": RedisBroker, "sqlite": SQLiteBroker, "memory": SQLiteBroker}
 
 
-def _connect(cls, app, url, what):
-    """cls(app, url); a URL the client library can't read is a clear configuration error."""
+def _connect(registry, app, url, what):
+    """The registry's class for the URL's scheme, made with (app, url); a URL the client
+    library can't read is a clear configuration error."""
     try:
-        return cls(app, url)
+        return _pick_by_scheme(registry, url, what)(app, url)
     except (ValueError, TypeError) as exc:
         raise ImproperlyConfigured(f"can't use the {what} URL {_safe_url(url)!r}: {exc}") from None
 
@@ -3547,16 +3548,14 @@ class Celery:
     @property
     def broker(self) -> Broker:
         if self._broker is None:
-            url = self.broker_url
-            self._broker = _connect(_pick_by_scheme(BROKERS, url, "broker"), self, url, "broker")
+            self._broker = _connect(BROKERS, self, self.broker_url, "broker")
         return self._broker
 
     @property
     def backend(self) -> ResultBackend:
         if self._backend is None:
             url = self.backend_url
-            cls = _pick_by_scheme(BACKENDS, url, "result backend") if url else DisabledBackend
-            self._backend = _connect(cls, self, url, "result backend")
+            self._backend = _connect(BACKENDS, self, url, "result backend") if url else DisabledBackend(self, url)
         return self._backend
 
     def after_fork(self):
