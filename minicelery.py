@@ -972,46 +972,36 @@ local function bury(key, raw)
   table.insert(out, key); table.insert(out, ''); table.insert(out, tostring(#raw))
 end
 local function remember(key, raw)
-  local tag, exchange, rk = nil, '', nil
   local ok, env = pcall(cjson.decode, raw)
-  if ok and type(env) == 'table' and type(env.properties) == 'table' then
-    tag = env.properties.delivery_tag
-    local di = env.properties.delivery_info
-    if type(di) == 'table' then
-      if type(di.exchange) == 'string' then exchange = di.exchange end
-      if type(di.routing_key) == 'string' and di.routing_key ~= '' then rk = di.routing_key end
-    end
-  end
+  local props = ok and type(env) == 'table' and type(env.properties) == 'table' and env.properties or {}
+  local di = type(props.delivery_info) == 'table' and props.delivery_info or {}
+  local tag, exchange, rk = props.delivery_tag, di.exchange, di.routing_key
+  if type(exchange) ~= 'string' then exchange = '' end
+  if type(rk) ~= 'string' or rk == '' then rk = string.gsub(key, '\6\22%d$', '') end
   if type(tag) ~= 'string' or redis.call('HEXISTS', KEYS[1], tag) == 1
       or redis.call('HEXISTS', KEYS[4], tag) == 1 then
     tag = 'minicelery-' .. redis.call('INCR', 'minicelery:tag-seq')
   end
-  if rk == nil then rk = string.gsub(key, '\6\22%d$', '') end
   -- kombu's entry is [envelope object, exchange, routing key]; splicing in the
   -- raw text keeps the envelope byte for byte. Non-JSON is kept as a string.
-  local entry
-  if ok then
-    entry = '[' .. raw .. ', ' .. cjson.encode(exchange) .. ', ' .. cjson.encode(rk) .. ']'
-  else
-    entry = cjson.encode({raw, exchange, rk})
-  end
+  local entry = ok and '[' .. raw .. ', ' .. cjson.encode(exchange) .. ', ' .. cjson.encode(rk) .. ']'
+    or cjson.encode({raw, exchange, rk})
   redis.call('HSET', KEYS[1], tag, entry)
   redis.call('ZADD', KEYS[2], ARGV[2], tag)
   table.insert(out, key); table.insert(out, tag); table.insert(out, raw)
 end
 -- Parked ETA messages due before ARGV[3] go back to the consuming end of their lists.
 for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[3], 'LIMIT', 0, 100)) do
-  local entry = redis.call('HGET', KEYS[4], tag)
-  local length = entry and string.match(entry, '^(%d+):')
+  local entry = redis.call('HGET', KEYS[4], tag) or ''
+  local length = string.match(entry, '^(%d+):')
   if length then  -- "<length>:<queue list key><envelope>"
     local start = #length + 2
     redis.call('RPUSH', string.sub(entry, start, start + length - 1), string.sub(entry, start + length))
-  end
-  if entry and not length then  -- minicelery 0.1's form: "<queue list key>\n<envelope>"
+  else  -- minicelery 0.1's form, "<queue list key>\n<envelope>", or gone
     local sep = string.find(entry, '\n', 1, true)
     if sep then redis.call('RPUSH', string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1)) end
   end
-  if entry then redis.call('HDEL', KEYS[4], tag) end
+  redis.call('HDEL', KEYS[4], tag)
   redis.call('ZREM', KEYS[3], tag)
 end
 for i = 6, #KEYS do
