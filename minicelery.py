@@ -2254,24 +2254,19 @@ class Request:
 
     group_id = property(lambda self: self.group)
 
+    #: headers copied as they are into the attribute of the same name
+    HEADER_FIELDS = ("eta", "expires", "root_id", "parent_id", "group", "group_index", "origin", "shadow")
+
     @classmethod
     def from_message(cls, message: Message, hostname=None, is_eager=False):
-        headers, embed = message.headers, message.embed or {}
-        delivery_info = dict(message.properties.get("delivery_info") or {},
-                             priority=message.priority)
-        return cls(id=message.id, task=message.task_name, args=message.args,
-                   kwargs=message.kwargs, retries=message.retries,
-                   eta=headers.get("eta"), expires=headers.get("expires"),
-                   root_id=headers.get("root_id"), parent_id=headers.get("parent_id"),
-                   group=headers.get("group"), group_index=headers.get("group_index"),
-                   timelimit=headers.get("timelimit") or (None, None),
-                   origin=headers.get("origin"), shadow=headers.get("shadow"),
-                   reply_to=message.properties.get("reply_to"),
-                   correlation_id=message.properties.get("correlation_id"),
-                   delivery_info=delivery_info, headers=headers, hostname=hostname,
-                   is_eager=is_eager, called_directly=False,
-                   callbacks=embed.get("callbacks"), errbacks=embed.get("errbacks"),
-                   chain=embed.get("chain"), chord=embed.get("chord"))
+        headers, properties, embed = message.headers, message.properties, message.embed or {}
+        return cls(**{name: headers.get(name) for name in cls.HEADER_FIELDS},
+                   **{name: embed.get(name) for name in _EMBED_TYPES},  # callbacks, errbacks, chain, chord
+                   id=message.id, task=message.task_name, args=message.args, kwargs=message.kwargs,
+                   retries=message.retries, timelimit=headers.get("timelimit") or (None, None),
+                   reply_to=properties.get("reply_to"), correlation_id=properties.get("correlation_id"),
+                   delivery_info=dict(properties.get("delivery_info") or {}, priority=message.priority),
+                   headers=headers, hostname=hostname, is_eager=is_eager, called_directly=False)
 
 
 def _assert_will_not_block():
