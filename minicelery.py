@@ -2513,14 +2513,11 @@ class Task:
 
 def _eager_message(task, args, kwargs, task_id, retries, options):
     parent = current_task()
-    parent_request = parent.request if parent else None
+    parent_request = parent.request if parent else Request()  # (a blank one: no root, no parent)
     headers = build_headers(task.name, task_id, args, kwargs, retries=retries,
-                            root_id=parent_request.root_id if parent_request else None,
-                            parent_id=parent_request.id if parent_request else None)
-    message = Message(headers=headers, properties={"delivery_info": {"is_eager": True}},
-                      body=b"", content_type=JSON_TYPE)
-    message.args, message.kwargs = list(args), kwargs
-    return message
+                            root_id=parent_request.root_id, parent_id=parent_request.id)
+    return Message(headers=headers, properties={"delivery_info": {"is_eager": True}},
+                   body=b"", content_type=JSON_TYPE, args=list(args), kwargs=kwargs)
 
 
 @dataclasses.dataclass
