@@ -2155,13 +2155,9 @@ class AsyncResult:
             _assert_will_not_block()
         if self._cache is None:
             self._cache = self.backend.wait_for(self.id, timeout=timeout, interval=interval)
-        meta = self._cache
-        if meta["status"] in EXCEPTION_STATES:
-            exc = exception_from_dict(meta["result"])
-            if propagate:
-                raise exc
-            return exc
-        return meta["result"]
+        if propagate and self._cache["status"] in EXCEPTION_STATES:
+            raise self.result
+        return self.result
 
     wait = get
 
