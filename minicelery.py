@@ -4127,13 +4127,12 @@ class Consumer:
         self.active = {}        # delivery tag -> message the pool is running
         self.revoked = set()    # task ids revoked (from the broker, kept fresh)
         self.buckets = {}       # task name -> TokenBucket, for rate-limited tasks
-        self._to_ack, self._sequence = [], 0
+        self._to_ack, self._sequence = [], itertools.count()  # (the sequence breaks ties between equal dues)
         self._lost_claims = set()  # held messages the broker says are no longer ours
         self._let_go = set()       # running ones among them: never ack another's claim
         #: None while running; "warm" or "cold" once a shutdown was asked for
         self.stopping = None
-        vt = self.broker.visibility_timeout
-        self.maintain_every = max(0.2, min(5.0, vt / 4))
+        self.maintain_every = max(0.2, min(5.0, self.broker.visibility_timeout / 4))
         self._next_maintenance = self._restore_after = self._next_revoked_reload = 0.0
 
     # -- the loop ---------------------------------------------------------
@@ -4264,8 +4263,7 @@ class Consumer:
             self.ready.append(message)
 
     def _schedule(self, message, due):
-        self._sequence += 1
-        heapq.heappush(self.scheduled, (due, self._sequence, message))
+        heapq.heappush(self.scheduled, (due, next(self._sequence), message))
 
     def _decode(self, delivery):
         """The delivery as a runnable Message, or None after logging and dead-lettering it."""
@@ -4323,17 +4321,16 @@ class Consumer:
 
     def _drop_revoked(self):
         """Discard held messages whose task was revoked."""
-        keep = []
-        for message in self.ready:
-            if message.id in self.revoked:
-                self._discard_revoked(message, "revoked")
-            else:
-                keep.append(message)
-        self.ready = deque(keep)
-        for entry in [e for e in self.scheduled if e[2].id in self.revoked]:
-            self.scheduled.remove(entry)
-            self._discard_revoked(entry[2], "revoked")
+        for message in self._let_go_where(lambda message: message.id in self.revoked):
+            self._discard_revoked(message, "revoked")
+
+    def _let_go_where(self, matches) -> list:
+        """Take the held messages (ready or scheduled, not running) that match out of our hands."""
+        taken = [m for m in self.ready if matches(m)] + [e[2] for e in self.scheduled if matches(e[2])]
+        self.ready = deque(m for m in self.ready if not matches(m))
+        self.scheduled = [entry for entry in self.scheduled if not matches(entry[2])]
         heapq.heapify(self.scheduled)
+        return taken
 
     def _terminate(self, task_ids, signum):
         for tag, message in list(self.active.items()):
@@ -4488,9 +4485,7 @@ class Consumer:
         tags, self._lost_claims = set(tags), set()
         worker_logger.warning("Out of touch with the broker for longer than the visibility timeout: "
                               "%d held message(s) went back to the queue; letting them go", len(tags))
-        self.ready = deque(m for m in self.ready if m.delivery_tag not in tags)
-        self.scheduled = [entry for entry in self.scheduled if entry[2].delivery_tag not in tags]
-        heapq.heapify(self.scheduled)
+        self._let_go_where(lambda message: message.delivery_tag in tags)
         self._let_go.update(tags & set(self.active))
 
     # -- shutdown -----------------------------------------------------------
