@@ -2296,23 +2296,15 @@ class Task:
     Options left as None fall back to the app's task_* settings.
     """
 
-    name = None
-    app = None
+    name = app = None
     #: check arguments against the function's signature when sending
     typing = True
     max_retries = 3
     default_retry_delay = 180
-    ignore_result = None
-    acks_late = None
-    reject_on_worker_lost = None
-    track_started = None
-    queue = None
-    priority = None
-    serializer = None
-    compression = None
-    time_limit = None
-    soft_time_limit = None
-    expires = None
+    #: None: the app's task_<option> setting applies (see option())
+    ignore_result = acks_late = reject_on_worker_lost = track_started = None
+    queue = priority = serializer = compression = expires = None
+    time_limit = soft_time_limit = None
     #: '10/s', '100/m', '1000/h' or a number per second: per task type, per worker
     rate_limit = None
     #: exception types that retry the task by themselves, with retry_kwargs
