@@ -68,6 +68,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 import uuid as _uuid
 import weakref
 import zlib
@@ -3254,12 +3255,6 @@ def _mask_secrets(name, value):
     return _safe_url(value) if isinstance(value, str) and "://" in value else value
 
 
-def _allowed_types(annotation):
-    import typing
-    args = typing.get_args(annotation)
-    return tuple(args) if args else (annotation,)
-
-
 def _fits(value, allowed):
     if isinstance(value, bool):
         return bool in allowed
@@ -3268,8 +3263,9 @@ def _fits(value, allowed):
     return isinstance(value, allowed)
 
 
+#: each setting's allowed types, from its annotation: `int | None` is (int, NoneType)
 _CONFIG_TYPES = {"broker_url": (str, type(None)), "result_backend": (str, type(None)),
-                 **{f.name: _allowed_types(f.type) for f in dataclasses.fields(Config)}}
+                 **{f.name: typing.get_args(f.type) or (f.type,) for f in dataclasses.fields(Config)}}
 
 #: Celery 3's upper-case setting names, renamed by prefix as Celery's table does
 #: (CELERYD_CONCURRENCY: worker_concurrency), tried in this order ...
