@@ -2523,8 +2523,7 @@ class Outcome:
 IGNORED, REJECTED = "IGNORED", "REJECTED"
 
 
-def run_task(app, message: Message, hostname=None, eager=False, now=None,
-             soft_time_limit=None) -> Outcome:
+def run_task(app, message: Message, hostname=None, eager=False, now=None) -> Outcome:
     """Run one task message and store its outcome; never raises for a task's error.
 
     Shared by the solo pool, the prefork children and eager apply(), so the
@@ -2547,7 +2546,7 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None,
     task.push_request(request)
     started, pid = time.perf_counter(), os.getpid()
     try:
-        outcome = _call_task(task, request, message, soft_time_limit)
+        outcome = _call_task(task, request, message, None if eager else time_limits(task, message)[1])
         if pid != os.getpid() and not eager:
             os._exit(0)  # the task forked, and its child returned: it must not go on as a worker
         outcome.runtime = time.perf_counter() - started
@@ -3813,9 +3812,8 @@ class SoloPool(Pool):
     def apply(self, message):
         # No hard time limit here: killing the task would kill the worker.
         self._running, _local.in_worker = message.delivery_tag, True
-        soft = time_limits(self.app.tasks[message.task_name], message)[1]
         try:
-            outcome = run_task(self.app, message, hostname=self.hostname, soft_time_limit=soft)
+            outcome = run_task(self.app, message, hostname=self.hostname)
         except Exception as exc:  # storing the result failed, say: like a child dying
             worker_logger.exception("Task %s could not be run", message.describe())
             self._finished.append(("lost", message.delivery_tag, repr(exc), None))
@@ -4056,8 +4054,7 @@ def child_main(app, conn, index, hostname, max_tasks=None):
         if message is None:
             return
         try:
-            soft = time_limits(app.tasks[message.task_name], message)[1]
-            outcome = run_task(app, message, hostname=hostname, soft_time_limit=soft)
+            outcome = run_task(app, message, hostname=hostname)
             state, requeue = outcome.state, outcome.requeue
         except Exception:
             worker_logger.exception("Task %s could not be run", message.describe())
