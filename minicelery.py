@@ -5166,44 +5166,40 @@ def _app_in_module(module):
 
 def _parser():
     import argparse
+    # -A also after the command (-A APP worker, or worker -A APP): given there, it wins.
+    app_option = argparse.ArgumentParser(add_help=False)
+    app_option.add_argument("-A", "--app", default=argparse.SUPPRESS, help="the app: module or module:attr")
+    service = argparse.ArgumentParser(add_help=False, parents=[app_option])  # worker and beat
+    service.add_argument("app_positional", nargs="?", metavar="APP")
+    service.add_argument("-l", "--loglevel", default="INFO")
     parser = argparse.ArgumentParser(prog="minicelery", description="Celery's core, in one file.")
     parser.add_argument("-A", "--app", help="the app: module or module:attr")
     commands = parser.add_subparsers(dest="command", required=True)
-    worker = commands.add_parser("worker", help="run a worker")
-    worker.add_argument("app_positional", nargs="?", metavar="APP")
-    worker.add_argument("-A", "--app", dest="worker_app")
+    worker = commands.add_parser("worker", help="run a worker", parents=[service])
     worker.add_argument("-c", "--concurrency", type=int)
     worker.add_argument("-Q", "--queues", help="comma-separated queues to consume")
     worker.add_argument("-P", "--pool", choices=sorted(POOLS), help="default: worker_pool, prefork")
     worker.add_argument("-n", "--hostname", help="node name, like name@%%h")
-    worker.add_argument("-l", "--loglevel", default="INFO")
     worker.add_argument("--max-tasks-per-child", type=int)
     worker.add_argument("--prefetch-multiplier", type=int)
     worker.add_argument("-B", "--beat", action="store_true", help="also run beat, in a process of its own")
-    beat = commands.add_parser("beat", help="send periodic tasks")
-    beat.add_argument("app_positional", nargs="?", metavar="APP")
-    beat.add_argument("-A", "--app", dest="beat_app")
+    beat = commands.add_parser("beat", help="send periodic tasks", parents=[service])
     beat.add_argument("-s", "--schedule", help="state file (JSON)")
     beat.add_argument("--max-interval", type=float)
-    beat.add_argument("-l", "--loglevel", default="INFO")
-    call = commands.add_parser("call", help="send a task by name")
+    call = commands.add_parser("call", help="send a task by name", parents=[app_option])
     call.add_argument("name")
     call.add_argument("-a", "--args", default="[]", help="JSON list")
     call.add_argument("-k", "--kwargs", default="{}", help="JSON object")
     call.add_argument("--countdown", type=float)
     call.add_argument("--queue")
-    call.add_argument("-A", "--app", dest="call_app")
-    purge = commands.add_parser("purge", help="delete all waiting messages")
+    purge = commands.add_parser("purge", help="delete all waiting messages", parents=[app_option])
     purge.add_argument("-Q", "--queues")
-    purge.add_argument("-A", "--app", dest="purge_app")
     return parser
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    spec = (getattr(args, "app_positional", None) or getattr(args, "worker_app", None)
-            or getattr(args, "call_app", None) or getattr(args, "purge_app", None)
-            or getattr(args, "beat_app", None) or args.app)
+    spec = getattr(args, "app_positional", None) or args.app
     if not spec:
         print("minicelery: name the app with -A module (or module:app)", file=sys.stderr)
         return 2
