@@ -2104,10 +2104,7 @@ class AsyncResult:
         self._cache = None
 
     task_id = property(lambda self: self.id)
-
-    @property
-    def backend(self):
-        return self._backend or self.app.backend
+    backend = property(lambda self: self._backend or self.app.backend)
 
     def _get_meta(self):
         if self._cache is not None:
@@ -2117,11 +2114,9 @@ class AsyncResult:
             self._cache = meta
         return meta
 
-    @property
-    def state(self):
-        return self._get_meta()["status"]
-
-    status = state
+    state = status = property(lambda self: self._get_meta()["status"])
+    traceback = property(lambda self: self._get_meta().get("traceback"))
+    date_done = property(lambda self: to_datetime(self._get_meta().get("date_done")))
 
     @property
     def result(self):
@@ -2132,14 +2127,6 @@ class AsyncResult:
         return meta["result"]
 
     info = result
-
-    @property
-    def traceback(self):
-        return self._get_meta().get("traceback")
-
-    @property
-    def date_done(self):
-        return to_datetime(self._get_meta().get("date_done"))
 
     def ready(self):
         return self.state in READY_STATES
@@ -2196,11 +2183,7 @@ class EagerResult(AsyncResult):
         return {"status": self._state, "result": result, "traceback": self._traceback,
                 "children": [], "date_done": None, "task_id": self.id}
 
-    @property
-    def result(self):
-        return self._value
-
-    info = result
+    result = info = property(lambda self: self._value)
 
     def get(self, timeout=None, propagate=True, interval=0.5, disable_sync_subtasks=True):
         if isinstance(self._value, BaseException) and self._state in EXCEPTION_STATES:
@@ -2342,9 +2325,7 @@ class Task:
     def pop_request(self):
         _request_stack().pop()
 
-    @property
-    def backend(self):
-        return self.app.backend
+    backend = property(lambda self: self.app.backend)
 
     def option(self, name):
         """A task option: from task_annotations, else the task, else the app's task_<name>."""
@@ -2709,9 +2690,7 @@ class Signature(dict):
     def _app(self):
         return self.app or current_app()
 
-    @property
-    def type(self):
-        return self._app().tasks[self.task]
+    type = property(lambda self: self._app().tasks[self.task])
 
     def clone(self, args=(), kwargs=None, **options):
         """A copy with `args` prepended (partial arguments) unless immutable."""
@@ -4720,9 +4699,7 @@ class schedule:
                 f"not {type(run_every).__name__}: {run_every!r}")
         self.run_every = run_every
 
-    @property
-    def seconds(self) -> float:
-        return max(self.run_every.total_seconds(), 0)
+    seconds = property(lambda self: max(self.run_every.total_seconds(), 0))
 
     def remaining_estimate(self, last_run_at, now=None) -> dt.timedelta:
         """Time from `now` until the next run; negative when it is overdue."""
