@@ -3640,9 +3640,7 @@ class Celery:
 
     def route_for(self, name, args=(), kwargs=None) -> dict:
         """The first task_routes entry matching `name`, as {'queue': ..., ...}."""
-        routes = self.conf.task_routes
-        if not routes:
-            return {}
+        routes = self.conf.task_routes or ()
         for router in routes if isinstance(routes, (list, tuple)) else [routes]:
             route = _apply_router(router, name, args, kwargs or {})
             if route:
