@@ -786,22 +786,18 @@ class Broker:
     def publish(self, queue: str, envelope: str, priority: int = 0, tag=None):
         """Append one message (an envelope JSON string, with delivery tag `tag`) to
         `queue`; sending the same message again must not queue it twice."""
-        raise NotImplementedError
 
     def reserve(self, queues, limit: int, timeout: float) -> list:
         """Take up to `limit` messages, waiting up to `timeout` s for the first.
 
         Returns Delivery tuples; each stays reserved until ack() or requeue().
         """
-        raise NotImplementedError
 
     def ack(self, tags):
         """Forget reserved messages for good."""
-        raise NotImplementedError
 
     def requeue(self, tags):
         """Put reserved messages back at the head of their queues, marked redelivered."""
-        raise NotImplementedError
 
     def touch(self, tags) -> set:
         """Tell the broker these reserved messages are still held by a live worker.
@@ -823,11 +819,9 @@ class Broker:
 
     def _renew(self, claims, now) -> set:
         """Move each (tag, claim) whose claim is still ours to `now`; returns the tags that aren't."""
-        raise NotImplementedError
 
     def restore_unacked(self, now=None) -> int:
         """Requeue messages reserved longer than the visibility timeout ago."""
-        raise NotImplementedError
 
     def park(self, parked):
         """Hand reserved messages with a far ETA back to the broker until they are due.
@@ -836,7 +830,6 @@ class Broker:
         leaves `unacked` and is kept durably; reserve() moves it back to its
         queue shortly before it is due, so no worker holds it meanwhile.
         """
-        raise NotImplementedError
 
     #: revocations kept at most (the newest; Celery's workers keep 50,000 too)
     REVOKES_MAX = 50000
@@ -848,32 +841,26 @@ class Broker:
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         """Remember revoked ids for `expires` seconds (REVOKES_MAX at most) and, with
         broadcast, tell every worker now."""
-        raise NotImplementedError
 
     def revoked(self) -> set:
         """The ids revoked and not yet expired, for workers that start later."""
-        raise NotImplementedError
 
     def control_messages(self) -> list:
         """Revocations broadcast since the last call, as (task_ids, terminate, signal number,
         destination); malformed ones are logged and left out."""
-        raise NotImplementedError
 
     def lease(self, name, token, ttl) -> bool:
         """Take or renew the lease `name` for `token` for `ttl` seconds; False if another
         holds it. A ttl of 0 gives it up."""
-        raise NotImplementedError
 
     def purge(self, queue: str) -> int:
         """Drop every waiting message of `queue`; returns how many."""
-        raise NotImplementedError
 
     def size(self, queue: str) -> int:
-        raise NotImplementedError
+        """How many messages of `queue` wait to be reserved."""
 
     def dead_letter(self, raw, reason: str, queue: str = ""):
         """Keep a message no worker can run, for a human to inspect."""
-        raise NotImplementedError
 
     def close(self):
         """Release connections (also called in a freshly forked child)."""
@@ -1796,45 +1783,41 @@ class ResultBackend:
         time.sleep(max(seconds, 0))
 
     def _set(self, key, data):
-        raise NotImplementedError
+        """Store encoded metadata under `key` (unless a SUCCESS is stored there already)."""
 
     def _get(self, key):
-        raise NotImplementedError
+        """The encoded metadata stored under `key`, or None."""
 
     def forget(self, task_id):
-        raise NotImplementedError
+        """Delete a task's stored state."""
 
     def chord_start(self, group_id, size):
         """Remember that the chord `group_id` waits for `size` header tasks."""
-        raise NotImplementedError
 
     def chord_part(self, group_id, index, task_id, state, value):
         """Count one finished header task. Returns every part, ordered by index, as
         [1, task_id, state, value] lists, to exactly one caller: the one that
         completed the chord. Everyone else gets None."""
-        raise NotImplementedError
 
     def chord_done(self, group_id):
         """Forget the chord's counter once its body was sent."""
-        raise NotImplementedError
 
     def close(self):
         """Release connections (also called in a freshly forked child)."""
 
 
 class DisabledBackend(ResultBackend):
-    """No result_backend configured: storing is a no-op and reading is an error."""
+    """No result_backend configured: storing a state is a no-op; reading one (or a chord) is an error."""
 
     def store_result(self, task_id, result, state, traceback=None, request=None):
         return None
 
-    def _get(self, key):
+    def _get(self, *args):
         raise ImproperlyConfigured(
             "no result backend is configured: pass backend=... to Celery() "
-            "or set result_backend to read results")
+            "or set result_backend to read results and run chords")
 
-    def forget(self, task_id):
-        pass
+    _set = chord_start = chord_part = chord_done = _get
 
 
 # Writes the state unless a SUCCESS is already stored (Celery's rule: a late
@@ -3747,20 +3730,19 @@ class Pool:
         self.max_tasks_per_child = max_tasks_per_child
 
     def start(self):
-        raise NotImplementedError
+        """Start the worker processes, if any."""
 
     def free_slots(self) -> int:
-        raise NotImplementedError
+        """How many more messages apply() takes now."""
 
     def apply(self, message: Message):
-        raise NotImplementedError
+        """Start running `message`; its end is reported by collect()."""
 
     def collect(self, timeout: float) -> list:
-        raise NotImplementedError
+        """What finished, waiting up to `timeout` seconds for something to."""
 
     def stop(self, cold=False) -> list:
         """Stop the pool; a cold stop kills running tasks and returns them as lost."""
-        raise NotImplementedError
 
     def terminate(self, tag, signum) -> bool:
         """Send `signum` to the process running `tag` (revoke with terminate=True)."""
@@ -3779,9 +3761,6 @@ class SoloPool(Pool):
     def __init__(self, app, concurrency, hostname, max_tasks_per_child=None):
         super().__init__(app, 1, hostname, max_tasks_per_child)
         self._finished, self._running = [], None
-
-    def start(self):
-        pass
 
     def free_slots(self):
         return 1
