@@ -1489,16 +1489,6 @@ class SQLiteStore:
         return None if self.memory else self.read("PRAGMA data_version")[0][0]
 
 
-def _blob_head(db, row_id, size=65536) -> bytes:
-    """The first bytes of a message row, read without loading the rest."""
-    with db.blobopen("messages", "raw", row_id, readonly=True) as blob:
-        return blob.read(size)
-
-
-def _marks(values):
-    return ",".join("?" * len(values))
-
-
 class SQLiteBroker(Broker):
     """The broker on SQLite: `sqlite:///relative.db`, `sqlite:////absolute.db`, `memory://`."""
 
@@ -1532,13 +1522,15 @@ class SQLiteBroker(Broker):
             rows = db.execute(
                 "SELECT id, queue, CASE WHEN ? > 0 AND length(raw) > ? THEN length(raw) END, "
                 f"CASE WHEN ? > 0 AND length(raw) > ? THEN NULL ELSE raw END "
-                f"FROM messages WHERE queue IN ({_marks(queues)}) "
+                f"FROM messages WHERE queue IN ({','.join('?' * len(queues))}) "
                 "AND reserved_at IS NULL AND due <= ? ORDER BY step, seq LIMIT ?",
                 (too_big, too_big, too_big, too_big, *queues, now, limit)).fetchall()
             for row_id, queue, size, _ in (row for row in rows if row[2] is not None):
                 logger.error("A message of %s bytes in queue %r is over worker_max_message_size: "
                              "kept (cut) in the dead letters", size, queue)
-                self._bury(db, _blob_head(db, row_id), f"a message of {size} bytes, over "
+                with db.blobopen("messages", "raw", row_id, readonly=True) as blob:
+                    head = blob.read(65536)  # without loading the rest
+                self._bury(db, head, f"a message of {size} bytes, over "
                            "worker_max_message_size (cut to 64 KiB here)", queue)
                 db.execute("DELETE FROM messages WHERE id = ?", (row_id,))  # (an UPDATE would load it)
             rows = [row for row in rows if row[2] is None]
@@ -1825,11 +1817,8 @@ class DisabledBackend(ResultBackend):
 _STORE_RESULT_LUA = r"""
 local current = redis.call('GET', KEYS[1])
 if current and string.sub(current, 1, 21) == '{"status": "SUCCESS",' then return 0 end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
+redis.call('SET', KEYS[1], ARGV[1])
+if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 """
