@@ -4876,10 +4876,7 @@ class crontab:
 
     def __eq__(self, other):
         if isinstance(other, crontab):
-            return (self.minute, self.hour, self.day_of_week, self.day_of_month,
-                    self.month_of_year, self.tz) == (
-                other.minute, other.hour, other.day_of_week, other.day_of_month,
-                other.month_of_year, other.tz)
+            return all(getattr(self, name) == getattr(other, name) for name in (*_CRON_FIELDS, "tz"))
         return NotImplemented
 
 
