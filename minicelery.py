@@ -2345,25 +2345,23 @@ class Task:
             options["ignore_result"] = self.option("ignore_result")
         return self.app.send_task(self.name, args, kwargs, **options)
 
-    def check_arguments(self, args, kwargs):
-        """Raise TypeError at the call site when the arguments can't fit the function."""
-        if not self.typing:
-            return
+    def _run_signature(self):
+        """How run() is called (the task itself left out), or None where inspect can't tell."""
         cls = type(self)
         if "_signature" not in cls.__dict__:  # once per task type: it is checked per message too
             import inspect
             try:
-                cls._signature = inspect.signature(cls.run)
+                cls._signature = inspect.signature(self.run)
             except (TypeError, ValueError):
                 cls._signature = None
-        signature = cls._signature
-        if signature is None:
-            return
-        # A plain @app.task function is a staticmethod; bound ones and
-        # hand-written run() methods take the task as their first argument.
-        takes_self = self._bound or getattr(type(self), "__wrapped__", None) is None
+        return cls._signature
+
+    def check_arguments(self, args, kwargs):
+        """Raise TypeError at the call site when the arguments can't fit the function."""
+        signature = self._run_signature() if self.typing else None
         try:
-            signature.bind(*((self,) if takes_self else ()), *args, **kwargs)
+            if signature is not None:
+                signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{self.name}{signature}: {exc}") from None
 
@@ -3015,12 +3013,9 @@ def _result_ids(sig):
 
 
 def _positional_arity(task):
-    import inspect
-    try:
-        parameters = inspect.signature(task.run).parameters.values()
-    except (TypeError, ValueError):
-        return 0
-    return sum(1 for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    signature = task._run_signature()
+    return sum(1 for p in (signature.parameters.values() if signature else ())
+               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def _chord_part_done(app, request, state, value):
