@@ -341,8 +341,11 @@ CONTENT_TYPES = {"json": JSON_TYPE, "pickle": PICKLE_TYPE, "msgpack": MSGPACK_TY
 #: kombu's names for the compression header.
 COMPRESSIONS = {"zlib": "application/x-gzip", "gzip": "application/x-gzip",
                 "bzip2": "application/x-bz2"}
-_COMPRESSORS = {"application/x-gzip": (zlib.compress, zlib.decompress),
-                "application/x-bz2": (bz2.compress, bz2.decompress)}
+#: header -> (compress, inflate to at most `limit` bytes (None: any size))
+_COMPRESSORS = {
+    "application/x-gzip": (zlib.compress, lambda data, limit: zlib.decompressobj().decompress(data, limit or 0)),
+    "application/x-bz2": (bz2.compress, lambda data, limit: bz2.BZ2Decompressor().decompress(data, limit or -1)),
+}
 
 
 def _json_default(obj):
@@ -386,6 +389,17 @@ def json_loads(text):
     return json.loads(text, object_hook=_json_object_hook)
 
 
+#: content type -> (object to bytes, bytes to object); msgpack and yaml are imported on first use
+_SERIALIZERS = {
+    JSON_TYPE: (lambda obj: json_dumps(obj).encode("utf-8"), lambda data: json_loads(data.decode("utf-8"))),
+    PICKLE_TYPE: (lambda obj: pickle.dumps(obj, protocol=4), pickle.loads),
+    MSGPACK_TYPE: (lambda obj: _optional_library("msgpack").packb(obj, use_bin_type=True),
+                   lambda data: _optional_library("msgpack").unpackb(data, raw=False)),
+    YAML_TYPE: (lambda obj: _optional_library("yaml").safe_dump(obj).encode("utf-8"),
+                lambda data: _optional_library("yaml").safe_load(data)),
+}
+
+
 def content_type_for(serializer: str) -> str:
     try:
         return CONTENT_TYPES[serializer]
@@ -401,14 +415,7 @@ def dumps(obj, serializer="json", compression=None):
     """
     content_type = content_type_for(serializer)
     try:
-        if content_type == JSON_TYPE:
-            data = json_dumps(obj).encode("utf-8")
-        elif content_type == PICKLE_TYPE:
-            data = pickle.dumps(obj, protocol=4)
-        elif content_type == MSGPACK_TYPE:
-            data = _optional_library("msgpack").packb(obj, use_bin_type=True)
-        else:
-            data = _optional_library("yaml").safe_dump(obj).encode("utf-8")
+        data = _SERIALIZERS[content_type][0](obj)
     except ImproperlyConfigured:
         raise
     except Exception as exc:  # each library has its own errors for a value it can't write
@@ -438,13 +445,7 @@ def loads(data: bytes, content_type: str, accept, compression=None, max_size=Non
     if compression:
         data = _inflate(data, compression, max_size)
     try:
-        if content_type == JSON_TYPE:
-            return json_loads(data.decode("utf-8"))
-        if content_type == MSGPACK_TYPE:
-            return _optional_library("msgpack").unpackb(data, raw=False)
-        if content_type == YAML_TYPE:
-            return _optional_library("yaml").safe_load(data)
-        return pickle.loads(data)
+        return _SERIALIZERS[content_type][1](data)
     except ImproperlyConfigured:
         raise
     except Exception as exc:
@@ -455,10 +456,7 @@ def _inflate(data: bytes, compression: str, max_size=None) -> bytes:
     # One byte more than allowed is enough to know it is too big.
     limit = max_size + 1 if max_size else None
     try:
-        if compression == COMPRESSIONS["zlib"]:
-            out = zlib.decompressobj().decompress(data, limit or 0)
-        else:
-            out = bz2.BZ2Decompressor().decompress(data, max_length=limit or -1)
+        out = _COMPRESSORS[compression][1](data, limit)
     except (OSError, ValueError, zlib.error, EOFError) as exc:
         raise DecodeError(f"can't decompress the body ({compression}): {exc}") from None
     if max_size and len(out) > max_size:
