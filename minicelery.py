@@ -929,8 +929,7 @@ def _queue_keys(queue):
 
 
 def _queue_key(queue, priority):
-    step = max(s for s in PRIORITY_STEPS if s <= clamp_priority(priority))
-    return _queue_keys(queue)[PRIORITY_STEPS.index(step)]
+    return _queue_keys(queue)[clamp_priority(priority) // 3]  # steps 0-2, 3-5, 6-8 and 9
 
 
 def _queue_of_key(key: str):
@@ -1499,7 +1498,7 @@ class SQLiteBroker(Broker):
         self._last_control = None
 
     def publish(self, queue, envelope, priority=0, tag=None):
-        step = PRIORITY_STEPS.index(max(s for s in PRIORITY_STEPS if s <= clamp_priority(priority)))
+        step = clamp_priority(priority) // 3  # 0-2, 3-5, 6-8 and 9: Redis's lists, in order
         with self.store.transaction() as db:
             db.execute("INSERT INTO messages (queue, step, seq, raw) VALUES (?, ?, ?, ?)",
                        (queue, step, time.time(), envelope.encode() if isinstance(envelope, str) else envelope))
@@ -2305,10 +2304,9 @@ class Task:
                 if name in annotation.get(key, ()):
                     return annotation[key][name]
         value = getattr(self, name)
-        if value is None:
-            value = getattr(self.app.conf, f"task_{name}", None)
-            if value is None and name == "rate_limit":
-                value = self.app.conf.task_default_rate_limit
+        if value is None:  # the app's task_<name> setting (for rate_limit: task_default_rate_limit)
+            setting = "task_default_rate_limit" if name == "rate_limit" else f"task_{name}"
+            value = getattr(self.app.conf, setting, None)
         return value
 
     def backoff_countdown(self, retries):
@@ -3263,13 +3261,10 @@ _all_apps = weakref.WeakSet()
 
 def _django():
     """Django, when this process runs a Django project (DJANGO_SETTINGS_MODULE set); else None."""
-    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
-        return None
-    try:
-        import django
-    except ImportError:
-        return None
-    return django
+    if os.environ.get("DJANGO_SETTINGS_MODULE"):
+        with contextlib.suppress(ImportError):
+            return importlib.import_module("django")
+    return None
 
 
 def _close_django_connections(forking=False):
