@@ -1087,7 +1087,7 @@ class RedisBroker(Broker):
 
     def _declare(self, queues):
         """Write kombu's binding entries once, so named-exchange producers find our queues."""
-        with self.client.pipeline() as pipe:
+        with self.client.pipeline() as pipe:  # (nothing new: no commands, no round trip)
             for queue in set(queues) - self._declared:
                 member = f"{queue}{PRIORITY_SEPARATOR}{PRIORITY_SEPARATOR}{queue}"
                 pipe.sadd(f"_kombu.binding.{queue}", member)
@@ -1105,13 +1105,11 @@ class RedisBroker(Broker):
     def reserve(self, queues, limit, timeout):
         if limit <= 0:
             return []
-        if set(queues) - self._declared:
-            self._declare(queues)
+        self._declare(queues)
         keys = self._ordered_keys(queues)
         fixed = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES, self.DEAD_LETTERS]
         self._restore_orphans()
-        now = time.time()
-        found = self._take(fixed + keys, limit, now)
+        found = self._take(fixed + keys, limit, time.time())
         if not found and timeout:
             # Wait for a message without taking it: BLMOVE from a list to itself. A
             # BRPOP (kombu's way) loses the message it popped if the reply is lost,
@@ -1249,14 +1247,10 @@ class RedisBroker(Broker):
         if self._pubsub is None:
             self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             self._pubsub.subscribe(self.pidbox)
-        found = []
-        while True:
-            message = next_pubsub_message(self._pubsub, 0)
-            if message is None:
-                return found
-            command = _parse_control(message["data"])
-            if command is not None:
-                found.append(command)
+        commands = []
+        while (message := next_pubsub_message(self._pubsub, 0)) is not None:
+            commands.append(_parse_control(message["data"]))
+        return [command for command in commands if command is not None]  # None: not a revoke, or malformed
 
     def lease(self, name, token, ttl):
         return bool(self._lease_script(keys=[f"minicelery:lease:{name}"], args=[token, int(ttl * 1000)]))
