@@ -555,25 +555,16 @@ PROTOCOL_HEADERS = frozenset({
     "replaced_task_nesting", "stamped_headers", "stamps", "compression", "redelivered"})
 
 
-def build_headers(task_name, task_id, args, kwargs, *, eta=None, expires=None,
-                  retries=0, timelimit=(None, None), root_id=None, parent_id=None,
-                  group_id=None, group_index=None, ignore_result=False,
-                  shadow=None, extra=None) -> dict:
-    """The protocol 2 headers, in the order and with the defaults Celery sends."""
-    headers = {
-        "lang": "py", "task": task_name, "id": task_id, "shadow": shadow,
-        "eta": eta.isoformat() if eta else None,
-        "expires": expires.isoformat() if expires else None,
-        "group": group_id, "group_index": group_index, "retries": retries,
-        "timelimit": list(timelimit), "root_id": root_id or task_id,
-        "parent_id": parent_id, "argsrepr": _short_repr(tuple(args)),
-        "kwargsrepr": _short_repr(kwargs), "origin": f"gen{os.getpid()}@{socket.gethostname()}",
-        "ignore_result": ignore_result, "replaced_task_nesting": 0,
-        "stamped_headers": None, "stamps": {},
+def build_headers(task_name, task_id, args, kwargs, extra=None, **fields) -> dict:
+    """The protocol 2 headers, in the order and with the defaults Celery sends. `fields`
+    set headers by their names (group, eta as ISO text...); `extra` are the sender's own."""
+    return {
+        "lang": "py", "task": task_name, "id": task_id, "shadow": None, "eta": None, "expires": None,
+        "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
+        "parent_id": None, "argsrepr": _short_repr(tuple(args)), "kwargsrepr": _short_repr(kwargs),
+        "origin": f"gen{os.getpid()}@{socket.gethostname()}", "ignore_result": False,
+        "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {}, **fields, **(extra or {}),
     }
-    if extra:
-        headers.update(extra)
-    return headers
 
 
 def build_envelope(headers, body: bytes, content_type, queue, *, priority=0,
@@ -2445,7 +2436,7 @@ def _eager_message(task, args, kwargs, task_id, retries, options):
     parent = current_task()
     parent_request = parent.request if parent else Request()  # (a blank one: no root, no parent)
     headers = build_headers(task.name, task_id, args, kwargs, retries=retries,
-                            root_id=parent_request.root_id, parent_id=parent_request.id)
+                            root_id=parent_request.root_id or task_id, parent_id=parent_request.id)
     return Message(headers=headers, properties={"delivery_info": {"is_eager": True}},
                    body=b"", content_type=JSON_TYPE, args=list(args), kwargs=kwargs)
 
@@ -3528,12 +3519,11 @@ class Celery:
         if priority is None:
             priority = route.get("priority", self.conf.task_default_priority)
         message_headers = build_headers(
-            name, task_id, args, kwargs, eta=eta, expires=expires_at, retries=retries,
-            timelimit=timelimit or (time_limit, soft_time_limit), root_id=root_id,
-            parent_id=parent_id, group_id=group_id, group_index=group_index,
-            ignore_result=bool(ignore_result if ignore_result is not None
-                               else self.conf.task_ignore_result),
-            shadow=shadow, extra=headers)
+            name, task_id, args, kwargs, headers, eta=eta and eta.isoformat(),
+            expires=expires_at and expires_at.isoformat(), retries=retries, shadow=shadow,
+            timelimit=list(timelimit or (time_limit, soft_time_limit)), root_id=root_id or task_id,
+            parent_id=parent_id, group=group_id, group_index=group_index,
+            ignore_result=bool(self.conf.task_ignore_result if ignore_result is None else ignore_result))
         embed = {"callbacks": _signature_list(link), "errbacks": _signature_list(link_error),
                  "chain": [dict(s) for s in chain] if chain else None, "chord": chord}
         body, content_type, compression_header = dumps(
