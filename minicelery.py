@@ -515,12 +515,8 @@ def exception_from_dict(meta) -> BaseException:
     name, module = meta["exc_type"], meta.get("exc_module") or "builtins"
     args = meta.get("exc_message", [])
     args = args if isinstance(args, (list, tuple)) else [args]
-    cls = None
-    if module in _CELERY_MODULES:
-        candidate = globals().get(name)
-        if isinstance(candidate, type) and issubclass(candidate, Exception):
-            cls = candidate
-    if cls is None and module in sys.modules:
+    cls = globals().get(name) if module in _CELERY_MODULES else None
+    if not (isinstance(cls, type) and issubclass(cls, Exception)) and module in sys.modules:
         cls = sys.modules[module]
         for part in name.split("."):
             cls = getattr(cls, part, None)
