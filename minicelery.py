@@ -4223,8 +4223,9 @@ class Consumer:
             self._discard_revoked(message, "revoked")
 
     def _let_go_where(self, matches) -> list:
-        """Take the held messages (ready or scheduled, not running) that match out of our hands."""
-        taken = [m for m in self.ready if matches(m)] + [e[2] for e in self.scheduled if matches(e[2])]
+        """Take the held messages (not running) that match out of our hands: ready ones first,
+        then scheduled ones by due time."""
+        taken = [m for m in self.ready if matches(m)] + [e[2] for e in sorted(self.scheduled) if matches(e[2])]
         self.ready = deque(m for m in self.ready if not matches(m))
         self.scheduled = [entry for entry in self.scheduled if not matches(entry[2])]
         heapq.heapify(self.scheduled)
@@ -4390,10 +4391,7 @@ class Consumer:
 
     def shutdown(self):
         """Give back what we hold but haven't started; finish (warm) or kill (cold) the rest."""
-        waiting = [m.delivery_tag for m in self.ready] + \
-            [entry[2].delivery_tag for entry in sorted(self.scheduled)]
-        self.ready.clear()
-        self.scheduled.clear()
+        waiting = [message.delivery_tag for message in self._let_go_where(lambda message: True)]
         if waiting:
             worker_logger.info("Restoring %d unacknowledged message(s)", len(waiting))
             try:
