@@ -1713,8 +1713,7 @@ class ResultBackend:
         return meta
 
     def encode(self, meta):
-        data, _, _ = dumps(meta, self.serializer)
-        return data
+        return dumps(meta, self.serializer)[0]  # (the bytes; not the content type or compression)
 
     def decode(self, data) -> dict:
         if isinstance(data, str):
