@@ -874,9 +874,8 @@ def redis_client(url: str, decode_responses=False, socket_timeout=5.0):
     for prefix in ("redis+socket://", "socket://"):
         if url.startswith(prefix):
             url = "unix://" + url[len(prefix):].replace("virtual_host=", "db=")
-    for celery_name, redis_name in (("CERT_REQUIRED", "required"), ("CERT_OPTIONAL", "optional"),
-                                    ("CERT_NONE", "none")):
-        url = url.replace(f"ssl_cert_reqs={celery_name}", f"ssl_cert_reqs={redis_name}")
+    for level in ("REQUIRED", "OPTIONAL", "NONE"):  # Celery's CERT_REQUIRED is redis-py's required
+        url = url.replace(f"ssl_cert_reqs=CERT_{level}", f"ssl_cert_reqs={level.lower()}")
     from redis.backoff import NoBackoff
     from redis.retry import Retry
     return redis.Redis.from_url(url, decode_responses=decode_responses, health_check_interval=30,
@@ -2135,15 +2134,14 @@ class EagerResult(AsyncResult):
     result = info = property(lambda self: self._value)
 
     def get(self, timeout=None, propagate=True, interval=0.5, disable_sync_subtasks=True):
-        if isinstance(self._value, BaseException) and self._state in EXCEPTION_STATES:
-            if propagate:
-                raise self._value
+        if propagate and isinstance(self._value, BaseException) and self._state in EXCEPTION_STATES:
+            raise self._value
         return self._value
 
     wait = get
 
     def forget(self):
-        pass
+        """Nothing was stored: nothing to forget."""
 
 
 # =============================================================================
@@ -3330,12 +3328,10 @@ class Celery:
         unknown = [key for key in options if not hasattr(base, key)]
         if unknown:
             raise TypeError(f"unknown task option(s) {unknown} for {name!r}")
-        run = fun if bind else staticmethod(fun)
-        attrs = dict(options, name=name, app=self, run=run, _bound=bind, __wrapped__=fun,
-                     __doc__=fun.__doc__, __module__=fun.__module__)
-        task = type(fun.__name__, (base,), attrs)()
-        self.tasks[name] = task
-        return task
+        attrs = dict(options, name=name, app=self, run=fun if bind else staticmethod(fun), _bound=bind,
+                     __wrapped__=fun, __doc__=fun.__doc__, __module__=fun.__module__)
+        self.tasks[name] = type(fun.__name__, (base,), attrs)()
+        return self.tasks[name]
 
     def gen_task_name(self, name, module):
         """Celery's names: `module.function`, with the app's main name for __main__."""
