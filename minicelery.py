@@ -3975,24 +3975,6 @@ def child_main(app, conn, index, hostname, max_tasks=None):
 POOLS = {"prefork": PreforkPool, "solo": SoloPool}
 
 
-class TokenBucket:
-    """A rate limit: `rate` tokens a second, holding at most `capacity`."""
-
-    def __init__(self, rate, capacity=1):
-        self.rate, self.capacity = rate, capacity
-        self.tokens, self.updated = capacity, time.monotonic()
-
-    def take(self) -> float:
-        """Take a token: 0 if there was one, else the seconds until there will be."""
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
-
-
 class Consumer:
     """The worker's main loop: reserve, schedule, dispatch, ack; one step() at a time.
 
@@ -4019,7 +4001,8 @@ class Consumer:
         self.scheduled = []     # heap of (unix time due, sequence, message)
         self.active = {}        # delivery tag -> message the pool is running
         self.revoked = set()    # task ids revoked (from the broker, kept fresh)
-        self.buckets = {}       # task name -> TokenBucket, for rate-limited tasks
+        self.spacing = {}       # task name -> seconds between starts under its rate limit (0: none)
+        self.next_start = {}    # task name -> time.monotonic() before which no more may start
         self._to_ack, self._sequence = [], itertools.count()  # (the sequence breaks ties between equal dues)
         self._lost_claims = set()  # held messages the broker says are no longer ours
         self._let_go = set()       # running ones among them: never ack another's claim
@@ -4257,16 +4240,18 @@ class Consumer:
             self.ready.append(heapq.heappop(self.scheduled)[2])
 
     def _throttled(self, message) -> bool:
-        """Hold a message back (rescheduled) while its task type is over its rate limit."""
-        name = message.task_name
-        if name not in self.buckets:
+        """Hold a message back (rescheduled) while its task type is over its rate limit: at
+        `rate` a second, one starts at most every 1/rate s (Celery's token bucket, capacity 1)."""
+        name, now = message.task_name, time.monotonic()
+        if name not in self.spacing:
             rate = parse_rate(self.app.tasks[name].option("rate_limit"))
-            self.buckets[name] = TokenBucket(rate) if rate else None
-        bucket = self.buckets[name]
-        delay = bucket.take() if bucket else 0
-        if delay:
-            self._schedule(message, time.time() + delay)
-        return bool(delay)
+            self.spacing[name] = 1 / rate if rate else 0
+        wait = self.next_start.get(name, now) - now
+        if wait > 0:
+            self._schedule(message, time.time() + wait)
+        else:
+            self.next_start[name] = now + self.spacing[name]
+        return wait > 0
 
     def _dispatch(self):
         while self.ready and not self.stopping:
