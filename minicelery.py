@@ -2969,7 +2969,7 @@ def _after_failure(app, request, exc, exc_traceback):
             _call_hook(errback, request, exc, exc_traceback)
         else:
             errback.apply_async((request.id,), parent_id=request.id, root_id=request.root_id)
-    for step in request.chain or ():
+    for step in reversed(request.chain or ()):  # (stored reversed) in order: the step get() waits on last
         for step_id in _result_ids(signature(step, app=app)):
             app.backend.store_result(step_id, exc, FAILURE, traceback=exc_traceback)
     if request.chord:
