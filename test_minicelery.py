@@ -4328,6 +4328,12 @@ def group_get_inside(n):
 
 
 @APP.task
+def get_inside_join_allowed(x):
+    with minicelery.allow_join_result():  # Celery's escape hatch, from celery.result
+        return add.delay(x, x).get(timeout=10)
+
+
+@APP.task
 def apply_get_inside(x):
     """Runs get_inside eagerly, in the worker: its get() is not refused."""
     return get_inside.apply((x,)).get()
@@ -4855,7 +4861,19 @@ def test_result_get_inside_a_task_fails_the_task(app, tmp_path, results):
 def test_result_get_inside_a_task_with_disable_sync_subtasks_false(app, tmp_path):
     with worker(app, tmp_path, concurrency=2):
         assert get_inside_allowed.delay(4).get(timeout=15) == 8
+        assert get_inside_join_allowed.delay(6).get(timeout=15) == 12
+        with pytest.raises(RuntimeError, match="Never call result.get"):  # only inside the block
+            get_inside.delay(3).get(timeout=15)
         assert apply_get_inside.delay(5).get(timeout=15) == 10  # .apply() in a worker: eager, allowed
+
+
+def test_a_mistyped_setting_set_on_conf_warns_and_an_apps_own_does_not(caplog):
+    app_ = Celery("typo", set_as_current=False)
+    with caplog.at_level(logging.WARNING, logger="minicelery"):
+        app_.conf.update(task_always_eagr=True, my_own_setting=1, CELERY_ALWAYS_EAGER=True)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "minicelery"]
+    assert len(warnings) == 1 and "task_always_eagr (did you mean task_always_eager?)" in warnings[0]
+    assert app_.conf.task_always_eager is True and app_.conf.my_own_setting == 1
 
 
 def test_result_get_inside_an_eager_task_is_allowed(app):
