@@ -1502,9 +1502,8 @@ class SQLiteBroker(Broker):
                 f"FROM messages WHERE queue IN ({','.join('?' * len(queues))}) "
                 "AND reserved_at IS NULL AND due <= ? ORDER BY step, seq LIMIT ?",
                 (too_big, too_big, too_big, too_big, *queues, now, limit)).fetchall()
+            buried = [(size, queue) for _, queue, size, _ in rows if size is not None]
             for row_id, queue, size, _ in (row for row in rows if row[2] is not None):
-                logger.error("A message of %s bytes in queue %r is over worker_max_message_size: "
-                             "kept (cut) in the dead letters", size, queue)
                 with db.blobopen("messages", "raw", row_id, readonly=True) as blob:
                     head = blob.read(65536)  # without loading the rest
                 self._bury(db, head, f"a message of {size} bytes, over "
@@ -1512,6 +1511,9 @@ class SQLiteBroker(Broker):
                 db.execute("DELETE FROM messages WHERE id = ?", (row_id,))  # (an UPDATE would load it)
             rows = [row for row in rows if row[2] is None]
             db.executemany("UPDATE messages SET reserved_at = ? WHERE id = ?", [(now, r[0]) for r in rows])
+        for size, queue in buried:  # logged once it is true: committed
+            logger.error("A message of %s bytes in queue %r is over worker_max_message_size: "
+                         "kept (cut) in the dead letters", size, queue)
         self._held.update((self._tag(row[0]), now) for row in rows)
         return [Delivery(queue, self._tag(row_id), raw) for row_id, queue, _, raw in rows]
 
