@@ -55,6 +55,7 @@ import difflib
 import fnmatch
 import heapq
 import importlib.util
+import inspect
 import itertools
 import json
 import logging
@@ -339,8 +340,7 @@ JSON_TYPE, PICKLE_TYPE = "application/json", "application/x-python-serialize"
 MSGPACK_TYPE, YAML_TYPE = "application/x-msgpack", "application/x-yaml"
 CONTENT_TYPES = {"json": JSON_TYPE, "pickle": PICKLE_TYPE, "msgpack": MSGPACK_TYPE, "yaml": YAML_TYPE}
 #: kombu's names for the compression header.
-COMPRESSIONS = {"zlib": "application/x-gzip", "gzip": "application/x-gzip",
-                "bzip2": "application/x-bz2"}
+COMPRESSIONS = {"zlib": "application/x-gzip", "gzip": "application/x-gzip", "bzip2": "application/x-bz2"}
 #: header -> (compress, inflate to at most `limit` bytes (None: any size))
 _COMPRESSORS = {
     "application/x-gzip": (zlib.compress, lambda data, limit: zlib.decompressobj().decompress(data, limit or 0)),
@@ -446,9 +446,7 @@ def loads(data: bytes, content_type: str, accept, compression=None, max_size=Non
         data = _inflate(data, compression, max_size)
     try:
         return _SERIALIZERS[content_type][1](data)
-    except ImproperlyConfigured:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # (a serializer's library missing too: this body can't be read)
         raise DecodeError(f"can't decode {content_type} body: {exc!r}") from exc
 
 
@@ -2045,8 +2043,8 @@ BACKENDS = {"redis": RedisBackend, "rediss": RedisBackend, "redis+socket": Redis
 class AsyncResult:
     """A handle on a task's result, by id: `add.delay(2, 2).get(timeout=10)`."""
 
-    def __init__(self, id, backend=None, task_name=None, app=None, parent=None):
-        self.id = id
+    def __init__(self, id, backend=None, task_name=None, app=None, parent=None, ignored=False):
+        self.id, self.ignored = id, ignored  # ignored: sent with ignore_result, nothing will be stored
         self.app = app or current_app()
         self._backend = backend
         self.task_name = task_name
@@ -2091,6 +2089,8 @@ class AsyncResult:
         """Wait for the task and return its value, re-raising its exception."""
         if disable_sync_subtasks:
             _assert_will_not_block()
+        if self.ignored:  # Celery returns None too: waiting would never end
+            return None
         if self._cache is None:
             self._cache = self.backend.wait_for(self.id, timeout=timeout, interval=interval)
         if propagate and self._cache["status"] in EXCEPTION_STATES:
@@ -2325,7 +2325,6 @@ class Task:
         """How run() is called (the task itself left out), or None where inspect can't tell."""
         cls = type(self)
         if "_signature" not in cls.__dict__:  # once per task type: it is checked per message too
-            import inspect
             try:
                 cls._signature = inspect.signature(self.run)
             except (TypeError, ValueError):
@@ -3093,12 +3092,13 @@ class Config:
 
     @property
     def broker_url(self):
-        """Where tasks go: the setting, else $MINICELERY_BROKER_URL or $CELERY_BROKER_URL, else DEFAULT_URL.
-
-        redis://[:password@]host:port/db, rediss://, redis+socket:///path, sqlite:///file, memory://name
+        """Where tasks go: $MINICELERY_BROKER_URL or $CELERY_BROKER_URL (as in Celery, the
+        environment wins, so a deployment can point a project elsewhere), else the setting,
+        else DEFAULT_URL. redis://[:password@]host:port/db, rediss://, redis+socket:///path,
+        sqlite:///file, memory://name
         """
-        return (self.__dict__.get("_broker_url") or os.environ.get("MINICELERY_BROKER_URL")
-                or os.environ.get("CELERY_BROKER_URL") or self.DEFAULT_URL)
+        return (os.environ.get("MINICELERY_BROKER_URL") or os.environ.get("CELERY_BROKER_URL")
+                or self.__dict__.get("_broker_url") or self.DEFAULT_URL)
 
     @broker_url.setter
     def broker_url(self, url):
@@ -3108,10 +3108,10 @@ class Config:
 
     @property
     def result_backend(self):
-        """Where results go: the setting or its environment variables; a SQLite or memory
-        broker keeps them too. None: results are not stored."""
-        url = (self.__dict__.get("_result_backend") or os.environ.get("MINICELERY_RESULT_BACKEND")
-               or os.environ.get("CELERY_RESULT_BACKEND"))
+        """Where results go: its environment variables (they win, as in Celery), else the
+        setting; a SQLite or memory broker keeps them too. None: results are not stored."""
+        url = (os.environ.get("MINICELERY_RESULT_BACKEND") or os.environ.get("CELERY_RESULT_BACKEND")
+               or self.__dict__.get("_result_backend"))
         if url is None and self.broker_url.split("://")[0] in ("sqlite", "memory"):
             url = self.broker_url
         return url
@@ -3214,11 +3214,19 @@ def setting_name(key):
 _SETTING_PREFIXES = ("task_", "worker_", "result_", "broker_", "beat_", "celery")
 
 
+#: Celery settings that change nothing here (minicelery always retries a broker it
+#: can't reach, always creates queues, leaves the root logger alone): no warning
+_QUIET_SETTINGS = {"broker_connection_retry_on_startup", "broker_connection_retry", "broker_connection_max_retries",
+                   "task_create_missing_queues", "worker_hijack_root_logger", "worker_redirect_stdouts"}
+
+
 def _warn_unused_settings(keys, prefix=""):
     """One warning for settings minicelery has no use for, with the closest it has."""
-    logger.warning("minicelery ignores these settings (it has no such feature, or a typo?): %s", "; ".join(
-        key + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(
-            key[len(prefix):].lower(), _CONFIG_TYPES, 1)) for key in keys))
+    keys = [key for key in keys if key[len(prefix):].lower() not in _QUIET_SETTINGS]
+    if keys:
+        logger.warning("minicelery ignores these settings (it has no such feature, or a typo?): %s", "; ".join(
+            key + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(
+                key[len(prefix):].lower(), _CONFIG_TYPES, 1)) for key in keys))
 
 
 def queue_names(task_queues) -> list:
@@ -3229,7 +3237,19 @@ def queue_names(task_queues) -> list:
     for entry, name in zip(entries, names):
         if not (isinstance(name, str) and name):
             raise ImproperlyConfigured(f"task_queues: {_short_repr(entry, 80)} is not a queue name or kombu Queue")
+        if type(entry).__name__ == "Broadcast":  # one message to every worker: not offered
+            raise ImproperlyConfigured("task_queues: Broadcast queues (each message to every worker) "
+                                       "are not offered; use a Queue")
     return names
+
+
+def _queue_bound_to(task_queues, routing_key):
+    """The task_queues queue bound with this routing key (kombu's Queue(name, routing_key=...),
+    or Celery 3's {name: {'routing_key': ...}}), for a route naming a key and no queue."""
+    specs = task_queues.items() if isinstance(task_queues, dict) else \
+        ((getattr(entry, "name", entry), {"routing_key": getattr(entry, "routing_key", None)})
+         for entry in task_queues or ())
+    return next((name for name, spec in specs if routing_key and spec.get("routing_key") == routing_key), None)
 
 #: the app the calls without an explicit app use: the last one created
 _current_app = None
@@ -3386,6 +3406,9 @@ class Celery:
             from django.apps import apps
             packages = [config.name for config in apps.get_app_configs()]
         for package in (packages() if callable(packages) else packages) or ():
+            found = import_string(package)  # (a package that isn't there is an error, as in Celery)
+            if isinstance(found, type):  # Django's 'orders.apps.OrdersConfig': its app is `name`
+                package = found.name
             module = f"{package}.{related_name}" if related_name else package
             try:
                 importlib.import_module(module)
@@ -3506,7 +3529,9 @@ class Celery:
         if parent is not None and parent_id is None and not parent.request.called_directly:
             parent_id, root_id = parent.request.id, root_id or parent.request.root_id
         route = self.route_for(name, args, kwargs)
-        queue = queue or route.get("queue") or self.conf.task_default_queue
+        # A route may name only a routing key (and an exchange): the queue bound to that key.
+        queue = (queue or route.get("queue") or _queue_bound_to(self.conf.task_queues, route.get("routing_key"))
+                 or self.conf.task_default_queue)
         if not isinstance(queue, str):
             raise TypeError(f"send_task({name!r}): queue must be a name (str), not {queue!r}")
         if priority is None:
@@ -3528,7 +3553,7 @@ class Celery:
             compression=compression_header, delivery_tag=tag,
             expires_in=(expires_at - now).total_seconds() if expires_at else None)
         self._publish(queue, envelope, clamp_priority(priority or 0), f"{name}[{task_id}]", tag)
-        return AsyncResult(task_id, app=self, task_name=name)
+        return AsyncResult(task_id, app=self, task_name=name, ignored=message_headers["ignore_result"])
 
     @property
     def timezone(self):
@@ -3610,8 +3635,7 @@ def _signature_list(value):
     return [dict(s) for s in (value if isinstance(value, (list, tuple)) else [value])]
 
 
-_SEND_OPTIONS = [p for p in Celery.send_task.__code__.co_varnames[4:
-                 Celery.send_task.__code__.co_argcount + Celery.send_task.__code__.co_kwonlyargcount]]
+_SEND_OPTIONS = list(inspect.signature(Celery.send_task).parameters)[4:-1]  # countdown ... chord
 
 
 def _apply_router(router, name, args, kwargs):
@@ -4406,8 +4430,10 @@ class Worker:
         self.app = app
         self.concurrency = concurrency or conf.worker_concurrency or os.cpu_count() or 1
         pool = pool or conf.worker_pool
+        for name in set(CONTENT_TYPES) & {"msgpack", "yaml"} & set(conf.accept_content):
+            _optional_library(name)  # accepted but not installed: say so now, not per message
         if beat:
-            _check_beat_scheduler(conf)
+            _check_beat_config(app)
         if pool not in POOLS:
             raise ImproperlyConfigured(f"the {pool!r} pool is not offered; use one of {sorted(POOLS)}")
         self.pool_name = pool
@@ -4432,8 +4458,7 @@ class Worker:
 
     def start(self):
         self.app.finalize()
-        pool = POOLS[self.pool_name](self.app, self.concurrency, self.hostname,
-                                     self.max_tasks_per_child)
+        pool = POOLS[self.pool_name](self.app, self.concurrency, self.hostname, self.max_tasks_per_child)
         self.consumer = Consumer(self.app, pool, self.queues, self.hostname,
                                  self.prefetch_multiplier * pool.concurrency)
         print(self.banner(pool), file=sys.stderr, flush=True)
@@ -4510,7 +4535,8 @@ class Worker:
         tasks = "\n".join(f"  . {name}" for name in sorted(self.app.tasks)) or "  (none)"
         queues = "\n".join(f"                .> {q:<16} exchange={q}(direct) key={q}" for q in self.queues)
         backend = _safe_url(self.app.backend_url) if self.app.backend_url else "disabled://"
-        default = " (the default: no broker configured)" if self.app.broker_url == Config.DEFAULT_URL else ""
+        default = f" (the default, no broker configured: {os.path.abspath('minicelery.db')}; clients " \
+                  "must start in this directory too)" if self.app.broker_url == Config.DEFAULT_URL else ""
         lines = [
             f" -------------- {self.hostname} v{__version__} (minicelery)",
             "--- ***** ----- ",
@@ -4531,8 +4557,7 @@ class Worker:
 
 def _expand_hostname(name):
     host = socket.gethostname()
-    return name.replace("%h", host).replace("%n", host.split(".")[0]).replace(
-        "%d", host.partition(".")[2])
+    return name.replace("%h", host).replace("%n", host.split(".")[0]).replace("%d", host.partition(".")[2])
 
 
 def _safe_url(url):
@@ -4639,8 +4664,7 @@ class schedule:
         return NotImplemented
 
 
-_DAY_NAMES = {name: n for n, name in enumerate(
-    ("sun", "mon", "tue", "wed", "thu", "fri", "sat"))}
+_DAY_NAMES = {name: n for n, name in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))}
 _MONTH_NAMES = {name: n for n, name in enumerate(
     ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
 #: Each crontab field: its lowest and highest value, and the names it accepts.
@@ -4665,8 +4689,7 @@ def _cron_field(field: str, spec) -> frozenset:
         values = {v for part in spec.split(",") for v in _cron_part(field, spec, part)}
     elif isinstance(spec, int):
         values = {spec}
-    elif isinstance(spec, (set, frozenset, list, tuple, range)) and \
-            all(isinstance(v, int) for v in spec):
+    elif isinstance(spec, (set, frozenset, list, tuple, range)) and all(isinstance(v, int) for v in spec):
         values = set(spec)
     else:
         raise ImproperlyConfigured(
@@ -4835,6 +4858,9 @@ def maybe_schedule(value):
     # Celery: None passes through there too, and fails later in beat.
     if _is_number(value) or isinstance(value, dt.timedelta):
         return schedule(value)
+    if type(value).__module__.startswith("celery."):  # a project half moved over
+        raise ImproperlyConfigured(f"{type(value).__name__} from {type(value).__module__} is the real "
+                                   "Celery's; import it from minicelery.schedules")
     if callable(getattr(value, "is_due", None)):
         return value
     raise ImproperlyConfigured(
@@ -4855,7 +4881,11 @@ class ScheduleEntry:
         return f"<ScheduleEntry: {self.name} {self.task}(*{self.args}, **{self.kwargs}) {self.schedule}>"
 
 
-def _check_beat_scheduler(conf):
+def _check_beat_config(app):
+    """At start-up (beat's, or the worker's with -B): what beat would die of later."""
+    for spec in dict(app.conf.beat_schedule, **app.periodic_tasks).values():
+        maybe_schedule(spec.get("schedule", 0))
+    conf = app.conf
     if conf.beat_scheduler not in ("celery.beat:PersistentScheduler", "celery.beat.PersistentScheduler"):
         raise ImproperlyConfigured(
             f"beat_scheduler {conf.beat_scheduler!r} is not offered: minicelery's beat is Celery's default "
@@ -4876,7 +4906,7 @@ class Beat:
     LEASE_TTL = 10.0
 
     def __init__(self, app, schedule_filename=None, max_interval=None, lease_ttl=None):
-        _check_beat_scheduler(app.conf)
+        _check_beat_config(app)
         self.app = app
         self.lease_ttl = lease_ttl or self.LEASE_TTL
         self.filename = schedule_filename or app.conf.beat_schedule_filename
@@ -5033,7 +5063,7 @@ def find_app(spec: str) -> Celery:
         found = import_string(spec)
         if isinstance(found, type(sys)) and ":" not in spec:
             found = _app_in_module(found)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, SyntaxError) as exc:
         raise ImproperlyConfigured(f"can't import the app {spec!r}: {exc}") from exc
     if not isinstance(found, Celery):
         raise ImproperlyConfigured(f"{spec!r} is {_short_repr(found, 80)}, not a Celery app; name it like 'module:app'")
@@ -5047,6 +5077,8 @@ def _app_in_module(module):
     if hasattr(module, "__path__") and importlib.util.find_spec(f"{module.__name__}.celery"):
         return _app_in_module(importlib.import_module(f"{module.__name__}.celery"))
     apps = [value for value in vars(module).values() if isinstance(value, Celery)]
+    if not apps and any(type(value).__module__.startswith("celery.") for value in vars(module).values()):
+        raise AttributeError(f"{module.__name__!r} holds the real Celery's app: import Celery from minicelery")
     if not apps:
         raise AttributeError(f"{module.__name__!r} has no Celery app; name it like 'module:app'")
     return apps[0]
@@ -5071,6 +5103,9 @@ def _parser():
     worker.add_argument("--max-tasks-per-child", type=int)
     worker.add_argument("--prefetch-multiplier", type=int)
     worker.add_argument("-B", "--beat", action="store_true", help="also run beat, in a process of its own")
+    for flag in ("--without-gossip", "--without-mingle", "--without-heartbeat"):  # Celery's; nothing to turn off
+        worker.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    worker.add_argument("-O", choices=["fair", "default"], help="accepted: a worker here is always fair")
     beat = commands.add_parser("beat", help="send periodic tasks", parents=[service])
     beat.add_argument("-s", "--schedule", help="state file (JSON)")
     beat.add_argument("--max-interval", type=float)

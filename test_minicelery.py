@@ -41,6 +41,9 @@ from minicelery import (Celery, Config, AsyncResult, EagerResult, ImproperlyConf
 from minicelery import maybe_schedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# As in Celery, these win over any app's settings: a developer's shell must not steer the tests.
+for _name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "MINICELERY_BROKER_URL", "MINICELERY_RESULT_BACKEND"):
+    os.environ.pop(_name, None)
 
 # Real Celery 5.7 traffic, captured into shared/spec/samples/ and kept here so the
 # suite runs from any checkout: a_add_delay.json (an LPUSHed message),
@@ -929,6 +932,7 @@ def test_config_routes_dict_glob_and_explicit_queue(app, redis_client):
 def test_config_env_broker_url(monkeypatch):
     monkeypatch.setenv("CELERY_BROKER_URL", "redis://from-env:6379/0")
     assert Celery("env", set_as_current=False).broker_url == "redis://from-env:6379/0"
+    monkeypatch.delenv("CELERY_BROKER_URL")
     assert Celery("env", broker="redis://arg/0", set_as_current=False).broker_url == "redis://arg/0"
 
 
@@ -5071,6 +5075,96 @@ def test_cli_start_up_failures_say_one_clear_line(tmp_path):
     amqp = run_cli(tmp_path, env, "-A", "amqpapp", "worker")
     assert amqp.returncode == 1 and len(amqp.stderr.strip().splitlines()) == 1, amqp.stderr
     assert "amqp" in amqp.stderr and "redis://" in amqp.stderr
+
+
+def test_start_up_refuses_the_real_celerys_schedules_broadcast_queues_and_missing_libraries(tmp_path):
+    real_schedules = pytest.importorskip("celery.schedules")
+    app_ = Celery("half-moved", broker=f"sqlite:///{tmp_path}/h.db", set_as_current=False)
+    app_.conf.beat_schedule = {"tick": {"task": "t.tick", "schedule": real_schedules.crontab(minute="*")}}
+    for start in (lambda: minicelery.Beat(app_), lambda: minicelery.Worker(app_, beat=True)):
+        with pytest.raises(ImproperlyConfigured, match="import it from minicelery.schedules"):
+            start()  # beat would die at its first tick; under -B the worker would go on without it
+    kombu = pytest.importorskip("kombu")
+    from kombu.common import Broadcast
+    with pytest.raises(ImproperlyConfigured, match="Broadcast queues .* are not offered"):
+        app_.conf.task_queues = [kombu.Queue("default"), Broadcast("everyone")]
+    proc = run_python(tmp_path, project_env(tmp_path), f"""
+        import sys
+        sys.modules["msgpack"] = None
+        import minicelery
+        app = minicelery.Celery("m", broker="sqlite:///{tmp_path}/m.db", accept_content=["json", "msgpack"])
+        try:
+            minicelery.Worker(app)
+        except minicelery.ImproperlyConfigured as exc:
+            print("refused:", exc)
+        try:  # a message a worker can't read: a bad message (FAILURE stored), not a crash
+            minicelery.loads(b"\\x90", minicelery.MSGPACK_TYPE, {{minicelery.MSGPACK_TYPE}})
+        except minicelery.DecodeError as exc:
+            print("bad message:", exc)
+        """)
+    assert "refused: the msgpack serializer needs its library: pip install msgpack" in proc.stdout, proc.stderr
+    assert "bad message:" in proc.stdout and "pip install msgpack" in proc.stdout
+
+
+def test_a_route_naming_a_routing_key_goes_to_the_queue_bound_to_it(app, redis_client, tmp_path):
+    kombu = pytest.importorskip("kombu")
+    app.conf.task_queues = [kombu.Queue("default"),
+                            kombu.Queue("heavy", kombu.Exchange("heavy"), routing_key="heavy.key")]
+    app.conf.task_default_queue = "default"
+    app.conf.task_routes = {"x.heavy_task": {"exchange": "heavy", "routing_key": "heavy.key"}}
+    result = heavy_task.delay(1)
+    assert redis_client.llen("heavy") == 1 and redis_client.llen("default") == 0
+    with worker(app, tmp_path, queues=["heavy"]):
+        assert result.get(timeout=10) == [1, "heavy"]
+
+
+def test_get_on_an_ignored_result_returns_none_at_once(app, tmp_path):
+    with worker(app, tmp_path):
+        # Nothing will be stored: get() must not wait (a regression raises ResultTimeout here).
+        assert add.apply_async((1, 2), ignore_result=True).get(timeout=5) is None
+        assert add.apply_async((1, 2)).get(timeout=10) == 3
+
+
+def test_environment_urls_win_over_settings_as_in_celery(monkeypatch):
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://from-env:6379/0")
+    monkeypatch.setenv("CELERY_RESULT_BACKEND", "redis://from-env:6379/1")
+    app_ = Celery("env", broker="redis://explicit/3", backend="redis://explicit/4", set_as_current=False)
+    assert app_.conf.broker_url == "redis://from-env:6379/0" and app_.conf.result_backend == "redis://from-env:6379/1"
+
+
+def test_celery_projects_half_moved_or_with_django_app_configs(isolated_imports, caplog):
+    pytest.importorskip("celery")
+    write_tree(isolated_imports, {
+        "stillceleryapp.py": """
+            from celery import Celery
+            app = Celery("still_celery")
+            """,
+        "broken_syntax.py": "app = (\n",
+        "shop/__init__.py": "",
+        "shop/apps.py": """
+            class ShopConfig:  # what Django's AppConfig subclass holds: the app's module
+                name = "shop"
+            """,
+        "shop/tasks.py": """
+            from minicelery import shared_task
+            @shared_task
+            def shop_task():
+                return "shop"
+            """,
+    })
+    with pytest.raises(ImproperlyConfigured, match="holds the real Celery's app: import Celery from minicelery"):
+        minicelery.find_app("stillceleryapp")
+    with pytest.raises(ImproperlyConfigured, match="can't import the app 'broken_syntax'"):
+        minicelery.find_app("broken_syntax")
+    app_ = Celery("configs", set_as_current=False)
+    app_.autodiscover_tasks(lambda: ["shop.apps.ShopConfig"], force=True)
+    assert "shop.tasks.shop_task" in app_.tasks
+    with caplog.at_level(logging.WARNING, logger="minicelery"):
+        app_.config_from_object({"CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP": True}, namespace="CELERY")
+    assert not caplog.records  # a Celery setting that changes nothing here: no warning
+    args = minicelery._parser().parse_args(["-A", "x", "worker", "--without-gossip", "--without-mingle",
+                                            "--without-heartbeat", "-O", "fair"])
+    assert args.command == "worker"
 
 
 # --- 13. the zero-setup default -----------------------------------------------------
