@@ -41,9 +41,6 @@ from minicelery import (Celery, Config, AsyncResult, EagerResult, ImproperlyConf
 from minicelery import maybe_schedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# As in Celery, these win over any app's settings: a developer's shell must not steer the tests.
-for _name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "MINICELERY_BROKER_URL", "MINICELERY_RESULT_BACKEND"):
-    os.environ.pop(_name, None)
 
 # Real Celery 5.7 traffic, captured into shared/spec/samples/ and kept here so the
 # suite runs from any checkout: a_add_delay.json (an LPUSHed message),
@@ -61,6 +58,16 @@ except ImportError:  # the interop extra is not installed
 
 
 # --- fixtures ------------------------------------------------------------------
+
+@pytest.fixture(scope="session", autouse=True)
+def no_urls_from_the_shell():
+    """As in Celery, these win over any app's settings: a developer's shell must not steer the tests.
+    (Not at import: the CLI workers the tests start import this module, and get theirs that way.)"""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "MINICELERY_BROKER_URL", "MINICELERY_RESULT_BACKEND"):
+            patch.delenv(name, raising=False)
+        yield
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
@@ -1657,7 +1664,7 @@ def test_default_broker_is_a_sqlite_file_here(tmp_path, monkeypatch):
     assert app_.broker_url == "sqlite:///minicelery.db" and app_.backend_url == app_.broker_url
     with app_.Worker(pool="solo") as w:
         assert double.delay(21).get(timeout=10) == 42
-        assert "(the default: no broker configured)" in w.banner(w.consumer.pool)
+        assert f"(the default, no broker configured: {tmp_path / 'minicelery.db'};" in w.banner(w.consumer.pool)
     assert (tmp_path / "minicelery.db").exists()
 
 
