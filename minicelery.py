@@ -2070,9 +2070,7 @@ class AsyncResult:
     def result(self):
         """The return value, or the exception for a failed task."""
         meta = self._get_meta()
-        if meta["status"] in EXCEPTION_STATES:
-            return exception_from_dict(meta["result"])
-        return meta["result"]
+        return exception_from_dict(meta["result"]) if meta["status"] in EXCEPTION_STATES else meta["result"]
 
     info = result
 
@@ -3097,35 +3095,39 @@ class Config:
         else DEFAULT_URL. redis://[:password@]host:port/db, rediss://, redis+socket:///path,
         sqlite:///file, memory://name
         """
-        return (os.environ.get("MINICELERY_BROKER_URL") or os.environ.get("CELERY_BROKER_URL")
-                or self.__dict__.get("_broker_url") or self.DEFAULT_URL)
+        return _environment_url("BROKER_URL", BROKERS) or self.__dict__.get("_broker_url") or self.DEFAULT_URL
 
     @broker_url.setter
     def broker_url(self, url):
-        if url:
-            _pick_by_scheme(BROKERS, url, "broker")  # an unknown scheme fails here, at start-up
-        self.__dict__["_broker_url"] = url
+        self.__dict__["_broker_url"] = _checked_url(url, BROKERS)
 
     @property
     def result_backend(self):
         """Where results go: its environment variables (they win, as in Celery), else the
         setting; a SQLite or memory broker keeps them too. None: results are not stored."""
-        url = (os.environ.get("MINICELERY_RESULT_BACKEND") or os.environ.get("CELERY_RESULT_BACKEND")
-               or self.__dict__.get("_result_backend"))
+        url = _environment_url("RESULT_BACKEND", BACKENDS) or self.__dict__.get("_result_backend")
         if url is None and self.broker_url.split("://")[0] in ("sqlite", "memory"):
             url = self.broker_url
         return url
 
     @result_backend.setter
     def result_backend(self, url):
-        if url:
-            _pick_by_scheme(BACKENDS, url, "result backend")
-        self.__dict__["_result_backend"] = url
+        self.__dict__["_result_backend"] = _checked_url(url, BACKENDS)
 
     def __setattr__(self, name, value):
+        self.update({name: value})
+
+    def update(self, other=None, **settings):
+        settings = dict(other or {}, **settings)
+        unknown = [name for name in settings if name not in self.__dataclass_fields__
+                   and setting_name(name) is None and name.lower().startswith(_SETTING_PREFIXES)]
+        if unknown:
+            _warn_unused_settings(unknown)  # once for them all; stored all the same (apps keep their own here)
+        for name, value in settings.items():
+            self._set(name, value)
+
+    def _set(self, name, value):
         if name not in self.__dataclass_fields__:  # Celery 3's names: CELERYD_CONCURRENCY is worker_concurrency
-            if setting_name(name) is None and name.lower().startswith(_SETTING_PREFIXES):
-                _warn_unused_settings([name])  # stored all the same: apps keep their own settings here too
             name = setting_name(name) or name
         allowed = _CONFIG_TYPES.get(name) if "_CONFIG_TYPES" in globals() else None
         if allowed and not _fits(value, allowed):
@@ -3137,10 +3139,6 @@ class Config:
         if name == "task_queues" and value:
             queue_names(value)  # fails here, not when a worker starts
         object.__setattr__(self, name, value)
-
-    def update(self, other=None, **settings):
-        for name, value in dict(other or {}, **settings).items():
-            setattr(self, name, value)
 
     def __repr__(self):
         # Settings end up in logs and tracebacks: URLs and anything named *password* masked.
@@ -3164,6 +3162,19 @@ class Config:
         value = self.result_expires
         value = value.total_seconds() if isinstance(value, dt.timedelta) else value
         return int(-(-value // 1)) if value else 0
+
+
+def _checked_url(url, registry):
+    """The URL, once its scheme is one minicelery offers: an unknown one (amqp://, django-db)
+    fails where it is configured, at start-up, in one line that names those it offers."""
+    if url:
+        _pick_by_scheme(registry, url, "broker" if registry is BROKERS else "result backend")
+    return url
+
+
+def _environment_url(setting, registry):
+    """$MINICELERY_<setting> or Celery's $CELERY_<setting>, checked like a configured URL."""
+    return _checked_url(os.environ.get(f"MINICELERY_{setting}") or os.environ.get(f"CELERY_{setting}"), registry)
 
 
 def _mask_secrets(name, value):
@@ -3226,7 +3237,7 @@ def _warn_unused_settings(keys, prefix=""):
     if keys:
         logger.warning("minicelery ignores these settings (it has no such feature, or a typo?): %s", "; ".join(
             key + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(
-                key[len(prefix):].lower(), _CONFIG_TYPES, 1)) for key in keys))
+                key[len(prefix):].lower(), _CONFIG_TYPES, 1, cutoff=0.8)) for key in keys))
 
 
 def queue_names(task_queues) -> list:
@@ -3530,8 +3541,10 @@ class Celery:
             parent_id, root_id = parent.request.id, root_id or parent.request.root_id
         route = self.route_for(name, args, kwargs)
         # A route may name only a routing key (and an exchange): the queue bound to that key.
-        queue = (queue or route.get("queue") or _queue_bound_to(self.conf.task_queues, route.get("routing_key"))
+        routing_key = options.get("routing_key") or route.get("routing_key")
+        queue = (queue or route.get("queue") or _queue_bound_to(self.conf.task_queues, routing_key)
                  or self.conf.task_default_queue)
+        queue = getattr(queue, "name", queue)  # a kombu Queue stands for its name
         if not isinstance(queue, str):
             raise TypeError(f"send_task({name!r}): queue must be a name (str), not {queue!r}")
         if priority is None:
@@ -3630,9 +3643,8 @@ class Control:
 
 
 def _signature_list(value):
-    if not value:
-        return None
-    return [dict(s) for s in (value if isinstance(value, (list, tuple)) else [value])]
+    one_or_more = value if isinstance(value, (list, tuple)) else [value]
+    return [dict(s) for s in one_or_more] if value else None
 
 
 _SEND_OPTIONS = list(inspect.signature(Celery.send_task).parameters)[4:-1]  # countdown ... chord
@@ -3641,7 +3653,7 @@ _SEND_OPTIONS = list(inspect.signature(Celery.send_task).parameters)[4:-1]  # co
 def _apply_router(router, name, args, kwargs):
     if callable(router):
         return router(name, args, kwargs, {})
-    for pattern, route in router.items():
+    for pattern, route in router.items() if isinstance(router, dict) else router:  # or (pattern, route) pairs
         if isinstance(pattern, re.Pattern):
             if pattern.match(name):
                 return route
@@ -3884,9 +3896,7 @@ class PreforkPool(Pool):
         self.children.remove(child)
         if not self.stopping:
             self.children.append(self._spawn(child.index))
-        if child.job is None:
-            return []
-        return [("lost", child.job, reason, child.cause)]
+        return [("lost", child.job, reason, child.cause)] if child.job is not None else []
 
     def stop(self, cold=False):
         self.stopping = True
@@ -4450,11 +4460,10 @@ class Worker:
             raise ImproperlyConfigured(
                 "memory:// keeps messages inside one process, which forked pool processes "
                 "can't share: use pool='solo' (-P solo), or sqlite:// to share them between processes")
-        self.consumer = None
+        self.consumer = self._thread = None  # made once it starts (the thread: as a context manager)
         self.embed_beat = beat
         self.restarting = False  # SIGHUP asked for a restart
         self.ready = threading.Event()  # set once the worker consumes
-        self._thread = None
 
     def start(self):
         self.app.finalize()
@@ -4616,9 +4625,7 @@ def _as_utc(moment: dt.datetime) -> dt.datetime:
     Arithmetic and comparisons happen in UTC because Python compares two
     datetimes of the same zone by their wall clocks, which DST makes lie.
     """
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=dt.timezone.utc)
-    return moment.astimezone(dt.timezone.utc)
+    return moment.replace(tzinfo=dt.timezone.utc) if moment.tzinfo is None else moment.astimezone(dt.timezone.utc)
 
 
 class schedule:
@@ -4636,6 +4643,8 @@ class schedule:
             raise ImproperlyConfigured(
                 f"schedule run_every must be seconds or a timedelta, "
                 f"not {type(run_every).__name__}: {run_every!r}")
+        if run_every <= dt.timedelta(0):  # beat would send it in a tight loop
+            raise ImproperlyConfigured(f"a schedule must run every more than 0 seconds, not {run_every}")
         self.run_every = run_every
 
     seconds = property(lambda self: max(self.run_every.total_seconds(), 0))
@@ -4651,9 +4660,7 @@ class schedule:
         records now as its last run, so missed runs are not made up.
         """
         left = self.remaining_estimate(last_run_at, now).total_seconds()
-        if left > 0:
-            return schedstate(False, left)
-        return schedstate(True, self.seconds)
+        return schedstate(False, left) if left > 0 else schedstate(True, self.seconds)
 
     def __repr__(self):
         return f"<freq: {self.seconds:g} seconds>"
@@ -4884,7 +4891,8 @@ class ScheduleEntry:
 def _check_beat_config(app):
     """At start-up (beat's, or the worker's with -B): what beat would die of later."""
     for spec in dict(app.conf.beat_schedule, **app.periodic_tasks).values():
-        maybe_schedule(spec.get("schedule", 0))
+        if "schedule" in spec:
+            maybe_schedule(spec["schedule"])
     conf = app.conf
     if conf.beat_scheduler not in ("celery.beat:PersistentScheduler", "celery.beat.PersistentScheduler"):
         raise ImproperlyConfigured(
@@ -5066,7 +5074,7 @@ def find_app(spec: str) -> Celery:
     except (ImportError, AttributeError, SyntaxError) as exc:
         raise ImproperlyConfigured(f"can't import the app {spec!r}: {exc}") from exc
     if not isinstance(found, Celery):
-        raise ImproperlyConfigured(f"{spec!r} is {_short_repr(found, 80)}, not a Celery app; name it like 'module:app'")
+        raise ImproperlyConfigured(f"{spec!r} is {_short_repr(found, 80)}, not a Celery app; name it 'module:app'")
     return found
 
 

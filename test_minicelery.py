@@ -4881,9 +4881,10 @@ def test_result_get_inside_a_task_with_disable_sync_subtasks_false(app, tmp_path
 def test_a_mistyped_setting_set_on_conf_warns_and_an_apps_own_does_not(caplog):
     app_ = Celery("typo", set_as_current=False)
     with caplog.at_level(logging.WARNING, logger="minicelery"):
-        app_.conf.update(task_always_eagr=True, my_own_setting=1, CELERY_ALWAYS_EAGER=True)
+        app_.conf.update(task_always_eagr=True, my_own_setting=1, CELERY_ALWAYS_EAGER=True, BROKER_POOL_LIMIT=3)
     warnings = [r.getMessage() for r in caplog.records if r.name == "minicelery"]
     assert len(warnings) == 1 and "task_always_eagr (did you mean task_always_eager?)" in warnings[0]
+    assert "BROKER_POOL_LIMIT;" not in warnings[0] and warnings[0].endswith("BROKER_POOL_LIMIT")  # no far-off hint
     assert app_.conf.task_always_eager is True and app_.conf.my_own_setting == 1
 
 
@@ -5121,8 +5122,15 @@ def test_a_route_naming_a_routing_key_goes_to_the_queue_bound_to_it(app, redis_c
     app.conf.task_routes = {"x.heavy_task": {"exchange": "heavy", "routing_key": "heavy.key"}}
     result = heavy_task.delay(1)
     assert redis_client.llen("heavy") == 1 and redis_client.llen("default") == 0
+    app.conf.task_routes = ([("x.heavy*", {"queue": kombu.Queue("heavy")})],)  # Celery's list of pairs
+    by_pairs = heavy_task.delay(2)
+    app.conf.task_routes = None
+    by_option = heavy_task.apply_async((3,), exchange="heavy", routing_key="heavy.key")
+    by_queue_object = heavy_task.apply_async((4,), queue=kombu.Queue("heavy"))
+    assert redis_client.llen("heavy") == 4 and redis_client.llen("default") == 0
     with worker(app, tmp_path, queues=["heavy"]):
-        assert result.get(timeout=10) == [1, "heavy"]
+        assert [r.get(timeout=10) for r in (result, by_pairs, by_option, by_queue_object)] == \
+            [[1, "heavy"], [2, "heavy"], [3, "heavy"], [4, "heavy"]]
 
 
 def test_get_on_an_ignored_result_returns_none_at_once(app, tmp_path):
@@ -5130,6 +5138,19 @@ def test_get_on_an_ignored_result_returns_none_at_once(app, tmp_path):
         # Nothing will be stored: get() must not wait (a regression raises ResultTimeout here).
         assert add.apply_async((1, 2), ignore_result=True).get(timeout=5) is None
         assert add.apply_async((1, 2)).get(timeout=10) == 3
+
+
+def test_an_unsupported_url_in_the_environment_stops_the_worker_at_start(tmp_path):
+    write_tree(tmp_path, {"envapp.py": """
+        from minicelery import Celery
+        app = Celery("envapp", broker="sqlite:///envapp.db")
+        """})
+    for variable, value in (("CELERY_RESULT_BACKEND", "rpc://"), ("CELERY_BROKER_URL", "amqp://guest@localhost//")):
+        proc = run_cli(tmp_path, project_env(tmp_path, **{variable: value}), "-A", "envapp", "worker")
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert value.split(":")[0] in proc.stderr and "redis://" in proc.stderr
+    with pytest.raises(ImproperlyConfigured, match="run every more than 0 seconds"):
+        minicelery.schedule(0)  # beat would send it in a tight loop
 
 
 def test_environment_urls_win_over_settings_as_in_celery(monkeypatch):
