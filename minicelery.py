@@ -3282,8 +3282,8 @@ def _close_django_connections(forking=False):
     """Celery's Django fix-up: a child must not share its parent's database connections,
     and a task must not leave a stale or broken one behind for the next."""
     if "django.db" in sys.modules and _django() is not None:
-        from django.db import close_old_connections, connections
-        connections.close_all() if forking else close_old_connections()
+        db = sys.modules["django.db"]
+        db.connections.close_all() if forking else db.close_old_connections()
 
 
 def current_app():
@@ -3413,9 +3413,8 @@ class Celery:
             self._discover(packages, related_name)
 
     def _discover(self, packages, related_name):
-        if packages is None and _django() is not None:
-            from django.apps import apps
-            packages = [config.name for config in apps.get_app_configs()]
+        if packages is None and _django() is not None:  # (Django by name: it is no dependency of ours)
+            packages = [config.name for config in importlib.import_module("django.apps").apps.get_app_configs()]
         for package in (packages() if callable(packages) else packages) or ():
             found = import_string(package)  # (a package that isn't there is an error, as in Celery)
             if isinstance(found, type):  # Django's 'orders.apps.OrdersConfig': its app is `name`

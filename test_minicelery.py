@@ -5478,18 +5478,21 @@ print(json.dumps({"waited": waited, "fresh": fresh,
 """
 
 
+def example_broker_env(request, broker_variable, backend_variable):
+    """An example's environment: pointed at the test Redis by those two variables, or with no settings."""
+    if request.param != "redis":
+        return example_env()
+    sock = request.getfixturevalue("redis_server")
+    request.getfixturevalue("redis_client")  # flushed
+    return example_env(**{broker_variable: f"redis+socket://{sock}",
+                          backend_variable: f"redis+socket://{sock}?virtual_host=1"})
+
+
 @pytest.fixture(params=["redis", "sqlite"])
 def proj(request, tmp_path):
     """examples/proj copied to tmp_path, and its environment: on the test Redis, or on no settings at all."""
     project = copy_example("proj", tmp_path)
-    if request.param == "redis":
-        sock = request.getfixturevalue("redis_server")
-        request.getfixturevalue("redis_client")  # flushed
-        env = example_env(PROJ_BROKER_URL=f"redis+socket://{sock}",
-                          PROJ_RESULT_BACKEND=f"redis+socket://{sock}?virtual_host=1")
-    else:
-        env = example_env()
-    return request.param, project, env
+    return request.param, project, example_broker_env(request, "PROJ_BROKER_URL", "PROJ_RESULT_BACKEND")
 
 
 def test_proj_example_runs_in_a_cli_worker(proj, request, tmp_path):
@@ -5553,13 +5556,7 @@ def django_proj(request, tmp_path):
     """examples/django_proj copied to tmp_path and migrated; on the SQLite default or on the test Redis."""
     pytest.importorskip("django")
     project = copy_example("django_proj", tmp_path)
-    if request.param == "redis":
-        sock = request.getfixturevalue("redis_server")
-        request.getfixturevalue("redis_client")  # flushed
-        env = example_env(CELERY_BROKER_URL=f"redis+socket://{sock}",
-                          CELERY_RESULT_BACKEND=f"redis+socket://{sock}?virtual_host=1")
-    else:
-        env = example_env()
+    env = example_broker_env(request, "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
     out = run(project, env, "manage.py", "migrate", "--noinput")
     assert "Applying orders.0001_initial... OK" in out
     return request.param, project, env
