@@ -1124,9 +1124,11 @@ def test_worker_max_tasks_per_child_recycles(app, tmp_path):
 
 
 def test_worker_warm_shutdown_finishes_running_and_returns_prefetched(app, tmp_path, redis_client):
+    # Queued before the worker starts, so its first reserve takes all four (its prefetch):
+    # one sent while it runs may be taken only after the first task is done.
+    running = late_sleep.delay(2.0, "finished")
+    waiting = [late_sleep.delay(0, i) for i in range(3)]
     with worker(app, tmp_path, concurrency=1) as w:
-        running = late_sleep.delay(1.0, "finished")
-        waiting = [late_sleep.delay(0, i) for i in range(3)]
         wait_until(lambda: redis_client.llen("celery") == 0, what="prefetch")
         w.wait_for_log(f"[{running.id}] received")
         w.stop(signal.SIGTERM)
