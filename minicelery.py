@@ -47,6 +47,7 @@ autoscaling, and the eventlet/gevent pools.
 
 import base64
 import bz2
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -62,6 +63,7 @@ import logging
 import os
 import pickle
 import re
+import resource
 import select
 import signal
 import socket
@@ -828,9 +830,20 @@ class Broker:
     def revoked(self) -> set:
         """The ids revoked and not yet expired, for workers that start later."""
 
+    def broadcast(self, body: dict):
+        """Send a remote-control command (Celery's pidbox body: method, arguments,
+        destination, and for one that wants answers reply_to and ticket) to every worker."""
+
     def control_messages(self) -> list:
-        """Revocations broadcast since the last call, as (task_ids, terminate, signal number,
-        destination); malformed ones are logged and left out."""
+        """Commands broadcast since the last call, as ControlCommand tuples; malformed
+        ones are logged and left out."""
+
+    def reply(self, reply_to: dict, ticket: str, body: dict):
+        """Answer a command that asked for answers (with its reply_to and ticket)."""
+
+    def ask(self, body: dict, timeout: float, limit=None) -> list:
+        """Broadcast a command that wants answers; the answers ({node name: value}) that
+        came within `timeout` seconds, or once `limit` of them came."""
 
     def lease(self, name, token, ttl) -> bool:
         """Take or renew the lease `name` for `token` for `ttl` seconds; False if another
@@ -1201,24 +1214,46 @@ class RedisBroker(Broker):
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         now = time.time()
-        body = json.dumps({"method": "revoke", "arguments": {
-            "task_id": task_ids[0] if len(task_ids) == 1 else task_ids,
-            "terminate": terminate, "signal": signal},
-            "destination": None, "pattern": None, "matcher": None})
-        envelope = json.dumps({
-            "body": base64.b64encode(body.encode()).decode(), "content-encoding": "utf-8",
-            "content-type": JSON_TYPE, "headers": {"clock": 1, "expires": now + 1.0},
-            "properties": {"delivery_mode": 2, "priority": 0, "body_encoding": "base64",
-                           "delivery_info": {"exchange": "celery.pidbox", "routing_key": ""},
-                           "delivery_tag": uuid()}})
         with self.client.pipeline() as pipe:
             pipe.zadd(self.REVOKED, {task_id: now + expires for task_id in task_ids})
             pipe.zremrangebyscore(self.REVOKED, "-inf", now)
             pipe.zremrangebyrank(self.REVOKED, 0, -self.REVOKES_MAX - 1)  # a flood keeps the newest
             pipe.expire(self.REVOKED, int(expires) + 1)  # the newest entry expires last
-            if broadcast:
-                pipe.publish(self.pidbox, envelope)
             pipe.execute()
+        if broadcast:
+            self.broadcast(_revoke_body(task_ids, terminate, signal))
+
+    def broadcast(self, body):
+        self.client.publish(self.pidbox, control_envelope(body, {"clock": 1, "expires": time.time() + 1.0},
+                                                          "celery.pidbox"))
+
+    def reply(self, reply_to, ticket, body):
+        oid = reply_to["routing_key"]
+        queue = self._route_by_binding(REPLY_EXCHANGE, oid)  # the client bound its list there
+        if queue is not None:  # (else it stopped waiting)
+            with self.client.pipeline() as pipe:
+                pipe.lpush(queue, control_envelope(body, {"ticket": ticket, "clock": 1}, REPLY_EXCHANGE, oid, 1))
+                pipe.expire(queue, 60)  # a client that died waiting leaves nothing behind for long
+                pipe.execute()
+
+    def ask(self, body, timeout, limit=None):
+        oid, ticket = uuid(), uuid()
+        queue, binding = f"{oid}.{REPLY_EXCHANGE}", f"_kombu.binding.{REPLY_EXCHANGE}"
+        member = PRIORITY_SEPARATOR.join([oid, "", queue])
+        self.client.sadd(binding, member)  # before asking: a worker routes its answer by this binding
+        try:
+            self.broadcast(dict(body, ticket=ticket, reply_to={"exchange": REPLY_EXCHANGE, "routing_key": oid}))
+            answers, deadline = [], time.monotonic() + timeout
+            while (limit is None or len(answers) < limit) and (left := deadline - time.monotonic()) > 0:
+                popped = self.client.brpop([queue], timeout=min(max(left, 0.01), 1.0))
+                answer = _parse_reply(popped[1], ticket) if popped else None
+                answers += [answer] if answer else []
+            return answers
+        finally:
+            with self.client.pipeline() as pipe:
+                pipe.srem(binding, member)
+                pipe.delete(queue)
+                pipe.execute()
 
     def revoked(self):
         now = time.time()
@@ -1287,27 +1322,66 @@ class RedisBroker(Broker):
 CONTROL_MESSAGE_LIMIT = 1024 * 1024
 
 
-def _parse_control(raw):
-    """A Celery pidbox broadcast as a revoke command (see revoke_command), or None.
+#: a remote-control command as Celery's pidbox carries it (`celery inspect`, app.control)
+ControlCommand = namedtuple("ControlCommand", "method arguments destination reply_to ticket")
+#: where Celery's clients wait for replies: a list per client, bound in this exchange
+REPLY_EXCHANGE = "reply.celery.pidbox"
 
-    Anything else (another method, or a malformed broadcast) is left out; a
-    malformed one is logged as Celery does: "Control command error".
-    """
+
+def control_envelope(body: dict, headers: dict, exchange: str, routing_key="", delivery_mode=2) -> str:
+    """The envelope kombu sends for a pidbox broadcast (to every worker) or a reply (to one client)."""
+    return json.dumps({
+        "body": base64.b64encode(json.dumps(body, default=_json_default).encode()).decode(),
+        "content-encoding": "utf-8", "content-type": JSON_TYPE, "headers": headers,
+        "properties": {"delivery_mode": delivery_mode, "priority": 0, "body_encoding": "base64",
+                       "delivery_info": {"exchange": exchange, "routing_key": routing_key}, "delivery_tag": uuid()}})
+
+
+def _control_body(raw) -> tuple:
+    """(body, headers) of a pidbox envelope; its size is bounded before it is parsed."""
+    if len(raw) > CONTROL_MESSAGE_LIMIT:
+        raise ValueError(f"{len(raw)} bytes, over {CONTROL_MESSAGE_LIMIT}")
+    envelope = json.loads(raw)
+    body = json.loads(base64.b64decode(envelope["body"]))
+    if not isinstance(body, dict) or not isinstance(envelope.get("headers") or {}, dict):
+        raise TypeError("the body and headers must be objects")
+    return body, envelope.get("headers") or {}
+
+
+def _parse_control(raw):
+    """A Celery pidbox broadcast as a ControlCommand, or None for a malformed one,
+    logged as Celery does: "Control command error"."""
     # Celery's broadcasts expire after a second; we may read one later than that
     # (blocked in BRPOP), and a late revoke is still right, so expiry is ignored.
     try:
-        if len(raw) > CONTROL_MESSAGE_LIMIT:
-            raise ValueError(f"{len(raw)} bytes, over {CONTROL_MESSAGE_LIMIT}")
-        envelope = json.loads(raw)
-        body = json.loads(base64.b64decode(envelope["body"]))
-        if body.get("method") != "revoke":
-            return None
-        arguments = body["arguments"]
-        return revoke_command(arguments["task_id"], arguments.get("terminate"),
-                              arguments.get("signal"), body.get("destination"))
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        body, _ = _control_body(raw)
+        _check_fields("control", body, {"method": str, "arguments": dict, "destination": (list, tuple),
+                                        "reply_to": dict, "ticket": str})
+        destination, reply_to = body.get("destination"), body.get("reply_to")
+        if not isinstance(body.get("method"), str) or destination and not all(isinstance(d, str) for d in destination):
+            raise TypeError("a command needs a method name; its destination is a list of node names")
+        if reply_to is not None and not isinstance(reply_to.get("routing_key"), str):
+            raise TypeError("reply_to needs a routing_key")
+        return ControlCommand(body["method"], body.get("arguments") or {}, destination, reply_to, body.get("ticket"))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, DecodeError) as exc:
         logger.error("Control command error: %s in %s", _short_repr(exc, 200), _short_repr(raw, 200))
         return None
+
+
+def _parse_reply(raw, ticket):
+    """A reply's body ({node name: answer}) if it answers `ticket`, else None."""
+    try:
+        body, headers = _control_body(raw)
+        return body if headers.get("ticket") == ticket else None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, DecodeError) as exc:
+        logger.error("Control reply error: %s", _short_repr(exc, 200))
+        return None
+
+
+def _revoke_body(task_ids, terminate, signal, destination=None):
+    return {"method": "revoke", "arguments": {"task_id": task_ids[0] if len(task_ids) == 1 else task_ids,
+                                              "terminate": terminate, "signal": signal},
+            "destination": destination, "pattern": None, "matcher": None}
 
 
 def revoke_command(task_ids, terminate=False, signum=None, destination=None):
@@ -1344,6 +1418,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL, queue TEXT, reason TEXT, raw BLOB);
 CREATE TABLE IF NOT EXISTS chords (group_id TEXT PRIMARY KEY, size INTEGER, done INTEGER);
 CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, token TEXT, expires REAL);
+CREATE TABLE IF NOT EXISTS broadcasts (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL, raw TEXT);
+CREATE TABLE IF NOT EXISTS replies (id INTEGER PRIMARY KEY AUTOINCREMENT, ticket TEXT, time REAL, raw TEXT);
 CREATE TABLE IF NOT EXISTS chord_parts (
     group_id TEXT, task_id TEXT, idx REAL, part TEXT, PRIMARY KEY (group_id, task_id));
 """
@@ -1489,6 +1565,9 @@ class SQLiteBroker(Broker):
             if found or left <= 0 or limit <= 0:
                 return found
             self.store.wait_for_change(left)
+            if self._last_control is not None and self.store.read(
+                    "SELECT COALESCE(MAX(id), 0) FROM broadcasts")[0][0] > self._last_control:
+                return []  # a command came: the consumer reads it between two reserves
 
     def _take(self, queues, limit):
         now, too_big = time.time(), _envelope_limit(self.app.conf.worker_max_message_size) or -1
@@ -1569,33 +1648,56 @@ class SQLiteBroker(Broker):
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         if not broadcast:
-            return  # every row here is durable already; a new row would be broadcast again
+            return  # a revoke reaches a worker here only through revoke(): durable already
         now = time.time()
         with self.store.transaction() as db:
             db.execute("DELETE FROM revocations WHERE expires < ? OR id <= "
                        "(SELECT MAX(id) FROM revocations) - ?", (now, self.REVOKES_MAX))
             db.executemany("INSERT INTO revocations (task_id, expires, terminate, signal) VALUES (?, ?, ?, ?)",
-                           [(i, now + expires, int(terminate and broadcast), signal) for i in task_ids])
+                           [(i, now + expires, int(terminate), signal) for i in task_ids])
+        self.broadcast(_revoke_body(task_ids, terminate, signal))
+
+    def broadcast(self, body):
+        # A row per broadcast: each process reads those added since it last looked.
+        now = time.time()
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM broadcasts WHERE time < ?", (now - 60,))
+            db.execute("INSERT INTO broadcasts (time, raw) VALUES (?, ?)",
+                       (now, control_envelope(body, {"clock": 1, "expires": now + 1.0}, "celery.pidbox")))
+
+    def reply(self, reply_to, ticket, body):
+        raw = control_envelope(body, {"ticket": ticket, "clock": 1}, REPLY_EXCHANGE, reply_to["routing_key"], 1)
+        with self.store.transaction() as db:
+            db.execute("INSERT INTO replies (ticket, time, raw) VALUES (?, ?, ?)", (ticket, time.time(), raw))
+
+    def ask(self, body, timeout, limit=None):
+        ticket = uuid()
+        self.broadcast(dict(body, ticket=ticket, reply_to={"exchange": REPLY_EXCHANGE, "routing_key": ticket}))
+        answers, deadline = [], time.monotonic() + timeout
+        try:
+            while (limit is None or len(answers) < limit) and (left := deadline - time.monotonic()) > 0:
+                with self.store.transaction() as db:
+                    rows = db.execute("SELECT raw FROM replies WHERE ticket = ?", (ticket,)).fetchall()
+                    db.execute("DELETE FROM replies WHERE ticket = ?", (ticket,))
+                answers += [answer for (raw,) in rows if (answer := _parse_reply(raw, ticket))]
+                if not rows:
+                    self.store.wait_for_change(min(left, 0.1))
+            return answers
+        finally:
+            with self.store.transaction() as db:  # late answers, and those of clients that died waiting
+                db.execute("DELETE FROM replies WHERE ticket = ? OR time < ?", (ticket, time.time() - 60))
 
     def revoked(self):
         return {row[0] for row in self.store.read(
             "SELECT task_id FROM revocations WHERE expires > ?", (time.time(),))}
 
     def control_messages(self):
-        # Every revocation row is a broadcast; each process reads the ones added since it looked.
         if self._last_control is None:
-            self._last_control = self.store.read("SELECT COALESCE(MAX(id), 0) FROM revocations")[0][0]
-        rows = self.store.read("SELECT id, task_id, terminate, signal FROM revocations WHERE id > ? "
-                               "ORDER BY id", (self._last_control,))
+            self._last_control = self.store.read("SELECT COALESCE(MAX(id), 0) FROM broadcasts")[0][0]
+        rows = self.store.read("SELECT id, raw FROM broadcasts WHERE id > ? ORDER BY id", (self._last_control,))
         if rows:
             self._last_control = rows[-1][0]
-        commands = []
-        for _, task_id, terminate, signum in rows:  # rows another process (or version) wrote
-            try:
-                commands.append(revoke_command(task_id, terminate, signum))
-            except (TypeError, ValueError) as exc:
-                logger.error("Control command error: %s", exc)
-        return commands
+        return [command for _, raw in rows if (command := _parse_control(raw)) is not None]
 
     def lease(self, name, token, ttl):
         now = time.time()
@@ -3623,10 +3725,43 @@ class Celery:
 
 
 class Control:
-    """`app.control`: what a client can ask of the workers."""
+    """`app.control`: what a client can ask of the workers, over Celery's pidbox, so
+    Celery's workers answer too. A method given reply=True returns the answers, a
+    list of {node name: answer}, that came within `timeout` seconds."""
 
     def __init__(self, app):
         self.app = app
+
+    def broadcast(self, command, arguments=None, destination=None, reply=False, timeout=1.0, limit=None):
+        body = {"method": command, "arguments": arguments or {}, "destination": destination,
+                "pattern": None, "matcher": None}
+        if not reply:
+            return self.app.broker.broadcast(body)
+        return self.app.broker.ask(body, timeout, limit or (len(destination) if destination else None))
+
+    def inspect(self, destination=None, timeout=1.0):
+        return Inspect(self, destination, timeout)
+
+    def ping(self, destination=None, timeout=1.0):
+        return self.broadcast("ping", destination=destination, reply=True, timeout=timeout)
+
+    def rate_limit(self, task_name, rate_limit, destination=None, reply=False, timeout=1.0):
+        parse_rate(rate_limit)  # a bad one fails here
+        return self.broadcast("rate_limit", {"task_name": task_name, "rate_limit": rate_limit},
+                              destination, reply, timeout)
+
+    def time_limit(self, task_name, soft=None, hard=None, destination=None, reply=False, timeout=1.0):
+        return self.broadcast("time_limit", {"task_name": task_name, "soft": soft, "hard": hard},
+                              destination, reply, timeout)
+
+    def add_consumer(self, queue, destination=None, reply=False, timeout=1.0, **options):
+        return self.broadcast("add_consumer", {"queue": queue}, destination, reply, timeout)
+
+    def cancel_consumer(self, queue, destination=None, reply=False, timeout=1.0, **options):
+        return self.broadcast("cancel_consumer", {"queue": queue}, destination, reply, timeout)
+
+    def shutdown(self, destination=None):
+        return self.broadcast("shutdown", destination=destination)
 
     def revoke(self, task_id, terminate=False, signal="SIGTERM", **celery_options):
         """Revoke one id or a list: a task not yet started never runs (state REVOKED);
@@ -3639,6 +3774,48 @@ class Control:
             raise TypeError("revoke(destination=...) is not supported: revocations reach every worker")
         ids, terminate, _, _ = revoke_command(task_id, terminate, signal)  # raises at the call site
         self.app.broker.revoke(ids, terminate=terminate, signal=signal, expires=self.app.revoke_expires)
+
+
+class Inspect:
+    """`app.control.inspect()`: each method returns {node name: answer} from the
+    workers that answered within the timeout (None if none did), as in Celery."""
+
+    def __init__(self, control, destination=None, timeout=1.0):
+        self.control, self.destination, self.timeout = control, destination, timeout
+
+    def _ask(self, command, **arguments):
+        answers = self.control.broadcast(command, arguments, self.destination, reply=True, timeout=self.timeout)
+        return {node: answer for each in answers for node, answer in each.items()} or None
+
+    def ping(self):
+        return self._ask("ping")
+
+    def active(self, safe=None):
+        return self._ask("active", safe=safe)
+
+    def reserved(self):
+        return self._ask("reserved")
+
+    def scheduled(self):
+        return self._ask("scheduled")
+
+    def registered(self):
+        return self._ask("registered")
+
+    def stats(self):
+        return self._ask("stats")
+
+    def revoked(self):
+        return self._ask("revoked")
+
+    def active_queues(self):
+        return self._ask("active_queues")
+
+    def query_task(self, *ids):
+        return self._ask("query_task", ids=list(ids[0] if len(ids) == 1 and not isinstance(ids[0], str) else ids))
+
+    def conf(self, with_defaults=False):
+        return self._ask("conf", with_defaults=with_defaults)
 
 
 def _signature_list(value):
@@ -3741,6 +3918,10 @@ class Pool:
         """time.monotonic() at which a hard time limit must be enforced, or None."""
         return None
 
+    def processes(self) -> dict:
+        """{pid: delivery tag of the message it runs, or None}: for `inspect`."""
+        return {os.getpid(): getattr(self, "_running", None)}
+
 
 class SoloPool(Pool):
     """Runs each task inline in the worker process: for debugging, and where fork is missing."""
@@ -3832,6 +4013,9 @@ class PreforkPool(Pool):
 
     def free_slots(self):
         return sum(1 for child in self.children if child.job is None and not child.retiring)
+
+    def processes(self):
+        return {child.pid: child.job for child in self.children}
 
     def apply(self, message):
         child = next(c for c in self.children if c.job is None and not c.retiring)
@@ -4036,6 +4220,10 @@ class Consumer:
         self.scheduled = []     # heap of (unix time due, sequence, message)
         self.active = {}        # delivery tag -> message the pool is running
         self.revoked = set()    # task ids revoked (from the broker, kept fresh)
+        self.started = {}       # delivery tag -> time.time() it went to the pool, for `inspect active`
+        self.total = collections.Counter()  # task name -> how many ran here, for `inspect stats`
+        self.remote = RemoteControl(self)
+        self.born = time.monotonic()
         self.spacing = {}       # task name -> seconds between starts under its rate limit (0: none)
         self.next_start = {}    # task name -> time.monotonic() before which no more may start
         self._to_ack, self._sequence = [], itertools.count()  # (the sequence breaks ties between equal dues)
@@ -4113,8 +4301,9 @@ class Consumer:
             else:  # with tasks running, wake often enough to ack them promptly
                 timeout = min(wait, self.BLOCKING_PRECISION) if self.active else wait
             received = self._receive(self.broker.reserve(self.queues, room, timeout))
-        if not received:
-            self._handle(self.pool.collect(self._wait_time()[0] if (self.ready or precise or room <= 0) else 0))
+        if not received:  # (a tenth of a second at most: control commands and freed room wait no longer)
+            busy = self.ready or precise or room <= 0
+            self._handle(self.pool.collect(min(self._wait_time()[0], self.BLOCKING_PRECISION) if busy else 0))
         self._flush_acks()
 
     def stop(self, cold=False):
@@ -4219,16 +4408,22 @@ class Consumer:
     # -- revocation -----------------------------------------------------------
 
     def _apply_control(self):
-        for task_ids, terminate, signum, destination in self.broker.control_messages():
-            if destination and self.hostname not in destination:
+        """Obey the remote-control commands broadcast since the last step; answer those that ask."""
+        for command in self.broker.control_messages():
+            if command.destination and self.hostname not in command.destination:
                 continue
-            worker_logger.info("Tasks flagged as revoked: %s", ", ".join(task_ids))
-            self.revoked.update(task_ids)
-            # Make revocations broadcast by real Celery durable too, for workers started later.
-            self.broker.revoke(task_ids, expires=self.app.revoke_expires, broadcast=False)
-            self._drop_revoked()
-            if terminate:
-                self._terminate(set(task_ids), signum)
+            answer = self.remote.handle(command)
+            if command.reply_to and answer is not None:
+                self.broker.reply(command.reply_to, command.ticket, {self.hostname: answer})
+
+    def revoke(self, task_ids, terminate, signum):
+        worker_logger.info("Tasks flagged as revoked: %s", ", ".join(task_ids))
+        self.revoked.update(task_ids)
+        # Make revocations broadcast by real Celery durable too, for workers started later.
+        self.broker.revoke(task_ids, expires=self.app.revoke_expires, broadcast=False)
+        self._drop_revoked()
+        if terminate:
+            self._terminate(set(task_ids), signum)
 
     def _drop_revoked(self):
         """Discard held messages whose task was revoked."""
@@ -4305,10 +4500,13 @@ class Consumer:
                 raise
             for message in batch:
                 self.active[message.delivery_tag] = message
+                self.started[message.delivery_tag] = time.time()
                 self._apply(message)
             self._handle(self.pool.collect(0))
 
     def _apply(self, message):
+        # The limits in effect now go with it (`celery control time_limit` changes them here).
+        message.headers["timelimit"] = list(time_limits(self.app.tasks[message.task_name], message))
         try:
             self.pool.apply(message)
         except Exception as exc:  # the pool couldn't take it: it ends like a lost child's task
@@ -4319,8 +4517,10 @@ class Consumer:
     def _handle(self, events):
         for event in events:
             message = self.active.pop(event[1], None)
+            self.started.pop(event[1], None)
             if message is None:
                 continue
+            self.total[message.task_name] += 1
             if event[0] == "lost":
                 self._on_worker_lost(message, event[2], event[3])
             elif self._acks_late(message):
@@ -4422,6 +4622,128 @@ class Consumer:
             if message is not None:
                 self._on_worker_lost(message, "cold shutdown", requeue=True)
         self._flush_acks()
+
+
+def _ok(text):
+    return {"ok": text}
+
+
+class RemoteControl:
+    """A worker's answers to Celery's remote-control commands (`celery inspect ...`,
+    `celery control ...`, app.control): do_<command>(**arguments) returns the reply,
+    in Celery's form, or None for no reply. The consumer calls it between its steps."""
+
+    def __init__(self, consumer):
+        self.consumer, self.app = consumer, consumer.app
+
+    def handle(self, command):
+        handler = getattr(self, f"do_{command.method}", None)
+        if handler is None:
+            return {"error": f"unknown command {command.method!r}"}
+        try:
+            return handler(**command.arguments)
+        except (TypeError, ValueError, ImproperlyConfigured) as exc:  # arguments that don't fit
+            worker_logger.error("Control command error: %s: %s", command.method, exc)
+            return {"error": f"{command.method}: {exc}"}
+
+    def info(self, message):
+        """A held message as Celery's Request.info() shows it."""
+        tag = message.delivery_tag
+        pid = next((pid for pid, job in self.consumer.pool.processes().items() if job == tag), None)
+        return {"id": message.id, "name": message.task_name, "args": message.args, "kwargs": message.kwargs,
+                "type": message.task_name, "hostname": self.consumer.hostname,
+                "time_start": self.consumer.started.get(tag), "acknowledged": tag in self.consumer.started
+                and not self.consumer._acks_late(message), "worker_pid": pid,
+                "delivery_info": {"exchange": "", "routing_key": message.queue, "priority": message.priority,
+                                  "redelivered": bool(message.properties.get("redelivered"))}}
+
+    # -- inspect ----------------------------------------------------------------
+
+    def do_ping(self, **_):
+        return _ok("pong")
+
+    def do_active(self, safe=None, **_):
+        return [self.info(message) for message in self.consumer.active.values()]
+
+    def do_reserved(self, **_):
+        return [self.info(message) for message in self.consumer.ready]
+
+    def do_scheduled(self, **_):
+        return [{"eta": message.eta.isoformat() if message.eta else None, "priority": message.priority,
+                 "request": self.info(message)} for _, _, message in sorted(self.consumer.scheduled)]
+
+    def do_registered(self, **_):
+        return sorted(name for name in self.app.tasks if not name.startswith("celery."))
+
+    def do_revoked(self, **_):
+        return sorted(self.consumer.revoked)
+
+    def do_query_task(self, ids=(), **_):
+        ids = {ids} if isinstance(ids, str) else set(ids)
+        held = [("active", m) for m in self.consumer.active.values()] + \
+            [("reserved", m) for m in self.consumer.ready] + [("scheduled", e[2]) for e in self.consumer.scheduled]
+        return {message.id: [state, self.info(message)] for state, message in held if message.id in ids}
+
+    def do_active_queues(self, **_):
+        return [{"name": queue, "exchange": {"name": queue, "type": "direct"}, "routing_key": queue,
+                 "durable": True, "exclusive": False, "auto_delete": False, "no_ack": False, "alias": None}
+                for queue in self.consumer.queues]
+
+    def do_stats(self, **_):
+        consumer = self.consumer
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {"total": dict(consumer.total), "pid": os.getpid(), "clock": "0",
+                "uptime": int(time.monotonic() - consumer.born), "prefetch_count": consumer.prefetch_limit,
+                "pool": {"implementation": consumer.pool.name, "max-concurrency": consumer.pool.concurrency,
+                         "processes": sorted(consumer.pool.processes()),
+                         "max-tasks-per-child": consumer.pool.max_tasks_per_child or "N/A"},
+                "broker": {"transport": self.app.broker_url.split("://")[0], "hostname": _safe_url(self.app.broker_url)},
+                "rusage": {"utime": usage.ru_utime, "stime": usage.ru_stime, "maxrss": usage.ru_maxrss}}
+
+    def do_conf(self, with_defaults=False, **_):
+        return {name: _jsonable(_mask_secrets(name, getattr(self.app.conf, name))) for name in _CONFIG_TYPES}
+
+    # -- control ----------------------------------------------------------------
+
+    def do_revoke(self, task_id, terminate=False, signal=None, **_):
+        ids, terminate, signum, _ = revoke_command(task_id, terminate, signal)
+        self.consumer.revoke(ids, terminate, signum)
+        return _ok(f"tasks {set(ids)} flagged as revoked")
+
+    def do_rate_limit(self, task_name, rate_limit, **_):
+        if task_name not in self.app.tasks:
+            return {"error": "unknown task"}
+        try:
+            parse_rate(rate_limit)
+        except ImproperlyConfigured as exc:
+            return {"error": f"Invalid rate limit string: {exc!r}"}
+        self.app.tasks[task_name].rate_limit = rate_limit
+        self.consumer.spacing.pop(task_name, None)  # worked out again at the next message
+        return _ok("new rate limit set successfully" if rate_limit else "rate limit disabled successfully")
+
+    def do_time_limit(self, task_name=None, hard=None, soft=None, **_):
+        if task_name not in self.app.tasks:
+            return {"error": "unknown task"}
+        task = self.app.tasks[task_name]
+        task.time_limit, task.soft_time_limit = hard, soft  # the consumer stamps them on each message
+        return _ok("time limits set successfully")
+
+    def do_add_consumer(self, queue, **_):
+        if queue not in self.consumer.queues:
+            self.consumer.queues.append(queue)
+        return _ok(f"add consumer {queue}")
+
+    def do_cancel_consumer(self, queue, **_):
+        if self.consumer.queues == [queue]:
+            return {"error": f"{queue} is the last queue this worker consumes"}
+        if queue in self.consumer.queues:
+            self.consumer.queues.remove(queue)
+        return _ok(f"no longer consuming from {queue}")
+
+    def do_shutdown(self, **_):
+        worker_logger.warning("Got shutdown from remote")
+        self.consumer.stop()
+        return None  # Celery's worker leaves without a reply
 
 
 class Worker:

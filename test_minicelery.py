@@ -2684,10 +2684,11 @@ def test_hostile_control_messages_never_stop_a_worker(kind, app, tmp_path, redis
             expected_errors = len(bodies) + 2  # "term" is fine: any case is accepted
         else:
             store = minicelery.SQLiteStore.for_url(app.conf.broker_url)
-            with store.transaction() as db:
-                db.execute("INSERT INTO revocations (task_id, expires, terminate, signal) "
-                           "VALUES ('a', ?, 1, 'SIGNOPE')", (time.time() + 60,))
-            expected_errors = 1
+            bad_signal = {"method": "revoke", "arguments": {"task_id": "a", "terminate": True, "signal": "SIGNOPE"}}
+            with store.transaction() as db:  # broadcasts another process (or version) wrote
+                db.executemany("INSERT INTO broadcasts (time, raw) VALUES (?, ?)", [
+                    (time.time(), _pidbox_broadcast(json.dumps(bad_signal))), (time.time(), "not json")])
+            expected_errors = 2
         w.wait_for_log("Control command error", count=expected_errors)
         # Still consuming, and a good revoke still works.
         assert add.delay(1, 2).get(timeout=10) if app.conf.result_backend else True
@@ -4225,9 +4226,12 @@ def test_chaos_hostile_revocation_rows_sqlite(sqlite_app, tmp_path):
     database = sqlite3.connect(str(tmp_path / "minicelery.db"), timeout=30, isolation_level=None)
 
     def row(task_id, signal_name):
-        def insert(running):
+        def insert(running):  # a durable revocation, and its broadcast (raw bytes for a blob id)
             database.execute("INSERT INTO revocations (task_id, expires, terminate, signal) "
                              "VALUES (?, ?, 1, ?)", (task_id or running, time.time() + 3600, signal_name))
+            body = {"method": "revoke", "arguments": {"task_id": running, "terminate": True, "signal": signal_name}}
+            raw = task_id if isinstance(task_id, bytes) else _pidbox_broadcast(json.dumps(body))
+            database.execute("INSERT INTO broadcasts (time, raw) VALUES (?, ?)", (time.time(), raw))
         return insert
 
     rows = [("signal 'SIGNOPE'", row(None, "SIGNOPE")),
@@ -5645,3 +5649,116 @@ def test_django_example_real_celery_worker_processes_minicelerys_order(redis_ser
     with contextlib.closing(sqlite3.connect(tmp_path / "shared.sqlite3")) as db:
         assert db.execute("SELECT status FROM orders_order WHERE id = ?", (pk,)).fetchone() == ("processed",)
     assert f"Task orders.tasks.process_order[{task_id}] received" in worker.log()
+
+
+# --- Operations: remote control over Celery's pidbox --------------------------------
+# `app.control` / `celery inspect` / `celery control` reach every worker through the
+# pidbox broadcast; the ones that want answers get one reply per worker.
+
+@pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)
+def test_remote_inspect_answers_in_celerys_form(any_app, tmp_path):
+    with worker(any_app, tmp_path, concurrency=1, hostname="inspected@%h") as w:
+        node = minicelery._expand_hostname("inspected@%h")
+        assert any_app.control.ping(timeout=1.0) == [{node: {"ok": "pong"}}]  # (waits the whole second)
+        inspect = any_app.control.inspect(destination=[node], timeout=5.0)  # back at its one answer
+        assert inspect.ping() == {node: {"ok": "pong"}}
+        running = sleep_then.delay(5, "slept")
+        waiting = add.delay(1, 2)
+        later = add.apply_async((2, 3), countdown=2.5)  # held by the worker (not parked) for a while
+        wait_until(lambda: (inspect.active() or {}).get(node), what="the task running")
+        active = inspect.active()[node]
+        assert [(a["id"], a["name"], a["args"]) for a in active] == [(running.id, "test_minicelery.sleep_then",
+                                                                      [5, "slept"])]
+        assert active[0]["worker_pid"] in w.children() and active[0]["time_start"] > 0
+        assert [s["request"]["id"] for s in inspect.scheduled()[node]] == [later.id]
+        assert active[0]["delivery_info"]["routing_key"] == "celery"
+        assert [r["id"] for r in inspect.reserved()[node]] == [waiting.id]
+        assert inspect.query_task(running.id, waiting.id)[node] == {
+            running.id: ["active", active[0]], waiting.id: ["reserved", inspect.reserved()[node][0]]}
+        assert "test_minicelery.add" in inspect.registered()[node]
+        stats = inspect.stats()[node]
+        assert stats["pool"]["max-concurrency"] == 1 and stats["pool"]["processes"] == w.children()
+        assert stats["pid"] == w.pid and stats["prefetch_count"] == 4
+        assert [q["name"] for q in inspect.active_queues()[node]] == ["celery"]
+        conf = inspect.conf()[node]
+        assert conf["task_default_queue"] == "celery" and conf["broker_url"] == minicelery._safe_url(
+            any_app.conf.broker_url)
+        any_app.control.revoke(later.id)
+        wait_until(lambda: later.id in (inspect.revoked() or {}).get(node, []), what="the revoke")
+        assert running.get(timeout=10) == "slept" and waiting.get(timeout=10) == 3
+        assert inspect.stats()[node]["total"] == {"test_minicelery.sleep_then": 1, "test_minicelery.add": 1}
+    assert any_app.control.inspect(timeout=0.5).ping() is None  # nobody left to answer
+
+
+@pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)
+def test_remote_control_commands_are_obeyed_and_answered(any_app, tmp_path):
+    with worker(any_app, tmp_path, concurrency=1, hostname="steered@%h") as w:
+        node = minicelery._expand_hostname("steered@%h")
+        control = any_app.control
+        one = {"destination": [node], "reply": True, "timeout": 5.0}  # back at its one answer
+        assert control.rate_limit("test_minicelery.rate_limited", "1/m", **one) == [
+            {node: {"ok": "new rate limit set successfully"}}]
+        assert control.rate_limit("no.such.task", "1/s", **one) == [
+            {node: {"error": "unknown task"}}]
+        first, second = rate_limited.delay(1), rate_limited.delay(2)
+        assert first.get(timeout=10) > 0  # (it returns when it ran)
+        wait_until(lambda: control.inspect(destination=[node], timeout=5.0).scheduled(), what="the second held by its new rate limit")
+        assert second.state == "PENDING"
+        assert control.time_limit("test_minicelery.sleep_then", hard=1, **one) == [
+            {node: {"ok": "time limits set successfully"}}]
+        with pytest.raises(minicelery.TimeLimitExceeded):
+            sleep_then.delay(30).get(timeout=15)
+        assert control.add_consumer("extra", **one) == [{node: {"ok": "add consumer extra"}}]
+        assert add.apply_async((2, 2), queue="extra").get(timeout=10) == 4
+        assert control.cancel_consumer("extra", **one) == [
+            {node: {"ok": "no longer consuming from extra"}}]
+        assert control.cancel_consumer("celery", **one)[0][node]["error"]
+        assert control.broadcast("no_such_command", **one) == [
+            {node: {"error": "unknown command 'no_such_command'"}}]
+        control.shutdown()
+        wait_until(lambda: not w.alive(), what="the worker to obey shutdown")
+    assert "Got shutdown from remote" in w.log()
+
+
+@pytest.mark.interop
+def test_interop_celerys_inspect_and_status_list_a_minicelery_worker(app, tmp_path):
+    pytest.importorskip("celery")
+    env = dict(os.environ, PYTHONPATH=HERE, MINICELERY_BROKER_URL=app.conf.broker_url,
+               MINICELERY_RESULT_BACKEND=app.conf.result_backend)
+    write_tree(tmp_path, {"realproj.py": f"""
+        from celery import Celery
+        app = Celery("realproj", broker={app.conf.broker_url.replace("unix://", "redis+socket://")!r})
+        """})
+    with worker(app, tmp_path, hostname="mini@%h"):
+        node = minicelery._expand_hostname("mini@%h")
+        celery = [sys.executable, "-m", "celery", "-A", "realproj"]
+        ping = subprocess.run([*celery, "inspect", "ping", "--timeout", "3"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert ping.returncode == 0 and f"{node}: OK" in ping.stdout and "pong" in ping.stdout, ping
+        status = subprocess.run([*celery, "status", "--timeout", "3"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and node in status.stdout and "1 node online" in status.stdout, status
+        registered = subprocess.run([*celery, "inspect", "registered", "--timeout", "3"], cwd=tmp_path, env=env,
+                                    capture_output=True, text=True, timeout=60)
+        assert "test_minicelery.add" in registered.stdout, registered
+        real = real_celery.Celery("realproj", broker=app.conf.broker_url.replace("unix://", "redis+socket://"))
+        assert real.control.inspect(timeout=3).stats()[node]["pool"]["max-concurrency"] == 2
+        assert real.control.rate_limit("test_minicelery.add", "5/s", reply=True, timeout=3) == [
+            {node: {"ok": "new rate limit set successfully"}}]
+        # And the other way: minicelery's client lists a real Celery worker beside its own.
+        log = open(tmp_path / "real-worker.log", "w")
+        proc = subprocess.Popen([*celery, "worker", "-l", "INFO", "-c", "1", "-n", "real@%h", "--without-mingle",
+                                 "--without-gossip", "-Q", "elsewhere"], cwd=tmp_path, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            real_node = minicelery._expand_hostname("real@%h")
+            wait_until(lambda: "ready." in (tmp_path / "real-worker.log").read_text(), timeout=30,
+                       what="the real Celery worker")
+            answers = app.control.inspect(destination=[node, real_node], timeout=5).ping()
+            assert answers == {node: {"ok": "pong"}, real_node: {"ok": "pong"}}
+            assert app.control.inspect(destination=[real_node], timeout=5).active_queues()[real_node][0][
+                "name"] == "elsewhere"
+        finally:
+            proc.terminate()
+            proc.wait(20)
+            log.close()
