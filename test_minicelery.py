@@ -1534,8 +1534,8 @@ def test_contract_park_and_revocations(any_app):
     broker.revoke(["t1", "t2"], terminate=True, signal="SIGKILL")
     assert {"t1", "t2"} <= broker.revoked()
     commands = wait_until(broker.control_messages, timeout=5, what="revoke broadcast")
-    assert sorted(i for ids, terminate, sig, _ in commands for i in ids) == ["t1", "t2"]
-    assert all(terminate and sig == signal.SIGKILL for _, terminate, sig, _ in commands)
+    assert [(c.method, c.arguments) for c in commands] == [
+        ("revoke", {"task_id": ["t1", "t2"], "terminate": True, "signal": "SIGKILL"})]
 
 
 def test_contract_tasks_run_fail_retry(any_app, tmp_path):
