@@ -62,6 +62,7 @@ import json
 import logging
 import os
 import pickle
+import platform
 import re
 import resource
 import select
@@ -601,6 +602,8 @@ class Message:
     args: list = dataclasses.field(default_factory=list)
     kwargs: dict = dataclasses.field(default_factory=dict)
     embed: dict = dataclasses.field(default_factory=dict)
+    #: the worker sends task events for it (-E): set by the consumer, read where it runs
+    events: bool = False
 
     id = property(lambda self: self.headers["id"])
     task_name = property(lambda self: self.headers["task"])
@@ -840,6 +843,9 @@ class Broker:
 
     def reply(self, reply_to: dict, ticket: str, body: dict):
         """Answer a command that asked for answers (with its reply_to and ticket)."""
+
+    def send_event(self, event: dict):
+        """Publish an event (make_event()) to whoever listens: Flower, `events`; none is kept."""
 
     def ask(self, body: dict, timeout: float, limit=None) -> list:
         """Broadcast a command that wants answers; the answers ({node name: value}) that
@@ -1227,6 +1233,10 @@ class RedisBroker(Broker):
         self.client.publish(self.pidbox, control_envelope(body, {"clock": 1, "expires": time.time() + 1.0},
                                                           "celery.pidbox"))
 
+    def send_event(self, event):
+        routing_key, envelope = event_envelope(event)
+        self.client.publish(f"{self.pidbox.split('.')[0]}.celeryev/{routing_key}", envelope)
+
     def reply(self, reply_to, ticket, body):
         oid = reply_to["routing_key"]
         queue = self._route_by_binding(REPLY_EXCHANGE, oid)  # the client bound its list there
@@ -1337,6 +1347,21 @@ def control_envelope(body: dict, headers: dict, exchange: str, routing_key="", d
                        "delivery_info": {"exchange": exchange, "routing_key": routing_key}, "delivery_tag": uuid()}})
 
 
+def make_event(kind, hostname, **fields) -> dict:
+    """An event in Celery's form, as Flower and `celery events` read it."""
+    offset = (time.altzone if time.daylight else time.timezone) / 3600  # Celery's: hours west of UTC
+    return {"hostname": hostname, "utcoffset": offset, "pid": os.getpid(), "clock": 0,
+            "timestamp": time.time(), "type": kind, **fields}
+
+
+def event_envelope(event: dict) -> tuple:
+    """(routing key, envelope) of an event: task events go as a list on task.multi, as Celery's do."""
+    task_event = event["type"].startswith("task-")
+    routing_key = "task.multi" if task_event else event["type"].replace("-", ".")
+    body = [event] if task_event else event
+    return routing_key, control_envelope(body, {"hostname": event["hostname"]}, "celeryev", routing_key, 1)
+
+
 def _control_body(raw) -> tuple:
     """(body, headers) of a pidbox envelope; its size is bounded before it is parsed."""
     if len(raw) > CONTROL_MESSAGE_LIMIT:
@@ -1419,6 +1444,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE TABLE IF NOT EXISTS chords (group_id TEXT PRIMARY KEY, size INTEGER, done INTEGER);
 CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, token TEXT, expires REAL);
 CREATE TABLE IF NOT EXISTS broadcasts (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL, raw TEXT);
+CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL, raw TEXT);
 CREATE TABLE IF NOT EXISTS replies (id INTEGER PRIMARY KEY AUTOINCREMENT, ticket TEXT, time REAL, raw TEXT);
 CREATE TABLE IF NOT EXISTS chord_parts (
     group_id TEXT, task_id TEXT, idx REAL, part TEXT, PRIMARY KEY (group_id, task_id));
@@ -1664,6 +1690,12 @@ class SQLiteBroker(Broker):
             db.execute("DELETE FROM broadcasts WHERE time < ?", (now - 60,))
             db.execute("INSERT INTO broadcasts (time, raw) VALUES (?, ?)",
                        (now, control_envelope(body, {"clock": 1, "expires": now + 1.0}, "celery.pidbox")))
+
+    def send_event(self, event):
+        now = time.time()
+        with self.store.transaction() as db:  # kept a minute, for `events` readers
+            db.execute("DELETE FROM events WHERE time < ?", (now - 60,))
+            db.execute("INSERT INTO events (time, raw) VALUES (?, ?)", (now, event_envelope(event)[1]))
 
     def reply(self, reply_to, ticket, body):
         raw = control_envelope(body, {"ticket": ticket, "clock": 1}, REPLY_EXCHANGE, reply_to["routing_key"], 1)
@@ -2569,6 +2601,7 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None) -> Out
         return Outcome(REVOKED, TaskRevokedError("expired"))
     if task.option("track_started") and not eager:
         store(message.id, {"pid": os.getpid(), "hostname": hostname}, STARTED, request=request)
+    _task_event(app, message, hostname, "task-started")
     task.push_request(request)
     started, pid = time.perf_counter(), os.getpid()
     try:
@@ -2579,9 +2612,30 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None) -> Out
         _store_outcome(task, request, outcome, store)
     finally:
         task.pop_request()
+    _outcome_event(app, message, hostname, outcome)
     _call_hook(task.after_return, outcome.state, outcome.retval, message.id,
                message.args, message.kwargs, outcome.traceback)
     return outcome
+
+
+def _task_event(app, message, hostname, kind, **fields):
+    """A task event from where the task runs, when its worker sends them (-E)."""
+    if message.events:
+        try:
+            app.broker.send_event(make_event(kind, hostname, uuid=message.id, **fields))
+        except Exception as exc:  # a lost event must not change the task's outcome
+            task_logger.debug("event %s not sent: %r", kind, exc)
+
+
+def _outcome_event(app, message, hostname, outcome):
+    if outcome.state == SUCCESS:
+        _task_event(app, message, hostname, "task-succeeded", result=_short_repr(outcome.retval),
+                    runtime=outcome.runtime)
+    elif outcome.state in (FAILURE, RETRY):
+        _task_event(app, message, hostname, "task-failed" if outcome.state == FAILURE else "task-retried",
+                    exception=_short_repr(outcome.retval), traceback=outcome.traceback)
+    elif outcome.state == REJECTED:
+        _task_event(app, message, hostname, "task-rejected", requeue=outcome.requeue)
 
 
 def _call_task(task, request, message, soft_time_limit=None) -> Outcome:
@@ -3171,6 +3225,10 @@ class Config:
     #: minicelery's own: a message body larger than this many bytes is refused (dead letter)
     worker_max_message_size: int = 64 * 1024 * 1024
     worker_max_tasks_per_child: int | None = None
+    #: task events (-E): received, started, succeeded, failed, retried, rejected, revoked
+    worker_send_task_events: bool = False
+    #: clients send a task-sent event for each task they send
+    task_send_sent_event: bool = False
     #: 'prefork' or 'solo' (Celery's threads, eventlet and gevent pools are not here)
     worker_pool: str = "prefork"
     timezone: str | None = None
@@ -3667,6 +3725,12 @@ class Celery:
             compression=compression_header, delivery_tag=tag,
             expires_in=(expires_at - now).total_seconds() if expires_at else None)
         self._publish(queue, envelope, clamp_priority(priority or 0), f"{name}[{task_id}]", tag)
+        if self.conf.task_send_sent_event:
+            self.broker.send_event(make_event(
+                "task-sent", message_headers["origin"], uuid=task_id, name=name, args=message_headers["argsrepr"],
+                kwargs=message_headers["kwargsrepr"], retries=retries, eta=message_headers["eta"],
+                expires=message_headers["expires"], queue=queue, exchange="", routing_key=queue,
+                root_id=message_headers["root_id"], parent_id=parent_id))
         return AsyncResult(task_id, app=self, task_name=name, ignored=message_headers["ignore_result"])
 
     @property
@@ -4224,6 +4288,8 @@ class Consumer:
         self.total = collections.Counter()  # task name -> how many ran here, for `inspect stats`
         self.remote = RemoteControl(self)
         self.born = time.monotonic()
+        self.events = app.conf.worker_send_task_events  # task events (-E); worker events always
+        self._next_heartbeat = 0.0
         self.spacing = {}       # task name -> seconds between starts under its rate limit (0: none)
         self.next_start = {}    # task name -> time.monotonic() before which no more may start
         self._to_ack, self._sequence = [], itertools.count()  # (the sequence breaks ties between equal dues)
@@ -4244,6 +4310,7 @@ class Consumer:
         """
         if self.pool.name == "solo":
             self._start_keepalive()
+        self._heartbeat("worker-online")
         failures = 0
         try:
             while not self.stopping:
@@ -4350,6 +4417,12 @@ class Consumer:
         if message is None:
             return
         worker_logger.info("Task %s received", message.describe())
+        if self.events:
+            self.send_event("task-received", uuid=message.id, name=message.task_name,
+                            args=_short_repr(tuple(message.args)), kwargs=_short_repr(message.kwargs),
+                            root_id=message.headers.get("root_id"), parent_id=message.headers.get("parent_id"),
+                            retries=message.retries, eta=message.headers.get("eta"),
+                            expires=message.headers.get("expires"))
         if message.id in self.revoked:
             self._discard_revoked(message, "revoked")
             return
@@ -4448,6 +4521,8 @@ class Consumer:
 
     def _discard_revoked(self, message, why):
         worker_logger.info("Discarding revoked task: %s", message.describe())
+        if self.events:
+            self.send_event("task-revoked", uuid=message.id, terminated=False, signum=None, expired=False)
         self._store_final(message, TaskRevokedError(why), REVOKED)
         self._to_ack.append(message.delivery_tag)
 
@@ -4501,6 +4576,7 @@ class Consumer:
             for message in batch:
                 self.active[message.delivery_tag] = message
                 self.started[message.delivery_tag] = time.time()
+                message.events = self.events
                 self._apply(message)
             self._handle(self.pool.collect(0))
 
@@ -4562,8 +4638,25 @@ class Consumer:
         return ([m.delivery_tag for m in self.ready] + [e[2].delivery_tag for e in self.scheduled]
                 + list(self.active))
 
+    #: seconds between worker-heartbeat events (Celery's freq; Flower counts a worker gone after a few missed)
+    HEARTBEAT = 2.0
+
+    def send_event(self, kind, **fields):
+        try:  # a lost event changes nothing else: not worth a task, nor the loop
+            self.broker.send_event(make_event(kind, self.hostname, **fields))
+        except Exception as exc:
+            worker_logger.debug("event %s not sent: %r", kind, exc)
+
+    def _heartbeat(self, kind="worker-heartbeat"):
+        if kind != "worker-heartbeat" or time.monotonic() >= self._next_heartbeat:
+            self._next_heartbeat = time.monotonic() + self.HEARTBEAT
+            self.send_event(kind, freq=self.HEARTBEAT, active=len(self.active), processed=sum(self.total.values()),
+                            loadavg=[round(load, 2) for load in os.getloadavg()], sw_ident="py-celery",
+                            sw_ver=__version__, sw_sys=platform.system())
+
     def _maintain(self):
         """Keep our messages' leases fresh, bring back those of dead workers, reload revocations."""
+        self._heartbeat()
         started = time.monotonic()
         if started < self._next_maintenance:
             return
@@ -4606,6 +4699,7 @@ class Consumer:
 
     def shutdown(self):
         """Give back what we hold but haven't started; finish (warm) or kill (cold) the rest."""
+        self._heartbeat("worker-offline")
         waiting = [message.delivery_tag for message in self._let_go_where(lambda message: True)]
         if waiting:
             worker_logger.info("Restoring %d unacknowledged message(s)", len(waiting))
@@ -4740,6 +4834,14 @@ class RemoteControl:
             self.consumer.queues.remove(queue)
         return _ok(f"no longer consuming from {queue}")
 
+    def do_enable_events(self, **_):
+        was, self.consumer.events = self.consumer.events, True
+        return _ok("task events already enabled" if was else "task events enabled")
+
+    def do_disable_events(self, **_):
+        was, self.consumer.events = self.consumer.events, False
+        return _ok("task events disabled" if was else "task events already disabled")
+
     def do_shutdown(self, **_):
         worker_logger.warning("Got shutdown from remote")
         self.consumer.stop()
@@ -4865,6 +4967,7 @@ class Worker:
         tasks = "\n".join(f"  . {name}" for name in sorted(self.app.tasks)) or "  (none)"
         queues = "\n".join(f"                .> {q:<16} exchange={q}(direct) key={q}" for q in self.queues)
         backend = _safe_url(self.app.backend_url) if self.app.backend_url else "disabled://"
+        events = "ON" if self.app.conf.worker_send_task_events else "OFF (enable -E to monitor tasks in this worker)"
         default = f" (the default, no broker configured: {os.path.abspath('minicelery.db')}; clients " \
                   "must start in this directory too)" if self.app.broker_url == Config.DEFAULT_URL else ""
         lines = [
@@ -4877,7 +4980,7 @@ class Worker:
             f"- ** ---------- .> transport:   {_safe_url(self.app.broker_url)}{default}",
             f"- ** ---------- .> results:     {backend}",
             f"- *** --- * --- .> concurrency: {pool.concurrency} ({pool.name})",
-            "-- ******* ---- .> task events: OFF (minicelery sends no events)",
+            f"-- ******* ---- .> task events: {events}",
             "--- ***** ----- ",
             " -------------- [queues]",
             queues, "", "[tasks]", tasks, "",
@@ -5432,6 +5535,7 @@ def _parser():
     worker.add_argument("--max-tasks-per-child", type=int)
     worker.add_argument("--prefetch-multiplier", type=int)
     worker.add_argument("-B", "--beat", action="store_true", help="also run beat, in a process of its own")
+    worker.add_argument("-E", "--task-events", action="store_true", help="send task events (Flower, `events`)")
     for flag in ("--without-gossip", "--without-mingle", "--without-heartbeat"):  # Celery's; nothing to turn off
         worker.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     worker.add_argument("-O", choices=["fair", "default"], help="accepted: a worker here is always fair")
@@ -5460,6 +5564,8 @@ def main(argv=None):
         app = find_app(spec)
         queues = args.queues.split(",") if getattr(args, "queues", None) else None
         if args.command == "worker":
+            if args.task_events:
+                app.conf.worker_send_task_events = True
             Worker(app, concurrency=args.concurrency, pool=args.pool, queues=queues,
                    hostname=args.hostname, loglevel=args.loglevel,
                    max_tasks_per_child=args.max_tasks_per_child,

@@ -5762,3 +5762,78 @@ def test_interop_celerys_inspect_and_status_list_a_minicelery_worker(app, tmp_pa
             proc.terminate()
             proc.wait(20)
             log.close()
+
+
+# --- Operations: events in Celery's form ----------------------------------------------
+
+def _events_from(raws):
+    """The events (dicts) in pidbox-style envelopes, task.multi lists flattened."""
+    out = []
+    for raw in raws:
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        out += body if isinstance(body, list) else [body]
+    return out
+
+
+@pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)
+def test_events_worker_and_task_events_in_celerys_form(any_app, tmp_path, request):
+    if any_app.broker_url.startswith("sqlite"):
+        store = minicelery.SQLiteStore.for_url(any_app.conf.broker_url)
+        any_app.broker.size("celery")  # creates the tables
+
+        def seen():
+            return _events_from(raw for (raw,) in store.read("SELECT raw FROM events ORDER BY id"))
+    else:
+        client = redis.Redis(unix_socket_path=request.getfixturevalue("redis_server"))
+        listener = client.pubsub()
+        listener.psubscribe("/0.celeryev/*")
+        channels, raws = [], []
+
+        def seen():
+            while (message := listener.get_message(timeout=0.05)) is not None:
+                if message["type"] == "pmessage":
+                    channels.append(message["channel"].decode())
+                    raws.append(message["data"])
+            return _events_from(raws)
+    any_app.conf.worker_send_task_events = True
+    any_app.conf.task_send_sent_event = True
+    with worker(any_app, tmp_path, concurrency=1, hostname="eventful@%h") as w:
+        node = minicelery._expand_hostname("eventful@%h")
+        ok, bad = add.delay(2, 2), fail.delay("boom")
+        assert ok.get(timeout=10) == 4
+        with pytest.raises(ValueError):
+            bad.get(timeout=10)
+        wait_until(lambda: [e["type"] for e in seen()].count("worker-heartbeat") >= 1, what="a heartbeat")
+    events = wait_until(lambda: (e := seen()) and e[-1]["type"] == "worker-offline" and e, what="worker-offline")
+    kinds = [(e["type"], e.get("uuid")) for e in events]
+    for kind in ("task-sent", "task-received", "task-started", "task-succeeded"):
+        assert (kind, ok.id) in kinds
+    assert ("task-failed", bad.id) in kinds and kinds[0][0] in ("task-sent", "worker-online")
+    succeeded = next(e for e in events if e["type"] == "task-succeeded")
+    assert succeeded["result"] == "4" and succeeded["runtime"] >= 0 and succeeded["hostname"] == node
+    failed = next(e for e in events if e["type"] == "task-failed")
+    assert failed["exception"] == "ValueError('boom')" and "Traceback" in failed["traceback"]
+    received = next(e for e in events if e["type"] == "task-received" and e["uuid"] == ok.id)
+    assert received["name"] == "test_minicelery.add" and received["args"] == "(2, 2)"
+    heartbeat = next(e for e in events if e["type"] == "worker-heartbeat")
+    assert heartbeat["hostname"] == node and heartbeat["freq"] == 2.0 and heartbeat["pid"] == w.pid
+    if not any_app.broker_url.startswith("sqlite"):  # Celery's channels: task events batched on task.multi
+        assert {"/0.celeryev/worker.online", "/0.celeryev/worker.heartbeat", "/0.celeryev/task.multi",
+                "/0.celeryev/worker.offline"} <= set(channels)
+
+
+def test_events_only_with_minus_e_and_switched_by_control(app, tmp_path, redis_client):
+    listener = redis_client.pubsub()
+    listener.psubscribe("/0.celeryev/task.*")
+    with worker(app, tmp_path, hostname="quiet@%h"):
+        node = minicelery._expand_hostname("quiet@%h")
+        assert add.delay(1, 1).get(timeout=10) == 2
+        assert app.control.broadcast("enable_events", destination=[node], reply=True, timeout=5) == [
+            {node: {"ok": "task events enabled"}}]
+        loud = add.delay(2, 2)
+        assert loud.get(timeout=10) == 4
+    uuids = []
+    while (message := listener.get_message(timeout=0.2)) is not None:
+        if message["type"] == "pmessage":
+            uuids += [e["uuid"] for e in _events_from([message["data"]])]
+    assert set(uuids) == {loud.id}  # nothing for the first: events were off
