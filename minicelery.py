@@ -69,6 +69,7 @@ import select
 import signal
 import socket
 import sys
+import textwrap
 import threading
 import time
 import traceback
@@ -5549,8 +5550,75 @@ def _parser():
     call.add_argument("--countdown", type=float)
     call.add_argument("--queue")
     purge = commands.add_parser("purge", help="delete all waiting messages", parents=[app_option])
-    purge.add_argument("-Q", "--queues")
+    purge.add_argument("-Q", "--queues", help="comma-separated (default: the app's queues)")
+    purge.add_argument("-f", "--force", action="store_true", help="don't ask first")
+    asking = argparse.ArgumentParser(add_help=False, parents=[app_option])  # commands that ask the workers
+    asking.add_argument("-t", "--timeout", type=float, default=1.0, help="seconds to wait for answers")
+    asking.add_argument("-d", "--destination", help="comma-separated node names (default: all)")
+    asking.add_argument("-j", "--json", action="store_true", help="print the answers as JSON")
+    commands.add_parser("status", help="list the workers that answer", parents=[asking])
+    inspect = commands.add_parser("inspect", help="ask the workers", parents=[asking])
+    inspect.add_argument("what", choices=sorted(n for n in vars(Inspect) if not n.startswith("_")))
+    inspect.add_argument("ids", nargs="*", help="task ids, for query_task")
+    control = commands.add_parser("control", help="steer the workers", parents=[asking])
+    control.add_argument("what", choices=sorted(CONTROL_ARGUMENTS))
+    control.add_argument("arguments", nargs="*", help="; ".join(f"{k} {' '.join(v)}" for k, v in
+                                                                 CONTROL_ARGUMENTS.items() if v))
+    result = commands.add_parser("result", help="show a task's result", parents=[app_option])
+    result.add_argument("id")
+    result.add_argument("--traceback", action="store_true", help="its traceback instead")
+    result.add_argument("-t", "--timeout", type=float, help="wait this long for it to finish")
     return parser
+
+
+#: `control` commands and the names of their arguments, in order
+CONTROL_ARGUMENTS = {"rate_limit": ("task_name", "rate_limit"), "time_limit": ("task_name", "soft", "hard"),
+                     "add_consumer": ("queue",), "cancel_consumer": ("queue",), "revoke": ("task_id",),
+                     "enable_events": (), "disable_events": (), "shutdown": ()}
+#: Celery's exit code when no worker answered in time
+EX_UNAVAILABLE = 69
+
+
+def _print_answers(answers, as_json, show=lambda answer: json.dumps(answer, indent=2, default=str)):
+    if not answers:
+        print("Error: No nodes replied within time constraint", file=sys.stderr)
+        return EX_UNAVAILABLE
+    merged = {node: answer for each in answers for node, answer in each.items()}
+    if as_json:
+        print(json.dumps(merged, default=str))
+    for node, answer in merged.items() if not as_json else ():
+        failed = isinstance(answer, dict) and "error" in answer
+        print(f"-> {node}: {'ERROR' if failed else 'OK'}\n" + textwrap.indent(show(answer), "    "))
+    return 0
+
+
+def _cli_ask(app, args):
+    destination = args.destination.split(",") if args.destination else None
+    if args.command == "status":
+        answers = app.control.ping(destination, args.timeout)
+        code = _print_answers(answers, args.json, show=lambda answer: "pong")
+        if answers and not args.json:
+            print(f"\n{len(answers)} node{'s' if len(answers) != 1 else ''} online.")
+        return code
+    if args.command == "inspect":
+        arguments = {"ids": args.ids} if args.what == "query_task" else {}
+    else:
+        names = CONTROL_ARGUMENTS[args.what]
+        values = [args.arguments] if args.what == "revoke" else [_cli_number(v) for v in args.arguments]
+        if len(values) > len(names) or (names and not values):
+            raise ImproperlyConfigured(f"control {args.what} takes: {' '.join(names)}")
+        arguments = dict(zip(names, values))
+    reply = args.what != "shutdown"  # (a worker leaves without answering that one)
+    answers = app.control.broadcast(args.what, arguments, destination, reply, args.timeout)
+    return _print_answers(answers, args.json) if reply else 0
+
+
+def _cli_number(text):
+    """A command-line argument as a number where it is one ('30', '1.5'), else as it is ('10/s')."""
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        return text
 
 
 def main(argv=None):
@@ -5577,8 +5645,20 @@ def main(argv=None):
                                    countdown=args.countdown, queue=args.queue)
             print(result.id)
         elif args.command == "purge":
-            count = sum(app.broker.purge(q) for q in queues or [app.conf.task_default_queue])
-            print(f"Purged {count} message(s)")
+            queues = queues or queue_names(app.conf.task_queues or [app.conf.task_default_queue])
+            if not args.force and input(f"Delete every waiting message in {', '.join(queues)}? [y/N] ") \
+                    .strip().lower() not in ("y", "yes"):
+                print("Aborted.", file=sys.stderr)
+                return 1
+            count = sum(app.broker.purge(q) for q in queues)
+            print(f"Purged {count} message(s) from {len(queues)} queue(s).")
+        elif args.command in ("status", "inspect", "control"):
+            return _cli_ask(app, args)
+        elif args.command == "result":
+            result = app.AsyncResult(args.id)
+            value = result.traceback if args.traceback else \
+                result.get(timeout=args.timeout, propagate=False) if args.timeout else result.result
+            print(value if value is not None else f"(none: state {result.state})")
     except ImproperlyConfigured as exc:
         print(f"minicelery: {exc}", file=sys.stderr)
         return 1

@@ -5837,3 +5837,39 @@ def test_events_only_with_minus_e_and_switched_by_control(app, tmp_path, redis_c
         if message["type"] == "pmessage":
             uuids += [e["uuid"] for e in _events_from([message["data"]])]
     assert set(uuids) == {loud.id}  # nothing for the first: events were off
+
+
+# --- Operations: the command line ---------------------------------------------------
+
+@pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)
+def test_cli_status_inspect_control_result_and_purge(any_app, tmp_path):
+    env = dict(os.environ, PYTHONPATH=HERE, MINICELERY_BROKER_URL=any_app.conf.broker_url,
+               MINICELERY_RESULT_BACKEND=any_app.conf.result_backend)
+
+    def cli(*argv, answer=None):
+        return subprocess.run([sys.executable, "-m", "minicelery", "-A", "test_minicelery", *argv], cwd=HERE,
+                              env=env, capture_output=True, text=True, timeout=60, input=answer)
+    nobody = cli("status", "-t", "0.5")
+    assert nobody.returncode == 69 and "No nodes replied within time constraint" in nobody.stderr
+    with worker(any_app, tmp_path, hostname="cli@%h"):
+        node = minicelery._expand_hostname("cli@%h")
+        status = cli("status", "-t", "2")
+        assert status.returncode == 0 and f"-> {node}: OK" in status.stdout and "1 node online." in status.stdout
+        registered = cli("inspect", "registered", "-j", "-d", node, "-t", "5")
+        assert "test_minicelery.add" in json.loads(registered.stdout)[node], registered
+        limited = cli("control", "rate_limit", "test_minicelery.add", "100/s", "-d", node, "-t", "5")
+        assert limited.returncode == 0 and "new rate limit set successfully" in limited.stdout, limited
+        unknown = cli("control", "rate_limit", "no.such.task", "1/s", "-d", node, "-t", "5")
+        assert f"-> {node}: ERROR" in unknown.stdout and "unknown task" in unknown.stdout
+        done, failed = add.delay(3, 4), fail.delay("from the cli")
+        assert done.get(timeout=10) == 7
+        with pytest.raises(ValueError):
+            failed.get(timeout=10)
+        assert cli("result", done.id).stdout.strip() == "7"
+        assert "ValueError: from the cli" in cli("result", failed.id, "--traceback").stdout
+    for i in range(3):
+        echo.delay(i)
+    aborted = cli("purge", answer="n\n")
+    assert aborted.returncode == 1 and any_app.broker.size("celery") == 3
+    purged = cli("purge", "-f")
+    assert purged.returncode == 0 and "Purged 3 message(s)" in purged.stdout and any_app.broker.size("celery") == 0
