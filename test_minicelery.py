@@ -5873,3 +5873,46 @@ def test_cli_status_inspect_control_result_and_purge(any_app, tmp_path):
     assert aborted.returncode == 1 and any_app.broker.size("celery") == 3
     purged = cli("purge", "-f")
     assert purged.returncode == 0 and "Purged 3 message(s)" in purged.stdout and any_app.broker.size("celery") == 0
+
+
+@pytest.mark.interop
+def test_interop_flower_lists_a_minicelery_worker_and_its_tasks(app, tmp_path):
+    pytest.importorskip("flower")
+    import socket as socket_
+    import urllib.request
+    with socket_.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    broker = app.conf.broker_url.replace("unix://", "redis+socket://")
+    write_tree(tmp_path, {"flowerproj.py": f"""
+        from celery import Celery
+        app = Celery("flowerproj", broker={broker!r})
+        """})
+    env = dict(os.environ, PYTHONPATH=HERE, FLOWER_UNAUTHENTICATED_API="1")
+    app.conf.worker_send_task_events = True
+    log = open(tmp_path / "flower.log", "w")
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "flowerproj", "flower", f"--port={port}",
+                               "--address=127.0.0.1"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def api(path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/{path}", timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            return None
+    try:
+        wait_until(lambda: api("workers") is not None, timeout=30, what="Flower up")
+        with worker(app, tmp_path, hostname="flowered@%h"):
+            node = minicelery._expand_hostname("flowered@%h")
+            result = add.delay(20, 22)
+            assert result.get(timeout=10) == 42
+            tasks = wait_until(lambda: (api("tasks") or {}).get(result.id, {}).get("state") == "SUCCESS"
+                               and api("tasks"), timeout=30, what="Flower seeing the task")
+            assert tasks[result.id]["worker"] == node and tasks[result.id]["result"] == "42"
+            workers = wait_until(lambda: (api("workers?refresh=1") or {}).get(node), timeout=30,
+                                 what="Flower listing the worker")
+            assert "test_minicelery.add" in workers["registered"]
+    finally:
+        flower.terminate()
+        flower.wait(20)
+        log.close()
