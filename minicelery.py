@@ -865,6 +865,12 @@ class Broker:
     def dead_letter(self, raw, reason: str, queue: str = ""):
         """Keep a message no worker can run, for a human to inspect."""
 
+    def dead_letters(self) -> list:
+        """The kept dead letters, newest first: dicts of id, time, queue, reason and raw."""
+
+    def take_dead_letters(self, ids) -> list:
+        """Remove the dead letters with these ids; returns them (to send again, or not)."""
+
     def close(self):
         """Release connections (also called in a freshly forked child)."""
 
@@ -1320,8 +1326,16 @@ class RedisBroker(Broker):
             pipe.execute()
 
     def dead_letters(self):
-        """The kept dead letters, newest first, as dicts."""
-        return [json.loads(e.decode("utf-8", "replace")) for e in self.client.lrange(self.DEAD_LETTERS, 0, -1)]
+        # A list entry has no id of its own: its digest names it, and LREM takes it by content.
+        return [dict(json.loads(entry.decode("utf-8", "replace")), id=_digest(entry))
+                for entry in self.client.lrange(self.DEAD_LETTERS, 0, -1)]
+
+    def take_dead_letters(self, ids):
+        taken = []
+        for entry in self.client.lrange(self.DEAD_LETTERS, 0, -1):
+            if _digest(entry) in ids and self.client.lrem(self.DEAD_LETTERS, 1, entry):
+                taken.append(dict(json.loads(entry.decode("utf-8", "replace")), id=_digest(entry)))
+        return taken
 
     def close(self):
         if self._pubsub is not None:
@@ -1372,6 +1386,11 @@ def _control_body(raw) -> tuple:
     if not isinstance(body, dict) or not isinstance(envelope.get("headers") or {}, dict):
         raise TypeError("the body and headers must be objects")
     return body, envelope.get("headers") or {}
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha1(data).hexdigest()[:12]
 
 
 def _parse_control(raw):
@@ -1764,10 +1783,16 @@ class SQLiteBroker(Broker):
 
     def dead_letters(self):
         """The kept dead letters, newest first, as dicts."""
-        rows = self.store.read("SELECT reason, queue, time, raw FROM dead_letters ORDER BY id DESC")
-        return [{"reason": reason, "queue": queue, "time": at,
+        rows = self.store.read("SELECT id, reason, queue, time, raw FROM dead_letters ORDER BY id DESC")
+        return [{"id": str(row_id), "reason": reason, "queue": queue, "time": at,
                  "raw": raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw}
-                for reason, queue, at, raw in rows]
+                for row_id, reason, queue, at, raw in rows]
+
+    def take_dead_letters(self, ids):
+        taken = [letter for letter in self.dead_letters() if letter["id"] in ids]
+        with self.store.transaction() as db:
+            db.executemany("DELETE FROM dead_letters WHERE id = ?", [(int(letter["id"]),) for letter in taken])
+        return taken
 
 
 #: URL scheme -> broker class; issue-free extension point for other brokers.
@@ -5564,6 +5589,11 @@ def _parser():
     control.add_argument("what", choices=sorted(CONTROL_ARGUMENTS))
     control.add_argument("arguments", nargs="*", help="; ".join(f"{k} {' '.join(v)}" for k, v in
                                                                  CONTROL_ARGUMENTS.items() if v))
+    dead = commands.add_parser("dead", help="list the dead letters, send them again after a fix, or drop them",
+                               parents=[app_option])
+    dead.add_argument("action", nargs="?", default="list", choices=["list", "requeue", "drop"])
+    dead.add_argument("ids", nargs="*", help="dead letter ids, as `dead list` shows them")
+    dead.add_argument("--all", action="store_true", help="every dead letter")
     result = commands.add_parser("result", help="show a task's result", parents=[app_option])
     result.add_argument("id")
     result.add_argument("--traceback", action="store_true", help="its traceback instead")
@@ -5613,6 +5643,42 @@ def _cli_ask(app, args):
     return _print_answers(answers, args.json) if reply else 0
 
 
+def _cli_dead(app, args):
+    letters = app.broker.dead_letters()
+    if args.action == "list":
+        for letter in letters:
+            print(f"{letter['id']}  {dt.datetime.fromtimestamp(letter['time']):%Y-%m-%d %H:%M:%S}  "
+                  f"{letter['queue'] or '-'}  {_dead_task(letter) or '(not a task message)'}\n    {letter['reason']}")
+        print(f"{len(letters)} dead letter(s).")
+        return 0
+    wanted = {letter["id"] for letter in letters} if args.all else set(args.ids)
+    if not wanted:
+        raise ImproperlyConfigured(f"dead {args.action}: name the ids (as `dead list` shows them), or --all")
+    asked = set(wanted)
+    if args.action == "requeue":  # a letter cut to size, or not a message, can't go again
+        whole = {letter["id"] for letter in letters if _dead_task(letter) and "cut to" not in letter["reason"]}
+        for left_out in sorted(wanted - whole):
+            print(f"{left_out}: not a whole task message; left where it is", file=sys.stderr)
+        wanted &= whole
+    taken = app.broker.take_dead_letters(wanted)
+    for letter in taken if args.action == "requeue" else ():
+        envelope = json.loads(letter["raw"])
+        envelope["properties"]["delivery_tag"] = tag = uuid()  # a new message: its old tag is spent
+        app.broker.publish(letter["queue"] or app.conf.task_default_queue, json.dumps(envelope),
+                           clamp_priority(envelope["properties"].get("priority")), tag)
+    print(f"{'Requeued' if args.action == 'requeue' else 'Dropped'} {len(taken)} dead letter(s).")
+    return 0 if taken and len(taken) == len(asked) else 1
+
+
+def _dead_task(letter):
+    """`name[id]` of the task message a dead letter holds, or None."""
+    with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+        envelope = json.loads(letter["raw"])
+        if isinstance(envelope["properties"], dict):
+            return f"{envelope['headers']['task']}[{envelope['headers']['id']}]"
+    return None
+
+
 def _cli_number(text):
     """A command-line argument as a number where it is one ('30', '1.5'), else as it is ('10/s')."""
     try:
@@ -5654,6 +5720,8 @@ def main(argv=None):
             print(f"Purged {count} message(s) from {len(queues)} queue(s).")
         elif args.command in ("status", "inspect", "control"):
             return _cli_ask(app, args)
+        elif args.command == "dead":
+            return _cli_dead(app, args)
         elif args.command == "result":
             result = app.AsyncResult(args.id)
             value = result.traceback if args.traceback else \

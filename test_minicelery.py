@@ -5916,3 +5916,34 @@ def test_interop_flower_lists_a_minicelery_worker_and_its_tasks(app, tmp_path):
         flower.terminate()
         flower.wait(20)
         log.close()
+
+
+@pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)
+def test_cli_dead_lists_requeues_after_a_fix_and_drops(any_app, tmp_path):
+    env = dict(os.environ, PYTHONPATH=HERE, MINICELERY_BROKER_URL=any_app.conf.broker_url,
+               MINICELERY_RESULT_BACKEND=any_app.conf.result_backend)
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", "minicelery", "-A", "test_minicelery", "dead", *argv],
+                              cwd=HERE, env=env, capture_output=True, text=True, timeout=60)
+    with worker(any_app, tmp_path):
+        refused = any_app.send_task("test_minicelery.add", (2, 3), serializer="pickle")  # not accepted here
+        unknown = any_app.send_task("no.such.task", ())
+        for result in (refused, unknown):
+            with pytest.raises(Exception):
+                result.get(timeout=10)
+    listing = cli("list")
+    assert listing.returncode == 0 and "2 dead letter(s)." in listing.stdout, listing
+    ids = {line.split()[0]: line for line in listing.stdout.splitlines() if "[" in line}
+    refused_id = next(i for i, line in ids.items() if f"test_minicelery.add[{refused.id}]" in line)
+    unknown_id = next(i for i, line in ids.items() if f"no.such.task[{unknown.id}]" in line)
+    assert "refusing to deserialize" in listing.stdout and "unregistered" in listing.stdout
+    assert cli("drop", unknown_id).returncode == 0
+    assert cli("requeue", "no-such-id").returncode == 1
+    requeued = cli("requeue", refused_id)
+    assert requeued.returncode == 0 and "Requeued 1 dead letter(s)." in requeued.stdout
+    assert "0 dead letter(s)." in cli().stdout
+    any_app.conf.accept_content = ["json", "pickle"]  # the fix
+    with worker(any_app, tmp_path):
+        wait_until(lambda: any_app.AsyncResult(refused.id).state == "SUCCESS", what="the requeued task run")
+    assert any_app.AsyncResult(refused.id).result == 5
