@@ -848,6 +848,10 @@ class Broker:
     def send_event(self, event: dict):
         """Publish an event (make_event()) to whoever listens: Flower, `events`; none is kept."""
 
+    def events(self, timeout: float) -> list:
+        """The events sent since the last call (the first call starts listening), waiting
+        up to `timeout` seconds for one."""
+
     def ask(self, body: dict, timeout: float, limit=None) -> list:
         """Broadcast a command that wants answers; the answers ({node name: value}) that
         came within `timeout` seconds, or once `limit` of them came."""
@@ -1085,7 +1089,7 @@ class RedisBroker(Broker):
         self._lease_script = self.client.register_script(_LEASE_LUA)
         self._declared = set()
         self._rotation = 0
-        self._pubsub = None
+        self._pubsub = self._events = None
         self._orphaned = []  # scores of reserve calls whose reply never came
         db = self.client.connection_pool.connection_kwargs.get("db", 0)
         #: Celery's broadcast channel for remote control, per database
@@ -1244,6 +1248,16 @@ class RedisBroker(Broker):
         routing_key, envelope = event_envelope(event)
         self.client.publish(f"{self.pidbox.split('.')[0]}.celeryev/{routing_key}", envelope)
 
+    def events(self, timeout):
+        if self._events is None:
+            self._events = self.client.pubsub(ignore_subscribe_messages=True)
+            self._events.psubscribe(f"{self.pidbox.split('.')[0]}.celeryev/*")
+        found, deadline = [], time.monotonic() + timeout
+        while (message := next_pubsub_message(self._events, max(deadline - time.monotonic(), 0))) is not None:
+            found += _parse_events(message["data"])
+            deadline = 0  # then only what is there already
+        return found
+
     def reply(self, reply_to, ticket, body):
         oid = reply_to["routing_key"]
         queue = self._route_by_binding(REPLY_EXCHANGE, oid)  # the client bound its list there
@@ -1386,6 +1400,19 @@ def _control_body(raw) -> tuple:
     if not isinstance(body, dict) or not isinstance(envelope.get("headers") or {}, dict):
         raise TypeError("the body and headers must be objects")
     return body, envelope.get("headers") or {}
+
+
+def _parse_events(raw) -> list:
+    """The events in an event envelope (task.multi carries a list); a malformed one is logged."""
+    try:
+        if len(raw) > CONTROL_MESSAGE_LIMIT:
+            raise ValueError(f"{len(raw)} bytes, over {CONTROL_MESSAGE_LIMIT}")
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        events = body if isinstance(body, list) else [body]
+        return [event for event in events if isinstance(event, dict) and isinstance(event.get("type"), str)]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        logger.error("Event error: %s", _short_repr(exc, 200))
+        return []
 
 
 def _digest(data: bytes) -> str:
@@ -1595,7 +1622,7 @@ class SQLiteBroker(Broker):
         # A locked, full, vanished or unreadable database: log, wait and retry.
         self.connection_errors = (sqlite3.DatabaseError,)
         self.store = SQLiteStore.for_url(url)
-        self._last_control = None
+        self._last_control = self._last_event = None
 
     def publish(self, queue, envelope, priority=0, tag=None):
         step = clamp_priority(priority) // 3  # 0-2, 3-5, 6-8 and 9: Redis's lists, in order
@@ -1716,6 +1743,16 @@ class SQLiteBroker(Broker):
         with self.store.transaction() as db:  # kept a minute, for `events` readers
             db.execute("DELETE FROM events WHERE time < ?", (now - 60,))
             db.execute("INSERT INTO events (time, raw) VALUES (?, ?)", (now, event_envelope(event)[1]))
+
+    def events(self, timeout):
+        if self._last_event is None:
+            self._last_event = self.store.read("SELECT COALESCE(MAX(id), 0) FROM events")[0][0]
+        rows = self.store.read("SELECT id, raw FROM events WHERE id > ? ORDER BY id", (self._last_event,))
+        if not rows:
+            self.store.wait_for_change(timeout)
+            rows = self.store.read("SELECT id, raw FROM events WHERE id > ? ORDER BY id", (self._last_event,))
+        self._last_event = rows[-1][0] if rows else self._last_event
+        return [event for _, raw in rows for event in _parse_events(raw)]
 
     def reply(self, reply_to, ticket, body):
         raw = control_envelope(body, {"ticket": ticket, "clock": 1}, REPLY_EXCHANGE, reply_to["routing_key"], 1)
@@ -5594,6 +5631,11 @@ def _parser():
     dead.add_argument("action", nargs="?", default="list", choices=["list", "requeue", "drop"])
     dead.add_argument("ids", nargs="*", help="dead letter ids, as `dead list` shows them")
     dead.add_argument("--all", action="store_true", help="every dead letter")
+    events = commands.add_parser("events", help="watch the workers live (or --dump the raw events)",
+                                 parents=[app_option])
+    events.add_argument("--dump", action="store_true", help="print each event as JSON, as it comes")
+    events.add_argument("-n", "--count", type=int, help="leave after this many events (with --dump)")
+    events.add_argument("-Q", "--queues", help="comma-separated queues whose depth to show")
     result = commands.add_parser("result", help="show a task's result", parents=[app_option])
     result.add_argument("id")
     result.add_argument("--traceback", action="store_true", help="its traceback instead")
@@ -5670,6 +5712,40 @@ def _cli_dead(app, args):
     return 0 if taken and len(taken) == len(asked) else 1
 
 
+def _cli_events(app, args, queues):
+    """`events --dump`: the raw events; `events`: a view of the workers, redrawn every second."""
+    seen, workers, finished, failures = 0, {}, deque(maxlen=1000), deque(maxlen=5)
+    queues = queues or queue_names(app.conf.task_queues or [app.conf.task_default_queue])
+    while not args.count or seen < args.count:
+        for event in app.broker.events(1.0):
+            seen += 1
+            if args.dump:
+                print(json.dumps(event, default=str), flush=True)
+            elif event["type"].startswith("worker-"):
+                workers[event["hostname"]] = event
+            elif event["type"] in ("task-succeeded", "task-failed"):
+                finished.append(event["timestamp"])
+                if event["type"] == "task-failed":
+                    failures.append(f"{event.get('uuid')}: {event.get('exception')}")
+        if not args.dump:
+            _draw_events_view(app, queues, workers, finished, failures)
+    return 0
+
+
+def _draw_events_view(app, queues, workers, finished, failures):
+    now = time.time()
+    lines = [f"minicelery events  {dt.datetime.now():%H:%M:%S}  (Ctrl-C to leave; task events need -E)", "",
+             "workers:"]
+    for node, event in sorted(workers.items()):
+        alive = event["type"] != "worker-offline" and now - event["timestamp"] < 3 * event.get("freq", 2.0)
+        lines.append(f"  {node:<30} {'online' if alive else 'OFFLINE':<8} active {event.get('active', 0):<4}"
+                     f" processed {event.get('processed', 0)}")
+    lines += ["", "queues:"] + [f"  {queue:<30} {app.broker.size(queue)} waiting" for queue in queues]
+    lines += ["", f"tasks/s (last 10 s): {sum(1 for t in finished if now - t < 10) / 10:.1f}", "",
+              "recent failures:"] + [f"  {failure}" for failure in failures]
+    print("\033[H\033[J" + "\n".join(lines), flush=True)  # home, clear: redrawn in place
+
+
 def _dead_task(letter):
     """`name[id]` of the task message a dead letter holds, or None."""
     with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
@@ -5722,6 +5798,8 @@ def main(argv=None):
             return _cli_ask(app, args)
         elif args.command == "dead":
             return _cli_dead(app, args)
+        elif args.command == "events":
+            return _cli_events(app, args, queues)
         elif args.command == "result":
             result = app.AsyncResult(args.id)
             value = result.traceback if args.traceback else \
@@ -5730,6 +5808,8 @@ def main(argv=None):
     except ImproperlyConfigured as exc:
         print(f"minicelery: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C leaving `events` (or a question)
+        return 130
     return 0
 
 

@@ -5947,3 +5947,32 @@ def test_cli_dead_lists_requeues_after_a_fix_and_drops(any_app, tmp_path):
     with worker(any_app, tmp_path):
         wait_until(lambda: any_app.AsyncResult(refused.id).state == "SUCCESS", what="the requeued task run")
     assert any_app.AsyncResult(refused.id).result == 5
+
+
+@pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)
+def test_cli_events_dump_and_live_view(any_app, tmp_path):
+    env = dict(os.environ, PYTHONPATH=HERE, MINICELERY_BROKER_URL=any_app.conf.broker_url,
+               MINICELERY_RESULT_BACKEND=any_app.conf.result_backend)
+    any_app.broker.size("celery")  # (SQLite: the tables exist before the watcher looks)
+    command = [sys.executable, "-m", "minicelery", "-A", "test_minicelery", "events"]
+    dump = subprocess.Popen([*command, "--dump", "-n", "6"], cwd=HERE, env=env, stdout=subprocess.PIPE, text=True)
+    view = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        any_app.conf.worker_send_task_events = True
+        with worker(any_app, tmp_path, hostname="watched@%h"):
+            node = minicelery._expand_hostname("watched@%h")
+            first = dump.stdout.readline()  # a worker event (a heartbeat at least): the watcher listens
+            assert add.delay(1, 1).get(timeout=10) == 2
+            out, _ = dump.communicate(timeout=30)
+            out = first + out
+            os.kill(view.pid, signal.SIGINT)
+            drawn, _ = view.communicate(timeout=30)
+    finally:
+        for proc in (dump, view):
+            if proc.poll() is None:
+                proc.kill()
+    events = [json.loads(line) for line in out.splitlines()]
+    assert dump.returncode == 0 and len(events) == 6 and events[0]["type"].startswith("worker-")
+    assert {"task-received", "task-started", "task-succeeded"} <= {e["type"] for e in events}
+    assert view.returncode == 130 and "\033[H\033[J" in drawn and f"{node}" in drawn and "online" in drawn
+    assert "celery" in drawn and "tasks/s" in drawn
