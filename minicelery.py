@@ -3430,7 +3430,8 @@ _OLD_PREFIXES = (("CELERYD_", "worker_"), ("CELERYBEAT_", "beat_"), ("CELERY_RES
 #: ... except for these, which the table renames its own way
 _OLD_RENAMES = {"CELERYD_TASK_TIME_LIMIT": "task_time_limit", "CELERYD_TASK_SOFT_TIME_LIMIT": "task_soft_time_limit",
                 "CELERY_EAGER_PROPAGATES_EXCEPTIONS": "task_eager_propagates",
-                "CELERY_MESSAGE_COMPRESSION": "task_compression", "CELERY_TASK_RESULT_EXPIRES": "result_expires"}
+                "CELERY_MESSAGE_COMPRESSION": "task_compression", "CELERY_TASK_RESULT_EXPIRES": "result_expires",
+                "CELERY_SEND_EVENTS": "worker_send_task_events", "CELERY_SEND_TASK_SENT_EVENT": "task_send_sent_event"}
 
 
 def setting_name(key):
@@ -5755,6 +5756,14 @@ def _dead_task(letter):
     return None
 
 
+def _ask_user(question):
+    """The user's answer, lower case; no answer (no terminal, end of input) is "no"."""
+    try:
+        return input(question).strip().lower()
+    except EOFError:
+        return ""
+
+
 def _cli_number(text):
     """A command-line argument as a number where it is one ('30', '1.5'), else as it is ('10/s')."""
     try:
@@ -5788,8 +5797,8 @@ def main(argv=None):
             print(result.id)
         elif args.command == "purge":
             queues = queues or queue_names(app.conf.task_queues or [app.conf.task_default_queue])
-            if not args.force and input(f"Delete every waiting message in {', '.join(queues)}? [y/N] ") \
-                    .strip().lower() not in ("y", "yes"):
+            if not args.force and _ask_user(f"Delete every waiting message in {', '.join(queues)}? [y/N] ") \
+                    not in ("y", "yes"):
                 print("Aborted.", file=sys.stderr)
                 return 1
             count = sum(app.broker.purge(q) for q in queues)

@@ -2609,7 +2609,7 @@ def test_cli_call_and_purge(app, redis_client):
     task_id = call.communicate(timeout=20)[0].strip().splitlines()[-1]
     assert call.returncode == 0
     assert json.loads(redis_client.lindex("celery", 0))["headers"]["id"] == task_id
-    purge = _cli("-A", "test_minicelery", "purge", env=env)
+    purge = _cli("-A", "test_minicelery", "purge", "-f", env=env)
     assert "Purged 1 message(s)" in purge.communicate(timeout=20)[0]
     assert redis_client.llen("celery") == 0
 
