@@ -5600,6 +5600,8 @@ def _parser():
     worker.add_argument("--prefetch-multiplier", type=int)
     worker.add_argument("-B", "--beat", action="store_true", help="also run beat, in a process of its own")
     worker.add_argument("-E", "--task-events", action="store_true", help="send task events (Flower, `events`)")
+    worker.add_argument("--pidfile", help="write the worker's pid here; refuse to start if it runs already")
+    worker.add_argument("--logfile", help="log here instead of to stderr")
     for flag in ("--without-gossip", "--without-mingle", "--without-heartbeat"):  # Celery's; nothing to turn off
         worker.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     worker.add_argument("-O", choices=["fair", "default"], help="accepted: a worker here is always fair")
@@ -5637,6 +5639,12 @@ def _parser():
     events.add_argument("--dump", action="store_true", help="print each event as JSON, as it comes")
     events.add_argument("-n", "--count", type=int, help="leave after this many events (with --dump)")
     events.add_argument("-Q", "--queues", help="comma-separated queues whose depth to show")
+    multi = commands.add_parser("multi", help="start, stop or restart several workers in the background",
+                                parents=[app_option], epilog="Other options go to each worker (-l INFO, -c 2).")
+    multi.add_argument("action", choices=["start", "stop", "stopwait", "restart", "kill"])
+    multi.add_argument("names", nargs="+", help="node names (w1 w2, or a count: 3)")
+    multi.add_argument("--pidfile", default="%n.pid", help="%%n: node name, %%h: host name (default %%n.pid)")
+    multi.add_argument("--logfile", default="%n%I.log", help="%%n, %%h, %%I as Celery's (default %%n%%I.log)")
     result = commands.add_parser("result", help="show a task's result", parents=[app_option])
     result.add_argument("id")
     result.add_argument("--traceback", action="store_true", help="its traceback instead")
@@ -5764,6 +5772,94 @@ def _ask_user(question):
         return ""
 
 
+@contextlib.contextmanager
+def _pidfile(path):
+    """The worker's pid in `path` while it runs (`multi` finds it there); one running already refuses."""
+    if not path:
+        yield
+        return
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        if _alive(int(open(path).read().strip() or 0)):
+            raise ImproperlyConfigured(f"pidfile {path} names a running process: is the worker running already?")
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    except PermissionError:  # someone else's: alive
+        return True
+    return pid > 0
+
+
+def multi(action, names, app_spec, pidfile, logfile, worker_options, wait=60.0) -> int:
+    """Celery's `multi`: each name a worker in the background (name@host), its pid in
+    `pidfile` and its output in `logfile` (%n the name, %h the host, %I nothing: the
+    main process). start, stop (SIGTERM), stopwait (and wait), restart, kill (SIGKILL)."""
+    if len(names) == 1 and names[0].isdigit():
+        names = [f"celery{i}" for i in range(1, int(names[0]) + 1)]  # `multi start 3`, as Celery's
+    failed = 0
+    for name in names:
+        node = _expand_hostname(name if "@" in name else f"{name}@%h")
+        short = node.split("@")[0]
+        files = [pattern.replace("%n", short).replace("%h", socket.gethostname()).replace("%I", "")
+                 for pattern in (pidfile, logfile)]
+        if action in ("stop", "stopwait", "restart", "kill"):
+            failed += not _stop_node(node, files[0], action, wait)
+        if action in ("start", "restart"):
+            failed += not _start_node(node, files, app_spec, worker_options, wait)
+    return 1 if failed else 0
+
+
+def _start_node(node, files, app_spec, worker_options, wait):
+    pidfile, logfile = files
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        if _alive(int(open(pidfile).read().strip() or 0)):
+            print(f"> {node}: already running (pidfile {pidfile})")
+            return True
+    with open(logfile, "a") as log:
+        proc = _popen_detached([sys.executable, "-m", __name__, "-A", app_spec, "worker", "-n", node,
+                                 "--pidfile", pidfile, *worker_options], stdout=log, stderr=log)
+    deadline = time.monotonic() + wait
+    while not os.path.exists(pidfile) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ok = proc.poll() is None and os.path.exists(pidfile)
+    print(f"> Starting node {node}: {'OK' if ok else f'FAILED (see {logfile})'}")
+    return ok
+
+
+def _stop_node(node, pidfile, action, wait):
+    try:
+        pid = int(open(pidfile).read().strip())
+    except (FileNotFoundError, ValueError):
+        print(f"> {node}: DOWN")
+        return True
+    signum = signal.SIGKILL if action == "kill" else signal.SIGTERM
+    print(f"> Stopping node {node}: {signum.name} -> {pid}")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+    if action == "kill":
+        with contextlib.suppress(OSError):
+            os.unlink(pidfile)  # it can't remove it itself
+    deadline = time.monotonic() + wait
+    while action in ("stopwait", "restart") and _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not (action in ("stopwait", "restart") and _alive(pid))
+
+
+def _popen_detached(argv, **options):
+    import subprocess
+    return subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, **options)
+
+
 def _cli_number(text):
     """A command-line argument as a number where it is one ('30', '1.5'), else as it is ('10/s')."""
     try:
@@ -5773,22 +5869,29 @@ def _cli_number(text):
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "multi":  # (multi hands them to its workers)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     spec = getattr(args, "app_positional", None) or args.app
     if not spec:
         print("minicelery: name the app with -A module (or module:app)", file=sys.stderr)
         return 2
-    setup_logging(getattr(args, "loglevel", "INFO"))
+    if args.command == "multi":
+        return multi(args.action, args.names, spec, args.pidfile, args.logfile, extra)
+    logfile = getattr(args, "logfile", None)
+    setup_logging(getattr(args, "loglevel", "INFO"), open(logfile, "a", buffering=1) if logfile else None)
     try:
         app = find_app(spec)
         queues = args.queues.split(",") if getattr(args, "queues", None) else None
         if args.command == "worker":
             if args.task_events:
                 app.conf.worker_send_task_events = True
-            Worker(app, concurrency=args.concurrency, pool=args.pool, queues=queues,
-                   hostname=args.hostname, loglevel=args.loglevel,
-                   max_tasks_per_child=args.max_tasks_per_child,
-                   prefetch_multiplier=args.prefetch_multiplier, beat=args.beat).start()
+            with _pidfile(args.pidfile):
+                Worker(app, concurrency=args.concurrency, pool=args.pool, queues=queues,
+                       hostname=args.hostname, loglevel=args.loglevel,
+                       max_tasks_per_child=args.max_tasks_per_child,
+                       prefetch_multiplier=args.prefetch_multiplier, beat=args.beat).start()
         elif args.command == "beat":
             Beat(app, schedule_filename=args.schedule, max_interval=args.max_interval).run()
         elif args.command == "call":

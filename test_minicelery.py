@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -5976,3 +5977,44 @@ def test_cli_events_dump_and_live_view(any_app, tmp_path):
     assert {"task-received", "task-started", "task-succeeded"} <= {e["type"] for e in events}
     assert view.returncode == 130 and "\033[H\033[J" in drawn and f"{node}" in drawn and "online" in drawn
     assert "celery" in drawn and "tasks/s" in drawn
+
+
+def test_cli_multi_starts_stops_restarts_and_kills_workers(tmp_path):
+    write_tree(tmp_path, {"multiproj.py": """
+        from minicelery import Celery
+        app = Celery("multiproj", broker="sqlite:///multi.db")
+
+        @app.task
+        def add(x, y):
+            return x + y
+        """})
+    env = project_env(tmp_path)
+
+    def multi(*argv):
+        return run_cli(tmp_path, env, "multi", *argv, "-A", "multiproj", timeout=90)
+
+    def pid_of(name):
+        path = tmp_path / f"{name}.pid"
+        return int(path.read_text()) if path.exists() else None
+    started = multi("start", "w1", "w2", "-l", "INFO", "-c", "1", "--logfile", "%n%I.log")
+    host = socket.gethostname()
+    assert started.returncode == 0 and f"> Starting node w1@{host}: OK" in started.stdout, started
+    first = pid_of("w1")
+    assert first and pid_of("w2") and first != pid_of("w2")
+    sent = run_python(tmp_path, env, "from multiproj import add; print(add.delay(2, 3).get(timeout=20))")
+    assert sent.stdout.strip() == "5", sent
+    wait_until(lambda: "ready." in (tmp_path / "w1.log").read_text() and "ready." in (tmp_path / "w2.log").read_text(),
+               what="both workers ready")
+    assert "already running" in multi("start", "w1").stdout
+    restarted = multi("restart", "w1", "-l", "INFO")
+    assert restarted.returncode == 0 and pid_of("w1") not in (None, first), restarted
+    stopped = multi("stopwait", "w1", "w2")
+    assert stopped.returncode == 0 and pid_of("w1") is None and pid_of("w2") is None, stopped
+    assert "Warm shutdown" in (tmp_path / "w2.log").read_text()
+    assert multi("start", "w3").returncode == 0
+    victim = pid_of("w3")
+    killed = multi("kill", "w3")
+    assert killed.returncode == 0 and "SIGKILL" in killed.stdout and pid_of("w3") is None
+    wait_until(lambda: not os.path.exists(f"/proc/{victim}") or "zombie" in open(f"/proc/{victim}/status").read()
+               .lower(), what="w3 gone")
+    assert "DOWN" in multi("stop", "w1").stdout
