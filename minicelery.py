@@ -1720,15 +1720,15 @@ class SQLiteBroker(Broker):
                      {delivery.tag: (due - self.ETA_MOVE_AHEAD,) for delivery, _, due in parked})
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
-        if not broadcast:
-            return  # a revoke reaches a worker here only through revoke(): durable already
         now = time.time()
-        with self.store.transaction() as db:
+        with self.store.transaction() as db:  # (a revoke stored again replaces its row)
             db.execute("DELETE FROM revocations WHERE expires < ? OR id <= "
                        "(SELECT MAX(id) FROM revocations) - ?", (now, self.REVOKES_MAX))
+            db.executemany("DELETE FROM revocations WHERE task_id = ?", [(i,) for i in task_ids])
             db.executemany("INSERT INTO revocations (task_id, expires, terminate, signal) VALUES (?, ?, ?, ?)",
                            [(i, now + expires, int(terminate), signal) for i in task_ids])
-        self.broadcast(_revoke_body(task_ids, terminate, signal))
+        if broadcast:
+            self.broadcast(_revoke_body(task_ids, terminate, signal))
 
     def broadcast(self, body):
         # A row per broadcast: each process reads those added since it last looked.
@@ -3891,17 +3891,20 @@ class Control:
     def shutdown(self, destination=None):
         return self.broadcast("shutdown", destination=destination)
 
-    def revoke(self, task_id, terminate=False, signal="SIGTERM", **celery_options):
+    def revoke(self, task_id, terminate=False, signal="SIGTERM", reply=False, timeout=1.0, **celery_options):
         """Revoke one id or a list: a task not yet started never runs (state REVOKED);
         with terminate=True a running one gets `signal`. Reaches every worker, also
-        ones started later, for app.revoke_expires seconds.
+        ones started later, for app.revoke_expires seconds; with reply=True, the answers.
 
         Celery's `destination` (some workers only) is not supported.
         """
         if celery_options.get("destination"):
             raise TypeError("revoke(destination=...) is not supported: revocations reach every worker")
         ids, terminate, _, _ = revoke_command(task_id, terminate, signal)  # raises at the call site
-        self.app.broker.revoke(ids, terminate=terminate, signal=signal, expires=self.app.revoke_expires)
+        self.app.broker.revoke(ids, terminate=terminate, signal=signal, expires=self.app.revoke_expires,
+                               broadcast=not reply)
+        if reply:  # (broadcast here instead, asking for answers)
+            return self.app.broker.ask(_revoke_body(ids, terminate, signal), timeout)
 
 
 class Inspect:
@@ -5590,6 +5593,7 @@ def _parser():
     service.add_argument("-l", "--loglevel", default="INFO")
     parser = argparse.ArgumentParser(prog="minicelery", description="Celery's core, in one file.")
     parser.add_argument("-A", "--app", help="the app: module or module:attr")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit code tells")
     commands = parser.add_subparsers(dest="command", required=True)
     worker = commands.add_parser("worker", help="run a worker", parents=[service])
     worker.add_argument("-c", "--concurrency", type=int)
@@ -5877,6 +5881,8 @@ def main(argv=None):
     if not spec:
         print("minicelery: name the app with -A module (or module:app)", file=sys.stderr)
         return 2
+    if args.quiet:
+        sys.stdout = open(os.devnull, "w")
     if args.command == "multi":
         return multi(args.action, args.names, spec, args.pidfile, args.logfile, extra)
     logfile = getattr(args, "logfile", None)

@@ -5759,6 +5759,15 @@ def test_interop_celerys_inspect_and_status_list_a_minicelery_worker(app, tmp_pa
             assert answers == {node: {"ok": "pong"}, real_node: {"ok": "pong"}}
             assert app.control.inspect(destination=[real_node], timeout=5).active_queues()[real_node][0][
                 "name"] == "elsewhere"
+            # A revoke and a rate_limit cross both ways, with Celery's replies.
+            revoked = app.control.revoke("rev-1", reply=True, timeout=3)
+            assert sorted(revoked, key=str) == sorted([{node: {"ok": "tasks {'rev-1'} flagged as revoked"}},
+                                                       {real_node: {"ok": "tasks {'rev-1'} flagged as revoked"}}],
+                                                      key=str)
+            assert real.control.revoke("rev-2", reply=True, timeout=5, destination=[node]) == [
+                {node: {"ok": "tasks {'rev-2'} flagged as revoked"}}]
+            assert app.control.rate_limit("test_minicelery.add", "5/s", destination=[real_node], reply=True,
+                                          timeout=5) == [{real_node: {"error": "unknown task"}}]
         finally:
             proc.terminate()
             proc.wait(20)
