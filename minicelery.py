@@ -41,7 +41,7 @@ Chapters (``grep -n '^# [0-9]' minicelery.py`` lists them):
     6. Result backends          12. Command line
 
 Left out on purpose: AMQP and every broker but Redis (SQLite and memory come in
-their own chapter), remote control beyond revoke, events, protocol 1 messages,
+their own chapter), mingle and gossip, protocol 1 messages,
 autoscaling, and the eventlet/gevent pools.
 """
 
