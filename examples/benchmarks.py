@@ -1,6 +1,6 @@
 """Benchmarks: minicelery and the real Celery side by side, on one private Redis.
 
-    python3 examples/benchmarks.py throughput [--tasks 5000]
+    python3 examples/benchmarks.py throughput [--tasks 5000] [--events]
     python3 examples/benchmarks.py eta-lateness [--tasks 200]
     python3 examples/benchmarks.py eta-memory [--tasks 100000]
     python3 examples/benchmarks.py beat-drift [--tasks 60]
@@ -102,14 +102,15 @@ def private_redis(broker_url=None):
             redis_proc.wait()
 
 
-def start_worker(system, sock, directory, broker_url=None, settle=3):
+def start_worker(system, sock, directory, broker_url=None, settle=3, options=()):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE),
                MINICELERY_BROKER_URL=broker_url or f"unix://{sock}",
                MINICELERY_RESULT_BACKEND=broker_url or f"unix://{sock}?db=1",
                BENCH_CELERY_BROKER=f"redis+socket://{sock}",
                BENCH_CELERY_BACKEND=f"redis+socket://{sock}?virtual_host=1")
     if system == "minicelery":
-        argv = [sys.executable, "-m", "minicelery", "-A", "benchmarks:app", "worker", "-c", "2", "-l", "warning"]
+        argv = [sys.executable, "-m", "minicelery", "-A", "benchmarks:app", "worker", "-c", "2", "-l", "warning",
+                *options]
     else:
         argv = [sys.executable, "-m", "celery", "-A", "benchmarks:celery_app", "worker", "-c", "2",
                 "-l", "warning", "--without-mingle", "--without-gossip", "--without-heartbeat"]
@@ -139,18 +140,20 @@ def rss_mib(pid):
     return total / 1024
 
 
-def throughput(count):
+def throughput(count, events=False):
     """Tasks a second through one worker with 2 pool processes: the queue is filled
-    first; the rate is from the first result's date_done to the last one's."""
+    first; the rate is from the first result's date_done to the last one's. With
+    events, minicelery runs once more with task events on (-E)."""
     rows = []
-    setups = [("minicelery", "sqlite"), ("minicelery", "redis")] + \
-        ([("celery", "redis")] if celery_app is not None else [])
-    for system, broker in setups:
+    setups = [("minicelery", "sqlite"), ("minicelery", "redis")] + ([("minicelery -E", "redis")] if events else []) \
+        + ([("celery", "redis")] if celery_app is not None else [])
+    for label, broker in setups:
+        system, options = label.split()[0], label.split()[1:]
         scratch = tempfile.mkdtemp()
         url = f"sqlite:///{scratch}/bench.db" if broker == "sqlite" else None
         with private_redis(url) as (directory, sock):
             results = [noop.delay(i) for i in range(count)]
-            worker = start_worker(system, sock, directory, url, settle=0)
+            worker = start_worker(system, sock, directory, url, settle=0, options=options)
             try:
                 assert [r.get(timeout=600) for r in results] == list(range(count))
                 done = sorted(r.date_done for r in results)
@@ -158,10 +161,10 @@ def throughput(count):
             finally:
                 stop(worker)
                 shutil.rmtree(scratch, ignore_errors=True)
-            rows.append((system, broker, count, seconds, count / seconds))
-    print(f"{'system':<11} {'broker':<7} {'tasks':>6} {'seconds':>8} {'tasks/s':>8}")
-    for system, broker, n, seconds, rate in rows:
-        print(f"{system:<11} {broker:<7} {n:>6} {seconds:>8.2f} {rate:>8.0f}")
+            rows.append((label, broker, count, seconds, count / seconds))
+    print(f"{'system':<14} {'broker':<7} {'tasks':>6} {'seconds':>8} {'tasks/s':>8}")
+    for label, broker, n, seconds, rate in rows:
+        print(f"{label:<14} {broker:<7} {n:>6} {seconds:>8.2f} {rate:>8.0f}")
 
 
 def beat_drift(count):
@@ -282,9 +285,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=["throughput", "eta-lateness", "eta-memory", "beat-drift", "chord"])
     parser.add_argument("--tasks", type=int)
+    parser.add_argument("--events", action="store_true", help="throughput: also with task events on")
     args = parser.parse_args()
     if args.benchmark == "throughput":
-        throughput(args.tasks or 5000)
+        throughput(args.tasks or 5000, args.events)
     elif args.benchmark == "eta-lateness":
         eta_lateness(args.tasks or 200)
     elif args.benchmark == "chord":
