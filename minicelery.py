@@ -1259,13 +1259,14 @@ class RedisBroker(Broker):
         return found
 
     def reply(self, reply_to, ticket, body):
+        # Straight to the list kombu's clients wait on, `<oid>.reply.celery.pidbox`: the binding
+        # they add says the same, and a set other clients fill (and leak) need not be read.
         oid = reply_to["routing_key"]
-        queue = self._route_by_binding(REPLY_EXCHANGE, oid)  # the client bound its list there
-        if queue is not None:  # (else it stopped waiting)
-            with self.client.pipeline() as pipe:
-                pipe.lpush(queue, control_envelope(body, {"ticket": ticket, "clock": 1}, REPLY_EXCHANGE, oid, 1))
-                pipe.expire(queue, 60)  # a client that died waiting leaves nothing behind for long
-                pipe.execute()
+        queue = f"{oid}.{REPLY_EXCHANGE}"
+        with self.client.pipeline() as pipe:
+            pipe.lpush(queue, control_envelope(body, {"ticket": ticket, "clock": 1}, REPLY_EXCHANGE, oid, 1))
+            pipe.expire(queue, 60)  # a client that died waiting leaves nothing behind for long
+            pipe.execute()
 
     def ask(self, body, timeout, limit=None):
         oid, ticket = uuid(), uuid()
@@ -1307,9 +1308,9 @@ class RedisBroker(Broker):
 
     def _route_by_binding(self, exchange, routing_key):
         for member in self.client.smembers(f"_kombu.binding.{exchange}"):
-            key, _, queue = member.decode().split(PRIORITY_SEPARATOR)
-            if key == routing_key:
-                return queue
+            parts = member.decode("utf-8", "replace").split(PRIORITY_SEPARATOR)
+            if len(parts) == 3 and parts[0] == routing_key:  # (anything else in the set is not a binding)
+                return parts[2]
         return None
 
     def purge(self, queue):
@@ -1341,15 +1342,11 @@ class RedisBroker(Broker):
 
     def dead_letters(self):
         # A list entry has no id of its own: its digest names it, and LREM takes it by content.
-        return [dict(json.loads(entry.decode("utf-8", "replace")), id=_digest(entry))
-                for entry in self.client.lrange(self.DEAD_LETTERS, 0, -1)]
+        return [_dead_letter_from(entry, _digest(entry)) for entry in self.client.lrange(self.DEAD_LETTERS, 0, -1)]
 
     def take_dead_letters(self, ids):
-        taken = []
-        for entry in self.client.lrange(self.DEAD_LETTERS, 0, -1):
-            if _digest(entry) in ids and self.client.lrem(self.DEAD_LETTERS, 1, entry):
-                taken.append(dict(json.loads(entry.decode("utf-8", "replace")), id=_digest(entry)))
-        return taken
+        return [_dead_letter_from(entry, _digest(entry)) for entry in self.client.lrange(self.DEAD_LETTERS, 0, -1)
+                if _digest(entry) in ids and self.client.lrem(self.DEAD_LETTERS, 1, entry)]
 
     def close(self):
         if self._pubsub is not None:
@@ -1409,10 +1406,25 @@ def _parse_events(raw) -> list:
             raise ValueError(f"{len(raw)} bytes, over {CONTROL_MESSAGE_LIMIT}")
         body = json.loads(base64.b64decode(json.loads(raw)["body"]))
         events = body if isinstance(body, list) else [body]
-        return [event for event in events if isinstance(event, dict) and isinstance(event.get("type"), str)]
+        return [event for event in events if isinstance(event, dict) and isinstance(event.get("type"), str)
+                and isinstance(event.get("hostname"), str) and _is_number(event.get("timestamp"))]
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         logger.error("Event error: %s", _short_repr(exc, 200))
         return []
+
+
+def _dead_letter_from(entry: bytes, letter_id) -> dict:
+    """A stored dead letter as {id, time, queue, reason, raw}, whatever the entry holds."""
+    try:
+        letter = json.loads(entry.decode("utf-8", "replace"))
+    except ValueError:
+        letter = None
+    if not isinstance(letter, dict):
+        letter = {"reason": "(an entry that is not a dead letter)", "raw": entry.decode("utf-8", "replace")}
+    raw = letter.get("raw")
+    return {"id": letter_id, "time": letter["time"] if _is_number(letter.get("time")) else 0.0,
+            "queue": letter["queue"] if isinstance(letter.get("queue"), str) else "",
+            "reason": str(letter.get("reason")), "raw": raw if isinstance(raw, str) else json.dumps(raw)}
 
 
 def _digest(data: bytes) -> str:
@@ -1430,7 +1442,7 @@ def _parse_control(raw):
         _check_fields("control", body, {"method": str, "arguments": dict, "destination": (list, tuple),
                                         "reply_to": dict, "ticket": str})
         destination, reply_to = body.get("destination"), body.get("reply_to")
-        if not isinstance(body.get("method"), str) or destination and not all(isinstance(d, str) for d in destination):
+        if not isinstance(body.get("method"), str) or not all(isinstance(d, str) for d in destination or ()):
             raise TypeError("a command needs a method name; its destination is a list of node names")
         if reply_to is not None and not isinstance(reply_to.get("routing_key"), str):
             raise TypeError("reply_to needs a routing_key")
@@ -1491,8 +1503,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE TABLE IF NOT EXISTS chords (group_id TEXT PRIMARY KEY, size INTEGER, done INTEGER);
 CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, token TEXT, expires REAL);
 CREATE TABLE IF NOT EXISTS broadcasts (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL, raw TEXT);
+CREATE INDEX IF NOT EXISTS broadcasts_time ON broadcasts (time);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL, raw TEXT);
+CREATE INDEX IF NOT EXISTS events_time ON events (time);
 CREATE TABLE IF NOT EXISTS replies (id INTEGER PRIMARY KEY AUTOINCREMENT, ticket TEXT, time REAL, raw TEXT);
+CREATE INDEX IF NOT EXISTS replies_ticket ON replies (ticket);
+CREATE INDEX IF NOT EXISTS replies_time ON replies (time);
 CREATE TABLE IF NOT EXISTS chord_parts (
     group_id TEXT, task_id TEXT, idx REAL, part TEXT, PRIMARY KEY (group_id, task_id));
 """
@@ -1821,8 +1837,9 @@ class SQLiteBroker(Broker):
     def dead_letters(self):
         """The kept dead letters, newest first, as dicts."""
         rows = self.store.read("SELECT id, reason, queue, time, raw FROM dead_letters ORDER BY id DESC")
-        return [{"id": str(row_id), "reason": reason, "queue": queue, "time": at,
-                 "raw": raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw}
+        return [{"id": str(row_id), "reason": str(reason), "queue": queue if isinstance(queue, str) else "",
+                 "time": at if _is_number(at) else 0.0,
+                 "raw": raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)}
                 for row_id, reason, queue, at, raw in rows]
 
     def take_dead_letters(self, ids):
@@ -3400,12 +3417,18 @@ def _environment_url(setting, registry):
     return _checked_url(os.environ.get(f"MINICELERY_{setting}") or os.environ.get(f"CELERY_{setting}"), registry)
 
 
+#: setting (or option) names whose values are hidden, as Celery's `inspect conf` hides them
+_SECRET_NAMES = re.compile(r"API|TOKEN|KEY|SECRET|PASS|SIGNATURE|DATABASE", re.IGNORECASE)
+
+
 def _mask_secrets(name, value):
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, dict):
         return {key: _mask_secrets(str(key), item) for key, item in value.items()}
-    if "password" in name.lower() and value:
+    if isinstance(value, (list, tuple)):
+        return [_mask_secrets(name, item) for item in value]
+    if _SECRET_NAMES.search(name) and value:
         return "**"
     return _safe_url(value) if isinstance(value, str) and "://" in value else value
 
@@ -3431,7 +3454,8 @@ _OLD_PREFIXES = (("CELERYD_", "worker_"), ("CELERYBEAT_", "beat_"), ("CELERY_RES
 _OLD_RENAMES = {"CELERYD_TASK_TIME_LIMIT": "task_time_limit", "CELERYD_TASK_SOFT_TIME_LIMIT": "task_soft_time_limit",
                 "CELERY_EAGER_PROPAGATES_EXCEPTIONS": "task_eager_propagates",
                 "CELERY_MESSAGE_COMPRESSION": "task_compression", "CELERY_TASK_RESULT_EXPIRES": "result_expires",
-                "CELERY_SEND_EVENTS": "worker_send_task_events", "CELERY_SEND_TASK_SENT_EVENT": "task_send_sent_event"}
+                "CELERY_SEND_EVENTS": "worker_send_task_events",
+                "CELERY_SEND_TASK_SENT_EVENT": "task_send_sent_event"}
 
 
 def setting_name(key):
@@ -4858,7 +4882,8 @@ class RemoteControl:
                 "pool": {"implementation": consumer.pool.name, "max-concurrency": consumer.pool.concurrency,
                          "processes": sorted(consumer.pool.processes()),
                          "max-tasks-per-child": consumer.pool.max_tasks_per_child or "N/A"},
-                "broker": {"transport": self.app.broker_url.split("://")[0], "hostname": _safe_url(self.app.broker_url)},
+                "broker": {"transport": self.app.broker_url.split("://")[0],
+                           "hostname": _safe_url(self.app.broker_url)},
                 "rusage": {"utime": usage.ru_utime, "stime": usage.ru_stime, "maxrss": usage.ru_maxrss}}
 
     def do_conf(self, with_defaults=False, **_):
@@ -4879,17 +4904,22 @@ class RemoteControl:
         except ImproperlyConfigured as exc:
             return {"error": f"Invalid rate limit string: {exc!r}"}
         self.app.tasks[task_name].rate_limit = rate_limit
-        self.consumer.spacing.pop(task_name, None)  # worked out again at the next message
+        self.consumer.spacing.pop(task_name, None)  # worked out again at the next message,
+        self.consumer.next_start.pop(task_name, None)  # and a wait under the old one ends
         return _ok("new rate limit set successfully" if rate_limit else "rate limit disabled successfully")
 
     def do_time_limit(self, task_name=None, hard=None, soft=None, **_):
         if task_name not in self.app.tasks:
             return {"error": "unknown task"}
+        if not all(limit is None or (_is_number(limit) and limit >= 0) for limit in (hard, soft)):
+            return {"error": f"time limits are seconds >= 0 or null, not {hard!r} and {soft!r}"}
         task = self.app.tasks[task_name]
         task.time_limit, task.soft_time_limit = hard, soft  # the consumer stamps them on each message
         return _ok("time limits set successfully")
 
     def do_add_consumer(self, queue, **_):
+        if not (isinstance(queue, str) and queue):
+            return {"error": f"a queue is a name, not {_short_repr(queue, 80)}"}
         if queue not in self.consumer.queues:
             self.consumer.queues.append(queue)
         return _ok(f"add consumer {queue}")
@@ -5677,7 +5707,7 @@ def _print_answers(answers, as_json, show=lambda answer: json.dumps(answer, inde
     return 0
 
 
-def _cli_ask(app, args):
+def _cli_ask_workers(app, args):
     destination = args.destination.split(",") if args.destination else None
     if args.command == "status":
         answers = app.control.ping(destination, args.timeout)
@@ -5696,6 +5726,14 @@ def _cli_ask(app, args):
     reply = args.what != "shutdown"  # (a worker leaves without answering that one)
     answers = app.control.broadcast(args.what, arguments, destination, reply, args.timeout)
     return _print_answers(answers, args.json) if reply else 0
+
+
+def _cli_ask(app, args):
+    try:
+        return _cli_ask_workers(app, args)
+    except app.broker.connection_errors as exc:
+        print(f"Error: the broker did not answer ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return EX_UNAVAILABLE
 
 
 def _cli_dead(app, args):
@@ -5719,8 +5757,12 @@ def _cli_dead(app, args):
     for letter in taken if args.action == "requeue" else ():
         envelope = json.loads(letter["raw"])
         envelope["properties"]["delivery_tag"] = tag = uuid()  # a new message: its old tag is spent
-        app.broker.publish(letter["queue"] or app.conf.task_default_queue, json.dumps(envelope),
-                           clamp_priority(envelope["properties"].get("priority")), tag)
+        try:
+            app.broker.publish(letter["queue"] or app.conf.task_default_queue, json.dumps(envelope),
+                               clamp_priority(envelope["properties"].get("priority")), tag)
+        except Exception:  # not sent: kept where it was, not lost
+            app.broker.dead_letter(letter["raw"], letter["reason"], letter["queue"])
+            raise
     print(f"{'Requeued' if args.action == 'requeue' else 'Dropped'} {len(taken)} dead letter(s).")
     return 0 if taken and len(taken) == len(asked) else 1
 
@@ -5750,9 +5792,10 @@ def _draw_events_view(app, queues, workers, finished, failures):
     lines = [f"minicelery events  {dt.datetime.now():%H:%M:%S}  (Ctrl-C to leave; task events need -E)", "",
              "workers:"]
     for node, event in sorted(workers.items()):
-        alive = event["type"] != "worker-offline" and now - event["timestamp"] < 3 * event.get("freq", 2.0)
-        lines.append(f"  {node:<30} {'online' if alive else 'OFFLINE':<8} active {event.get('active', 0):<4}"
-                     f" processed {event.get('processed', 0)}")
+        freq = event["freq"] if _is_number(event.get("freq")) else 2.0
+        alive = event["type"] != "worker-offline" and now - event["timestamp"] < 3 * freq
+        lines.append(f"  {node:<30} {'online' if alive else 'OFFLINE':<8} active {event.get('active', 0)!s:<4}"
+                     f" processed {event.get('processed', 0)!s}")
     lines += ["", "queues:"] + [f"  {queue:<30} {app.broker.size(queue)} waiting" for queue in queues]
     lines += ["", f"tasks/s (last 10 s): {sum(1 for t in finished if now - t < 10) / 10:.1f}", "",
               "recent failures:"] + [f"  {failure}" for failure in failures]
@@ -5794,6 +5837,24 @@ def _pidfile(path):
             os.unlink(path)
 
 
+def _worker_pid(pidfile, node):
+    """The pid in `pidfile` if it is that node's worker, running; a stale file (a dead pid,
+    or one the system gave to another program since) is removed, and never signalled."""
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:  # (what multi started: ... minicelery ... -n <node>)
+            command = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        ours = pid > 0 and "minicelery" in command and f" {node} " in f"{command} "
+    except (OSError, ValueError, OverflowError):
+        ours = False
+    if not ours:
+        with contextlib.suppress(OSError):
+            os.unlink(pidfile)
+        return None
+    return pid
+
+
 def _alive(pid) -> bool:
     try:
         os.kill(pid, 0)
@@ -5812,6 +5873,8 @@ def multi(action, names, app_spec, pidfile, logfile, worker_options, wait=60.0) 
         names = [f"celery{i}" for i in range(1, int(names[0]) + 1)]  # `multi start 3`, as Celery's
     failed = 0
     for name in names:
+        if "/" in name or "\0" in name or name.startswith("."):  # names become file names
+            raise ImproperlyConfigured(f"multi: {name!r} is not a node name (no '/', no leading '.')")
         node = _expand_hostname(name if "@" in name else f"{name}@%h")
         short = node.split("@")[0]
         files = [pattern.replace("%n", short).replace("%h", socket.gethostname()).replace("%I", "")
@@ -5825,10 +5888,9 @@ def multi(action, names, app_spec, pidfile, logfile, worker_options, wait=60.0) 
 
 def _start_node(node, files, app_spec, worker_options, wait):
     pidfile, logfile = files
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        if _alive(int(open(pidfile).read().strip() or 0)):
-            print(f"> {node}: already running (pidfile {pidfile})")
-            return True
+    if _worker_pid(pidfile, node) is not None:
+        print(f"> {node}: already running (pidfile {pidfile})")
+        return True
     with open(logfile, "a") as log:
         proc = _popen_detached([sys.executable, "-m", __name__, "-A", app_spec, "worker", "-n", node,
                                  "--pidfile", pidfile, *worker_options], stdout=log, stderr=log)
@@ -5841,9 +5903,8 @@ def _start_node(node, files, app_spec, worker_options, wait):
 
 
 def _stop_node(node, pidfile, action, wait):
-    try:
-        pid = int(open(pidfile).read().strip())
-    except (FileNotFoundError, ValueError):
+    pid = _worker_pid(pidfile, node)
+    if pid is None:
         print(f"> {node}: DOWN")
         return True
     signum = signal.SIGKILL if action == "kill" else signal.SIGTERM

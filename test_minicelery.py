@@ -4775,7 +4775,8 @@ def test_conf_update_takes_celerys_upper_case_names_of_new_settings():
 
 def test_setting_name_is_none_for_what_minicelery_lacks():
     assert minicelery.setting_name("task_always_eager") == "task_always_eager"
-    assert minicelery.setting_name("CELERY_SEND_EVENTS") is None  # worker_send_task_events: not here
+    assert minicelery.setting_name("CELERY_SEND_EVENTS") == "worker_send_task_events"
+    assert minicelery.setting_name("CELERYD_MAX_MEMORY_PER_CHILD") is None  # worker_max_memory_per_child: not here
     assert minicelery.setting_name("no_such_setting") is None
 
 
@@ -6027,3 +6028,55 @@ def test_cli_multi_starts_stops_restarts_and_kills_workers(tmp_path):
     wait_until(lambda: not os.path.exists(f"/proc/{victim}") or "zombie" in open(f"/proc/{victim}/status").read()
                .lower(), what="w3 gone")
     assert "DOWN" in multi("stop", "w1").stdout
+
+
+def test_hostile_remote_control_arguments_and_bindings_never_stop_a_worker(app, tmp_path, redis_client):
+    app.conf.broker_transport_options = {"visibility_timeout": 3600, "secret_access_key": "LEAK1",
+                                         "sentinels": ["redis://:LEAK2@h:1"]}
+    with worker(app, tmp_path, concurrency=1, hostname="poked@%h"):
+        node = minicelery._expand_hostname("poked@%h")
+        redis_client.sadd("_kombu.binding.reply.celery.pidbox", *[f"garbage{i}" for i in range(50)])
+
+        def ask(command, **arguments):
+            return app.control.broadcast(command, arguments, [node], reply=True, timeout=5)[0][node]
+        assert "error" in ask("add_consumer", queue=["a", "b"]) and "error" in ask("add_consumer", queue="")
+        assert "error" in ask("time_limit", task_name="test_minicelery.add", hard="abc")
+        assert "error" in ask("time_limit", task_name="test_minicelery.add", soft=-5)
+        assert "error" in ask("rate_limit", task_name="test_minicelery.add", rate_limit={"a": 1})
+        assert "error" in ask("revoke")  # no task_id
+        conf = json.dumps(ask("conf"))
+        assert "LEAK1" not in conf and "LEAK2" not in conf
+        assert add.delay(2, 2).get(timeout=10) == 4  # still working, on its own queue only
+        assert [q["name"] for q in ask("active_queues")] == ["celery"]
+
+
+def test_multi_never_signals_a_process_that_is_not_its_worker(tmp_path):
+    write_tree(tmp_path, {"multiproj.py": """
+        from minicelery import Celery
+        app = Celery("multiproj", broker="sqlite:///multi.db")
+        """})
+    env = project_env(tmp_path)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "w1.pid").write_text(f"{bystander.pid}\n")  # stale: the pid went to another program
+        (tmp_path / "w2.pid").write_text("0\n")  # 0 would be the whole process group
+        stopped = run_cli(tmp_path, env, "multi", "kill", "w1", "w2", "-A", "multiproj")
+        assert stopped.returncode == 0 and stopped.stdout.count("DOWN") == 2, stopped
+        assert bystander.poll() is None and not (tmp_path / "w1.pid").exists()
+        bad = run_cli(tmp_path, env, "multi", "start", "../escape", "-A", "multiproj")
+        assert bad.returncode == 1 and "not a node name" in bad.stderr and not (tmp_path.parent / "escape.pid").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_cli_dead_reads_entries_it_did_not_write(app, redis_client):
+    redis_client.lpush("minicelery:dead-letters", b"\xff\xfe not json", json.dumps([1, 2]),
+                       json.dumps({"reason": 5, "queue": {"x": 1}, "time": "later", "raw": {"not": "text"}}))
+    env = dict(os.environ, PYTHONPATH=HERE, MINICELERY_BROKER_URL=app.conf.broker_url)
+    listing = _cli("-A", "test_minicelery", "dead", env=env)
+    out = listing.communicate(timeout=30)[0]  # (stderr too)
+    assert listing.returncode == 0 and "3 dead letter(s)." in out and "Traceback" not in out, out
+    dropped = _cli("-A", "test_minicelery", "dead", "drop", "--all", env=env)
+    assert "Dropped 3 dead letter(s)." in dropped.communicate(timeout=30)[0]
+    assert redis_client.llen("minicelery:dead-letters") == 0
