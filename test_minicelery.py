@@ -5743,6 +5743,11 @@ def test_interop_celerys_inspect_and_status_list_a_minicelery_worker(app, tmp_pa
         registered = subprocess.run([*celery, "inspect", "registered", "--timeout", "3"], cwd=tmp_path, env=env,
                                     capture_output=True, text=True, timeout=60)
         assert "test_minicelery.add" in registered.stdout, registered
+        held = sleep_then.delay(5, "held")
+        wait_until(lambda: app.control.inspect(destination=[node], timeout=3).active()[node], what="a task running")
+        active = subprocess.run([*celery, "inspect", "active", "--timeout", "3"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert active.returncode == 0 and node in active.stdout and held.id in active.stdout, active
         real = real_celery.Celery("realproj", broker=app.conf.broker_url.replace("unix://", "redis+socket://"))
         assert real.control.inspect(timeout=3).stats()[node]["pool"]["max-concurrency"] == 2
         assert real.control.rate_limit("test_minicelery.add", "5/s", reply=True, timeout=3) == [
