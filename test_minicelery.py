@@ -5908,7 +5908,7 @@ def test_interop_flower_lists_a_minicelery_worker_and_its_tasks(app, tmp_path):
     app.conf.worker_send_task_events = True
     log = open(tmp_path / "flower.log", "w")
     flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "flowerproj", "flower", f"--port={port}",
-                               "--address=127.0.0.1"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+                               "--address=127.0.0.1", "--inspect_timeout=5000"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def api(path):
         try:
@@ -5925,8 +5925,9 @@ def test_interop_flower_lists_a_minicelery_worker_and_its_tasks(app, tmp_path):
             tasks = wait_until(lambda: (api("tasks") or {}).get(result.id, {}).get("state") == "SUCCESS"
                                and api("tasks"), timeout=30, what="Flower seeing the task")
             assert tasks[result.id]["worker"] == node and tasks[result.id]["result"] == "42"
-            workers = wait_until(lambda: (api("workers?refresh=1") or {}).get(node), timeout=30,
-                                 what="Flower listing the worker")
+            # (Flower asks with a short timeout; an answer too late for one refresh comes with the next)
+            workers = wait_until(lambda: (api("workers?refresh=1") or {}).get(node, {}).get("registered") and
+                                 api("workers")[node], timeout=30, what="Flower listing the worker")
             assert "test_minicelery.add" in workers["registered"]
     finally:
         flower.terminate()
