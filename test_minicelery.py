@@ -4408,8 +4408,10 @@ def run_cli(tmp_path, env, *argv, timeout=30):
 
 
 class CliWorker:
+    """A `python -m minicelery ... worker` process, logging to a file."""
+
     def __init__(self, proc, log_path):
-        self.proc, self.log_path = proc, log_path
+        self.proc, self.log_path, self.returncode = proc, log_path, None
 
     def log(self):
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -5392,28 +5394,13 @@ def run(cwd, env, *argv, timeout=60, worker=None):
     return proc.stdout
 
 
-class ExampleWorker:
-    """A `python -m minicelery -A ... worker` process, logging to a file."""
-
-    def __init__(self, proc, log_path):
-        self.proc, self.log_path, self.returncode = proc, log_path, None
-
-    def log(self):
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def wait_for_log(self, text, timeout=20.0):
-        wait_until(lambda: text in self.log() or self.proc.poll() is not None, timeout,
-                   f"{text!r} in the worker log")
-        assert text in self.log(), f"the worker exited ({self.proc.returncode}):\n{self.log()}"
-
-
 @contextlib.contextmanager
 def example_worker(cwd, env, app, log_path, *options, command=(sys.executable, "-m", "minicelery")):
     """The worker for the block: started as the README says, stopped with SIGTERM."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen([*command, "-A", app, "worker", "-l", "INFO", "-c", "2", *options],
                                 cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    handle = ExampleWorker(proc, log_path)
+    handle = CliWorker(proc, log_path)
     try:
         handle.wait_for_log("ready.", timeout=30)
         yield handle
