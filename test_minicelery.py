@@ -5907,6 +5907,9 @@ def test_interop_flower_lists_a_minicelery_worker_and_its_tasks(app, tmp_path):
         wait_until(lambda: api("workers") is not None, timeout=30, what="Flower up")
         with worker(app, tmp_path, hostname="flowered@%h"):
             node = minicelery._expand_hostname("flowered@%h")
+            # Flower's event capture starts on its own time: once it has our heartbeat, it sees task events.
+            wait_until(lambda: (api("workers?status=true") or {}).get(node), timeout=30,
+                       what="Flower hearing the worker's events")
             result = add.delay(20, 22)
             assert result.get(timeout=10) == 42
             tasks = wait_until(lambda: (api("tasks") or {}).get(result.id, {}).get("state") == "SUCCESS"
