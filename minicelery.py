@@ -62,12 +62,11 @@ import json
 import logging
 import os
 import pickle
-import platform
 import re
 import resource
 import select
+import selectors
 import signal
-import socket
 import sys
 import textwrap
 import threading
@@ -78,7 +77,6 @@ import uuid as _uuid
 import weakref
 import zlib
 from collections import deque, namedtuple
-from multiprocessing.connection import Pipe, wait as wait_for_connections
 
 __version__ = "0.1.0"
 
@@ -289,6 +287,48 @@ def signal_number(value) -> int:
     elif isinstance(value, int) and not isinstance(value, bool) and value in signal.valid_signals():
         return value
     raise ValueError(f"unknown signal {_short_repr(value, 80)}; use a name like 'SIGTERM' or a number")
+
+
+#: the read end of the pipe a worker's signals write to (signal.set_wakeup_fd), or None
+_signal_pipe = None
+
+
+def watch_signals():
+    """Have signals written to a pipe that every wait of the worker watches: a wait
+    in select() then ends at once on SIGTERM or Ctrl-C instead of running out its
+    timeout (Python runs the handler, then would resume the wait)."""
+    global _signal_pipe
+    if _signal_pipe is None:
+        _signal_pipe, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(write_end, False)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+
+def _stop_watching_signals():
+    global _signal_pipe
+    if _signal_pipe is not None:
+        os.close(signal.set_wakeup_fd(-1))
+        os.close(_signal_pipe)
+        _signal_pipe = None
+
+
+def signal_came() -> bool:
+    """Whether a signal came since the last look (the pipe is emptied)."""
+    try:
+        return bool(_signal_pipe is not None and os.read(_signal_pipe, 4096))
+    except BlockingIOError:
+        return False
+
+
+def wait_readable(handles, timeout) -> list:
+    """The handles (file objects or descriptors) readable within `timeout` seconds; [] at
+    once when a signal comes (watch_signals)."""
+    watched = list(handles) + ([_signal_pipe] if _signal_pipe is not None else [])
+    readable = select.select(watched, [], [], max(timeout, 0))[0] if watched else time.sleep(timeout) or []
+    if _signal_pipe in readable:
+        signal_came()
+        return []
+    return readable
 
 
 class _ProcessNameFilter(logging.Filter):
@@ -560,7 +600,7 @@ def build_headers(task_name, task_id, args, kwargs, extra=None, **fields) -> dic
         "lang": "py", "task": task_name, "id": task_id, "shadow": None, "eta": None, "expires": None,
         "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
         "parent_id": None, "argsrepr": _short_repr(tuple(args)), "kwargsrepr": _short_repr(kwargs),
-        "origin": f"gen{os.getpid()}@{socket.gethostname()}", "ignore_result": False,
+        "origin": f"gen{os.getpid()}@{os.uname().nodename}", "ignore_result": False,
         "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {}, **fields, **(extra or {}),
     }
 
@@ -637,6 +677,11 @@ class Message:
 
     def describe(self):
         return f"{self.task_name}[{self.id}]"
+
+    def __getstate__(self):
+        # Down the pipe to a pool process goes what run_task() reads, decoded: the
+        # raw envelope and body (most of the bytes) stay with the consumer.
+        return dict(self.__dict__, raw="", body=b"")
 
 
 #: what each header a worker reads must be, when present and not null; checked on
@@ -771,15 +816,20 @@ class Broker:
             raise ImproperlyConfigured(f"visibility_timeout must be a number of seconds > 0, "
                                        f"not {self.visibility_timeout!r}")
         self._held = {}  # delivery tag -> when we reserved (or last touched) it: our claim on it
+        self._touching = threading.Lock()  # the solo pool's keepalive thread touches too
 
     def publish(self, queue: str, envelope: str, priority: int = 0, tag=None):
         """Append one message (an envelope JSON string, with delivery tag `tag`) to
         `queue`; sending the same message again must not queue it twice."""
 
-    def reserve(self, queues, limit: int, timeout: float) -> list:
+    def reserve(self, queues, limit: int, timeout: float, ack=(), sent=None) -> list:
         """Take up to `limit` messages, waiting up to `timeout` s for the first.
 
         Returns Delivery tuples; each stays reserved until ack() or requeue().
+        The tags in `ack` are acked first, in the same round trip, and `sent()`
+        is called as soon as those acks are sure to reach the broker even if this
+        process died now (written to its socket, or committed): the consumer
+        starts the acked tasks then, while the broker works on the rest.
         """
 
     def ack(self, tags):
@@ -794,17 +844,18 @@ class Broker:
         Returns the tags that are no longer reserved: restored to their queue
         (we were out of touch past the visibility timeout), so no longer ours.
         """
-        claims = [(tag, self._held[tag]) for tag in tags if tag in self._held]
-        if not claims:
-            return set()
-        now = time.time()
-        lost = self._renew(claims, now)
-        for tag, _ in claims:
-            if tag in lost:
-                self._held.pop(tag, None)
-            elif tag in self._held:  # (not acked meanwhile by the worker's other thread)
-                self._held[tag] = now
-        return lost
+        with self._touching:  # (two at once would each find the other's claim, not theirs)
+            claims = [(tag, self._held[tag]) for tag in tags if tag in self._held]
+            if not claims:
+                return set()
+            now = time.time()
+            lost = self._renew(claims, now)
+            for tag, _ in claims:
+                if tag in lost:
+                    self._held.pop(tag, None)
+                elif tag in self._held:  # (not acked meanwhile by the worker's other thread)
+                    self._held[tag] = now
+            return lost
 
     def _renew(self, claims, now) -> set:
         """Move each (tag, claim) whose claim is still ours to `now`; returns the tags that aren't."""
@@ -911,6 +962,114 @@ def redis_client(url: str, decode_responses=False, socket_timeout=5.0):
                                 retry=Retry(NoBackoff(), 0), max_connections=2 ** 16)
 
 
+class HeldConnection:
+    """One redis-py connection kept for a hot path, with its scripts.
+
+    Through the client, each command takes a connection from the pool, wraps
+    the call in a retry and gives the connection back: about 50 µs of Python
+    per command. Held, it costs a third of that, and several commands go out
+    in one write. A lost connection is dropped (its replies would be out of
+    step) and the next call connects again. Not for sharing between threads.
+    """
+
+    def __init__(self, client):
+        self.client, self.connection, self._shas = client, None, {}
+        self.lock = threading.Lock()  # one exchange at a time: a client's threads may share it
+
+    def run(self, *commands) -> list:
+        """Send the commands in one write; their replies. A command that failed raises its
+        ResponseError, once every reply is read."""
+        replies = self._exchange(commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def script(self, source, keys, args, sent=None):
+        """Run a Lua script by its SHA1; sent whole the first time Redis hasn't seen it.
+        `sent()` is called once the command is written, before its reply is read."""
+        if source not in self._shas:
+            import hashlib
+            self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
+        [reply] = self._exchange([("EVALSHA", self._shas[source], len(keys), *keys, *args)], sent)
+        if isinstance(reply, _import_redis().exceptions.NoScriptError):
+            reply = self.run(("EVAL", source, len(keys), *keys, *args))[0]  # (and Redis keeps it)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def _exchange(self, commands, sent=None) -> list:
+        error = _import_redis().exceptions.ResponseError
+        with self.lock:
+            if self.connection is None:
+                self.connection = self.client.connection_pool.make_connection()
+            connection = self.connection
+            try:
+                connection.send_packed_command(connection.pack_commands(commands))
+                if sent is not None:
+                    sent()
+                replies = []
+                for _ in commands:
+                    try:
+                        replies.append(connection.read_response())
+                    except error as exc:
+                        replies.append(exc)
+                return replies
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.disconnect()
+            self.connection = None
+
+
+class ListWatcher(HeldConnection):
+    """A connection blocked on one list, to learn without polling that a message came.
+
+    Its command moves the list's last element onto itself (BLMOVE, or on Redis
+    before 6.2 BRPOPLPUSH, which puts it at the other end: in order for the one
+    message of an empty list). Unlike kombu's BRPOP it takes nothing, so a reply
+    lost on the way can't lose a message. It stays armed while the worker does
+    other things, and its socket turns readable when the list has something.
+    """
+
+    #: seconds Redis holds the command before answering "nothing"; then it is sent again
+    BLOCK = 10
+
+    def __init__(self, client, key):
+        super().__init__(client)
+        self.key, self.armed = key, False
+
+    def arm(self, blmove=True):
+        if not self.armed:
+            if self.connection is None:
+                self.connection = self.client.connection_pool.make_connection()
+            command = ("BLMOVE", self.key, self.key, "RIGHT", "RIGHT", self.BLOCK) if blmove \
+                else ("BRPOPLPUSH", self.key, self.key, self.BLOCK)
+            try:
+                self.connection.send_command(*command)
+            except BaseException:
+                self.close()
+                raise
+            self.armed = True
+
+    def fileno(self):
+        return self.connection._sock.fileno()  # (redis-py keeps its socket private; select needs it)
+
+    def answer(self):
+        """Read the answer that made the socket readable: a message came, or the time ran out."""
+        self.armed = False
+        try:
+            return self.connection.read_response()
+        except _import_redis().exceptions.ResponseError as exc:
+            return exc
+        except BaseException:
+            self.close()
+            raise
+
+
 def next_pubsub_message(pubsub, timeout):
     """The next pub/sub message, or None if none starts to arrive within `timeout`.
 
@@ -951,8 +1110,9 @@ def _queue_of_key(key: str):
     return queue if sep and step.isdigit() else key
 
 
-# Moves up to ARGV[1] messages from the queue lists (KEYS[6:]) into unacked
-# (KEYS[1]) and unacked_index (KEYS[2]), atomically, so that a worker dying
+# Acks the delivery tags ARGV[5:] (they leave unacked), then moves up to ARGV[1]
+# messages from the queue lists (KEYS[6:]) into unacked (KEYS[1]) and
+# unacked_index (KEYS[2]), atomically, so that a worker dying
 # between "pop" and "remember" can't lose a message. First it moves parked ETA
 # messages (KEYS[3], KEYS[4]) due before ARGV[3] back to their queues. A message
 # without a delivery_tag (kombu would lose it), or with one already held or
@@ -988,6 +1148,10 @@ local function remember(key, raw)
   redis.call('HSET', KEYS[1], tag, entry)
   redis.call('ZADD', KEYS[2], ARGV[2], tag)
   table.insert(out, key); table.insert(out, tag); table.insert(out, raw)
+end
+for i = 5, #ARGV do  -- acks ride along: one round trip per turn of the worker's loop
+  redis.call('HDEL', KEYS[1], ARGV[i])
+  redis.call('ZREM', KEYS[2], ARGV[i])
 end
 -- Parked ETA messages due before ARGV[3] go back to the consuming end of their lists.
 for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[3], 'LIMIT', 0, 100)) do
@@ -1073,8 +1237,6 @@ class RedisBroker(Broker):
     DEAD_LETTERS = "minicelery:dead-letters"
     ETA, ETA_MESSAGES = "minicelery:eta", "minicelery:eta-messages"
     REVOKED = "minicelery:revoked"
-    #: longest an idle worker waits on its first queue before looking at the others
-    WATCH_LIMIT = 0.25
     #: seconds a publish marker lives: longer than any retried publish takes
     SENT_MARKER_TTL = 60
 
@@ -1083,7 +1245,9 @@ class RedisBroker(Broker):
         self.connection_errors = _redis_transient_errors()
         self.client = redis_client(url)
         self._publish_script = self.client.register_script(_PUBLISH_LUA)
-        self._reserve_script = self.client.register_script(_RESERVE_LUA)
+        #: the consumer's loop (reserve, ack) runs its commands on a connection of its own
+        self.held = HeldConnection(self.client)
+        self._watchers, self._blmove = {}, True  # list key -> its ListWatcher; Redis has BLMOVE
         self._touch_script = self.client.register_script(_TOUCH_LUA)
         self._restore_script = self.client.register_script(_RESTORE_LUA)
         self._lease_script = self.client.register_script(_LEASE_LUA)
@@ -1116,22 +1280,15 @@ class RedisBroker(Broker):
         per_queue = [_queue_keys(q) for q in turned]
         return [keys[step] for step in range(len(PRIORITY_STEPS)) for keys in per_queue]
 
-    def reserve(self, queues, limit, timeout):
-        if limit <= 0:
-            return []
+    def reserve(self, queues, limit, timeout, ack=(), sent=None):
+        ack = list(ack)
         self._declare(queues)
         keys = self._ordered_keys(queues)
         fixed = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES, self.DEAD_LETTERS]
         self._restore_orphans()
-        found = self._take(fixed + keys, limit, time.time())
-        if not found and timeout:
-            # Wait for a message without taking it: BLMOVE from a list to itself. A
-            # BRPOP (kombu's way) loses the message it popped if the reply is lost,
-            # as when Redis restarts. Only one list can be watched this way: the
-            # first queue's; others are checked at least every WATCH_LIMIT seconds.
-            wake = self.client.blmove(keys[0], keys[0], min(timeout, self.WATCH_LIMIT), "RIGHT", "RIGHT")
-            if wake is not None or len(keys) > 1:
-                found = self._take(fixed + keys, limit, time.time())
+        found = self._take(fixed + keys, max(limit, 0), time.time(), ack, sent)
+        if not found and timeout and limit > 0 and self._wait_for_message(keys, timeout):
+            found = self._take(fixed + keys, limit, time.time())
         deliveries = []
         for i in range(0, len(found), 3):
             queue, tag = _queue_of_key(found[i].decode()), found[i + 1].decode()
@@ -1142,10 +1299,43 @@ class RedisBroker(Broker):
                              "kept (cut) in the dead letters", found[i + 2].decode(), queue)
         return deliveries
 
-    def _take(self, keys, limit, now):
+    def _wait_for_message(self, keys, timeout) -> bool:
+        """Wait until one of the lists `keys` may hold a message (each has a ListWatcher), or
+        `timeout` passes, or a signal or a control command comes. A watcher stays armed
+        until it answers."""
+        for key in set(self._watchers) - set(keys):  # a queue no longer consumed
+            self._watchers.pop(key).close()
+        watchers = [self._watchers.setdefault(key, ListWatcher(self.client, key)) for key in keys]
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            for watcher in watchers:
+                watcher.arm(self._blmove)
+            control = self._pubsub.connection if self._pubsub is not None else None
+            commands = [control._sock] if control is not None and control._sock is not None else []
+            answered = wait_readable(watchers + commands, left)
+            if not answered or commands and commands[0] in answered:
+                return False  # the time is up, or a signal or a control command came
+            if any([self._came(watcher.answer()) for watcher in answered if watcher in watchers]):
+                return True
+        return False
+
+    def _came(self, answer) -> bool:
+        """Whether a watcher's answer says a message came (else: its time ran out)."""
+        if isinstance(answer, Exception):
+            if "unknown command 'blmove'" not in str(answer).lower():
+                raise answer
+            if self._blmove:
+                logger.info("Redis has no BLMOVE (before 6.2): watching queues with BRPOPLPUSH")
+            self._blmove = False
+        return answer is not None and not isinstance(answer, Exception)
+
+    def _take(self, keys, limit, now, ack=(), sent=None):
+        for tag in ack:
+            self._held.pop(tag, None)
         try:
-            found = self._reserve_script(keys=keys, args=[limit, now, now + self.ETA_MOVE_AHEAD,
-                                                          _envelope_limit(self.app.conf.worker_max_message_size)])
+            found = self.held.script(_RESERVE_LUA, keys, [
+                limit, now, now + self.ETA_MOVE_AHEAD, _envelope_limit(self.app.conf.worker_max_message_size), *ack],
+                sent)
             self._held.update((found[i].decode(), now) for i in range(1, len(found), 3) if found[i])
             return found
         except self.connection_errors:
@@ -1164,11 +1354,8 @@ class RedisBroker(Broker):
     def ack(self, tags):
         for tag in tags:
             self._held.pop(tag, None)
-        if tags:
-            with self.client.pipeline() as pipe:
-                pipe.zrem(self.UNACKED_INDEX, *tags)
-                pipe.hdel(self.UNACKED, *tags)
-                pipe.execute()
+        if tags:  # MULTI: both or neither (an index entry alone would never be restored)
+            self.held.run(("MULTI",), ("ZREM", self.UNACKED_INDEX, *tags), ("HDEL", self.UNACKED, *tags), ("EXEC",))
 
     def _renew(self, claims, now):
         return {tag.decode() for tag in self._touch_script(
@@ -1351,6 +1538,8 @@ class RedisBroker(Broker):
     def close(self):
         if self._pubsub is not None:
             self._pubsub.close()
+        for watcher in [self.held, *self._watchers.values()]:
+            watcher.close()
         self.client.close()
 
 
@@ -1616,14 +1805,18 @@ class SQLiteStore:
             return self.reader.execute(sql, params).fetchall()
 
     def wait_for_change(self, timeout):
-        """Sleep until the database may have changed, or `timeout` seconds pass."""
+        """Sleep until the database may have changed, or `timeout` seconds pass; True if a
+        signal came (watch_signals) meanwhile."""
         deadline = time.monotonic() + timeout
         writes, version = self._writes, self._data_version()
         while time.monotonic() < deadline:
+            if signal_came():
+                return True
             with self._changed:
                 self._changed.wait(min(self.POLL, max(deadline - time.monotonic(), 0)))
             if self._writes != writes or self._data_version() != version:
-                return
+                return False
+        return False
 
     def _data_version(self):
         return None if self.memory else self.read("PRAGMA data_version")[0][0]
@@ -1646,14 +1839,18 @@ class SQLiteBroker(Broker):
             db.execute("INSERT INTO messages (queue, step, seq, raw) VALUES (?, ?, ?, ?)",
                        (queue, step, time.time(), envelope.encode() if isinstance(envelope, str) else envelope))
 
-    def reserve(self, queues, limit, timeout):
+    def reserve(self, queues, limit, timeout, ack=(), sent=None):
+        self.ack(list(ack))
+        if sent is not None:
+            sent()
         deadline = time.monotonic() + timeout
         while True:
             found = self._take(queues, limit)
             left = deadline - time.monotonic()
             if found or left <= 0 or limit <= 0:
                 return found
-            self.store.wait_for_change(left)
+            if self.store.wait_for_change(left):
+                return []  # a signal: the consumer looks at it now
             if self._last_control is not None and self.store.read(
                     "SELECT COALESCE(MAX(id), 0) FROM broadcasts")[0][0] > self._last_control:
                 return []  # a command came: the consumer reads it between two reserves
@@ -2115,7 +2312,7 @@ class RedisBackend(ResultBackend):
         super().__init__(app, url)
         self.connection_errors = _redis_transient_errors()
         self.client = redis_client(url, socket_timeout=self.SOCKET_TIMEOUT)
-        self._store_script = self.client.register_script(_STORE_RESULT_LUA)
+        self.held = HeldConnection(self.client)  # for the hot path: storing results
         self._chord_script = self.client.register_script(_CHORD_PART_LUA)
         self._waiters = _SharedSubscriptions(self.client, self.connection_errors)
 
@@ -2133,7 +2330,7 @@ class RedisBackend(ResultBackend):
                 time.sleep(pause)
 
     def _set(self, key, data):
-        self._retrying(lambda: self._store_script(keys=[key], args=[data, self.expires]))
+        self._retrying(self.held.script, _STORE_RESULT_LUA, [key], [data, self.expires])
 
     def _get(self, key):
         return self._retrying(self.client.get, key)
@@ -2191,6 +2388,7 @@ class RedisBackend(ResultBackend):
         return self.meta_from(data, task_id)
 
     def close(self):
+        self.held.close()
         self.client.close()
 
 
@@ -4106,7 +4304,7 @@ class SoloPool(Pool):
     def collect(self, timeout):
         finished, self._finished = self._finished, []
         if not finished and timeout:
-            time.sleep(timeout)  # idle: nothing can finish while we wait
+            wait_readable([], timeout)  # idle: nothing can finish while we wait
         return finished
 
     def stop(self, cold=False):
@@ -4144,17 +4342,21 @@ class PreforkPool(Pool):
     def __init__(self, app, concurrency, hostname, max_tasks_per_child=None):
         super().__init__(app, concurrency, hostname, max_tasks_per_child)
         self.children, self.stopping = [], False
+        #: every child's pipe and exit sentinel, kept registered (not rebuilt on each wait)
+        self.selector = selectors.DefaultSelector()
 
     def start(self):
         for index in range(1, self.concurrency + 1):
             self.children.append(self._spawn(index))
 
     def _spawn(self, index) -> _Child:
+        from multiprocessing.connection import Pipe  # (here: a client never pays for importing it)
         ours, theirs = Pipe()
 
         def run_child():
             # Keep only our own pipe end, so we see EOF when the main process dies.
             ours.close()
+            self.selector.close()
             for sibling in self.children:
                 sibling.conn.close()
                 if sibling.sentinel is not None:
@@ -4164,7 +4366,10 @@ class PreforkPool(Pool):
         _close_django_connections(forking=True)
         pid = fork_child(run_child)
         theirs.close()
-        return _Child(index, pid, ours)
+        child = _Child(index, pid, ours)
+        for handle in (h for h in (child.conn, child.sentinel) if h is not None):
+            self.selector.register(handle, selectors.EVENT_READ, child)
+        return child
 
     def free_slots(self):
         return sum(1 for child in self.children if child.job is None and not child.retiring)
@@ -4200,14 +4405,17 @@ class PreforkPool(Pool):
 
     def collect(self, timeout):
         self._enforce_time_limits()
-        by_handle = {child.conn: child for child in self.children}
-        by_handle.update({child.sentinel: child for child in self.children if child.sentinel})
+        if _signal_pipe is not None and _signal_pipe not in self.selector.get_map():
+            self.selector.register(_signal_pipe, selectors.EVENT_READ, None)
         events, exited = [], []
-        for handle in wait_for_connections(list(by_handle), timeout):
-            child = by_handle[handle]
+        for key, _ in self.selector.select(timeout):
+            child = key.data
+            if child is None:  # a signal: back to the consumer at once
+                signal_came()
+                continue
             if child in exited:
                 continue
-            if handle is child.sentinel or not self._receive_from(child, events):
+            if key.fileobj is child.sentinel or not self._receive_from(child, events):
                 while child.conn.poll():  # a last reply may be waiting behind the exit
                     if not self._receive_from(child, events):
                         break
@@ -4228,6 +4436,8 @@ class PreforkPool(Pool):
 
     def _replace(self, child) -> list:
         reason = _exit_reason(_reap(child.pid))
+        for handle in (h for h in (child.conn, child.sentinel) if h is not None):
+            self.selector.unregister(handle)
         child.conn.close()
         if child.sentinel is not None:
             os.close(child.sentinel)
@@ -4298,6 +4508,7 @@ def fork_child(run_child) -> int:
         return pid
     status = 1
     try:
+        _stop_watching_signals()  # the parent's pipe is not the child's business
         for signum in watched:
             signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -4443,22 +4654,21 @@ class Consumer:
         self._apply_control()  # first: listening starts before the first reload of revocations
         self._maintain()
         self._release_due()
-        self._dispatch()
+        batch = self._next_batch()
         # Everything held counts, waiting for an ETA or a rate limit too: a worker
         # holds at most prefetch_limit messages, and the rest stay for others.
-        room = self.prefetch_limit - len(self.ready) - len(self.scheduled) - len(self.active)
+        room = self.prefetch_limit - len(self.ready) - len(self.scheduled) - len(self.active) - len(batch)
         wait, precise = self._wait_time()
-        received = 0
-        self._flush_acks()  # before we may block: a late ack must not wait for the next message
-        if room > 0 and not self.stopping:
-            if self.ready:
-                timeout = 0
-            elif precise:  # block on Redis only while its coarse timeout can't overshoot
-                margin = 2 * self.BLOCKING_PRECISION
-                timeout = wait - margin if wait > 1.5 * margin else 0
-            else:  # with tasks running, wake often enough to ack them promptly
-                timeout = min(wait, self.BLOCKING_PRECISION) if self.active else wait
-            received = self._receive(self.broker.reserve(self.queues, room, timeout))
+        if self.stopping:
+            room = 0
+        if batch or self.ready:
+            timeout = 0
+        elif precise:  # block on Redis only while its coarse timeout can't overshoot
+            margin = 2 * self.BLOCKING_PRECISION
+            timeout = wait - margin if wait > 1.5 * margin else 0
+        else:  # with tasks running, wake often enough to ack them promptly
+            timeout = min(wait, self.BLOCKING_PRECISION) if self.active else wait
+        received = self._receive(self._reserve_and_start(batch, room, timeout))
         if not received:  # (a tenth of a second at most: control commands and freed room wait no longer)
             busy = self.ready or precise or room <= 0
             self._handle(self.pool.collect(min(self._wait_time()[0], self.BLOCKING_PRECISION) if busy else 0))
@@ -4649,27 +4859,55 @@ class Consumer:
             self.next_start[name] = now + self.spacing[name]
         return wait > 0
 
-    def _dispatch(self):
-        while self.ready and not self.stopping:
-            free = self.pool.free_slots()
-            if not free:
-                return
-            batch = []
-            while self.ready and len(batch) < free:
-                message = self.ready.popleft()
-                if not self._throttled(message):
-                    batch.append(message)
-            try:  # early ack: acked before it runs, so a crash can't run it twice
-                self.broker.ack([m.delivery_tag for m in batch if not self._acks_late(m)])
-            except Exception:
-                self.ready.extendleft(reversed(batch))  # not acked, not run: still ours
-                raise
-            for message in batch:
-                self.active[message.delivery_tag] = message
-                self.started[message.delivery_tag] = time.time()
-                message.events = self.events
-                self._apply(message)
-            self._handle(self.pool.collect(0))
+    def _reserve_and_start(self, batch, room, timeout) -> list:
+        """Ack and start `batch`, and take up to `room` more messages, in one round trip.
+
+        The batch's early acks (acked before it runs, so a crash can't run it
+        twice) and the late acks of tasks done go first; the batch starts as soon
+        as they are on their way, while the broker looks for more messages.
+        """
+        early = [m.delivery_tag for m in batch if not self._acks_late(m)]
+        acks, started = early + self._acks_due(), []
+
+        def start():
+            started.append(True)
+            self._start(batch)
+
+        try:
+            if room > 0 or acks:
+                # (the solo pool would run the batch right there, with new messages taken and unfiled)
+                deliveries = self.broker.reserve(self.queues, room, timeout, ack=acks,
+                                                 sent=None if self.pool.name == "solo" else start)
+            else:
+                deliveries = []
+        except Exception:
+            if started:  # running now, maybe not acked: ack again next time
+                self._to_ack.extend(early)
+            else:  # maybe acked, surely not run: still ours
+                self.ready.extendleft(reversed(batch))
+            raise
+        sent = set(acks)
+        self._to_ack = [tag for tag in self._to_ack if tag not in sent]
+        self._let_go.difference_update(sent)
+        if not started:
+            start()
+        return deliveries
+
+    def _next_batch(self) -> list:
+        """Due messages for the pool's free slots, past their rate limits."""
+        batch, free = [], 0 if self.stopping else self.pool.free_slots()
+        while self.ready and len(batch) < free:
+            message = self.ready.popleft()
+            if not self._throttled(message):
+                batch.append(message)
+        return batch
+
+    def _start(self, batch):
+        for message in batch:
+            self.active[message.delivery_tag] = message
+            self.started[message.delivery_tag] = time.time()
+            message.events = self.events
+            self._apply(message)
 
     def _apply(self, message):
         # The limits in effect now go with it (`celery control time_limit` changes them here).
@@ -4719,10 +4957,14 @@ class Consumer:
 
     def _flush_acks(self):
         if self._to_ack:
-            # A message we let go may be another worker's claim now: not ours to ack.
-            self.broker.ack([tag for tag in self._to_ack if tag not in self._let_go])
+            self.broker.ack(self._acks_due())
             self._let_go.difference_update(self._to_ack)
             self._to_ack = []
+
+    def _acks_due(self) -> list:
+        # A message we let go may be another worker's claim now: not ours to ack.
+        return [tag for tag in self._to_ack if tag not in self._let_go]
+
 
     def held_tags(self):
         """Delivery tags this worker holds, unacked or running."""
@@ -4743,7 +4985,7 @@ class Consumer:
             self._next_heartbeat = time.monotonic() + self.HEARTBEAT
             self.send_event(kind, freq=self.HEARTBEAT, active=len(self.active), processed=sum(self.total.values()),
                             loadavg=[round(load, 2) for load in os.getloadavg()], sw_ident="py-celery",
-                            sw_ver=__version__, sw_sys=platform.system())
+                            sw_ver=__version__, sw_sys=os.uname().sysname)
 
     def _maintain(self):
         """Keep our messages' leases fresh, bring back those of dead workers, reload revocations."""
@@ -5058,6 +5300,7 @@ class Worker:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGHUP, on_hangup)
+        watch_signals()
 
     def banner(self, pool):
         import platform
@@ -5086,7 +5329,7 @@ class Worker:
 
 
 def _expand_hostname(name):
-    host = socket.gethostname()
+    host = os.uname().nodename
     return name.replace("%h", host).replace("%n", host.split(".")[0]).replace("%d", host.partition(".")[2])
 
 
@@ -5431,8 +5674,9 @@ class Beat:
     Celery: beat has no such lock; two beats send everything twice.
     """
 
-    #: seconds a lease lasts unless renewed; the leader renews it every LEASE_TTL / 3
-    LEASE_TTL = 10.0
+    #: seconds a lease lasts unless renewed; the leader renews it every LEASE_TTL / 3, and
+    #: a standby asks every LEASE_TTL / 6: it takes over at most 7 s after the leader died
+    LEASE_TTL = 6.0
 
     def __init__(self, app, schedule_filename=None, max_interval=None, lease_ttl=None):
         _check_beat_config(app)
@@ -5463,7 +5707,7 @@ class Beat:
     def tick(self, now=None) -> float:
         """Send what is due (when leading); returns how long to sleep before the next tick."""
         if not self._hold_lease():
-            return min(self.lease_ttl / 3, self.max_interval)
+            return min(self.lease_ttl / 6, self.max_interval)
         now = now or utcnow()
         sleep = self.max_interval
         for entry in self.entries.values():
@@ -5877,7 +6121,7 @@ def multi(action, names, app_spec, pidfile, logfile, worker_options, wait=60.0) 
             raise ImproperlyConfigured(f"multi: {name!r} is not a node name (no '/', no leading '.')")
         node = _expand_hostname(name if "@" in name else f"{name}@%h")
         short = node.split("@")[0]
-        files = [pattern.replace("%n", short).replace("%h", socket.gethostname()).replace("%I", "")
+        files = [pattern.replace("%n", short).replace("%h", os.uname().nodename).replace("%I", "")
                  for pattern in (pidfile, logfile)]
         if action in ("stop", "stopwait", "restart", "kill"):
             failed += not _stop_node(node, files[0], action, wait)

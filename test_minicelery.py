@@ -678,6 +678,81 @@ def test_broker_reserve_blocks_until_a_message_arrives(app):
     assert delivery.queue == "celery"
 
 
+#: commands newer than Redis 6.0, renamed away to play an older server (Ubuntu 22.04 ships 6.0)
+NEWER_THAN_REDIS_6_0 = ["BLMOVE", "LMOVE", "GETDEL", "GETEX", "ZRANGESTORE", "COPY", "LMPOP", "BLMPOP",
+                        "ZMSCORE", "SMISMEMBER", "HRANDFIELD", "ZRANDMEMBER", "ZUNION", "ZINTER", "ZDIFF",
+                        "ZDIFFSTORE", "XAUTOCLAIM", "EXPIRETIME", "PEXPIRETIME", "SINTERCARD", "LCS", "FCALL"]
+
+
+def _redis_6_0(tmp_path):
+    renames = [arg for name in NEWER_THAN_REDIS_6_0 for arg in ("--rename-command", name, "")]
+    return _start_redis(tmp_path, "redis-6.0", *renames)
+
+
+@pytest.mark.parametrize("server", ["redis", "redis-6.0"])
+def test_broker_wakes_for_a_message_on_any_queue_and_priority(app, tmp_path, server):
+    """An idle reserve() ends when a message comes to any of its queues at any priority,
+    not at its timeout, without taking anything to learn it (one blocked connection per
+    list); on a Redis without BLMOVE too."""
+    if server == "redis-6.0":
+        sock, proc = _redis_6_0(tmp_path)
+        _use_private_redis(app, sock)
+    broker = app.broker
+    for queue, priority in [("second", 9), ("first", 5), ("second", 0), ("first", 0)]:
+        thread, box = _in_background(broker.reserve, ["first", "second"], 1, 30.0)
+        wait_until(lambda: len(broker._watchers) == 8 and all(w.armed for w in broker._watchers.values()),
+                   what="reserve() waiting on every list of both queues")
+        add.apply_async((1, 2), queue=queue, priority=priority)
+        thread.join(15)
+        [delivery] = box["outcome"]
+        assert delivery.queue == queue and box["seconds"] < 15  # the message woke it, not its 30 s
+        broker.ack([delivery.tag])
+    assert broker._blmove is (server == "redis")
+    if server == "redis-6.0":
+        proc.kill()
+        proc.wait()
+
+
+def test_worker_runs_tasks_on_redis_6_0(app, tmp_path):
+    """A worker on a Redis without the commands of 6.2 and 7 (renamed away): tasks on
+    every queue and priority run, and acks_late and ETA tasks too."""
+    sock, proc = _redis_6_0(tmp_path)
+    try:
+        _use_private_redis(app, sock)
+        with worker(app, tmp_path, queues=["celery", "low"]):
+            results = [add.apply_async((i, 1), queue=queue, priority=priority)
+                       for i, (queue, priority) in enumerate([("celery", 0), ("low", 9), ("low", 3)])]
+            results.append(late_sleep.apply_async((0, "late"), countdown=1))
+            assert [r.get(timeout=15) for r in results] == [1, 2, 3, "late"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_broker_wait_ends_on_a_signal(any_app):
+    """A worker's waits (the broker's, the pool's) end at once when a signal comes, so an
+    idle worker leaves at SIGTERM without first sleeping out its wait."""
+    if any_app.broker_url.startswith("memory://"):
+        pytest.skip("a forked process can't share memory://")
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            any_app.after_fork()
+            signal.signal(signal.SIGUSR1, lambda *_: None)
+            minicelery.watch_signals()
+            os.write(ready_write, b"1")  # a signal from now on ends the wait, even one before it starts
+            started = time.monotonic()
+            found = any_app.broker.reserve(["celery"], 1, 30.0)
+            code = 0 if found == [] and time.monotonic() - started < 20 else 2
+        finally:
+            os._exit(code)
+    assert os.read(ready_read, 1) == b"1"
+    os.kill(pid, signal.SIGUSR1)
+    assert os.waitpid(pid, 0)[1] == 0, "reserve() did not end at the signal"
+
+
 def test_broker_serves_lower_priority_numbers_first(app):
     add.apply_async((1, 0), priority=9)
     add.apply_async((2, 0), priority=0)
