@@ -6151,3 +6151,21 @@ def test_cli_dead_reads_entries_it_did_not_write(app, redis_client):
     dropped = _cli("-A", "test_minicelery", "dead", "drop", "--all", env=env)
     assert "Dropped 3 dead letter(s)." in dropped.communicate(timeout=30)[0]
     assert redis_client.llen("minicelery:dead-letters") == 0
+
+
+# --- examples/benchmarks.py: its smoke run (the full runs are in the README) ------------
+
+def test_benchmarks_compare_smoke():
+    """examples/benchmarks.py compare runs end to end on a tiny load, minicelery only, and
+    prints its table with a positive drain rate and the targets."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    argv = [sys.executable, os.path.join(root, "examples", "benchmarks.py"), "compare",
+            "--systems", "minicelery", "--tasks", "20", "--roundtrips", "5"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("machine: ")
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["system", "enqueue/s", "drain/s"])
+    row = lines[header + 1].split()
+    assert row[0] == "minicelery" and float(row[2]) > 0, proc.stdout  # drain/s
+    assert "targets" in proc.stdout
