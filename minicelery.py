@@ -1025,6 +1025,14 @@ class HeldConnection:
             self.connection = None
 
 
+class HeldPerThread(threading.local):
+    """A HeldConnection for each thread (a web server's, say): no thread waits behind
+    another's stalled command, so each keeps its own deadline."""
+
+    def __init__(self, client):
+        self.connection = HeldConnection(client)
+
+
 class ListWatcher(HeldConnection):
     """A connection blocked on one list, to learn without polling that a message came.
 
@@ -1110,8 +1118,9 @@ def _queue_of_key(key: str):
     return queue if sep and step.isdigit() else key
 
 
-# Acks the delivery tags ARGV[5:] (they leave unacked), then moves up to ARGV[1]
-# messages from the queue lists (KEYS[6:]) into unacked (KEYS[1]) and
+# Acks the delivery tags after the queue names (they leave unacked), then moves up
+# to ARGV[1] messages from the lists of the ARGV[5] queues named next (each
+# priority step in turn, queues in the order given) into unacked (KEYS[1]) and
 # unacked_index (KEYS[2]), atomically, so that a worker dying
 # between "pop" and "remember" can't lose a message. First it moves parked ETA
 # messages (KEYS[3], KEYS[4]) due before ARGV[3] back to their queues. A message
@@ -1149,7 +1158,8 @@ local function remember(key, raw)
   redis.call('ZADD', KEYS[2], ARGV[2], tag)
   table.insert(out, key); table.insert(out, tag); table.insert(out, raw)
 end
-for i = 5, #ARGV do  -- acks ride along: one round trip per turn of the worker's loop
+local queues = tonumber(ARGV[5])
+for i = 6 + queues, #ARGV do  -- acks ride along: one round trip per turn of the worker's loop
   redis.call('HDEL', KEYS[1], ARGV[i])
   redis.call('ZREM', KEYS[2], ARGV[i])
 end
@@ -1167,12 +1177,15 @@ for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[3], 'LIMI
   redis.call('HDEL', KEYS[4], tag)
   redis.call('ZREM', KEYS[3], tag)
 end
-for i = 6, #KEYS do
-  while left > 0 do
-    local raw = redis.call('RPOP', KEYS[i])
-    if not raw then break end
-    if limit > 0 and #raw > limit then bury(KEYS[i], raw) else remember(KEYS[i], raw) end
-    left = left - 1
+for _, step in ipairs({0, 3, 6, 9}) do  -- kombu's lists: <queue>, then <queue>\x06\x16<step>
+  for i = 6, 5 + queues do
+    local key = step == 0 and ARGV[i] or ARGV[i] .. '\6\22' .. step
+    while left > 0 do
+      local raw = redis.call('RPOP', key)
+      if not raw then break end
+      if limit > 0 and #raw > limit then bury(key, raw) else remember(key, raw) end
+      left = left - 1
+    end
   end
 end
 return out
@@ -1244,7 +1257,7 @@ class RedisBroker(Broker):
         super().__init__(app, url)
         self.connection_errors = _redis_transient_errors()
         self.client = redis_client(url)
-        self._publish_script = self.client.register_script(_PUBLISH_LUA)
+        self._producer = HeldPerThread(self.client)
         #: the consumer's loop (reserve, ack) runs its commands on a connection of its own
         self.held = HeldConnection(self.client)
         self._watchers, self._blmove = {}, True  # list key -> its ListWatcher; Redis has BLMOVE
@@ -1260,8 +1273,8 @@ class RedisBroker(Broker):
         self.pidbox = f"/{db}.celery.pidbox"
 
     def publish(self, queue, envelope, priority=0, tag=None):
-        self._publish_script(keys=[_queue_key(queue, priority), f"minicelery:sent:{tag or uuid()}"],
-                             args=[envelope, self.SENT_MARKER_TTL])
+        self._producer.connection.script(_PUBLISH_LUA, [_queue_key(queue, priority), f"minicelery:sent:{tag or uuid()}"],
+                                         [envelope, self.SENT_MARKER_TTL])
 
     def _declare(self, queues):
         """Write kombu's binding entries once, so named-exchange producers find our queues."""
@@ -1273,22 +1286,15 @@ class RedisBroker(Broker):
             pipe.execute()
         self._declared.update(queues)
 
-    def _ordered_keys(self, queues):
+    def reserve(self, queues, limit, timeout, ack=(), sent=None):
+        self._declare(queues)
         # Round-robin over queues within each priority step, as kombu does.
         self._rotation = (self._rotation + 1) % max(len(queues), 1)
-        turned = list(queues[self._rotation:]) + list(queues[:self._rotation])
-        per_queue = [_queue_keys(q) for q in turned]
-        return [keys[step] for step in range(len(PRIORITY_STEPS)) for keys in per_queue]
-
-    def reserve(self, queues, limit, timeout, ack=(), sent=None):
-        ack = list(ack)
-        self._declare(queues)
-        keys = self._ordered_keys(queues)
-        fixed = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES, self.DEAD_LETTERS]
+        queues = list(queues[self._rotation:]) + list(queues[:self._rotation])
         self._restore_orphans()
-        found = self._take(fixed + keys, max(limit, 0), time.time(), ack, sent)
-        if not found and timeout and limit > 0 and self._wait_for_message(keys, timeout):
-            found = self._take(fixed + keys, limit, time.time())
+        found = self._take(queues, max(limit, 0), time.time(), list(ack), sent)
+        if not found and timeout and limit > 0 and self._wait_for_message(queues, timeout):
+            found = self._take(queues, limit, time.time())
         deliveries = []
         for i in range(0, len(found), 3):
             queue, tag = _queue_of_key(found[i].decode()), found[i + 1].decode()
@@ -1299,10 +1305,11 @@ class RedisBroker(Broker):
                              "kept (cut) in the dead letters", found[i + 2].decode(), queue)
         return deliveries
 
-    def _wait_for_message(self, keys, timeout) -> bool:
+    def _wait_for_message(self, queues, timeout) -> bool:
         """Wait until one of the lists `keys` may hold a message (each has a ListWatcher), or
         `timeout` passes, or a signal or a control command comes. A watcher stays armed
         until it answers."""
+        keys = [key for queue in queues for key in _queue_keys(queue)]
         for key in set(self._watchers) - set(keys):  # a queue no longer consumed
             self._watchers.pop(key).close()
         watchers = [self._watchers.setdefault(key, ListWatcher(self.client, key)) for key in keys]
@@ -1329,13 +1336,13 @@ class RedisBroker(Broker):
             self._blmove = False
         return answer is not None and not isinstance(answer, Exception)
 
-    def _take(self, keys, limit, now, ack=(), sent=None):
+    def _take(self, queues, limit, now, ack=(), sent=None):
         for tag in ack:
             self._held.pop(tag, None)
+        keys = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES, self.DEAD_LETTERS]
+        limits = [limit, now, now + self.ETA_MOVE_AHEAD, _envelope_limit(self.app.conf.worker_max_message_size)]
         try:
-            found = self.held.script(_RESERVE_LUA, keys, [
-                limit, now, now + self.ETA_MOVE_AHEAD, _envelope_limit(self.app.conf.worker_max_message_size), *ack],
-                sent)
+            found = self.held.script(_RESERVE_LUA, keys, [*limits, len(queues), *queues, *ack], sent)
             self._held.update((found[i].decode(), now) for i in range(1, len(found), 3) if found[i])
             return found
         except self.connection_errors:
@@ -1538,7 +1545,7 @@ class RedisBroker(Broker):
     def close(self):
         if self._pubsub is not None:
             self._pubsub.close()
-        for watcher in [self.held, *self._watchers.values()]:
+        for watcher in [self.held, self._producer.connection, *self._watchers.values()]:
             watcher.close()
         self.client.close()
 
@@ -2312,7 +2319,7 @@ class RedisBackend(ResultBackend):
         super().__init__(app, url)
         self.connection_errors = _redis_transient_errors()
         self.client = redis_client(url, socket_timeout=self.SOCKET_TIMEOUT)
-        self.held = HeldConnection(self.client)  # for the hot path: storing results
+        self.held = HeldPerThread(self.client)  # for the hot path: storing results
         self._chord_script = self.client.register_script(_CHORD_PART_LUA)
         self._waiters = _SharedSubscriptions(self.client, self.connection_errors)
 
@@ -2330,7 +2337,7 @@ class RedisBackend(ResultBackend):
                 time.sleep(pause)
 
     def _set(self, key, data):
-        self._retrying(self.held.script, _STORE_RESULT_LUA, [key], [data, self.expires])
+        self._retrying(lambda: self.held.connection.script(_STORE_RESULT_LUA, [key], [data, self.expires]))
 
     def _get(self, key):
         return self._retrying(self.client.get, key)
@@ -2388,7 +2395,7 @@ class RedisBackend(ResultBackend):
         return self.meta_from(data, task_id)
 
     def close(self):
-        self.held.close()
+        self.held.connection.close()
         self.client.close()
 
 
@@ -4659,8 +4666,8 @@ class Consumer:
         # holds at most prefetch_limit messages, and the rest stay for others.
         room = self.prefetch_limit - len(self.ready) - len(self.scheduled) - len(self.active) - len(batch)
         wait, precise = self._wait_time()
-        if self.stopping:
-            room = 0
+        if self.stopping or (self.ready and room < self.prefetch_limit / 2):
+            room = 0  # (with work at hand, take more once there is room for several: fewer round trips)
         if batch or self.ready:
             timeout = 0
         elif precise:  # block on Redis only while its coarse timeout can't overshoot

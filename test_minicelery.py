@@ -729,6 +729,21 @@ def test_worker_runs_tasks_on_redis_6_0(app, tmp_path):
         proc.wait()
 
 
+def test_held_connections_survive_a_flushed_script_cache(app, redis_client):
+    """The hot paths run their Lua scripts by SHA1 on held connections: after Redis lost its
+    script cache (a restart, SCRIPT FLUSH) each sends its script again and goes on."""
+    add.delay(1, 1)
+    [delivery] = app.broker.reserve(["celery"], 1, timeout=0)
+    redis_client.script_flush()
+    add.delay(2, 2)  # publish
+    app.broker.ack([delivery.tag])
+    [second] = app.broker.reserve(["celery"], 1, timeout=0)  # take
+    redis_client.script_flush()
+    app.backend.store_result("flushed", 4, minicelery.SUCCESS)  # store
+    assert app.AsyncResult("flushed").get(timeout=5) == 4
+    assert minicelery.decode_message(second.raw).headers["argsrepr"] == "(2, 2)"
+
+
 def test_broker_wait_ends_on_a_signal(any_app):
     """A worker's waits (the broker's, the pool's) end at once when a signal comes, so an
     idle worker leaves at SIGTERM without first sleeping out its wait."""
