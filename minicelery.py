@@ -4579,8 +4579,8 @@ class Consumer:
     MAX_WAIT = 1.0
     #: ETA tasks due within this many seconds wait in memory; later ones are parked
     ETA_HORIZON = 3.0
-    #: BRPOP's timeout is only as precise as redis-server's clock tick (hz 10: up to 100 ms late)
-    BLOCKING_PRECISION = 0.1
+    #: with tasks running, the consumer looks at the pool at least this often (seconds)
+    COLLECT_EVERY = 0.1
     #: seconds between reloads of every revoked id from the broker
     REVOKED_RELOAD = 30.0
 
@@ -4670,15 +4670,14 @@ class Consumer:
             room = 0  # (with work at hand, take more once there is room for several: fewer round trips)
         if batch or self.ready:
             timeout = 0
-        elif precise:  # block on Redis only while its coarse timeout can't overshoot
-            margin = 2 * self.BLOCKING_PRECISION
-            timeout = wait - margin if wait > 1.5 * margin else 0
-        else:  # with tasks running, wake often enough to ack them promptly
-            timeout = min(wait, self.BLOCKING_PRECISION) if self.active else wait
+        elif self.active and not precise:  # with tasks running, wake often enough to ack them promptly
+            timeout = min(wait, self.COLLECT_EVERY)
+        else:  # (the broker's wait ends on time: select() with our own timeout)
+            timeout = wait
         received = self._receive(self._reserve_and_start(batch, room, timeout))
         if not received:  # (a tenth of a second at most: control commands and freed room wait no longer)
             busy = self.ready or precise or room <= 0
-            self._handle(self.pool.collect(min(self._wait_time()[0], self.BLOCKING_PRECISION) if busy else 0))
+            self._handle(self.pool.collect(min(self._wait_time()[0], self.COLLECT_EVERY) if busy else 0))
         self._flush_acks()
 
     def stop(self, cold=False):

@@ -7,6 +7,7 @@
     python3 examples/benchmarks.py chord [--tasks 1000]
     python3 examples/benchmarks.py compare [--tasks 10000] [--roundtrips 500] [--systems minicelery,celery,huey]
     python3 examples/benchmarks.py scale [--backlog 1000000] [--sample 20000] [--systems minicelery,celery]
+    python3 examples/benchmarks.py reactions [--repeat 20] [--systems minicelery,celery]
 
 Each run starts its own redis-server on a unix socket (no persistence), then for
 each system a worker (`python -m minicelery ...`, `celery ... worker` prefork, or
@@ -60,6 +61,11 @@ def _lateness(eta_timestamp):
     return time.time() - eta_timestamp
 
 
+def _started():
+    """reactions: when the task began (time.time() in the pool process)."""
+    return time.time()
+
+
 STAMPS = os.environ.get("BENCH_STAMPS")
 #: beat-drift: one entry, every second
 BEAT_SCHEDULE = {"stamp": {"task": "bench.stamp", "schedule": 1.0, "args": (STAMPS,)}} if STAMPS else {}
@@ -72,6 +78,7 @@ if SYSTEM in (None, "minicelery"):
     stamp = app.task(name="bench.stamp", ignore_result=True)(_stamp)
     count = app.task(name="bench.count")(_count)
     lateness = app.task(name="bench.lateness")(_lateness)
+    started = app.task(name="bench.started")(_started)
     if BEAT_SCHEDULE:
         app.conf.beat_schedule = BEAT_SCHEDULE
 
@@ -89,6 +96,7 @@ if SYSTEM in (None, "celery"):
         celery_app.task(name="bench.noop")(_noop)
         celery_app.task(name="bench.stamp", ignore_result=True)(_stamp)
         celery_app.task(name="bench.count")(_count)
+        celery_app.task(name="bench.started")(_started)
         celery_app.conf.beat_schedule = BEAT_SCHEDULE
 
 huey = huey_app = huey_noop = None
@@ -112,25 +120,29 @@ if SYSTEM in (None, "huey"):
         huey_noop = huey_app.task(name="bench.noop")(_huey_noop)
 
 
-def start_redis(directory):
+def start_redis(directory, extra=()):
+    """A redis-server on <directory>/redis.sock; `extra`: more command-line options. Its
+    output goes to <directory>/redis.log."""
     sock = os.path.join(directory, "redis.sock")
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", sock,
-                             "--save", "", "--appendonly", "no", "--dir", directory],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    with open(os.path.join(directory, "redis.log"), "ab") as log:
+        proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", sock,
+                                 "--save", "", "--appendonly", "no", "--dir", directory, *extra],
+                                stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 10
     while not os.path.exists(sock):
-        if time.monotonic() > deadline:
-            sys.exit("redis-server did not start")
+        if proc.poll() is not None or time.monotonic() > deadline:
+            with open(os.path.join(directory, "redis.log"), errors="replace") as f:
+                sys.exit(f"redis-server did not start:\n{f.read()[-2000:]}")
         time.sleep(0.05)
     return proc, sock
 
 
 @contextlib.contextmanager
-def private_redis(broker_url=None):
-    """A scratch directory with its own redis-server; the demo app points at it
-    (or at `broker_url`, for SQLite) for the block."""
+def private_redis(broker_url=None, redis_options=()):
+    """A scratch directory with its own redis-server (started with `redis_options`); the
+    demo app points at it (or at `broker_url`, for SQLite) for the block."""
     with tempfile.TemporaryDirectory() as directory:
-        redis_proc, sock = start_redis(directory)
+        redis_proc, sock = start_redis(directory, redis_options)
         os.environ.update(MINICELERY_BROKER_URL=broker_url or f"unix://{sock}",
                           MINICELERY_RESULT_BACKEND=broker_url or f"unix://{sock}?db=1")
         app.close()
@@ -754,15 +766,289 @@ def scale(backlog, sample, wanted):
     return rows
 
 
+# -- reactions ------------------------------------------------------------------
+
+#: reactions: the commands Redis gained after 6.0; renamed away, a 7.x server answers
+#: like a 6.0 one would ("unknown command") to what minicelery may use of them (BLMOVE)
+NEWER_THAN_6_0 = ("BLMOVE LMOVE GETDEL GETEX ZRANGESTORE COPY LMPOP BLMPOP ZMSCORE SMISMEMBER HRANDFIELD "
+                  "ZRANDMEMBER ZUNION ZINTER ZDIFF ZDIFFSTORE XAUTOCLAIM EXPIRETIME PEXPIRETIME SINTERCARD "
+                  "LCS FCALL").split()
+OLD_REDIS = tuple(option for name in NEWER_THAN_6_0 for option in ("--rename-command", name, ""))
+
+#: (label, queue, priority) of the wake cases
+WAKE_CASES = [("queue celery, priority 0", "celery", 0), ("queue second, priority 0", "second", 0),
+              ("queue celery, priority 9", "celery", 9)]
+WAKE_IDLE = 1.5  # seconds the worker is left idle before each send
+
+
+class StartedSender:
+    """Sends bench.started to a queue with a priority, the system's own way, and waits."""
+
+    def __init__(self, system, sock):
+        self.system = system
+        if system == "minicelery":
+            app.close()  # private_redis() pointed the environment at this Redis
+            self.task, self.close = started, app.close
+        else:
+            self.app = celery.Celery("bench-client", broker=f"redis+socket://{sock}",
+                                     backend=f"redis+socket://{sock}?virtual_host=1", set_as_current=False)
+            self.task, self.close = self.app.task(name="bench.started")(_started), self.app.close
+
+    def latency(self, queue, priority, timeout=30):
+        """Seconds from just before the send to the task's start, as the task saw it."""
+        sent = time.time()
+        result = self.task.apply_async(queue=queue, priority=priority)
+        began = result.get(timeout=timeout)
+        result = None
+        return began - sent
+
+
+def wake_latencies(system, repeat, redis_options=()):
+    """{case label: [seconds, ...]}: `repeat` rounds of the WAKE_CASES in turn, each sent
+    after the worker (-Q celery,second) sat idle for WAKE_IDLE s; after one warm-up send
+    per case. Also the worker's log."""
+    times = {label: [] for label, _, _ in WAKE_CASES}
+    with private_redis(redis_options=redis_options) as (directory, sock), logs_on_failure(directory):
+        sender = StartedSender(system, sock)
+        # info: the log says so when minicelery falls back to BRPOPLPUSH (no BLMOVE)
+        level = ["-l", "info"] if system == "minicelery" and redis_options else []
+        worker = start_worker(system, sock, directory, settle=0, options=["-Q", "celery,second", *level])
+        try:
+            for _, queue, priority in WAKE_CASES:
+                sender.latency(queue, priority, timeout=120)  # the first one waits for the start
+            for _ in range(repeat):
+                for label, queue, priority in WAKE_CASES:
+                    time.sleep(WAKE_IDLE)
+                    times[label].append(sender.latency(queue, priority))
+                    if worker.poll() is not None:
+                        raise RuntimeError(f"the worker exited ({worker.returncode})")
+        finally:
+            stop(worker)
+            gc.collect()  # Celery's results unsubscribe when collected: while Redis is up
+            sender.close()
+        with open(worker.log_path, errors="replace") as f:
+            log = f.read()
+    return times, log
+
+
+def idle_exits(system, repeat, broker_url=None):
+    """([seconds, ...], notes): `repeat` times a fresh worker (2 processes) runs one task,
+    sits idle 1 s, gets SIGTERM; from the signal to its main process's exit, polled every
+    1 ms. notes: pool processes still alive 1 s after the main one exited."""
+    times, notes = [], []
+    scratch = tempfile.mkdtemp()
+    url = f"sqlite:///{scratch}/bench.db" if broker_url == "sqlite" else None
+    try:
+        with private_redis(url) as (directory, sock), logs_on_failure(directory):
+            client = Client(system, sock)
+            try:
+                for i in range(repeat):
+                    handle = client.send(i)
+                    worker = start_worker(system, sock, directory, url, settle=0)
+                    try:
+                        assert client.get(handle, 120) == i
+                        handle = None
+                        time.sleep(1)  # idle
+                        children = [(pid, _cmdline(pid)) for pid in tree_pids(worker.pid)[1:]]
+                        began = time.perf_counter()
+                        worker.send_signal(signal.SIGTERM)
+                        deadline = began + 60
+                        while worker.poll() is None and time.perf_counter() < deadline:
+                            time.sleep(0.001)
+                        if worker.poll() is None:
+                            raise TimeoutError(f"{system}: the worker was still running 60 s after SIGTERM")
+                        times.append(time.perf_counter() - began)
+                        time.sleep(1)
+                        left = [pid for pid, cmdline in children if _cmdline(pid) == cmdline]
+                        if left:
+                            notes.append(f"try {i + 1}: {len(left)} of {len(children)} child processes "
+                                         f"still alive 1 s after the main process exited")
+                    finally:
+                        stop(worker)  # (it has exited: this reaps it and kills any orphan)
+            finally:
+                handle = None
+                gc.collect()
+                client.close()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return times, notes
+
+
+def _wait_for_line(path, texts, timeout, interval=0.005):
+    """Poll the file until one of `texts` (a string or a tuple) occurs in it; True if one
+    did in time."""
+    texts = (texts,) if isinstance(texts, str) else texts
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            with open(path, errors="replace") as f:
+                content = f.read()
+            if any(text in content for text in texts):
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+
+
+def beat_takeovers(count):
+    """minicelery only: two beats on one Redis (own state files, the 1 s bench.stamp entry,
+    a worker writing the stamps). `count` times: SIGKILL the one whose log says
+    "beat: leading", then poll the other's log every 5 ms until it says so; a fresh beat
+    then stands by in the killed one's place. Returns ([seconds to take over, ...],
+    [seconds between the last stamp before a kill and the first after, ...])."""
+    LEADING, STANDING_BY = "beat: leading", "standing by"
+    takeovers, gaps, kills = [], [], []
+    saved = os.environ.get("BENCH_STAMPS")
+    with private_redis() as (directory, sock), logs_on_failure(directory):
+        stamps = os.path.join(directory, "stamps")
+        os.environ["BENCH_STAMPS"] = stamps  # the worker and beats load the bench.stamp entry
+        beats, started_count = [], 0
+
+        def start_beat(slot):
+            nonlocal started_count
+            started_count += 1
+            path = os.path.join(directory, f"beat-{started_count}.log")
+            with open(path, "a") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "minicelery", "-A", "benchmarks:app", "beat", "-l", "info",
+                     "-s", os.path.join(directory, f"beat-state-{slot}")],
+                    cwd=HERE, env=worker_env("minicelery", sock), stdout=log, stderr=subprocess.STDOUT)
+            proc.log_path, proc.slot = path, slot
+            return proc
+
+        worker = start_worker("minicelery", sock, directory, settle=0)
+        try:
+            beats = [start_beat("a"), start_beat("b")]
+            for beat in beats:  # each says which it is, within its first tick
+                if not _wait_for_line(beat.log_path, (LEADING, STANDING_BY), 30):
+                    raise RuntimeError(f"a beat said neither leading nor standing by in 30 s ({beat.log_path})")
+            for _ in range(count):
+                leaders = [b for b in beats if _wait_for_line(b.log_path, LEADING, 0)]
+                if len(leaders) != 1:
+                    raise RuntimeError(f"{len(leaders)} beats say they lead")
+                leader, = leaders
+                standby, = [b for b in beats if b is not leader]
+                time.sleep(3)  # the leader sends a few runs first
+                kills.append(time.time())
+                began = time.perf_counter()
+                leader.kill()
+                if not _wait_for_line(standby.log_path, LEADING, 60):
+                    raise RuntimeError("the standby beat did not take over within 60 s")
+                takeovers.append(time.perf_counter() - began)
+                leader.wait()
+                replacement = start_beat(leader.slot)
+                if not _wait_for_line(replacement.log_path, STANDING_BY, 30):
+                    raise RuntimeError("the replacement beat did not stand by within 30 s")
+                beats = [standby, replacement]
+            time.sleep(3)  # the last takeover's runs reach the stamps
+        finally:
+            for beat in beats:
+                stop(beat)
+            stop(worker)
+            if saved is None:
+                os.environ.pop("BENCH_STAMPS", None)
+            else:
+                os.environ["BENCH_STAMPS"] = saved
+        runs = sorted(float(x) for x in open(stamps)) if os.path.exists(stamps) else []
+    for killed in kills:
+        before = [t for t in runs if t <= killed]
+        after = [t for t in runs if t > killed]
+        gaps.append(after[0] - before[-1] if before and after else math.inf)
+    return takeovers, gaps
+
+
+def reactions(repeat, wanted):
+    """How quickly a worker (and beat) reacts, each figure the median and max over tries.
+
+    wake: a worker consuming `-Q celery,second` (2 processes) sits idle 1.5 s, then the
+      client sends bench.started to a queue with a priority (apply_async(queue=...,
+      priority=...)); the figure is the task's own time.time() at its start (its result)
+      minus the client's time.time() just before apply_async. After one warm-up send
+      per case, `repeat` rounds of the three cases in turn.
+    wake, Redis without 6.2+ commands: the same on a redis-server started with
+      --rename-command X "" for each command newer than 6.0 (NEWER_THAN_6_0).
+    idle exit: a fresh worker (2 processes) runs one task, sits idle 1 s, gets SIGTERM;
+      from the signal to its main process's exit (proc.poll() every 1 ms). `repeat`
+      workers per broker. Pool processes alive 1 s later are noted.
+    beat takeover (minicelery; Celery's beat has no standby): two beats on one Redis;
+      from SIGKILL of the one whose log says "beat: leading" until the other's log says
+      so (polled every 5 ms); 3 times (1 if repeat < 3). The gap row: seconds between the
+      last bench.stamp run before the kill and the first after (the entry runs every 1 s).
+    """
+    print(machine_line())
+    busy_note()
+    systems = pick_systems(wanted, ("minicelery", "celery"))
+    run_started = time.perf_counter()
+    rows, notes = [], []  # rows: (label, system, values, unit)
+
+    def add(label, system, values, unit):
+        rows.append((label, system, values, unit))
+
+    wake = {}
+    for variant, options in (("", ()), ("Redis<6.2, ", OLD_REDIS)):
+        for system in systems:
+            try:
+                times, log = wake_latencies(system, repeat, options)
+            except Exception as exc:
+                if system == "celery" and options:  # optional: reported, not fatal
+                    notes.append(f"celery on the Redis without 6.2+ commands: skipped ({exc!r})")
+                    continue
+                raise
+            for label, _, _ in WAKE_CASES:
+                add(f"wake: {variant}{label}", system, [t * 1000 for t in times[label]], "ms")
+                wake.setdefault(system, []).append(statistics.median(times[label]) * 1000)
+            if options and system == "minicelery":
+                fallback = [line for line in log.splitlines() if "BRPOPLPUSH" in line]
+                notes.append("minicelery on the Redis without 6.2+ commands: "
+                             + (f"its log: {fallback[0].strip()!r}" if fallback
+                                else "its log never says it fell back to BRPOPLPUSH"))
+    exits = {}
+    for system, broker in [(s, b) for s in systems for b in (["redis", "sqlite"] if s == "minicelery" else ["redis"])]:
+        times, exit_notes = idle_exits(system, repeat, broker)
+        add(f"idle exit after SIGTERM, {'SQLite' if broker == 'sqlite' else 'Redis'}", system, times, "s")
+        exits[(system, broker)] = statistics.median(times)
+        notes.extend(f"{system} on {broker}, {note}" for note in exit_notes)
+    takeovers = []
+    if "minicelery" in systems:
+        takeovers, gaps = beat_takeovers(3 if repeat >= 3 else 1)
+        add("beat takeover after SIGKILL", "minicelery", takeovers, "s")
+        add("beat: gap in 1 s runs over the takeover", "minicelery", gaps, "s")
+    elapsed = time.perf_counter() - run_started
+
+    print(f"\n{repeat} tries per figure (beat: {len(takeovers)} takeovers), workers with 2 processes, "
+          f"{elapsed:.0f} s\n")
+    print(f"{'reaction':<50} {'system':<11} {'median':>8} {'max':>8}")
+    for label, system, values, unit in rows:
+        fmt = "{:>8.1f}" if unit == "ms" else "{:>8.3f}"
+        print(f"{label + ' (' + unit + ')':<50} {system:<11} "
+              f"{fmt.format(statistics.median(values))} {fmt.format(max(values))}")
+    for note in notes:
+        print(f"note: {note}")
+    if "minicelery" not in systems:
+        print("\ntargets: skipped (minicelery not measured)")
+        return rows
+    print("\ntargets (minicelery; medians, beat: the longest)")
+    worst_wake = max(wake["minicelery"])
+    worst_exit = max(v for (s, _), v in exits.items() if s == "minicelery")
+    longest = max(takeovers)
+    for text, value, met in [
+            ("wake <= 5 ms, every queue and priority, both Redis", f"{worst_wake:.1f} ms", worst_wake <= 5),
+            ("idle exit <= 0.3 s, Redis and SQLite", f"{worst_exit:.3f} s", worst_exit <= 0.3),
+            ("beat takeover < 10 s", f"{longest:.2f} s", longest < 10)]:
+        print(f"  {text:<52} {value:>10}  {'met' if met else 'NOT MET'}")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=["throughput", "eta-lateness", "eta-memory", "beat-drift", "chord",
-                                              "compare", "scale"])
+                                              "compare", "scale", "reactions"])
     parser.add_argument("--tasks", type=int)
     parser.add_argument("--events", action="store_true", help="throughput: also with task events on")
     parser.add_argument("--roundtrips", type=int, default=500, help="compare: sequential send -> result trips")
-    parser.add_argument("--systems", help="compare, scale: a comma list of minicelery, celery, huey "
-                                          "(default: all installed; scale: minicelery,celery)")
+    parser.add_argument("--systems", help="compare, scale, reactions: a comma list of minicelery, celery, huey "
+                                          "(default: all installed; scale, reactions: minicelery,celery)")
+    parser.add_argument("--repeat", type=int, default=20, help="reactions: tries per figure")
     parser.add_argument("--backlog", type=int, default=1_000_000, help="scale: the big backlog")
     parser.add_argument("--sample", type=int, default=20_000,
                         help="scale: tasks drained from each backlog, and the small backlog")
@@ -783,6 +1069,10 @@ def main():
         compare(args.tasks or 10000, args.roundtrips, args.systems)
     elif args.benchmark == "scale":
         scale(args.backlog, min(args.sample, args.backlog), args.systems)
+    elif args.benchmark == "reactions":
+        if args.repeat < 1:
+            parser.error("reactions: --repeat must be at least 1")
+        reactions(args.repeat, args.systems)
     else:
         eta_memory(args.tasks or 100000)
 
