@@ -1001,9 +1001,7 @@ class HeldConnection:
     def _exchange(self, commands, sent=None) -> list:
         error = _import_redis().exceptions.ResponseError
         with self.lock:
-            if self.connection is None:
-                self.connection = self.client.connection_pool.make_connection()
-            connection = self.connection
+            connection = self._connected()
             try:
                 connection.send_packed_command(connection.pack_commands(commands))
                 if sent is not None:
@@ -1018,6 +1016,15 @@ class HeldConnection:
             except BaseException:
                 self.close()
                 raise
+
+    def _connected(self):
+        """Our connection, made on first use, and made again in a forked child: the
+        parent's socket is the parent's (a web server forking its workers, say)."""
+        if self.connection is not None and self.connection.pid != os.getpid():
+            self.close()  # (redis-py only closes the descriptor here, it doesn't shut the socket down)
+        if self.connection is None:
+            self.connection = self.client.connection_pool.make_connection()
+        return self.connection
 
     def close(self):
         if self.connection is not None:
@@ -1052,8 +1059,7 @@ class ListWatcher(HeldConnection):
 
     def arm(self, blmove=True):
         if not self.armed:
-            if self.connection is None:
-                self.connection = self.client.connection_pool.make_connection()
+            self._connected()
             command = ("BLMOVE", self.key, self.key, "RIGHT", "RIGHT", self.BLOCK) if blmove \
                 else ("BRPOPLPUSH", self.key, self.key, self.BLOCK)
             try:

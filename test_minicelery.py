@@ -744,6 +744,28 @@ def test_held_connections_survive_a_flushed_script_cache(app, redis_client):
     assert minicelery.decode_message(second.raw).headers["argsrepr"] == "(2, 2)"
 
 
+def test_held_connections_are_not_shared_with_a_forked_child(app, redis_client):
+    """A producer that forks after sending (a web server forking its workers) must not
+    share its held socket with the child: each would read the other's replies."""
+    add.delay(0, 0)  # the parent's held connection is made
+    held = app.broker._producer  # (what publish() uses)
+
+    def echo_many(who):
+        return all(held.connection.run(("ECHO", f"{who}-{i}"))[0] == f"{who}-{i}".encode() for i in range(2000))
+
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if echo_many("child") else 2
+        finally:
+            os._exit(code)
+    assert echo_many("parent")
+    assert os.waitpid(pid, 0)[1] == 0, "the child read replies meant for the parent"
+    add.delay(3, 0)
+    assert redis_client.llen("celery") == 2
+
+
 def test_broker_wait_ends_on_a_signal(any_app):
     """A worker's waits (the broker's, the pool's) end at once when a signal comes, so an
     idle worker leaves at SIGTERM without first sleeping out its wait."""
