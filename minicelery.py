@@ -80,6 +80,12 @@ from collections import deque, namedtuple
 
 __version__ = "0.1.0"
 
+if __name__ == "__main__":
+    # `python -m minicelery`: run the importable module (main(), at the end), not the
+    # rest of this __main__ copy, so that the user's `from minicelery import Celery` and
+    # the command line share one set of classes, and the file is executed once.
+    sys.exit(importlib.import_module("minicelery").main())
+
 __all__ = [
     "Celery", "Task", "AsyncResult", "EagerResult", "GroupResult", "shared_task",
     "Signature", "signature", "subtask", "chain", "group", "chord", "ChordError",
@@ -6266,8 +6272,3 @@ if __name__ != "__main__":
     for _path in CELERY_MODULE_PATHS:
         sys.modules.setdefault(f"{__name__}.{_path}", sys.modules[__name__])
 
-
-if __name__ == "__main__":
-    # Run the importable module, not this __main__ copy, so that the user's
-    # `from minicelery import Celery` and the CLI share one set of classes.
-    sys.exit(importlib.import_module("minicelery").main())

@@ -928,7 +928,9 @@ def beat_takeovers(count):
                     raise RuntimeError(f"{len(leaders)} beats say they lead")
                 leader, = leaders
                 standby, = [b for b in beats if b is not leader]
-                time.sleep(3)  # the leader sends a few runs first
+                # The leader sends a few runs first; a random phase against its 1 s ticks (each
+                # renews the lease), so the kill doesn't always land just after a renewal.
+                time.sleep(2 + random.random())
                 kills.append(time.time())
                 began = time.perf_counter()
                 leader.kill()
@@ -971,8 +973,9 @@ def reactions(repeat, wanted):
       from the signal to its main process's exit (proc.poll() every 1 ms). `repeat`
       workers per broker. Pool processes alive 1 s later are noted.
     beat takeover (minicelery; Celery's beat has no standby): two beats on one Redis;
-      from SIGKILL of the one whose log says "beat: leading" until the other's log says
-      so (polled every 5 ms); 3 times (1 if repeat < 3). The gap row: seconds between the
+      from SIGKILL of the one whose log says "beat: leading" (2-3 s after it first said
+      so, at a random phase against its ticks) until the other's log says so (polled
+      every 5 ms); 3 times (1 if repeat < 3). The gap row: seconds between the
       last bench.stamp run before the kill and the first after (the entry runs every 1 s).
     """
     print(machine_line())
@@ -1018,7 +1021,8 @@ def reactions(repeat, wanted):
     print(f"\n{repeat} tries per figure (beat: {len(takeovers)} takeovers), workers with 2 processes, "
           f"{elapsed:.0f} s\n")
     print(f"{'reaction':<50} {'system':<11} {'median':>8} {'max':>8}")
-    for label, system, values, unit in rows:
+    order = list(dict.fromkeys(label for label, _, _, _ in rows))  # each reaction's systems together
+    for label, system, values, unit in sorted(rows, key=lambda row: order.index(row[0])):
         fmt = "{:>8.1f}" if unit == "ms" else "{:>8.3f}"
         print(f"{label + ' (' + unit + ')':<50} {system:<11} "
               f"{fmt.format(statistics.median(values))} {fmt.format(max(values))}")
