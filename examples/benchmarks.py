@@ -638,7 +638,8 @@ def compare(tasks, roundtrips, wanted):
     Redis CPU/task: INFO cpu used_cpu_user+used_cpu_sys over the drain, / tasks.
     import: in-process time of `import X` in a fresh interpreter (perf_counter around it),
       best of 5, bytecode cached by a run before. `import celery` is lazy (celery.Celery
-      loads on first use), so the note gives `from celery import Celery` too.
+      loads on first use), so the import target compares `import minicelery` with
+      `from celery import Celery`, which loads Celery; the lazy figure is shown too.
     """
     print(machine_line())
     busy_note()
@@ -660,11 +661,14 @@ def compare(tasks, roundtrips, wanted):
     if celery_class_ms:
         print(f"\nnote: `from celery import Celery` takes {celery_class_ms:.1f} ms "
               f"(`import celery` alone loads little: its attributes load on first use)")
+        rows["celery"]["loaded"] = celery_class_ms  # what importing Celery takes, like for like
+    for row in rows.values():
+        row.setdefault("loaded", row["imp"])
     print("\ntargets (minicelery / other)")
     targets = [("drain", "huey", "drain", ">=", 1.5), ("round-trip p50", "huey", "p50", "<=", 0.8),
                ("drain", "celery", "drain", ">=", 8), ("enqueue", "celery", "enqueue", ">=", 5),
                ("idle PSS", "celery", "pss", "<=", 0.5), ("worker start", "celery", "start", "<=", 0.2),
-               ("import", "celery", "imp", "<=", 0.5)]
+               ("import (loaded)", "celery", "loaded", "<=", 0.5)]
     skipped = set()
     for label, other, key, op, target in targets:
         if "minicelery" not in rows or other not in rows:
@@ -679,8 +683,8 @@ def compare(tasks, roundtrips, wanted):
         print(f"  {label + ' minicelery/' + other:<32} {ratio:>8.2f}  (target {op} {target:<4})  "
               f"{'met' if met else 'NOT MET'}")
     if celery_class_ms and "minicelery" in rows:
-        print(f"  {'import minicelery/celery.Celery':<32} {rows['minicelery']['imp'] / celery_class_ms:>8.2f}"
-              f"  (no target: for reference)")
+        print(f"  {'import minicelery/`import celery`':<32} {rows['minicelery']['imp'] / rows['celery']['imp']:>8.2f}"
+              f"  (for reference: `import celery` loads none of Celery yet)")
     return rows
 
 
@@ -1018,7 +1022,7 @@ def reactions(repeat, wanted):
         add("beat: gap in 1 s runs over the takeover", "minicelery", gaps, "s")
     elapsed = time.perf_counter() - run_started
 
-    print(f"\n{repeat} tries per figure (beat: {len(takeovers)} takeovers), workers with 2 processes, "
+    print(f"\n{repeat} tries per figure (beat: {len(takeovers)} takeover{'' if len(takeovers) == 1 else 's'}), workers with 2 processes, "
           f"{elapsed:.0f} s\n")
     print(f"{'reaction':<50} {'system':<11} {'median':>8} {'max':>8}")
     order = list(dict.fromkeys(label for label, _, _, _ in rows))  # each reaction's systems together
