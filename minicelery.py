@@ -327,11 +327,17 @@ def signal_came() -> bool:
 
 
 def wait_readable(handles, timeout) -> list:
-    """The handles (file objects or descriptors) readable within `timeout` seconds; [] at
-    once when a signal comes (watch_signals)."""
-    watched = list(handles) + ([_signal_pipe] if _signal_pipe is not None else [])
-    readable = select.select(watched, [], [], max(timeout, 0))[0] if watched else time.sleep(timeout) or []
-    if _signal_pipe in readable:
+    """The handles (file objects or descriptors) readable (or closed) within `timeout`
+    seconds; [] at once when a signal comes (watch_signals). poll(), not select(): a
+    worker with many queues has descriptors past select()'s 1024."""
+    by_number = {handle if isinstance(handle, int) else handle.fileno(): handle for handle in handles}
+    if _signal_pipe is not None:
+        by_number[_signal_pipe] = _signal_pipe
+    poller = select.poll()
+    for number in by_number:
+        poller.register(number, select.POLLIN)
+    readable = [by_number[number] for number, _ in poller.poll(max(timeout, 0) * 1000)]
+    if _signal_pipe is not None and _signal_pipe in readable:
         signal_came()
         return []
     return readable
@@ -963,9 +969,11 @@ def redis_client(url: str, decode_responses=False, socket_timeout=5.0):
         url = url.replace(f"ssl_cert_reqs=CERT_{level}", f"ssl_cert_reqs={level.lower()}")
     from redis.backoff import NoBackoff
     from redis.retry import Retry
+    # RESP2, which every Redis speaks: redis-py 8 would open with HELLO, which Redis 5 lacks.
+    protocol = {"protocol": 2} if int(redis.__version__.split(".")[0]) >= 5 and "protocol=" not in url else {}
     return redis.Redis.from_url(url, decode_responses=decode_responses, health_check_interval=30,
                                 socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
-                                retry=Retry(NoBackoff(), 0), max_connections=2 ** 16)
+                                retry=Retry(NoBackoff(), 0), max_connections=2 ** 16, **protocol)
 
 
 class HeldConnection:
@@ -1076,7 +1084,11 @@ class ListWatcher(HeldConnection):
             self.armed = True
 
     def fileno(self):
-        return self.connection._sock.fileno()  # (redis-py keeps its socket private; select needs it)
+        return self.connection._sock.fileno()  # (redis-py keeps its socket private; poll needs it)
+
+    def close(self):
+        super().close()
+        self.armed = False
 
     def answer(self):
         """Read the answer that made the socket readable: a message came, or the time ran out."""
@@ -1193,7 +1205,11 @@ for _, step in ipairs({0, 3, 6, 9}) do  -- kombu's lists: <queue>, then <queue>\
   for i = 6, 5 + queues do
     local key = step == 0 and ARGV[i] or ARGV[i] .. '\6\22' .. step
     while left > 0 do
-      local raw = redis.call('RPOP', key)
+      local raw = redis.pcall('RPOP', key)  -- pcall: a key that is not a list must not stop the others
+      if type(raw) == 'table' and raw.err then
+        table.insert(out, key); table.insert(out, '!'); table.insert(out, raw.err)
+        break
+      end
       if not raw then break end
       if limit > 0 and #raw > limit then bury(key, raw) else remember(key, raw) end
       left = left - 1
@@ -1273,6 +1289,7 @@ class RedisBroker(Broker):
         #: the consumer's loop (reserve, ack) runs its commands on a connection of its own
         self.held = HeldConnection(self.client)
         self._watchers, self._blmove = {}, True  # list key -> its ListWatcher; Redis has BLMOVE
+        self._not_lists = set()  # queue keys found holding something else: not watched, said once
         self._touch_script = self.client.register_script(_TOUCH_LUA)
         self._restore_script = self.client.register_script(_RESTORE_LUA)
         self._lease_script = self.client.register_script(_LEASE_LUA)
@@ -1308,45 +1325,81 @@ class RedisBroker(Broker):
         if not found and timeout and limit > 0 and self._wait_for_message(queues, timeout):
             found = self._take(queues, limit, time.time())
         deliveries = []
+        not_lists = set()
         for i in range(0, len(found), 3):
             queue, tag = _queue_of_key(found[i].decode()), found[i + 1].decode()
-            if tag:
+            if tag == "!":  # a queue's key holds something else than a list: said once
+                if found[i].decode() not in self._not_lists:
+                    logger.error("Queue %r is skipped while its key %r is not a list (%s)",
+                                 queue, found[i].decode(), found[i + 2].decode())
+                not_lists.add(found[i].decode())
+            elif tag:
                 deliveries.append(Delivery(queue, tag, found[i + 2]))
             else:  # buried by the script: too big to hand out
                 logger.error("A message of %s bytes in queue %r is over worker_max_message_size: "
                              "kept (cut) in the dead letters", found[i + 2].decode(), queue)
+        # A take that found nothing looked at every list: what it found broken is all there is.
+        self._not_lists = not_lists if not deliveries else self._not_lists | not_lists
         return deliveries
 
     def _wait_for_message(self, queues, timeout) -> bool:
         """Wait until one of the lists `keys` may hold a message (each has a ListWatcher), or
         `timeout` passes, or a signal or a control command comes. A watcher stays armed
         until it answers."""
-        keys = [key for queue in queues for key in _queue_keys(queue)]
-        for key in set(self._watchers) - set(keys):  # a queue no longer consumed
+        keys = [key for queue in queues for key in _queue_keys(queue) if key not in self._not_lists]
+        for key in set(self._watchers) - set(keys):  # a queue no longer consumed (or a broken key)
             self._watchers.pop(key).close()
         watchers = [self._watchers.setdefault(key, ListWatcher(self.client, key)) for key in keys]
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
+            if self._blmove is None:  # no blocking command allowed here: look again in a tenth of a second
+                watchers = []
+                left = min(left, 0.1)
             for watcher in watchers:
                 watcher.arm(self._blmove)
             control = self._pubsub.connection if self._pubsub is not None else None
             commands = [control._sock] if control is not None and control._sock is not None else []
             answered = wait_readable(watchers + commands, left)
+            if self._blmove is None:
+                return not answered  # (a signal or a command: back to the consumer)
             if not answered or commands and commands[0] in answered:
                 return False  # the time is up, or a signal or a control command came
-            if any([self._came(watcher.answer()) for watcher in answered if watcher in watchers]):
+            if self._read_answers([watcher for watcher in answered if watcher in watchers]):
                 return True
         return False
 
+    def _read_answers(self, watchers) -> bool:
+        """Whether one of the watchers' answers says a message came. Every answer is read
+        (a dead connection is closed, to connect again next time) before an error is raised."""
+        came, error = False, None
+        for watcher in watchers:
+            try:
+                answer = watcher.answer()
+                if isinstance(answer, Exception) and str(answer).startswith("WRONGTYPE"):
+                    self._not_lists.add(watcher.key)  # (the next take says which queue, once)
+                    continue
+                came = self._came(answer) or came
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return came
+
     def _came(self, answer) -> bool:
         """Whether a watcher's answer says a message came (else: its time ran out)."""
-        if isinstance(answer, Exception):
-            if "unknown command 'blmove'" not in str(answer).lower():
-                raise answer
-            if self._blmove:
-                logger.info("Redis has no BLMOVE (before 6.2): watching queues with BRPOPLPUSH")
+        if not isinstance(answer, Exception):
+            return answer is not None
+        text = str(answer).lower()
+        if "blmove" in text and ("unknown command" in text or "permission" in text) and self._blmove:
+            logger.info("Redis has no BLMOVE (before 6.2, or not allowed): watching queues with BRPOPLPUSH")
             self._blmove = False
-        return answer is not None and not isinstance(answer, Exception)
+        elif "brpoplpush" in text and ("unknown command" in text or "permission" in text):
+            logger.error("Redis allows neither BLMOVE nor BRPOPLPUSH (%s): an idle worker looks at its "
+                         "queues every 0.1 s instead of waiting for them", answer)
+            self._blmove = None
+        elif not ("blmove" in text and not self._blmove):  # (a late answer to BLMOVE, already known)
+            raise answer
+        return False
 
     def _take(self, queues, limit, now, ack=(), sent=None):
         for tag in ack:
@@ -4515,11 +4568,12 @@ def fork_child(run_child) -> int:
     parent's shutdown would give back the parent's messages, and they would run
     twice. Signals are blocked across fork(), so one arriving meanwhile is
     neither lost by the parent nor handled in the child by the parent's handler:
-    the child ignores SIGINT and SIGHUP (a Ctrl-C or a hang-up reaches the whole
-    process group; the main process decides what to do) and dies of SIGTERM.
+    the child ignores SIGINT, SIGHUP, SIGQUIT and SIGUSR2 (a Ctrl-C or a hang-up
+    reaches the whole process group; the main process decides what to do) and
+    dies of SIGTERM.
     """
     _flush_std_streams()
-    watched = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    watched = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     pid = os.fork()
     if pid:
@@ -5315,9 +5369,18 @@ class Worker:
             self.restarting = True
             self.stop()
 
+        def on_quit(signum, frame):  # Celery's cold shutdown at once
+            self.consumer.stopping = "warm"
+            on_signal(signum, frame)
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGHUP, on_hangup)
+        signal.signal(signal.SIGQUIT, on_quit)
+        import faulthandler  # SIGUSR1: every thread's stack to the log, as Celery's worker does
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        signal.signal(signal.SIGUSR2, lambda *_: worker_logger.warning("SIGUSR2 ignored (Celery's remote "
+                                                                       "debugger is not offered)"))
         watch_signals()
 
     def banner(self, pool):

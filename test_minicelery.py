@@ -678,24 +678,25 @@ def test_broker_reserve_blocks_until_a_message_arrives(app):
     assert delivery.queue == "celery"
 
 
-#: commands newer than Redis 6.0, renamed away to play an older server (Ubuntu 22.04 ships 6.0)
-NEWER_THAN_REDIS_6_0 = ["BLMOVE", "LMOVE", "GETDEL", "GETEX", "ZRANGESTORE", "COPY", "LMPOP", "BLMPOP",
+#: commands newer than Redis 5.0, renamed away to play an older server (Ubuntu 22.04 ships 6.0,
+#: Debian 11 5.0); without HELLO, a client must speak RESP2 from the start
+NEWER_THAN_REDIS_5_0 = ["HELLO", "ACL", "RESET", "BLMOVE", "LMOVE", "GETDEL", "GETEX", "ZRANGESTORE", "COPY", "LMPOP", "BLMPOP",
                         "ZMSCORE", "SMISMEMBER", "HRANDFIELD", "ZRANDMEMBER", "ZUNION", "ZINTER", "ZDIFF",
                         "ZDIFFSTORE", "XAUTOCLAIM", "EXPIRETIME", "PEXPIRETIME", "SINTERCARD", "LCS", "FCALL"]
 
 
-def _redis_6_0(tmp_path):
-    renames = [arg for name in NEWER_THAN_REDIS_6_0 for arg in ("--rename-command", name, "")]
-    return _start_redis(tmp_path, "redis-6.0", *renames)
+def _redis_5_0(tmp_path, *also_missing):
+    renames = [arg for name in NEWER_THAN_REDIS_5_0 + list(also_missing) for arg in ("--rename-command", name, "")]
+    return _start_redis(tmp_path, "redis-5.0", *renames)
 
 
-@pytest.mark.parametrize("server", ["redis", "redis-6.0"])
+@pytest.mark.parametrize("server", ["redis", "redis-5.0"])
 def test_broker_wakes_for_a_message_on_any_queue_and_priority(app, tmp_path, server):
     """An idle reserve() ends when a message comes to any of its queues at any priority,
     not at its timeout, without taking anything to learn it (one blocked connection per
     list); on a Redis without BLMOVE too."""
-    if server == "redis-6.0":
-        sock, proc = _redis_6_0(tmp_path)
+    if server == "redis-5.0":
+        sock, proc = _redis_5_0(tmp_path)
         _use_private_redis(app, sock)
     broker = app.broker
     for queue, priority in [("second", 9), ("first", 5), ("second", 0), ("first", 0)]:
@@ -708,15 +709,15 @@ def test_broker_wakes_for_a_message_on_any_queue_and_priority(app, tmp_path, ser
         assert delivery.queue == queue and box["seconds"] < 15  # the message woke it, not its 30 s
         broker.ack([delivery.tag])
     assert broker._blmove is (server == "redis")
-    if server == "redis-6.0":
+    if server == "redis-5.0":
         proc.kill()
         proc.wait()
 
 
-def test_worker_runs_tasks_on_redis_6_0(app, tmp_path):
-    """A worker on a Redis without the commands of 6.2 and 7 (renamed away): tasks on
+def test_worker_runs_tasks_on_redis_5_0(app, tmp_path):
+    """A worker on a Redis without the commands of 6 and 7 (renamed away): tasks on
     every queue and priority run, and acks_late and ETA tasks too."""
-    sock, proc = _redis_6_0(tmp_path)
+    sock, proc = _redis_5_0(tmp_path)
     try:
         _use_private_redis(app, sock)
         with worker(app, tmp_path, queues=["celery", "low"]):
@@ -727,6 +728,77 @@ def test_worker_runs_tasks_on_redis_6_0(app, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_broker_reads_every_redis_wording_of_a_missing_blocking_command(app):
+    """Redis 6 says `BLMOVE` with backticks, 7 'blmove' with quotes, an ACL 'no permissions';
+    without BRPOPLPUSH either, an idle worker looks every tenth of a second (said once)."""
+    error = minicelery._import_redis().exceptions.ResponseError
+    broker = app.broker
+    for wording in ["unknown command `BLMOVE`, with args beginning with: `celery`, ",
+                    "unknown command 'BLMOVE', with args beginning with: 'celery' ",
+                    "this user has no permissions to run the 'blmove' command"]:
+        broker._blmove = True
+        assert broker._came(error(wording)) is False and broker._blmove is False
+    assert broker._came(error("unknown command `BRPOPLPUSH`, with args beginning with: ")) is False
+    assert broker._blmove is None
+    with pytest.raises(error):
+        broker._came(error("ERR something else"))
+
+
+def test_broker_without_any_blocking_command_still_serves(app, tmp_path):
+    sock, proc = _redis_5_0(tmp_path, "BRPOPLPUSH")
+    try:
+        _use_private_redis(app, sock)
+        thread, box = _in_background(app.broker.reserve, ["celery"], 1, 20.0)
+        wait_until(lambda: app.broker._blmove is None, what="the broker giving up blocking commands")
+        add.delay(1, 1)
+        thread.join(15)
+        assert len(box["outcome"]) == 1 and box["seconds"] < 15
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_broker_recovers_at_once_when_redis_drops_its_connections(app, redis_client):
+    """Every watcher of a 10-queue worker dies at once (CLIENT KILL, a restart): one
+    reserve() fails, the next ones work, not one per dead connection."""
+    queues = [f"q{i}" for i in range(10)]
+    assert app.broker.reserve(queues, 1, 0.2) == []  # 40 watchers armed
+    redis_client.client_kill_filter(_type="normal", skipme=True)
+    failures = 0
+    for _ in range(6):
+        try:
+            app.broker.reserve(queues, 1, 0.2)
+        except app.broker.connection_errors:
+            failures += 1
+    assert failures <= 2
+    add.apply_async((1, 1), queue="q7")
+    assert len(app.broker.reserve(queues, 1, 5.0)) == 1
+
+
+def test_broker_skips_a_queue_whose_key_is_not_a_list(app, redis_client, caplog):
+    """A key of another type under a queue's name (a clash with an app's key) must not stop
+    the other queues, nor leave their messages taken in `unacked`."""
+    redis_client.set("b\x06\x166", "junk")
+    add.apply_async((1, 1), queue="a")
+    [delivery] = app.broker.reserve(["a", "b"], 5, timeout=0)
+    assert delivery.queue == "a" and redis_client.hlen("unacked") == 1
+    assert app.broker.reserve(["a", "b"], 5, timeout=0.3) == []  # its watcher is left out too
+    assert caplog.text.count("is not a list") == 1
+
+
+def test_worker_signals_as_celery(app, tmp_path):
+    """SIGUSR1 logs every thread's stack and the worker goes on; SIGUSR2 is ignored (said
+    so); SIGQUIT is a cold shutdown. None of them kills the worker without a word."""
+    with worker(app, tmp_path) as w:
+        os.kill(w.pid, signal.SIGUSR1)
+        w.wait_for_log("(most recent call first)")
+        os.kill(w.pid, signal.SIGUSR2)
+        w.wait_for_log("SIGUSR2 ignored")
+        assert add.delay(2, 3).get(timeout=10) == 5
+        assert w.stop(signal.SIGQUIT) == 0
+        assert "Cold shutdown" in w.log()
 
 
 def test_held_connections_survive_a_flushed_script_cache(app, redis_client):
@@ -1580,7 +1652,7 @@ def private_redis(tmp_path):
         proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", sock,
                                  "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_until(lambda: redis.Redis(unix_socket_path=sock).ping() if os.path.exists(sock) else False,
+        wait_until(lambda: redis.Redis(unix_socket_path=sock, protocol=2).ping() if os.path.exists(sock) else False,
                    what="private redis")
         return proc
 
@@ -3916,7 +3988,7 @@ def _start_redis(tmp_path, name, *options):
     proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", sock,
                              "--save", "", "--appendonly", "no", "--dir", str(tmp_path), *options],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    wait_until(lambda: redis.Redis(unix_socket_path=sock).ping() if os.path.exists(sock) else
+    wait_until(lambda: redis.Redis(unix_socket_path=sock, protocol=2).ping() if os.path.exists(sock) else
                proc.poll() is not None, what=f"redis-server {name}")
     assert proc.poll() is None, f"redis-server {' '.join(options)} did not start"
     return sock, proc
