@@ -6147,7 +6147,9 @@ def test_cli_events_dump_and_live_view(any_app, tmp_path):
     any_app.broker.size("celery")  # (SQLite: the tables exist before the watcher looks)
     command = [sys.executable, "-m", "minicelery", "-A", "test_minicelery", "events"]
     dump = subprocess.Popen([*command, "--dump", "-n", "6"], cwd=HERE, env=env, stdout=subprocess.PIPE, text=True)
-    view = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.PIPE, text=True)
+    # Ctrl-C's default, even when this suite runs as a shell's background job (which ignores it)
+    view = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         any_app.conf.worker_send_task_events = True
         with worker(any_app, tmp_path, hostname="watched@%h"):
