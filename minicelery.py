@@ -4668,6 +4668,7 @@ class Consumer:
         self.spacing = {}       # task name -> seconds between starts under its rate limit (0: none)
         self.next_start = {}    # task name -> time.monotonic() before which no more may start
         self._to_ack, self._sequence = [], itertools.count()  # (the sequence breaks ties between equal dues)
+        self._heard = []  # commands heard before the first step (listen())
         self._lost_claims = set()  # held messages the broker says are no longer ours
         self._let_go = set()       # running ones among them: never ack another's claim
         #: None while running; "warm" or "cold" once a shutdown was asked for
@@ -4853,9 +4854,15 @@ class Consumer:
 
     # -- revocation -----------------------------------------------------------
 
+    def listen(self):
+        """Start hearing broadcasts before the worker says it is ready, so that a ping sent
+        the moment it is ready is answered (the commands wait for the first step)."""
+        self._heard = self.broker.control_messages()
+
     def _apply_control(self):
         """Obey the remote-control commands broadcast since the last step; answer those that ask."""
-        for command in self.broker.control_messages():
+        heard, self._heard = self._heard, []
+        for command in heard + self.broker.control_messages():
             if command.destination and self.hostname not in command.destination:
                 continue
             answer = self.remote.handle(command)
@@ -5308,6 +5315,7 @@ class Worker:
         beat_pid = self._start_beat() if self.embed_beat else None
         pool.start()
         self._install_signal_handlers()
+        self.consumer.listen()
         worker_logger.info("Connected to %s", _safe_url(self.app.broker_url))
         worker_logger.info("%s ready.", self.hostname)
         self.ready.set()
