@@ -695,23 +695,25 @@ def test_broker_wakes_for_a_message_on_any_queue_and_priority(app, tmp_path, ser
     """An idle reserve() ends when a message comes to any of its queues at any priority,
     not at its timeout, without taking anything to learn it (one blocked connection per
     list); on a Redis without BLMOVE too."""
-    if server == "redis-5.0":
-        sock, proc = _redis_5_0(tmp_path)
-        _use_private_redis(app, sock)
-    broker = app.broker
-    for queue, priority in [("second", 9), ("first", 5), ("second", 0), ("first", 0)]:
-        thread, box = _in_background(broker.reserve, ["first", "second"], 1, 30.0)
-        wait_until(lambda: len(broker._watchers) == 8 and all(w.armed for w in broker._watchers.values()),
-                   what="reserve() waiting on every list of both queues")
-        add.apply_async((1, 2), queue=queue, priority=priority)
-        thread.join(15)
-        [delivery] = box["outcome"]
-        assert delivery.queue == queue and box["seconds"] < 15  # the message woke it, not its 30 s
-        broker.ack([delivery.tag])
-    assert broker._blmove is (server == "redis")
-    if server == "redis-5.0":
-        proc.kill()
-        proc.wait()
+    sock, proc = _redis_5_0(tmp_path) if server == "redis-5.0" else (None, None)
+    try:
+        if proc is not None:
+            _use_private_redis(app, sock)
+        broker = app.broker
+        for queue, priority in [("second", 9), ("first", 5), ("second", 0), ("first", 0)]:
+            thread, box = _in_background(broker.reserve, ["first", "second"], 1, 30.0)
+            wait_until(lambda: len(broker._watchers) == 8 and all(w.armed for w in broker._watchers.values()),
+                       what="reserve() waiting on every list of both queues")
+            add.apply_async((1, 2), queue=queue, priority=priority)
+            thread.join(15)
+            [delivery] = box["outcome"]
+            assert delivery.queue == queue and box["seconds"] < 15  # the message woke it, not its 30 s
+            broker.ack([delivery.tag])
+        assert broker._blmove is (server == "redis")
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
 
 
 def test_worker_runs_tasks_on_redis_5_0(app, tmp_path):
@@ -3988,9 +3990,13 @@ def _start_redis(tmp_path, name, *options):
     proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", sock,
                              "--save", "", "--appendonly", "no", "--dir", str(tmp_path), *options],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    wait_until(lambda: redis.Redis(unix_socket_path=sock, protocol=2).ping() if os.path.exists(sock) else
-               proc.poll() is not None, what=f"redis-server {name}")
-    assert proc.poll() is None, f"redis-server {' '.join(options)} did not start"
+    try:
+        wait_until(lambda: redis.Redis(unix_socket_path=sock, protocol=2).ping() if os.path.exists(sock) else
+                   proc.poll() is not None, what=f"redis-server {name}")
+        assert proc.poll() is None, f"redis-server {' '.join(options)} did not start"
+    except BaseException:
+        proc.kill()  # (a test that fails here must not leave its server behind)
+        raise
     return sock, proc
 
 
