@@ -829,23 +829,50 @@ class Broker:
                                        f"not {self.visibility_timeout!r}")
         self._held = {}  # delivery tag -> when we reserved (or last touched) it: our claim on it
         self._touching = threading.Lock()  # the solo pool's keepalive thread touches too
+        #: called with the claim (a time) a take is about to make: a pool process notes it in
+        #: its slot, so that if it dies before it says what it took, the main process gives it back
+        self.on_claim = None
 
     def publish(self, queue: str, envelope: str, priority: int = 0, tag=None):
         """Append one message (an envelope JSON string, with delivery tag `tag`) to
         `queue`; sending the same message again must not queue it twice."""
 
-    def reserve(self, queues, limit: int, timeout: float, ack=(), sent=None) -> list:
+    def reserve(self, queues, limit: int, timeout: float, ack=(), sent=None, also=()) -> list:
         """Take up to `limit` messages, waiting up to `timeout` s for the first.
 
         Returns Delivery tuples; each stays reserved until ack() or requeue().
         The tags in `ack` are acked first, in the same round trip, and `sent()`
         is called as soon as those acks are sure to reach the broker even if this
         process died now (written to its socket, or committed): the consumer
-        starts the acked tasks then, while the broker works on the rest.
+        starts the acked tasks then, while the broker works on the rest. The wait
+        also ends when one of the handles `also` turns readable (a pool process's pipe).
         """
 
-    def ack(self, tags):
-        """Forget reserved messages for good."""
+    def wait(self, queues, timeout, also=()):
+        """Wait until one of the queues may have a message, or `timeout` passes, or a
+        signal comes, or a handle in `also` turns readable (a pool process's pipe)."""
+
+    def ack(self, tags, wait=True):
+        """Forget reserved messages for good. wait=False: the acks are sure to reach the
+        broker (written to its socket, or committed), their replies read later."""
+
+    def claims(self, tags) -> dict:
+        """Our claims on reserved messages (tag -> when we took or last touched them): a
+        pool process that took messages tells the main process, which keeps them fresh."""
+        return {tag: self._held[tag] for tag in tags if tag in self._held}
+
+    def adopt(self, claims):
+        """Hold messages another process of ours reserved (its claims())."""
+        self._held.update(claims)
+
+    def forget(self, tags):
+        """Let go of claims that another process of ours acked."""
+        for tag in tags:
+            self._held.pop(tag, None)
+
+    def restore_claimed(self, claim, known=()) -> int:
+        """Requeue the messages reserved with `claim` (by a pool process that died before it
+        said what it took), but those in `known`; how many."""
 
     def requeue(self, tags):
         """Put reserved messages back at the head of their queues, marked redelivered."""
@@ -904,6 +931,11 @@ class Broker:
     def control_messages(self) -> list:
         """Commands broadcast since the last call, as ControlCommand tuples; malformed
         ones are logged and left out."""
+
+    def control_handles(self):
+        """What turns readable when a command comes (for a worker's wait), or None: look
+        every tenth of a second."""
+        return None
 
     def reply(self, reply_to: dict, ticket: str, body: dict):
         """Answer a command that asked for answers (with its reply_to and ticket)."""
@@ -989,6 +1021,23 @@ class HeldConnection:
     def __init__(self, client):
         self.client, self.connection, self._shas = client, None, {}
         self.lock = threading.Lock()  # one exchange at a time: a client's threads may share it
+        self._posted, self._posted_on = [], None  # commands sent by post(), replies unread; on which connection
+        self._sent_whole = set()  # (connection, script source) post_script() sent whole
+
+    def post(self, *commands):
+        """Send the commands without waiting for their replies, which the next exchange
+        reads first: a pool process acks this way, for a write instead of a round trip.
+        Should the connection drop first, they are sent again (acks may go twice)."""
+        with self.lock:
+            self._posted.extend(commands)
+            connection = self._connected()
+            try:
+                connection.send_packed_command(connection.pack_commands(
+                    commands if connection is self._posted_on else self._posted))
+                self._posted_on = connection
+            except BaseException:
+                self.close()
+                raise
 
     def run(self, *commands) -> list:
         """Send the commands in one write; their replies. A command that failed raises its
@@ -1002,21 +1051,36 @@ class HeldConnection:
     def script(self, source, keys, args, sent=None):
         """Run a Lua script by its SHA1; sent whole the first time Redis hasn't seen it.
         `sent()` is called once the command is written, before its reply is read."""
-        if source not in self._shas:
-            import hashlib
-            self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
-        [reply] = self._exchange([("EVALSHA", self._shas[source], len(keys), *keys, *args)], sent)
+        [reply] = self._exchange([("EVALSHA", self._sha(source), len(keys), *keys, *args)], sent)
         if isinstance(reply, _import_redis().exceptions.NoScriptError):
             reply = self.run(("EVAL", source, len(keys), *keys, *args))[0]  # (and Redis keeps it)
         if isinstance(reply, Exception):
             raise reply
         return reply
 
+    def post_script(self, source, keys, args):
+        """post() a script run: by its SHA1 once this connection has sent it whole (the
+        reply comes too late to learn then that Redis doesn't know it; after a SCRIPT
+        FLUSH, it is sent whole with the next exchange)."""
+        connection = self._connected()
+        if (connection, source) in self._sent_whole:
+            self.post(("EVALSHA", self._sha(source), len(keys), *keys, *args))
+        else:
+            self.post(("EVAL", source, len(keys), *keys, *args))
+            self._sent_whole = {(connection, source)} | {entry for entry in self._sent_whole if entry[0] is connection}
+
+    def _sha(self, source):
+        if source not in self._shas:
+            import hashlib
+            self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
+        return self._shas[source]
+
     def _exchange(self, commands, sent=None) -> list:
         error = _import_redis().exceptions.ResponseError
         with self.lock:
             connection = self._connected()
             try:
+                self._read_posted(connection)
                 connection.send_packed_command(connection.pack_commands(commands))
                 if sent is not None:
                     sent()
@@ -1031,11 +1095,35 @@ class HeldConnection:
                 self.close()
                 raise
 
+    def _read_posted(self, connection):
+        """Read the replies of posted commands (on a new connection: send them again first)."""
+        if self._posted and connection is not self._posted_on:
+            connection.send_packed_command(connection.pack_commands(self._posted))
+        errors = _import_redis().exceptions
+        again = []
+        for command in self._posted:
+            try:
+                connection.read_response()
+            except errors.NoScriptError:  # (flushed, or a new server): whole this time
+                source = next(source for source, sha in self._shas.items() if sha == command[1])
+                again.append(("EVAL", source, *command[2:]))
+            except errors.ResponseError as exc:
+                logger.error("Redis refused %s: %s", command[0], exc)
+        self._posted, self._posted_on = [], None
+        if again:
+            connection.send_packed_command(connection.pack_commands(again))
+            for command in again:
+                try:
+                    connection.read_response()
+                except errors.ResponseError as exc:
+                    logger.error("Redis refused %s: %s", command[0], exc)
+
     def _connected(self):
         """Our connection, made on first use, and made again in a forked child: the
         parent's socket is the parent's (a web server forking its workers, say)."""
         if self.connection is not None and self.connection.pid != os.getpid():
             self.close()  # (redis-py only closes the descriptor here, it doesn't shut the socket down)
+            self._posted = []  # (the parent's)
         if self.connection is None:
             self.connection = self.client.connection_pool.make_connection()
         return self.connection
@@ -1229,6 +1317,14 @@ end
 return 1
 """
 
+# Acks messages (their delivery tags in ARGV): both entries go, or neither. One
+# command (a MULTI would be four): a pool process sends one before each task.
+_ACK_LUA = r"""
+redis.call('ZREM', KEYS[1], unpack(ARGV))
+redis.call('HDEL', KEYS[2], unpack(ARGV))
+return 1
+"""
+
 # Renews our hold on reserved messages (ARGV[2], ARGV[4], ... with the scores we
 # last wrote in ARGV[3], ARGV[5], ...) to the time ARGV[1]. A message whose score
 # is not ours any more was restored while we were out of touch (and maybe taken
@@ -1315,14 +1411,14 @@ class RedisBroker(Broker):
             pipe.execute()
         self._declared.update(queues)
 
-    def reserve(self, queues, limit, timeout, ack=(), sent=None):
+    def reserve(self, queues, limit, timeout, ack=(), sent=None, also=()):
         self._declare(queues)
         # Round-robin over queues within each priority step, as kombu does.
         self._rotation = (self._rotation + 1) % max(len(queues), 1)
         queues = list(queues[self._rotation:]) + list(queues[:self._rotation])
         self._restore_orphans()
         found = self._take(queues, max(limit, 0), time.time(), list(ack), sent)
-        if not found and timeout and limit > 0 and self._wait_for_message(queues, timeout):
+        if not found and timeout and limit > 0 and self._wait_for_message(queues, timeout, also):
             found = self._take(queues, limit, time.time())
         deliveries = []
         not_lists = set()
@@ -1342,10 +1438,14 @@ class RedisBroker(Broker):
         self._not_lists = not_lists if not deliveries else self._not_lists | not_lists
         return deliveries
 
-    def _wait_for_message(self, queues, timeout) -> bool:
+    def wait(self, queues, timeout, also=()):
+        self._declare(queues)
+        self._wait_for_message(queues, timeout, also)
+
+    def _wait_for_message(self, queues, timeout, also=()) -> bool:
         """Wait until one of the lists `keys` may hold a message (each has a ListWatcher), or
-        `timeout` passes, or a signal or a control command comes. A watcher stays armed
-        until it answers."""
+        `timeout` passes, or a signal or a control command comes, or a handle in `also` is
+        readable. A watcher stays armed until it answers."""
         keys = [key for queue in queues for key in _queue_keys(queue) if key not in self._not_lists]
         for key in set(self._watchers) - set(keys):  # a queue no longer consumed (or a broken key)
             self._watchers.pop(key).close()
@@ -1357,13 +1457,12 @@ class RedisBroker(Broker):
                 left = min(left, 0.1)
             for watcher in watchers:
                 watcher.arm(self._blmove)
-            control = self._pubsub.connection if self._pubsub is not None else None
-            commands = [control._sock] if control is not None and control._sock is not None else []
+            commands = self.control_handles() + list(also)
             answered = wait_readable(watchers + commands, left)
             if self._blmove is None:
                 return not answered  # (a signal or a command: back to the consumer)
-            if not answered or commands and commands[0] in answered:
-                return False  # the time is up, or a signal or a control command came
+            if not answered or set(commands) & set(answered):
+                return False  # the time is up, or a signal, a control command or an order came
             if self._read_answers([watcher for watcher in answered if watcher in watchers]):
                 return True
         return False
@@ -1406,6 +1505,8 @@ class RedisBroker(Broker):
             self._held.pop(tag, None)
         keys = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES, self.DEAD_LETTERS]
         limits = [limit, now, now + self.ETA_MOVE_AHEAD, _envelope_limit(self.app.conf.worker_max_message_size)]
+        if self.on_claim is not None:
+            self.on_claim(now)
         try:
             found = self.held.script(_RESERVE_LUA, keys, [*limits, len(queues), *queues, *ack], sent)
             self._held.update((found[i].decode(), now) for i in range(1, len(found), 3) if found[i])
@@ -1418,16 +1519,21 @@ class RedisBroker(Broker):
 
     def _restore_orphans(self):
         while self._orphaned:
-            score = self._orphaned[0]
-            for tag in self.client.zrangebyscore(self.UNACKED_INDEX, score, score):
-                self._restore(tag.decode())
+            self.restore_claimed(self._orphaned[0])
             self._orphaned.pop(0)
 
-    def ack(self, tags):
+    def restore_claimed(self, claim, known=()):
+        tags = [tag.decode() for tag in self.client.zrangebyscore(self.UNACKED_INDEX, claim, claim)]
+        tags = [tag for tag in tags if tag not in known and tag not in self._held]  # (ours: we know them)
+        for tag in tags:
+            self._restore(tag)
+        return len(tags)
+
+    def ack(self, tags, wait=True):
         for tag in tags:
             self._held.pop(tag, None)
-        if tags:  # MULTI: both or neither (an index entry alone would never be restored)
-            self.held.run(("MULTI",), ("ZREM", self.UNACKED_INDEX, *tags), ("HDEL", self.UNACKED, *tags), ("EXEC",))
+        if tags:  # (both entries or neither: an index entry alone would never be restored)
+            (self.held.script if wait else self.held.post_script)(_ACK_LUA, [self.UNACKED_INDEX, self.UNACKED], tags)
 
     def _renew(self, claims, now):
         return {tag.decode() for tag in self._touch_script(
@@ -1561,6 +1667,10 @@ class RedisBroker(Broker):
         while (message := next_pubsub_message(self._pubsub, 0)) is not None:
             commands.append(_parse_control(message["data"]))
         return [command for command in commands if command is not None]  # None: not a revoke, or malformed
+
+    def control_handles(self):
+        connection = self._pubsub.connection if self._pubsub is not None else None
+        return [connection._sock] if connection is not None and connection._sock is not None else []
 
     def lease(self, name, token, ttl):
         return bool(self._lease_script(keys=[f"minicelery:lease:{name}"], args=[token, int(ttl * 1000)]))
@@ -1876,13 +1986,13 @@ class SQLiteStore:
         with self.read_lock:
             return self.reader.execute(sql, params).fetchall()
 
-    def wait_for_change(self, timeout):
+    def wait_for_change(self, timeout, also=()):
         """Sleep until the database may have changed, or `timeout` seconds pass; True if a
-        signal came (watch_signals) meanwhile."""
+        signal came (watch_signals) meanwhile, or a handle in `also` turned readable."""
         deadline = time.monotonic() + timeout
         writes, version = self._writes, self._data_version()
         while time.monotonic() < deadline:
-            if signal_came():
+            if signal_came() or (also and wait_readable(also, 0)):
                 return True
             with self._changed:
                 self._changed.wait(min(self.POLL, max(deadline - time.monotonic(), 0)))
@@ -1911,7 +2021,7 @@ class SQLiteBroker(Broker):
             db.execute("INSERT INTO messages (queue, step, seq, raw) VALUES (?, ?, ?, ?)",
                        (queue, step, time.time(), envelope.encode() if isinstance(envelope, str) else envelope))
 
-    def reserve(self, queues, limit, timeout, ack=(), sent=None):
+    def reserve(self, queues, limit, timeout, ack=(), sent=None, also=()):
         self.ack(list(ack))
         if sent is not None:
             sent()
@@ -1921,14 +2031,19 @@ class SQLiteBroker(Broker):
             left = deadline - time.monotonic()
             if found or left <= 0 or limit <= 0:
                 return found
-            if self.store.wait_for_change(left):
-                return []  # a signal: the consumer looks at it now
+            if self.store.wait_for_change(left, also):
+                return []  # a signal or an order: the consumer looks at it now
             if self._last_control is not None and self.store.read(
                     "SELECT COALESCE(MAX(id), 0) FROM broadcasts")[0][0] > self._last_control:
                 return []  # a command came: the consumer reads it between two reserves
 
+    def wait(self, queues, timeout, also=()):
+        self.store.wait_for_change(timeout, also)
+
     def _take(self, queues, limit):
         now, too_big = time.time(), _envelope_limit(self.app.conf.worker_max_message_size) or -1
+        if self.on_claim is not None:
+            self.on_claim(now)
         with self.store.transaction() as db:
             # A row too big to hand out is not even read whole: it goes to the dead letters, cut.
             rows = db.execute(
@@ -1978,8 +2093,16 @@ class SQLiteBroker(Broker):
                 db.executemany(f"{sql} WHERE id = ? AND (? IS NULL OR reserved_at = ?)",
                                [(*params[tag], row_id, claim, claim) for tag, row_id, claim in rows])
 
-    def ack(self, tags):
+    def ack(self, tags, wait=True):
         self._update("DELETE FROM messages", dict.fromkeys(tags, ()))
+
+    def restore_claimed(self, claim, known=()):
+        rows = [row_id for (row_id,) in self.store.read("SELECT id FROM messages WHERE reserved_at = ?", (claim,))
+                if self._tag(row_id) not in known and self._tag(row_id) not in self._held]
+        with self.store.transaction() as db:
+            db.executemany("UPDATE messages SET reserved_at = NULL WHERE id = ? AND reserved_at = ?",
+                           [(row_id, claim) for row_id in rows])
+        return len(rows)
 
     def requeue(self, tags):
         # Next out: before every waiting message of its priority.
@@ -4297,21 +4420,25 @@ class _SharedTaskProxy:
 # =============================================================================
 # 10. Worker: consumer, pools and child processes
 # =============================================================================
-# The worker's main process runs the Consumer: it reserves messages from the
-# broker (up to the prefetch limit), holds the ones with a future ETA, hands
-# due ones to the pool, and acks them, before the run (default, at-most-once:
-# a crash mid-task loses the run but the task is marked FAILURE where we can)
-# or after it (acks_late, at-least-once: a crash means it runs again).
-# The pool runs messages: SoloPool in this process, PreforkPool in forked
-# children that talk to the consumer over pipes. Children store results
-# themselves, so the main process only moves messages.
+# The worker's main process runs the Consumer. With the prefork pool, each
+# pool process takes a few messages at a time from the broker itself, runs
+# them and acks them, before the run (default, at-most-once: a crash mid-task
+# loses the run but the task is marked FAILURE where we can) or after it
+# (acks_late, at-least-once: a crash means it runs again). It hands the
+# consumer what needs the whole worker (ETAs not due, rate limits, revoked or
+# bad messages); the consumer holds those, supervises the processes through
+# shared slots and pipes, and answers remote control. With the solo pool the
+# consumer itself reserves messages (up to the prefetch limit) and runs them
+# in this process.
 
 class Pool:
     """Runs messages for the consumer.
 
     apply() is called only while free_slots() > 0. collect() returns what
-    finished: ("done", tag, state, requeue) or ("lost", tag, reason) for a
-    message whose process died under it.
+    happened: ("done", tag, state, requeue), ("lost", tag, reason, cause) for a
+    message whose process died under it, and from a pool whose processes take
+    their own messages (`takes`) also ("took", ...) and ("back", tags): see
+    PreforkPool.collect().
     """
 
     name = "pool"
@@ -4320,8 +4447,10 @@ class Pool:
         self.app, self.concurrency, self.hostname = app, concurrency, hostname
         self.max_tasks_per_child = max_tasks_per_child
 
-    def start(self):
-        """Start the worker processes, if any."""
+    takes = False  # whether its processes take their own messages (the consumer then supervises)
+
+    def start(self, **settings):
+        """Start the worker processes, if any (settings: what PreforkPool.start() takes)."""
 
     def free_slots(self) -> int:
         """How many more messages apply() takes now."""
@@ -4338,6 +4467,9 @@ class Pool:
     def terminate(self, tag, signum) -> bool:
         """Send `signum` to the process running `tag` (revoke with terminate=True)."""
         return False
+
+    def allow_taking(self, budget):
+        """How many messages each process may take at a time (pools whose processes take)."""
 
     def next_deadline(self):
         """time.monotonic() at which a hard time limit must be enforced, or None."""
@@ -4384,46 +4516,162 @@ class SoloPool(Pool):
         return [("lost", self._running, "cold shutdown", None)] if self._running else []
 
 
+class _Slot:
+    """Shared memory between the main process and one pool process, read without a message.
+
+    One float per field. BATCH, POSITION, RUNNING, STARTED, DEADLINE: which
+    message the pool process runs, since when (time.time()) and until when
+    (time.monotonic() of its hard time limit; 0: none). END: how far into the
+    batch it may go; the main process shortens it to take back what waits behind
+    a long task, and the lock makes "start the next one" and "take the rest
+    back" one or the other. BUDGET: how many messages it may take at a time (0:
+    none for now). ORDERS: how many orders the main process sent down the pipe
+    (the pool process looks at its pipe only when there is a new one). TAKING:
+    the claim of a take under way (should it die then, the main process gives
+    back what it took). IDLE: it waits for messages (the others then take one
+    at a time). HANDED: how often it handed messages over (its budget stays 0
+    until the main process has read them: they count against the prefetch).
+    """
+
+    BATCH, POSITION, RUNNING, STARTED, DEADLINE, END, BUDGET, ORDERS, TAKING, IDLE, HANDED = range(11)
+    FIELDS = 11
+
+    def __init__(self, shared, index):
+        import multiprocessing
+        #: this process's fields in `shared`, every pool process's slots (each can see which
+        #: of the others wait idle); shared memory made before the first fork
+        self.shared, self.index = shared, index
+        self.values = shared[index * self.FIELDS:(index + 1) * self.FIELDS]
+        # Made again for each new process: one killed while it held the lock would keep it.
+        self.lock = multiprocessing.Lock()
+        for field in range(self.FIELDS):
+            self.values[field] = 0
+        self.values[self.BATCH] = -1
+
+    @classmethod
+    def shared_memory(cls, processes):
+        import mmap
+        return memoryview(mmap.mmap(-1, 8 * cls.FIELDS * processes)).cast("d")  # (anonymous: shared by forks)
+
+    def others_idle(self) -> bool:
+        """Whether another pool process waits for messages (then we take one at a time)."""
+        count = len(self.shared) // self.FIELDS
+        return any(self.shared[i * self.FIELDS + self.IDLE] for i in range(count) if i != self.index)
+
+    def begin(self, batch, length):
+        """(pool process) Start on a batch of `length` messages."""
+        with self.lock:
+            self.values[self.BATCH], self.values[self.POSITION], self.values[self.END] = batch, -1, length
+
+    def claim(self, position, deadline) -> bool:
+        """(pool process) Start the message at `position`, unless it was taken back."""
+        with self.lock:
+            if position >= self.values[self.END]:
+                return False
+            values = self.values
+            values[self.POSITION], values[self.STARTED], values[self.DEADLINE] = position, time.time(), deadline
+            values[self.RUNNING] = 1
+            return True
+
+    def finish(self):
+        self.values[self.RUNNING] = 0
+
+    def running(self):
+        """(batch, position, time.time() started, monotonic deadline or 0) of the message
+        running, or None."""
+        values = self.values
+        if not values[self.RUNNING]:
+            return None
+        return int(values[self.BATCH]), int(values[self.POSITION]), values[self.STARTED], values[self.DEADLINE]
+
+    def started(self, batch, position) -> bool:
+        """Whether the message at `position` of `batch` has started (or has run)."""
+        return int(self.values[self.BATCH]) == batch and position <= self.values[self.POSITION]
+
+    def cut(self, batch):
+        """(main process) Take back the messages of `batch` not started yet: returns the
+        first such position, or None if the pool process hasn't begun that batch (or
+        holds the lock for long: it was killed holding it, say)."""
+        if not self.lock.acquire(timeout=0.1):
+            return None
+        try:
+            if int(self.values[self.BATCH]) != batch:
+                return None
+            first = int(self.values[self.POSITION]) + 1
+            self.values[self.END] = min(self.values[self.END], first)
+            return first
+        finally:
+            self.lock.release()
+
+
 class _Child:
     """The main process's view of one pool process."""
 
-    def __init__(self, index, pid, conn):
-        self.index, self.pid, self.conn = index, pid, conn
+    def __init__(self, index, pid, conn, slot):
+        self.index, self.pid, self.conn, self.slot = index, pid, conn, slot
         # Readable when the process exits. The pipe alone can't tell us: a
         # grandchild the task forked may hold the child's end open.
         self.sentinel = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
-        #: delivery tag of the message it runs, or None when idle
-        self.job = None
+        #: batch id -> its delivery tags in order, until all are done (odd ids:
+        #: batches the process took itself; even: one message we sent it)
+        self.batches = {}
+        self.finished = set()  # tags of those batches reported done
+        self.handed = 0  # reports of messages it handed over we have read (see _Slot.HANDED)
         #: it reached max_tasks_per_child and is exiting: send it nothing more
         self.retiring = False
-        #: time.monotonic() when its task's hard time limit is up
-        self.deadline = None
-        #: why we killed it: ("timeout", seconds) or ("revoked", signal number)
+        #: why we killed it: (tag, "timeout" or "revoked", signal number)
         self.cause = None
+
+    def job(self):
+        """The delivery tag of the message it runs, or None."""
+        running = self.slot.running()
+        tags = self.batches.get(running[0], ()) if running else ()
+        return tags[running[1]] if running and running[1] < len(tags) else None
+
+    def holds(self, tag):
+        return next(((batch, tags) for batch, tags in self.batches.items() if tag in tags), None)
 
 
 class PreforkPool(Pool):
-    """Persistent forked children, one task at a time each, fed over pipes.
+    """Persistent forked children that take, run and ack their own messages.
 
-    A child that dies (killed, crashed, or done after max_tasks_per_child) is
-    noticed by end-of-file on its pipe and replaced at once.
+    Each pool process reserves a few messages at a time (the prefetch
+    multiplier) from the broker, runs them and acks them: on the way, no
+    message crosses the main process, so one process's speed doesn't limit the
+    pool. What needs the worker as a whole it hands over (a message with an ETA
+    not yet due, of a task under a rate limit, revoked, or one that can't be
+    run): the consumer schedules, throttles or discards it, and sends what it
+    holds to idle processes. The main process supervises: it learns each batch,
+    watches each process's slot for hard time limits, takes back what waits
+    behind a long task (so an idle process runs it, as Celery's fair scheduling
+    does), and relays revocations and settings. A child that dies is noticed by
+    its exit and replaced at once; what it held is given back or reported lost.
     """
 
     name = "prefork"
+    takes = True
+    #: a task running this long (seconds) gives up the rest of its batch to other processes
+    TAKE_BACK_AFTER = 0.1
 
     def __init__(self, app, concurrency, hostname, max_tasks_per_child=None):
         super().__init__(app, concurrency, hostname, max_tasks_per_child)
         self.children, self.stopping = [], False
         #: every child's pipe and exit sentinel, kept registered (not rebuilt on each wait)
         self.selector = selectors.DefaultSelector()
+        self._batch_ids = itertools.count(2, 2)  # ours are even; the processes' odd
+        self.batch_size, self.queues, self.revoked, self.budget, self.events = 1, [], set(), 0, False
 
-    def start(self):
+    def start(self, queues=(), revoked=(), batch_size=1, events=False):
+        self.queues, self.revoked, self.batch_size, self.events = list(queues), set(revoked), batch_size, events
+        self.shared = _Slot.shared_memory(self.concurrency)
         for index in range(1, self.concurrency + 1):
             self.children.append(self._spawn(index))
 
     def _spawn(self, index) -> _Child:
         from multiprocessing.connection import Pipe  # (here: a client never pays for importing it)
         ours, theirs = Pipe()
+        slot = _Slot(self.shared, index - 1)
+        slot.values[slot.BUDGET] = self.budget
 
         def run_child():
             # Keep only our own pipe end, so we see EOF when the main process dies.
@@ -4433,37 +4681,101 @@ class PreforkPool(Pool):
                 sibling.conn.close()
                 if sibling.sentinel is not None:
                     os.close(sibling.sentinel)
-            child_main(self.app, theirs, index, self.hostname, self.max_tasks_per_child)
+            PoolProcess(self.app, theirs, slot, index, self.hostname, self.max_tasks_per_child,
+                        self.queues, self.revoked, self.batch_size, self.events).run()
 
         _close_django_connections(forking=True)
         pid = fork_child(run_child)
         theirs.close()
-        child = _Child(index, pid, ours)
+        child = _Child(index, pid, ours, slot)
         for handle in (h for h in (child.conn, child.sentinel) if h is not None):
             self.selector.register(handle, selectors.EVENT_READ, child)
         return child
 
+    # -- what the consumer asks for --
+
     def free_slots(self):
-        return sum(1 for child in self.children if child.job is None and not child.retiring)
+        return sum(1 for child in self.children if not child.batches and not child.retiring)
 
     def processes(self):
-        return {child.pid: child.job for child in self.children}
+        return {child.pid: child.job() for child in self.children}
 
     def apply(self, message):
-        child = next(c for c in self.children if c.job is None and not c.retiring)
-        child.job, child.cause = message.delivery_tag, None
-        hard = time_limits(self.app.tasks[message.task_name], message)[0]
-        child.deadline = time.monotonic() + hard if hard else None
-        with contextlib.suppress(OSError):  # it died: collect() sees the EOF and reports the job lost
-            child.conn.send(message)
+        child = next(c for c in self.children if not c.batches and not c.retiring)
+        batch = next(self._batch_ids)
+        child.batches[batch] = [message.delivery_tag]
+        self._send(child, ("run", batch, [message]))
+
+    def allow_taking(self, budget):
+        """How many messages each pool process may take at a time (0: none for now). A
+        process that handed messages over sets its own to 0 until we have seen them."""
+        self.budget = budget
+        for child in self.children:
+            if child.slot.values[child.slot.HANDED] == child.handed:  # (else: a report on its way)
+                was, child.slot.values[child.slot.BUDGET] = child.slot.values[child.slot.BUDGET], budget
+                if budget and not was:
+                    self._send(child, ("wake",))  # (it may be waiting for orders only)
+
+    def relay(self, order):
+        """Tell every pool process, and those started later: ("queues", names),
+        ("revoked", ids), ("revoked_all", ids), ("option", task name, attribute,
+        value), ("events", on) or ("let_go", tags)."""
+        kind = order[0]
+        if kind == "queues":
+            self.queues = list(order[1])
+        elif kind in ("revoked", "revoked_all"):
+            self.revoked = (self.revoked if kind == "revoked" else set()) | set(order[1])
+        elif kind == "events":
+            self.events = order[1]
+        for child in self.children:
+            self._send(child, order)
+
+    def _send(self, child, order):
+        with contextlib.suppress(OSError):  # it died: collect() sees it exit
+            child.conn.send(order)
+            child.slot.values[child.slot.ORDERS] += 1
+
+    def sent(self) -> int:
+        """How many messages we sent the processes (to run when free) are not done yet."""
+        return sum(len(tags) for child in self.children for batch, tags in child.batches.items() if batch % 2 == 0)
+
+    def waiting(self, tag) -> bool:
+        """Whether a pool process holds `tag` and hasn't started it."""
+        for child in self.children:
+            held = child.holds(tag)
+            if held is not None:
+                return not child.slot.started(held[0], held[1].index(tag))
+        return False
+
+    def take_back(self, tags=None, running_longer_than=None) -> list:
+        """Take back what the pool processes haven't started of each batch they took
+        that holds one of `tags` (None: of every batch), or whose running task started
+        more than `running_longer_than` seconds ago. Returns their tags, in order."""
+        taken, now = [], time.time()
+        for child in self.children:
+            for batch, batch_tags in list(child.batches.items()):
+                running = child.slot.running()
+                if running_longer_than is not None and not (
+                        running and running[0] == batch and now - running[2] > running_longer_than):
+                    continue
+                waiting = [tag for i, tag in enumerate(batch_tags) if not child.slot.started(batch, i)]
+                if batch % 2 == 0 or not waiting or (tags is not None and not set(waiting) & set(tags)):
+                    continue  # (ours hold one message, which runs as soon as the process is free)
+                first = child.slot.cut(batch)
+                if first is not None and first < len(batch_tags):
+                    taken += batch_tags[first:]
+                    del batch_tags[first:]
+                    self._forget_done(child, batch)
+        return taken
 
     def next_deadline(self):
-        return min((c.deadline for c in self.children if c.deadline and c.job), default=None)
+        deadlines = [running[3] for running in (c.slot.running() for c in self.children) if running and running[3]]
+        return min(deadlines, default=None)
 
     def terminate(self, tag, signum):
         for child in self.children:
-            if child.job == tag:
-                child.cause = ("revoked", signum)
+            if child.job() == tag:
+                child.cause = (tag, "revoked", signum)
                 _kill(child.pid, signum)
                 return True
         return False
@@ -4471,65 +4783,129 @@ class PreforkPool(Pool):
     def _enforce_time_limits(self):
         now = time.monotonic()
         for child in self.children:
-            if child.job and child.deadline and now >= child.deadline and not child.cause:
-                child.cause = ("timeout", None)
+            running = child.slot.running()
+            if running and running[3] and now >= running[3] and not child.cause:
+                child.cause = (child.job(), "timeout", None)
                 _kill(child.pid)
 
-    def collect(self, timeout):
+    # -- what the processes tell us --
+
+    def collect(self, timeout, also=()):
+        """What happened: ("took", messages, handed over deliveries, claims),
+        ("done", tag, state, requeue), ("back", tags) for messages of ours again
+        (not started), ("lost", tag, reason, cause) for one whose process died under
+        it. The wait also ends when a handle in `also` is readable."""
         self._enforce_time_limits()
         if _signal_pipe is not None and _signal_pipe not in self.selector.get_map():
             self.selector.register(_signal_pipe, selectors.EVENT_READ, None)
+        for handle in also:
+            self.selector.register(handle, selectors.EVENT_READ, "also")
+        try:
+            ready = self.selector.select(timeout)
+        finally:
+            for handle in also:
+                self.selector.unregister(handle)
         events, exited = [], []
-        for key, _ in self.selector.select(timeout):
+        for key, _ in ready:
             child = key.data
             if child is None:  # a signal: back to the consumer at once
                 signal_came()
-                continue
-            if child in exited:
+            if child in (None, "also") or child in exited:
                 continue
             if key.fileobj is child.sentinel or not self._receive_from(child, events):
-                while child.conn.poll():  # a last reply may be waiting behind the exit
-                    if not self._receive_from(child, events):
-                        break
                 exited.append(child)
+            else:
+                while child.conn.poll() and self._receive_from(child, events):
+                    pass
         for child in exited:
             events.extend(self._replace(child))
         return events
 
     def _receive_from(self, child, events) -> bool:
-        """Read one reply from a child into `events`; False at end-of-file."""
+        """Read one report of a child into `events`; False at end-of-file."""
         try:
-            tag, state, requeue, child.retiring = child.conn.recv()
+            report = child.conn.recv()
         except (EOFError, OSError):
             return False
-        child.job = child.deadline = None
-        events.append(("done", tag, state, requeue))
+        if report[0] == "took":
+            _, batch, messages, handed, claims = report
+            if messages:
+                child.batches[batch] = [message.delivery_tag for message in messages]
+            child.handed += 1 if handed else 0
+            events.append(("took", messages, handed, claims))
+        elif report[0] == "back":
+            for tag in report[1]:
+                held = child.holds(tag)
+                if held is not None:
+                    child.finished.add(tag)
+                    self._forget_done(child, held[0])
+            events.append(report)
+        elif report[0] == "done":
+            _, outcomes, child.retiring = report
+            for tag, state, requeue in outcomes:
+                held = child.holds(tag)
+                if held is not None:
+                    child.finished.add(tag)
+                    self._forget_done(child, held[0])
+                events.append(("done", tag, state, requeue))
         return True
 
+    def _forget_done(self, child, batch):
+        tags = child.batches[batch]
+        if all(tag in child.finished for tag in tags):
+            del child.batches[batch]
+            child.finished.difference_update(tags)
+
     def _replace(self, child) -> list:
-        reason = _exit_reason(_reap(child.pid))
+        reason, events = _exit_reason(_reap(child.pid)), []
+        while child.conn.poll():  # its last reports (what it took, say) wait behind its exit
+            if not self._receive_from(child, events):
+                break
         for handle in (h for h in (child.conn, child.sentinel) if h is not None):
             self.selector.unregister(handle)
         child.conn.close()
         if child.sentinel is not None:
             os.close(child.sentinel)
         self.children.remove(child)
+        events += self._left_by(child, reason)
         if not self.stopping:
             self.children.append(self._spawn(child.index))
-        return [("lost", child.job, reason, child.cause)] if child.job is not None else []
+        return events
+
+    def _left_by(self, child, reason) -> list:
+        """What a dead process held: the one it ran is lost, those it hadn't begun come back,
+        those it finished without saying so are done."""
+        events, running = [], child.slot.running()
+        claim = child.slot.values[child.slot.TAKING]
+        if claim:  # it died taking (or before it said what it took): what it took goes back
+            known = {tag for tags in child.batches.values() for tag in tags}
+            with contextlib.suppress(Exception):  # (the broker away: back after the visibility timeout)
+                if self.app.broker.restore_claimed(claim, known):
+                    worker_logger.warning("Restored the messages a dead pool process had just taken")
+        for batch, tags in child.batches.items():
+            for position, tag in enumerate(tags):
+                if tag in child.finished:
+                    continue
+                if running and (running[0], running[1]) == (batch, position):
+                    cause = child.cause[1:] if child.cause and child.cause[0] == tag else None
+                    events.append(("lost", tag, reason, cause))
+                elif child.slot.started(batch, position):
+                    events.append(("done", tag, None, False))
+                else:
+                    events.append(("back", [tag]))
+        return events
 
     def stop(self, cold=False):
         self.stopping = True
-        lost = []
+        left = []
         for child in list(self.children):
             if cold:
                 _kill(child.pid)
             else:
-                with contextlib.suppress(OSError):  # already gone: _replace() reaps it
-                    child.conn.send(None)
+                self._send(child, None)
         for child in list(self.children):
-            lost.extend(self._replace(child))
-        return lost
+            left.extend(self._replace(child))
+        return left
 
 
 def _kill(pid, sig=signal.SIGKILL):
@@ -4575,12 +4951,14 @@ def fork_child(run_child) -> int:
     _flush_std_streams()
     watched = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    parent = os.getpid()
     pid = os.fork()
     if pid:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return pid
     status = 1
     try:
+        _die_with_parent(parent)
         _stop_watching_signals()  # the parent's pipe is not the child's business
         for signum in watched:
             signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.SIG_IGN)
@@ -4595,39 +4973,207 @@ def fork_child(run_child) -> int:
         os._exit(status)
 
 
+def _die_with_parent(parent):
+    """(Linux) Be killed when the process that forked us dies: a pool process whose main
+    process was SIGKILLed must not run on past its hard time limit, nor take more."""
+    with contextlib.suppress(Exception):  # (elsewhere: it leaves when its pipe ends)
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # (it died before that)
+        os._exit(1)
+
+
 def _flush_std_streams():
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(BaseException):  # a broken stream must not stop us
             stream.flush()
 
 
-def child_main(app, conn, index, hostname, max_tasks=None):
-    """The loop of one pool process: receive a message, run_task() it, report.
+class PoolProcess:
+    """One pool process (in a child made by fork_child()): take a few messages,
+    run them and ack them; between two tasks, obey the main process's orders.
 
-    This runs in a child made by fork_child(). It leaves when the pipe closes,
-    when told to (None), or after max_tasks.
+    It leaves when its pipe closes (the main process is gone), when told to
+    (None), or after max_tasks.
     """
-    global _process_name
-    _process_name = f"ForkPoolWorker-{index}"
-    _local.in_worker = True
-    app.after_fork()
-    done = 0
-    while not max_tasks or done < max_tasks:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
+
+    #: seconds it waits for a message before it looks at its orders again
+    WAIT = 1.0
+
+    def __init__(self, app, conn, slot, index, hostname, max_tasks, queues, revoked, batch_size, events):
+        global _process_name
+        _process_name = f"ForkPoolWorker-{index}"
+        _local.in_worker = True
+        app.after_fork()
+        self.app, self.conn, self.slot, self.hostname, self.max_tasks = app, conn, slot, hostname, max_tasks
+        self.queues, self.revoked, self.batch_size, self.events = list(queues), set(revoked), batch_size, events
+        self.broker, self.accept = app.broker, accepted_types(app.conf.accept_content)
+        self.max_size = app.conf.worker_max_message_size
+        self.to_run = deque()  # (batch id, [messages]) the main process sent
+        self.let_go = set()    # tags whose claim we lost: not ours to ack
+        self.outcomes = []     # (tag, state, requeue) of the batch, reported at its end
+        self.done, self.stopping, self.failures, self.orders_seen = 0, False, 0, 0
+        self._batch_ids = itertools.count(1, 2)
+        self.broker.on_claim = self._claiming
+
+    def _claiming(self, claim):
+        self.slot.values[self.slot.TAKING] = claim
+
+    def run(self):
+        while True:
+            self._read_orders()
+            if self.stopping or self._retiring():
+                break
+            if self.to_run:
+                self._run_batch(*self.to_run.popleft())
+            elif self.queues and self.slot.values[self.slot.BUDGET]:
+                self._take(int(self.slot.values[self.slot.BUDGET]))
+            else:
+                self._read_orders(self.WAIT)
+
+    def _retiring(self):
+        return bool(self.max_tasks and self.done >= self.max_tasks)
+
+    def _read_orders(self, timeout=0, look=False):
+        """Obey what the main process sent, waiting up to `timeout` for it. Without a
+        timeout, the pipe is read only if the count of orders changed, or to `look`
+        (after a wait that the pipe ended: maybe the main process is gone)."""
+        if not (timeout or look) and self.slot.values[self.slot.ORDERS] == self.orders_seen:
+            return  # (nothing sent: no system call)
+        self.orders_seen = self.slot.values[self.slot.ORDERS]
+        if not self.conn.poll(timeout):
             return
-        if message is None:
+        while not self.stopping and self.conn.poll():
+            try:
+                order = self.conn.recv()
+            except (EOFError, OSError):
+                order = None
+            if order is None:
+                self.stopping = True
+            else:
+                self._obey(*order)
+
+    def _obey(self, kind, *values):
+        if kind == "run":
+            self.to_run.append(values)
+        elif kind == "queues":
+            self.queues = list(values[0])
+        elif kind in ("revoked", "revoked_all"):
+            self.revoked = (self.revoked if kind == "revoked" else set()) | set(values[0])
+        elif kind == "option":  # `celery control rate_limit / time_limit`
+            setattr(self.app.tasks[values[0]], values[1], values[2])
+        elif kind == "events":
+            self.events = values[0]
+        elif kind == "let_go":
+            self.let_go.update(values[0])
+        # ("wake",): nothing to do but look at the budget again
+
+    def _take(self, budget):
+        """Take up to `budget` messages (one while another process waits idle: it takes the
+        next), waiting for the first; run those we may, hand over the others."""
+        try:
+            limit = 1 if self.slot.others_idle() else min(budget, self.batch_size)
+            deliveries = self.broker.reserve(self.queues, limit, 0)
+            if not deliveries:  # wait; then orders first, and the budget of then
+                self.slot.values[self.slot.TAKING], self.slot.values[self.slot.IDLE] = 0, 1
+                self.broker.wait(self.queues, self.WAIT, also=[self.conn])
+                self._read_orders(look=True)
+            self.failures = 0
+        except Exception as exc:  # the broker away: the main process's loop says so too
+            self.failures += 1
+            delay = min(2 ** self.failures * 0.1, 10.0)
+            worker_logger.warning("Can't take messages (%s: %s); trying again in %.1fs", type(exc).__name__, exc, delay)
+            self._read_orders(delay)
+            return
+        finally:
+            self.slot.values[self.slot.IDLE] = 0
+        if not deliveries:
+            return
+        runnable, handed = [], []
+        for delivery in deliveries:
+            message = self._runnable(delivery)
+            runnable.append(message) if message is not None else handed.append(delivery)
+        batch = next(self._batch_ids)
+        self.slot.begin(batch, len(runnable))
+        if handed:  # no more until the main process has seen them (they count against its prefetch)
+            self.slot.values[self.slot.BUDGET] = 0
+            self.slot.values[self.slot.HANDED] += 1
+        self.conn.send(("took", batch, runnable, handed, self.broker.claims([d.tag for d in deliveries])))
+        self.slot.values[self.slot.TAKING] = 0
+        self.broker.forget([d.tag for d in handed])  # (the main process holds them now)
+        self._run_batch(batch, runnable, begun=True)
+
+    def _runnable(self, delivery):
+        """The delivery as a Message this process may run now, or None: the main process
+        deals with it (a future ETA, a rate limit, revoked, or something wrong with it)."""
+        try:
+            message = decode_message(delivery.raw, delivery.queue, delivery.tag, self.max_size)
+            task = self.app.tasks.get(message.task_name)
+            if task is None or message.id in self.revoked or parse_rate(task.option("rate_limit")):
+                return None
+            if message.eta is not None and message.eta.timestamp() > time.time():
+                return None
+            message.decode_body(self.accept, self.max_size)
+            task.check_arguments(message.args, message.kwargs)
+        except Exception:  # (the main process says what is wrong with it)
+            return None
+        message.events = self.events
+        return message
+
+    def _run_batch(self, batch, messages, begun=False):
+        if not begun:
+            self.slot.begin(batch, len(messages))
+        try:
+            for position, message in enumerate(messages):
+                self._read_orders()
+                if message.id in self.revoked:  # (revoked since it was sent): the main process discards it
+                    with contextlib.suppress(OSError):
+                        self.conn.send(("back", [message.delivery_tag]))
+                    continue
+                task = self.app.tasks[message.task_name]
+                hard = time_limits(task, message)[0]
+                if self.stopping or not self.slot.claim(position, time.monotonic() + hard if hard else 0):
+                    self.broker.forget([m.delivery_tag for m in messages[position:]])  # taken back
+                    return
+                self._run(message, task)
+                self.slot.finish()
+                if self._retiring():
+                    return  # (the rest: the main process gives it back when we are gone)
+        finally:
+            with contextlib.suppress(OSError):
+                self.conn.send(("done", self.outcomes, self._retiring()))
+            self.outcomes = []
+
+    def _run(self, message, task):
+        """Ack (before or after, as the task says), run, and report one message."""
+        tag, late = message.delivery_tag, task.option("acks_late")
+        if not late and not self._ack(message):
+            # Unacked, it must not run here: should this process die, it would run again.
+            worker_logger.warning("Task %s handed back: its ack could not be written", message.describe())
+            with contextlib.suppress(OSError):
+                self.conn.send(("back", [tag]))
             return
         try:
-            outcome = run_task(app, message, hostname=hostname)
+            outcome = run_task(self.app, message, hostname=self.hostname)
             state, requeue = outcome.state, outcome.requeue
         except Exception:
             worker_logger.exception("Task %s could not be run", message.describe())
             state, requeue = FAILURE, False
         _close_django_connections()
-        done += 1
-        conn.send((message.delivery_tag, state, requeue, bool(max_tasks and done >= max_tasks)))
+        if late and tag not in self.let_go:
+            self._ack(message, requeue)
+        self.done += 1
+        self.outcomes.append((tag, state, requeue))
+
+    def _ack(self, message, requeue=False) -> bool:
+        try:
+            self.broker.requeue([message.delivery_tag]) if requeue else \
+                self.broker.ack([message.delivery_tag], wait=False)
+            return True
+        except Exception as exc:  # an ack goes again with the next command; a requeue comes back later
+            worker_logger.warning("Task %s: %s not sent yet: %r", message.describe(),
+                                  "requeue" if requeue else "ack", exc)
+            return False
 
 
 POOLS = {"prefork": PreforkPool, "solo": SoloPool}
@@ -4638,7 +5184,10 @@ class Consumer:
 
     A message the consumer holds is in exactly one place: `ready` (due, waiting
     for a pool slot), `scheduled` (ETA within ETA_HORIZON, or waiting for its
-    rate limit), or `active` (running). ETAs further away are parked in the broker.
+    rate limit), or `active` (with the pool: running, or in the batch a pool
+    process took). ETAs further away are parked in the broker. With a pool whose
+    processes take their own messages (`takes`), step() supervises instead of
+    reserving: see _supervise().
     """
 
     #: longest a step blocks, so signals and housekeeping are never late by more
@@ -4649,6 +5198,9 @@ class Consumer:
     COLLECT_EVERY = 0.1
     #: seconds between reloads of every revoked id from the broker
     REVOKED_RELOAD = 30.0
+    #: while the pool's processes take their own messages, we read their reports at most this often,
+    #: unless we hold messages for them (a main process woken for each one costs a third of a core)
+    REPORTS_EVERY = 0.005
 
     def __init__(self, app, pool, queues, hostname, prefetch_limit):
         self.app, self.pool, self.queues, self.hostname = app, pool, list(queues), hostname
@@ -4675,6 +5227,18 @@ class Consumer:
         self.stopping = None
         self.maintain_every = max(0.2, min(5.0, self.broker.visibility_timeout / 4))
         self._next_maintenance = self._restore_after = self._next_revoked_reload = 0.0
+        #: the pool's processes take their own messages (prefork): we supervise and hold the rest
+        self.takes, self._last_collect = pool.takes, 0.0
+        self._unhandled = []  # pool events not acted on yet (the broker was away)
+        self.batch_size = max(1, self.prefetch_limit // pool.concurrency)  # each process takes this many
+
+    def start_pool(self):
+        self.pool.start(queues=self.queues, revoked=self.revoked, batch_size=self.batch_size, events=self.events)
+
+    def relay(self, order):
+        """Tell the pool's processes what changed here (see PreforkPool.relay)."""
+        if self.takes:
+            self.pool.relay(order)
 
     # -- the loop ---------------------------------------------------------
 
@@ -4701,9 +5265,16 @@ class Consumer:
                                         else "Unexpected error in the worker loop", type(exc).__name__, exc,
                                         delay, exc_info=not lost)
                     self._after_outage()
-                    time.sleep(delay)
+                    self._wait_out(delay)
         finally:
             self.shutdown()
+
+    def _wait_out(self, delay):
+        """Back off from a broker error while minding the pool (hard time limits, dead
+        processes); what it reports is handled once the broker answers again."""
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0 and not self.stopping:
+            self._unhandled.extend(self.pool.collect(min(left, self.COLLECT_EVERY)))
 
     def _after_outage(self):
         """After the broker failed or stalled us, wait two maintenance rounds before
@@ -4728,6 +5299,8 @@ class Consumer:
         self._apply_control()  # first: listening starts before the first reload of revocations
         self._maintain()
         self._release_due()
+        if self.takes:
+            return self._supervise()
         batch = self._next_batch()
         # Everything held counts, waiting for an ETA or a rate limit too: a worker
         # holds at most prefetch_limit messages, and the rest stay for others.
@@ -4746,6 +5319,27 @@ class Consumer:
             busy = self.ready or precise or room <= 0
             self._handle(self.pool.collect(min(self._wait_time()[0], self.COLLECT_EVERY) if busy else 0))
         self._flush_acks()
+
+    def _supervise(self):
+        """One turn while the pool's processes take their own messages: take back what
+        waits behind a long task, send idle processes what we hold, let them take more
+        while we hold little, then wait for news."""
+        self._got_back(self.pool.take_back(running_longer_than=self.pool.TAKE_BACK_AFTER))
+        self._start(self._next_batch())
+        # What we hold counts against the prefetch (the processes' own batches are theirs to count).
+        room = self.prefetch_limit - len(self.ready) - len(self.scheduled) - self.pool.sent()
+        self.pool.allow_taking(0 if self.stopping or self.ready else max(0, min(room, self.batch_size)))
+        self._flush_acks()
+        wait, _ = self._wait_time()
+        handles = self.broker.control_handles()
+        if handles is None or self.ready or self.active:  # (commands to poll for; tasks to look after)
+            wait = min(wait, self.COLLECT_EVERY)
+        gap = self._last_collect + self.REPORTS_EVERY - time.monotonic()
+        if gap > 0 and not self.ready:  # (nothing needs them at once: read several reports at a time)
+            wait_readable(handles or [], min(gap, wait))
+            wait = max(0.0, wait - gap)
+        self._handle(self.pool.collect(wait, handles or ()))
+        self._last_collect = time.monotonic()
 
     def stop(self, cold=False):
         self.stopping = "cold" if cold else (self.stopping or "warm")
@@ -4790,13 +5384,7 @@ class Consumer:
         message = self._decode(delivery)
         if message is None:
             return
-        worker_logger.info("Task %s received", message.describe())
-        if self.events:
-            self.send_event("task-received", uuid=message.id, name=message.task_name,
-                            args=_short_repr(tuple(message.args)), kwargs=_short_repr(message.kwargs),
-                            root_id=message.headers.get("root_id"), parent_id=message.headers.get("parent_id"),
-                            retries=message.retries, eta=message.headers.get("eta"),
-                            expires=message.headers.get("expires"))
+        self._received(message)
         if message.id in self.revoked:
             self._discard_revoked(message, "revoked")
             return
@@ -4808,6 +5396,39 @@ class Consumer:
             self._schedule(message, due)
         else:
             self.ready.append(message)
+
+    def _received(self, message):
+        worker_logger.info("Task %s received", message.describe())
+        if self.events:
+            self.send_event("task-received", uuid=message.id, name=message.task_name,
+                            args=_short_repr(tuple(message.args)), kwargs=_short_repr(message.kwargs),
+                            root_id=message.headers.get("root_id"), parent_id=message.headers.get("parent_id"),
+                            retries=message.retries, eta=message.headers.get("eta"),
+                            expires=message.headers.get("expires"))
+
+    def _adopt(self, messages, handed, claims):
+        """A pool process took messages: it runs `messages`, and hands us the rest."""
+        self.broker.adopt(claims)
+        for message in messages:
+            self.active[message.delivery_tag] = message
+            self.started[message.delivery_tag] = time.time()
+            self._received(message)
+        self._receive(handed)
+        if any(message.id in self.revoked for message in messages):  # (revoked while it took them)
+            self._drop_revoked()
+
+    def _got_back(self, tags):
+        """Messages a pool process had not started are ours to hand out again, first."""
+        messages = [self.active.pop(tag) for tag in tags if tag in self.active]
+        for tag in tags:
+            self.started.pop(tag, None)
+        self.ready.extendleft(reversed(messages))
+        if any(message.id in self.revoked for message in messages):
+            self._drop_revoked()
+
+    def waiting_in_pool(self, tag) -> bool:
+        """Whether a pool process holds this message without having started it."""
+        return self.takes and self.pool.waiting(tag)
 
     def _schedule(self, message, due):
         heapq.heappush(self.scheduled, (due, next(self._sequence), message))
@@ -4872,6 +5493,7 @@ class Consumer:
     def revoke(self, task_ids, terminate, signum):
         worker_logger.info("Tasks flagged as revoked: %s", ", ".join(task_ids))
         self.revoked.update(task_ids)
+        self.relay(("revoked", list(task_ids)))
         # Make revocations broadcast by real Celery durable too, for workers started later.
         self.broker.revoke(task_ids, expires=self.app.revoke_expires, broadcast=False)
         self._drop_revoked()
@@ -4880,6 +5502,10 @@ class Consumer:
 
     def _drop_revoked(self):
         """Discard held messages whose task was revoked."""
+        if self.takes:  # (those a pool process hasn't started come back to us first)
+            tags = [tag for tag, message in self.active.items() if message.id in self.revoked]
+            if tags:
+                self._got_back(self.pool.take_back(tags=tags))
         for message in self._let_go_where(lambda message: message.id in self.revoked):
             self._discard_revoked(message, "revoked")
 
@@ -4999,19 +5625,41 @@ class Consumer:
             self._on_worker_lost(message, repr(exc))
 
     def _handle(self, events):
-        for event in events:
-            message = self.active.pop(event[1], None)
-            self.started.pop(event[1], None)
-            if message is None:
-                continue
-            self.total[message.task_name] += 1
-            if event[0] == "lost":
-                self._on_worker_lost(message, event[2], event[3])
-            elif self._acks_late(message):
-                if event[3]:
-                    self.broker.requeue([message.delivery_tag])
-                else:
-                    self._to_ack.append(message.delivery_tag)
+        """Act on what the pool reports; what can't be done now (the broker away) is kept for
+        the next time."""
+        events, self._unhandled = self._unhandled + list(events), []
+        for i, event in enumerate(events):
+            try:
+                self._handle_one(event)
+            except Exception:
+                self._unhandled = events[i:]
+                raise
+
+    def _handle_one(self, event):
+        if event[0] == "took":
+            return self._adopt(*event[1:])
+        if event[0] == "back":
+            return self._got_back(event[1])
+        tag = event[1]
+        message = self.active.get(tag)
+        if message is None:
+            return
+        late = self._acks_late(message)
+        if event[0] == "lost":
+            self._on_worker_lost(message, event[2], event[3])  # (raises while the broker is away: again later)
+            if self.takes and not late:
+                self._to_ack.append(tag)  # (its process acked it, unless that failed)
+        elif self.takes and late and event[2] is None:
+            self._to_ack.append(tag)  # its process died before it said so: maybe not acked
+        elif self.takes:
+            self.broker.forget([tag])  # its process acked (or requeued) it
+        elif late and event[3]:
+            self.broker.requeue([tag])
+        elif late:
+            self._to_ack.append(tag)
+        del self.active[tag]
+        self.started.pop(tag, None)
+        self.total[message.task_name] += 1
 
     def _on_worker_lost(self, message, reason, cause=None, requeue=False):
         """A child died under `message`: we killed it (time limit, revoke) or it crashed."""
@@ -5023,7 +5671,7 @@ class Consumer:
             self._store_final(message, TimeLimitExceeded(limit), FAILURE)
         elif cause and cause[0] == "revoked":
             self._store_final(message, TaskRevokedError("terminated"), REVOKED)
-        elif late and (requeue or task.option("reject_on_worker_lost")):
+        elif late and (requeue or task.option("reject_on_worker_lost") or (cause and cause[0] == "shutdown")):
             worker_logger.warning("Task %s: worker lost (%s); requeued", message.describe(), reason)
             self.broker.requeue([message.delivery_tag])
             return
@@ -5046,9 +5694,13 @@ class Consumer:
 
 
     def held_tags(self):
-        """Delivery tags this worker holds, unacked or running."""
+        """Delivery tags this worker holds unacked (running with acks_late, too)."""
         return ([m.delivery_tag for m in self.ready] + [e[2].delivery_tag for e in self.scheduled]
-                + list(self.active))
+                + [tag for tag in self.active if self._unacked(tag)])
+
+    def _unacked(self, tag):
+        # (a pool process acks a message it runs, before or after, as the task says)
+        return not self.takes or self.pool.waiting(tag) or self._acks_late(self.active[tag])
 
     #: seconds between worker-heartbeat events (Celery's freq; Flower counts a worker gone after a few missed)
     HEARTBEAT = 2.0
@@ -5091,6 +5743,7 @@ class Consumer:
         if time.monotonic() >= self._next_revoked_reload:
             self._next_revoked_reload = time.monotonic() + self.REVOKED_RELOAD
             self.revoked = self.broker.revoked()
+            self.relay(("revoked_all", list(self.revoked)))
             self._drop_revoked()
 
     def _renew_claims(self):
@@ -5102,6 +5755,15 @@ class Consumer:
         broker for longer than the visibility timeout: another worker may run them
         now, so we drop the ones we have not started."""
         tags, self._lost_claims = set(tags), set()
+        if self.takes:  # (what a pool process acked meanwhile is not lost)
+            before = set(self.active)
+            self._handle(self.pool.collect(0))
+            ended = before - set(self.active) - {message.delivery_tag for message in self.ready}
+            tags = {tag for tag in tags - ended if tag not in self.active or self._unacked(tag)}
+            self._got_back(self.pool.take_back(tags=tags))
+            self.relay(("let_go", list(tags & set(self.active))))
+            if not tags:
+                return
         worker_logger.warning("Out of touch with the broker for longer than the visibility timeout: "
                               "%d held message(s) went back to the queue; letting them go", len(tags))
         self._let_go_where(lambda message: message.delivery_tag in tags)
@@ -5112,6 +5774,38 @@ class Consumer:
     def shutdown(self):
         """Give back what we hold but haven't started; finish (warm) or kill (cold) the rest."""
         self._heartbeat("worker-offline")
+        self.pool.allow_taking(0)
+        self._while_shutting_down(self._give_back_waiting)
+        while self._still_running() and self.stopping != "cold":
+            events = self.pool.collect(self.MAX_WAIT)
+            self._while_shutting_down(lambda: self._handle(events))
+            self._while_shutting_down(self._give_back_waiting)  # (what a process took meanwhile)
+        for event in self.pool.stop(cold=bool(self._still_running())):
+            if event[0] == "lost" and event[1] in self.active:
+                # Killed by our own cold shutdown, not by the task: acks_late tasks go back.
+                event = ("lost", event[1], "cold shutdown", ("shutdown", None))
+            self._unhandled.append(event)  # (what a process took at the last moment comes back too)
+        self._while_shutting_down(lambda: self._handle([]))
+        self._while_shutting_down(self._give_back_waiting)
+        self._while_shutting_down(self._flush_acks)
+        if self._unhandled:
+            worker_logger.error("Leaving without recording what became of %d task(s) (the broker is away): %s",
+                                len(self._unhandled), ", ".join(str(event[1]) for event in self._unhandled))
+
+    def _still_running(self):
+        stuck = {event[1] for event in self._unhandled if event[0] in ("done", "lost")}
+        return [tag for tag in self.active if tag not in stuck]
+
+    def _while_shutting_down(self, work):
+        try:
+            work()
+        except Exception as exc:  # the broker away: say so, and go on leaving
+            worker_logger.error("While shutting down: %s: %s", type(exc).__name__, exc)
+
+    def _give_back_waiting(self):
+        """Requeue what we hold but haven't started (pool processes' waiting ones too)."""
+        if self.takes:
+            self._got_back(self.pool.take_back())
         waiting = [message.delivery_tag for message in self._let_go_where(lambda message: True)]
         if waiting:
             worker_logger.info("Restoring %d unacknowledged message(s)", len(waiting))
@@ -5120,14 +5814,6 @@ class Consumer:
             except self.broker.connection_errors as exc:
                 worker_logger.error("can't restore %d message(s) now (%r); they come back "
                                     "after the visibility timeout", len(waiting), exc)
-        while self.active and self.stopping != "cold":
-            self._handle(self.pool.collect(self.MAX_WAIT))
-        for event in self.pool.stop(cold=bool(self.active)):
-            # Killed by our own cold shutdown, not by the task: acks_late tasks go back.
-            message = self.active.pop(event[1], None)
-            if message is not None:
-                self._on_worker_lost(message, "cold shutdown", requeue=True)
-        self._flush_acks()
 
 
 def _ok(text):
@@ -5169,10 +5855,11 @@ class RemoteControl:
         return _ok("pong")
 
     def do_active(self, safe=None, **_):
-        return [self.info(message) for message in self.consumer.active.values()]
+        return [self.info(m) for tag, m in self.consumer.active.items() if not self.consumer.waiting_in_pool(tag)]
 
     def do_reserved(self, **_):
-        return [self.info(message) for message in self.consumer.ready]
+        return [self.info(message) for message in self.consumer.ready] + \
+            [self.info(m) for tag, m in self.consumer.active.items() if self.consumer.waiting_in_pool(tag)]
 
     def do_scheduled(self, **_):
         return [{"eta": message.eta.isoformat() if message.eta else None, "priority": message.priority,
@@ -5186,8 +5873,8 @@ class RemoteControl:
 
     def do_query_task(self, ids=(), **_):
         ids = {ids} if isinstance(ids, str) else set(ids)
-        held = [("active", m) for m in self.consumer.active.values()] + \
-            [("reserved", m) for m in self.consumer.ready] + [("scheduled", e[2]) for e in self.consumer.scheduled]
+        held = [("reserved" if self.consumer.waiting_in_pool(tag) else "active", m)
+                for tag, m in self.consumer.active.items()] + [("reserved", m) for m in self.consumer.ready] + [("scheduled", e[2]) for e in self.consumer.scheduled]
         return {message.id: [state, self.info(message)] for state, message in held if message.id in ids}
 
     def do_active_queues(self, **_):
@@ -5225,6 +5912,7 @@ class RemoteControl:
         except ImproperlyConfigured as exc:
             return {"error": f"Invalid rate limit string: {exc!r}"}
         self.app.tasks[task_name].rate_limit = rate_limit
+        self.consumer.relay(("option", task_name, "rate_limit", rate_limit))
         self.consumer.spacing.pop(task_name, None)  # worked out again at the next message,
         self.consumer.next_start.pop(task_name, None)  # and a wait under the old one ends
         return _ok("new rate limit set successfully" if rate_limit else "rate limit disabled successfully")
@@ -5236,6 +5924,8 @@ class RemoteControl:
             return {"error": f"time limits are seconds >= 0 or null, not {hard!r} and {soft!r}"}
         task = self.app.tasks[task_name]
         task.time_limit, task.soft_time_limit = hard, soft  # the consumer stamps them on each message
+        self.consumer.relay(("option", task_name, "time_limit", hard))
+        self.consumer.relay(("option", task_name, "soft_time_limit", soft))
         return _ok("time limits set successfully")
 
     def do_add_consumer(self, queue, **_):
@@ -5243,6 +5933,7 @@ class RemoteControl:
             return {"error": f"a queue is a name, not {_short_repr(queue, 80)}"}
         if queue not in self.consumer.queues:
             self.consumer.queues.append(queue)
+            self.consumer.relay(("queues", self.consumer.queues))
         return _ok(f"add consumer {queue}")
 
     def do_cancel_consumer(self, queue, **_):
@@ -5250,14 +5941,17 @@ class RemoteControl:
             return {"error": f"{queue} is the last queue this worker consumes"}
         if queue in self.consumer.queues:
             self.consumer.queues.remove(queue)
+            self.consumer.relay(("queues", self.consumer.queues))
         return _ok(f"no longer consuming from {queue}")
 
     def do_enable_events(self, **_):
         was, self.consumer.events = self.consumer.events, True
+        self.consumer.relay(("events", True))
         return _ok("task events already enabled" if was else "task events enabled")
 
     def do_disable_events(self, **_):
         was, self.consumer.events = self.consumer.events, False
+        self.consumer.relay(("events", False))
         return _ok("task events disabled" if was else "task events already disabled")
 
     def do_shutdown(self, **_):
@@ -5313,7 +6007,7 @@ class Worker:
                                  self.prefetch_multiplier * pool.concurrency)
         print(self.banner(pool), file=sys.stderr, flush=True)
         beat_pid = self._start_beat() if self.embed_beat else None
-        pool.start()
+        self.consumer.start_pool()
         self._install_signal_handlers()
         self.consumer.listen()
         worker_logger.info("Connected to %s", _safe_url(self.app.broker_url))
