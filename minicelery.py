@@ -5230,6 +5230,7 @@ class Consumer:
         #: the pool's processes take their own messages (prefork): we supervise and hold the rest
         self.takes, self._last_collect = pool.takes, 0.0
         self._unhandled = []  # pool events not acted on yet (the broker was away)
+        self._to_say = []  # warnings from signal handlers, for the loop to log
         self.batch_size = max(1, self.prefetch_limit // pool.concurrency)  # each process takes this many
 
     def start_pool(self):
@@ -5293,8 +5294,18 @@ class Consumer:
                     worker_logger.debug("keepalive touch failed", exc_info=True)
         threading.Thread(target=touch_held_messages, name="keepalive", daemon=True).start()
 
+    def say_soon(self, text):
+        """A warning from a signal handler, logged by the loop: a handler that logged itself
+        could interrupt a log line being written, and fail (a reentrant write)."""
+        self._to_say.append(text)
+
+    def _say_what_was_said(self):
+        while self._to_say:
+            worker_logger.warning(self._to_say.pop(0))
+
     def step(self):
         """One turn: collect finished tasks, dispatch, reserve more or wait."""
+        self._say_what_was_said()
         self._handle(self.pool.collect(0))
         self._apply_control()  # first: listening starts before the first reload of revocations
         self._maintain()
@@ -5773,13 +5784,16 @@ class Consumer:
 
     def shutdown(self):
         """Give back what we hold but haven't started; finish (warm) or kill (cold) the rest."""
+        self._say_what_was_said()
         self._heartbeat("worker-offline")
         self.pool.allow_taking(0)
         self._while_shutting_down(self._give_back_waiting)
         while self._still_running() and self.stopping != "cold":
             events = self.pool.collect(self.MAX_WAIT)
+            self._say_what_was_said()
             self._while_shutting_down(lambda: self._handle(events))
             self._while_shutting_down(self._give_back_waiting)  # (what a process took meanwhile)
+        self._say_what_was_said()
         for event in self.pool.stop(cold=bool(self._still_running())):
             if event[0] == "lost" and event[1] in self.active:
                 # Killed by our own cold shutdown, not by the task: acks_late tasks go back.
@@ -6061,15 +6075,15 @@ class Worker:
         def on_signal(signum, frame):
             cold = self.consumer.stopping is not None
             self.restarting = False  # asked to stop: no restart after all
-            worker_logger.warning("worker: %s shutdown (MainProcess)", "Cold" if cold else "Warm")
             self.stop(cold)
+            self.consumer.say_soon(f"worker: {'Cold' if cold else 'Warm'} shutdown (MainProcess)")
             if cold and isinstance(self.consumer.pool, SoloPool) and self.consumer.active:
                 raise WorkerTerminate(1)  # interrupt the task running in this very process
 
         def on_hangup(signum, frame):
-            worker_logger.warning("worker: Warm shutdown, then restart (SIGHUP)")
             self.restarting = True
             self.stop()
+            self.consumer.say_soon("worker: Warm shutdown, then restart (SIGHUP)")
 
         def on_quit(signum, frame):  # Celery's cold shutdown at once
             self.consumer.stopping = "warm"
@@ -6081,8 +6095,8 @@ class Worker:
         signal.signal(signal.SIGQUIT, on_quit)
         import faulthandler  # SIGUSR1: every thread's stack to the log, as Celery's worker does
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-        signal.signal(signal.SIGUSR2, lambda *_: worker_logger.warning("SIGUSR2 ignored (Celery's remote "
-                                                                       "debugger is not offered)"))
+        signal.signal(signal.SIGUSR2, lambda *_: self.consumer.say_soon(
+            "SIGUSR2 ignored (Celery's remote debugger is not offered)"))
         watch_signals()
 
     def banner(self, pool):
