@@ -1176,6 +1176,9 @@ def test_worker_track_started_and_hooks(app, tmp_path, redis_client):
         assert AsyncResult(slow.id, app=app).result["pid"] > 0
         assert slow.get(timeout=10) == "v"
         assert hooked.delay(False).get(timeout=10) == "fine"
+        # after_return runs after the result is stored, as in Celery: wait
+        # for it, or the next task (in the other pool process) may overtake.
+        wait_until(lambda: redis_client.llen("hooks") == 2, what="the first task's hooks")
         with pytest.raises(KeyError):
             hooked.delay(True).get(timeout=10)
         wait_until(lambda: redis_client.llen("hooks") == 4, what="hook calls")
