@@ -804,8 +804,39 @@ def decode_message(raw, queue="", delivery_tag="", max_size=None) -> Message:
 #: one message as reserve() returns it: its queue, delivery tag and raw envelope bytes
 Delivery = namedtuple("Delivery", "queue tag raw")
 
+#: explain mode's log (conf.explain): what each broker and backend operation sends, and why
+explain_logger = logging.getLogger("minicelery.explain")
 
-class Broker:
+
+class Explains:
+    """Explain mode, for brokers and result backends.
+
+    With conf.explain on ($MINICELERY_EXPLAIN=1, `worker --explain`), each
+    operation logs one line: the Redis commands or SQL it sends, and why.
+    Watching one delay() travel to get() teaches the protocol. Task arguments
+    and results are never shown, only ids, names and sizes. Off, an operation
+    pays one attribute test (`if self.explaining`).
+    """
+
+    #: operation -> (what it sends, with {fields} from the call; why it does): one table per store
+    EXPLAINED = {}
+
+    def __init__(self, app):
+        self.explaining = app.conf.explain
+
+    def explain(self, operation, **fields):
+        sends, why = self.EXPLAINED[operation]
+        # Shown escaped: kombu's priority lists end in \x06\x16, and a queue name may hold a newline.
+        fields = {name: value.encode("unicode_escape").decode() if isinstance(value, str) else value
+                  for name, value in fields.items()}
+        if not explain_logger.hasHandlers():  # a client that set up no logging sees it too
+            explain_logger.addHandler(logging.StreamHandler())
+        explain_logger.setLevel(logging.INFO)
+        explain_logger.info("explain %s: %s -- %s", operation, sends.format(**fields), why.format(**fields))
+
+
+
+class Broker(Explains):
     """What a worker and a producer need from a message store.
 
     Subclasses implement each method; the consumer and Task.apply_async use
@@ -820,6 +851,7 @@ class Broker:
     connection_errors = ()
 
     def __init__(self, app, url):
+        super().__init__(app)
         self.app, self.url = app, url
         options = app.conf.broker_transport_options or {}
         #: seconds a reserved message may go untouched before it counts as abandoned
@@ -1377,6 +1409,45 @@ class RedisBroker(Broker):
     #: seconds a publish marker lives: longer than any retried publish takes
     SENT_MARKER_TTL = 60
 
+    EXPLAINED = {
+        "publish": ("EVALSHA publish script: SET minicelery:sent:{tag} NX EX 60, and if it was not there "
+                    "LPUSH {key} <message, delivery tag {tag}, {size} bytes>",
+                    "producers push on the left and workers pop on the right, so each list is a FIFO "
+                    "queue (kombu's layout); the marker makes a publish sent again after a lost reply "
+                    "queue the message once"),
+        "watch": ("BLMOVE {key} {key} RIGHT RIGHT 10, on a connection of its own",
+                  "an idle worker blocks until the list has a message, and wakes at once; the command "
+                  "puts the message back where it was, so a reply lost on the way loses nothing"),
+        "take": ("EVALSHA reserve script: RPOP from the lists of {queues}; HSET unacked {tags} (delivery "
+                 "tags); ZADD unacked_index {now:.3f} {tags} (first, parked messages due soon go back to their lists)",
+                 "the message moves from its list into unacked in one script, so it is always "
+                 "somewhere: if this worker dies, any worker gives it back once it has been held "
+                 "{timeout} s (the visibility timeout) without a touch"),
+        "ack": ("EVALSHA ack script: ZREM unacked_index {tags}; HDEL unacked {tags}",
+                "done with for good: acked before the task runs (at most once), or after it with "
+                "task_acks_late (at least once: a worker lost mid-task leaves it to run again)"),
+        "touch": ("EVALSHA touch script: ZADD unacked_index {now:.3f} {tags}, each only while its "
+                  "score is still the claim this worker wrote",
+                  "a live worker renews its claims, so a task running past the visibility timeout is "
+                  "not given to another worker"),
+        "restore": ("HGET unacked {tag}; EVALSHA restore script: HDEL unacked {tag}; ZREM unacked_index "
+                    "{tag}; RPUSH {key} <marked redelivered>",
+                    "back to the consuming end of its list (requeued, or its worker died), but only if "
+                    "no other worker restored or took it meanwhile"),
+        "park": ("MULTI; HSET minicelery:eta-messages {tags}; ZADD minicelery:eta <due times> {tags}; "
+                 "ZREM unacked_index {tags}; HDEL unacked {tags}; EXEC",
+                 "their ETA is far: parked in Redis instead of held in the worker's memory (Celery holds "
+                 "them), and moved back to their lists by a take shortly before they are due"),
+        "revoke": ("ZADD minicelery:revoked <expiry> {ids}; then the broadcast below",
+                   "kept for workers that start later; the broadcast tells those running now"),
+        "broadcast": ("PUBLISH {channel} <{method}>",
+                      "Celery's remote control: every worker listens on this channel"),
+        "dead_letter": ("LPUSH minicelery:dead-letters <{reason}>; LTRIM minicelery:dead-letters 0 9999",
+                        "a message no worker can run is kept for a human to look at, not dropped"),
+        "lease": ("EVALSHA lease script: SET minicelery:lease:{name} <token> PX {ms}, if free or ours",
+                  "one beat sends the periodic tasks; a standby takes over once the lease expires"),
+    }
+
     def __init__(self, app, url):
         super().__init__(app, url)
         self.connection_errors = _redis_transient_errors()
@@ -1398,8 +1469,11 @@ class RedisBroker(Broker):
         self.pidbox = f"/{db}.celery.pidbox"
 
     def publish(self, queue, envelope, priority=0, tag=None):
-        self._producer.connection.script(_PUBLISH_LUA, [_queue_key(queue, priority), f"minicelery:sent:{tag or uuid()}"],
+        key, tag = _queue_key(queue, priority), tag or uuid()
+        self._producer.connection.script(_PUBLISH_LUA, [key, f"minicelery:sent:{tag}"],
                                          [envelope, self.SENT_MARKER_TTL])
+        if self.explaining:
+            self.explain("publish", key=key, tag=tag, size=len(envelope))
 
     def _declare(self, queues):
         """Write kombu's binding entries once, so named-exchange producers find our queues."""
@@ -1436,6 +1510,9 @@ class RedisBroker(Broker):
                              "kept (cut) in the dead letters", found[i + 2].decode(), queue)
         # A take that found nothing looked at every list: what it found broken is all there is.
         self._not_lists = not_lists if not deliveries else self._not_lists | not_lists
+        if self.explaining and deliveries:
+            self.explain("take", queues=" ".join(sorted({d.queue for d in deliveries})), now=time.time(),
+                         tags=" ".join(d.tag for d in deliveries), timeout=self.visibility_timeout)
         return deliveries
 
     def wait(self, queues, timeout, also=()):
@@ -1456,6 +1533,8 @@ class RedisBroker(Broker):
                 watchers = []
                 left = min(left, 0.1)
             for watcher in watchers:
+                if self.explaining and not watcher.armed and self._blmove:
+                    self.explain("watch", key=watcher.key)
                 watcher.arm(self._blmove)
             commands = self.control_handles() + list(also)
             answered = wait_readable(watchers + commands, left)
@@ -1534,8 +1613,12 @@ class RedisBroker(Broker):
             self._held.pop(tag, None)
         if tags:  # (both entries or neither: an index entry alone would never be restored)
             (self.held.script if wait else self.held.post_script)(_ACK_LUA, [self.UNACKED_INDEX, self.UNACKED], tags)
+            if self.explaining:
+                self.explain("ack", tags=" ".join(tags))
 
     def _renew(self, claims, now):
+        if self.explaining:
+            self.explain("touch", now=now, tags=" ".join(tag for tag, _ in claims))
         return {tag.decode() for tag in self._touch_script(
             keys=[self.UNACKED_INDEX], args=[now, *itertools.chain.from_iterable(claims)])}
 
@@ -1574,6 +1657,8 @@ class RedisBroker(Broker):
             raw = json.dumps(raw)
         if exchange:
             queue = self._route_by_binding(exchange, routing_key) or queue
+        if self.explaining:
+            self.explain("restore", tag=tag, key=_queue_key(queue, priority))
         return self._restore_script(keys=[self.UNACKED, self.UNACKED_INDEX, _queue_key(queue, priority)],
                                     args=[tag, entry, raw, stale_before])
 
@@ -1593,6 +1678,8 @@ class RedisBroker(Broker):
             pipe.zrem(self.UNACKED_INDEX, *tags)
             pipe.hdel(self.UNACKED, *tags)
             pipe.execute()
+        if self.explaining:
+            self.explain("park", tags=" ".join(tags))
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         now = time.time()
@@ -1602,12 +1689,16 @@ class RedisBroker(Broker):
             pipe.zremrangebyrank(self.REVOKED, 0, -self.REVOKES_MAX - 1)  # a flood keeps the newest
             pipe.expire(self.REVOKED, int(expires) + 1)  # the newest entry expires last
             pipe.execute()
+        if self.explaining:
+            self.explain("revoke", ids=" ".join(task_ids))
         if broadcast:
             self.broadcast(_revoke_body(task_ids, terminate, signal))
 
     def broadcast(self, body):
         self.client.publish(self.pidbox, control_envelope(body, {"clock": 1, "expires": time.time() + 1.0},
                                                           "celery.pidbox"))
+        if self.explaining:
+            self.explain("broadcast", channel=self.pidbox, method=body.get("method"))
 
     def send_event(self, event):
         routing_key, envelope = event_envelope(event)
@@ -1673,6 +1764,8 @@ class RedisBroker(Broker):
         return [connection._sock] if connection is not None and connection._sock is not None else []
 
     def lease(self, name, token, ttl):
+        if self.explaining:
+            self.explain("lease", name=name, ms=int(ttl * 1000))
         return bool(self._lease_script(keys=[f"minicelery:lease:{name}"], args=[token, int(ttl * 1000)]))
 
     def _route_by_binding(self, exchange, routing_key):
@@ -1708,6 +1801,8 @@ class RedisBroker(Broker):
             pipe.ltrim(self.DEAD_LETTERS, 0, self.DEAD_LETTER_LIMIT - 1)
             pipe.expire(self.DEAD_LETTERS, self.app.conf.result_expires_seconds or 86400)
             pipe.execute()
+        if self.explaining:
+            self.explain("dead_letter", reason=reason)
 
     def dead_letters(self):
         # A list entry has no id of its own: its digest names it, and LREM takes it by content.
@@ -2007,6 +2102,42 @@ class SQLiteStore:
 class SQLiteBroker(Broker):
     """The broker on SQLite: `sqlite:///relative.db`, `sqlite:////absolute.db`, `memory://`."""
 
+    EXPLAINED = {
+        "publish": ("INSERT INTO messages (queue, step, seq, raw) VALUES ('{queue}', {step}, <now>, "
+                    "<{size} bytes>); COMMIT",
+                    "a row per message, taken by priority step, then oldest first; committed before "
+                    "delay() returns, so it outlives any process"),
+        "take": ("BEGIN IMMEDIATE; SELECT id, queue, raw FROM messages WHERE queue IN (...) AND reserved_at "
+                 "IS NULL AND due <= <now> ORDER BY step, seq LIMIT {limit}; UPDATE messages SET "
+                 "reserved_at = {now:.3f} WHERE id = <each of {tags}>; COMMIT",
+                 "the row stays, marked as held, so the message is always somewhere: if this worker "
+                 "dies, any worker frees it once it has been held {timeout} s (the visibility "
+                 "timeout) without a touch"),
+        "ack": ("DELETE FROM messages WHERE id = <each of {tags}> AND reserved_at = <our claim>",
+                "done with for good: acked before the task runs (at most once), or after it with "
+                "task_acks_late (at least once: a worker lost mid-task leaves it to run again)"),
+        "touch": ("UPDATE messages SET reserved_at = {now:.3f} WHERE id = <each of {tags}> AND "
+                  "reserved_at = <the claim this worker wrote>",
+                  "a live worker renews its claims, so a task running past the visibility timeout is "
+                  "not given to another worker"),
+        "requeue": ("UPDATE messages SET reserved_at = NULL, seq = (SELECT MIN(seq) FROM messages) - 1 "
+                    "WHERE id = <each of {tags}>", "back to its queue, first in line"),
+        "restore": ("UPDATE messages SET reserved_at = NULL WHERE reserved_at < <now - {timeout} s>: "
+                    "{count} message(s)", "held past the visibility timeout: their worker died"),
+        "park": ("UPDATE messages SET reserved_at = NULL, due = <ETA - 2 s> WHERE id = <each of {tags}>",
+                 "their ETA is far: left in the table instead of held in the worker's memory (Celery "
+                 "holds them); a take picks them up when due"),
+        "revoke": ("INSERT INTO revocations (task_id, expires, ...) VALUES <{ids}>; then the broadcast below",
+                   "kept for workers that start later; the broadcast tells those running now"),
+        "broadcast": ("INSERT INTO broadcasts (time, raw) VALUES (<now>, <{method}>)",
+                      "Celery's remote control: each worker reads the rows added since it last looked"),
+        "dead_letter": ("INSERT INTO dead_letters (time, queue, reason, raw) VALUES (<now>, '{queue}', "
+                        "<{reason}>, <raw>)", "a message no worker can run is kept for a human, not dropped"),
+        "lease": ("INSERT INTO leases ... ON CONFLICT(name) DO UPDATE ... WHERE ours or expired: "
+                  "{name} for {ms} ms",
+                  "one beat sends the periodic tasks; a standby takes over once the lease expires"),
+    }
+
     def __init__(self, app, url):
         super().__init__(app, url)
         import sqlite3
@@ -2020,6 +2151,8 @@ class SQLiteBroker(Broker):
         with self.store.transaction() as db:
             db.execute("INSERT INTO messages (queue, step, seq, raw) VALUES (?, ?, ?, ?)",
                        (queue, step, time.time(), envelope.encode() if isinstance(envelope, str) else envelope))
+        if self.explaining:
+            self.explain("publish", queue=queue, step=step, size=len(envelope))
 
     def reserve(self, queues, limit, timeout, ack=(), sent=None, also=()):
         self.ack(list(ack))
@@ -2065,6 +2198,9 @@ class SQLiteBroker(Broker):
             logger.error("A message of %s bytes in queue %r is over worker_max_message_size: "
                          "kept (cut) in the dead letters", size, queue)
         self._held.update((self._tag(row[0]), now) for row in rows)
+        if self.explaining and rows:
+            self.explain("take", limit=limit, now=now, tags=" ".join(self._tag(row[0]) for row in rows),
+                         timeout=self.visibility_timeout)
         return [Delivery(queue, self._tag(row_id), raw) for row_id, queue, _, raw in rows]
 
     def _tag(self, row_id) -> str:
@@ -2095,6 +2231,8 @@ class SQLiteBroker(Broker):
 
     def ack(self, tags, wait=True):
         self._update("DELETE FROM messages", dict.fromkeys(tags, ()))
+        if self.explaining and tags:
+            self.explain("ack", tags=" ".join(tags))
 
     def restore_claimed(self, claim, known=()):
         rows = [row_id for (row_id,) in self.store.read("SELECT id FROM messages WHERE reserved_at = ?", (claim,))
@@ -2108,8 +2246,12 @@ class SQLiteBroker(Broker):
         # Next out: before every waiting message of its priority.
         self._update("UPDATE messages SET reserved_at = NULL, "
                      "seq = (SELECT MIN(seq) FROM messages) - 1", dict.fromkeys(tags, ()))
+        if self.explaining and tags:
+            self.explain("requeue", tags=" ".join(tags))
 
     def _renew(self, claims, now):
+        if self.explaining:
+            self.explain("touch", now=now, tags=" ".join(tag for tag, _ in claims))
         lost = set()
         with self.store.transaction() as db:
             for tag, reserved_at in claims:  # ours only while reserved_at is what we wrote
@@ -2120,12 +2262,17 @@ class SQLiteBroker(Broker):
 
     def restore_unacked(self, now=None):
         with self.store.transaction() as db:
-            return db.execute("UPDATE messages SET reserved_at = NULL WHERE reserved_at < ?",
-                              ((now or time.time()) - self.visibility_timeout,)).rowcount
+            count = db.execute("UPDATE messages SET reserved_at = NULL WHERE reserved_at < ?",
+                               ((now or time.time()) - self.visibility_timeout,)).rowcount
+        if self.explaining and count:
+            self.explain("restore", timeout=self.visibility_timeout, count=count)
+        return count
 
     def park(self, parked):
         self._update("UPDATE messages SET reserved_at = NULL, due = ?",
                      {delivery.tag: (due - self.ETA_MOVE_AHEAD,) for delivery, _, due in parked})
+        if self.explaining and parked:
+            self.explain("park", tags=" ".join(delivery.tag for delivery, _, _ in parked))
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         now = time.time()
@@ -2135,6 +2282,8 @@ class SQLiteBroker(Broker):
             db.executemany("DELETE FROM revocations WHERE task_id = ?", [(i,) for i in task_ids])
             db.executemany("INSERT INTO revocations (task_id, expires, terminate, signal) VALUES (?, ?, ?, ?)",
                            [(i, now + expires, int(terminate), signal) for i in task_ids])
+        if self.explaining:
+            self.explain("revoke", ids=" ".join(task_ids))
         if broadcast:
             self.broadcast(_revoke_body(task_ids, terminate, signal))
 
@@ -2145,6 +2294,8 @@ class SQLiteBroker(Broker):
             db.execute("DELETE FROM broadcasts WHERE time < ?", (now - 60,))
             db.execute("INSERT INTO broadcasts (time, raw) VALUES (?, ?)",
                        (now, control_envelope(body, {"clock": 1, "expires": now + 1.0}, "celery.pidbox")))
+        if self.explaining:
+            self.explain("broadcast", method=body.get("method"))
 
     def send_event(self, event):
         now = time.time()
@@ -2197,6 +2348,8 @@ class SQLiteBroker(Broker):
         return [command for _, raw in rows if (command := _parse_control(raw)) is not None]
 
     def lease(self, name, token, ttl):
+        if self.explaining:
+            self.explain("lease", name=name, ms=int(ttl * 1000))
         now = time.time()
         with self.store.transaction() as db:
             db.execute("INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
@@ -2218,6 +2371,8 @@ class SQLiteBroker(Broker):
     def dead_letter(self, raw, reason, queue=""):
         with self.store.transaction() as db:
             self._bury(db, raw, reason, queue)
+        if self.explaining:
+            self.explain("dead_letter", queue=queue, reason=reason)
 
     def _bury(self, db, raw, reason, queue):
         now = time.time()
@@ -2275,13 +2430,14 @@ def _pick_by_scheme(registry, url, what):
 # polling. The base class builds and decodes the metadata; a backend only
 # stores, fetches and forgets it.
 
-class ResultBackend:
+class ResultBackend(Explains):
     """Stores task states; subclasses implement _set, _get, forget and may wait better."""
 
     KEY_PREFIX = "celery-task-meta-"
     TASKSET_PREFIX = "celery-taskset-meta-"
 
     def __init__(self, app, url):
+        super().__init__(app)
         self.app, self.url = app, url
         self.serializer = app.conf.result_serializer
         self.accept = accepted_types(app.conf.result_accept_content or app.conf.accept_content)
@@ -2315,6 +2471,9 @@ class ResultBackend:
                 EncodeError(f"can't store the {state} result: {exc}")))
             data = self.encode(meta)
         self._set(self.key_for(task_id), data)
+        if self.explaining:
+            self.explain("store", key=self.key_for(task_id), state=meta["status"], size=len(data),
+                         expires=self.expires)
         return meta
 
     def encode(self, meta):
@@ -2329,6 +2488,8 @@ class ResultBackend:
         return loads(data, content_type, self.accept)
 
     def get_meta(self, task_id) -> dict:
+        if self.explaining:
+            self.explain("get", key=self.key_for(task_id))
         return self.meta_from(self._get(self.key_for(task_id)), task_id)
 
     def meta_from(self, data, task_id) -> dict:
@@ -2343,9 +2504,11 @@ class ResultBackend:
 
     def wait_for(self, task_id, timeout=None, interval=0.5) -> dict:
         """Block until the task is ready; raises ResultTimeout. Polls by default."""
+        if self.explaining:
+            self.explain("wait", key=self.key_for(task_id))
         deadline = float("inf") if timeout is None else time.monotonic() + timeout
         while True:
-            meta = self.get_meta(task_id)
+            meta = self.meta_from(self._get(self.key_for(task_id)), task_id)  # (explained above)
             if meta["status"] in READY_STATES:
                 return meta
             if time.monotonic() >= deadline:
@@ -2492,7 +2655,7 @@ class _SharedSubscriptions:
 
 
 class RedisBackend(ResultBackend):
-    """Celery's Redis result backend: SETEX + PUBLISH, waiting on pub/sub.
+    """Celery's Redis result backend: SET + EXPIRE + PUBLISH, waiting on pub/sub.
 
     Reads and writes ride out a Redis restart: they retry for about half a
     minute (or until a get()'s timeout) before giving up (Celery:
@@ -2502,6 +2665,21 @@ class RedisBackend(ResultBackend):
 
     #: seconds one Redis command may take before it counts as failed
     SOCKET_TIMEOUT = 1.0
+
+    EXPLAINED = {
+        "store": ("EVALSHA store script: GET {key} (a SUCCESS there is final); SET {key} <{state}, {size} "
+                  "bytes>; EXPIRE {key} {expires}; PUBLISH {key} <the same>",
+                  "the key keeps the state for whoever asks later (until result_expires: 0 is never); "
+                  "the PUBLISH wakes a get() waiting now, without polling"),
+        "get": ("GET {key}", "a result is read where Celery writes it, so either reads the other's"),
+        "wait": ("SUBSCRIBE {key} (on this process's one pub/sub connection); GET {key}; then wait for a "
+                 "message on the channel",
+                 "subscribed before it looks, so a result stored in between can't be missed"),
+        "forget": ("DEL {key}", "the stored state is dropped; the task looks PENDING again"),
+        "chord_part": ("EVALSHA chord script: SADD {key}.d and ZADD {key}.j <the part of {task_id}>, once; "
+                       "ZCOUNT {key}.j against GET {key}.s; SET {key}.c NX when all are in",
+                       "Celery's chord counter: the header task that completes the chord sends its body"),
+    }
 
     def __init__(self, app, url):
         super().__init__(app, url)
@@ -2532,6 +2710,8 @@ class RedisBackend(ResultBackend):
 
     def forget(self, task_id):
         self.client.delete(self.key_for(task_id))
+        if self.explaining:
+            self.explain("forget", key=self.key_for(task_id))
 
     def _chord_keys(self, group_id):
         key = f"{self.TASKSET_PREFIX}{group_id}"
@@ -2549,6 +2729,8 @@ class RedisBackend(ResultBackend):
         score = "+inf" if index is None else index
         parts = self._chord_script(keys=self._chord_keys(group_id),
                                    args=[f"{task_id}:{index}", score, member, self.expires or 86400, uuid()])
+        if self.explaining:
+            self.explain("chord_part", key=self._chord_keys(group_id)[0][:-2], task_id=task_id)
         return [json_loads(part) for part in parts] if parts else None
 
     def chord_done(self, group_id):
@@ -2560,6 +2742,8 @@ class RedisBackend(ResultBackend):
 
     def wait_for(self, task_id, timeout=None, interval=0.5):
         key = self.key_for(task_id)
+        if self.explaining:
+            self.explain("wait", key=key)
         deadline = float("inf") if timeout is None else time.monotonic() + timeout
         # Subscribe before the first GET, so a state written in between is not missed.
         self._retrying(self._waiters.subscribe, key, deadline=deadline, attempts=10 ** 9)
@@ -2590,6 +2774,20 @@ class RedisBackend(ResultBackend):
 class SQLiteBackend(ResultBackend):
     """Results in the SQLite database (or memory://) the broker may share."""
 
+    EXPLAINED = {
+        "store": ("INSERT INTO results (key, meta, expires) VALUES ('{key}', <{state}, {size} bytes>, "
+                  "<now + {expires} s>) ON CONFLICT(key) DO UPDATE ... unless a SUCCESS is there",
+                  "the row keeps the state for whoever asks later (until result_expires: 0 is never); a "
+                  "get() waiting now notices the commit by PRAGMA data_version"),
+        "get": ("SELECT meta FROM results WHERE key = '{key}' AND not expired", "a look at the stored state"),
+        "wait": ("SELECT meta FROM results WHERE key = '{key}'; again each time PRAGMA data_version "
+                 "changes", "SQLite can't notify: the data version changes when another process commits"),
+        "forget": ("DELETE FROM results WHERE key = '{key}'", "the stored state is dropped; the task "
+                   "looks PENDING again"),
+        "chord_part": ("INSERT OR IGNORE INTO chord_parts VALUES ('{group_id}', '{task_id}', ...); SELECT "
+                       "the count", "the header task that completes the chord sends its body"),
+    }
+
     def __init__(self, app, url):
         super().__init__(app, url)
         self.store = SQLiteStore.for_url(url)
@@ -2613,6 +2811,8 @@ class SQLiteBackend(ResultBackend):
     def forget(self, task_id):
         with self.store.transaction() as db:
             db.execute("DELETE FROM results WHERE key = ?", (self.key_for(task_id),))
+        if self.explaining:
+            self.explain("forget", key=self.key_for(task_id))
 
     def chord_start(self, group_id, size):
         with self.store.transaction() as db:
@@ -2620,6 +2820,8 @@ class SQLiteBackend(ResultBackend):
 
     def chord_part(self, group_id, index, task_id, state, value):
         with self.store.transaction() as db:
+            if self.explaining:
+                self.explain("chord_part", group_id=group_id, task_id=task_id)
             db.execute("INSERT OR IGNORE INTO chord_parts VALUES (?, ?, ?, ?)",
                        (group_id, task_id, float("inf") if index is None else index,
                         json_dumps([1, task_id, state, value])))
@@ -3704,6 +3906,9 @@ class Config:
     task_send_sent_event: bool = False
     #: 'prefork' or 'solo' (Celery's threads, eventlet and gevent pools are not here)
     worker_pool: str = "prefork"
+    #: minicelery's own: explain mode, a log line for each broker and result-backend operation
+    #: with the Redis commands or SQL it sends, and why; $MINICELERY_EXPLAIN=1 or `worker --explain`
+    explain: bool = dataclasses.field(default_factory=lambda: _environment_flag("MINICELERY_EXPLAIN"))
     timezone: str | None = None
     enable_utc: bool = True
     #: {name: {'task': ..., 'schedule': seconds|timedelta|crontab, 'args', 'kwargs', 'options'}}
@@ -3803,6 +4008,14 @@ def _checked_url(url, registry):
     if url:
         _pick_by_scheme(registry, url, "broker" if registry is BROKERS else "result backend")
     return url
+
+
+def _environment_flag(name) -> bool:
+    """An on/off environment variable; anything but 1/true/yes/on, 0/false/no/off or unset fails."""
+    value = os.environ.get(name, "").strip().lower()
+    if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
+        raise ImproperlyConfigured(f"${name} must be 1 or 0 (or true/false, yes/no, on/off), not {value!r}")
+    return value in ("1", "true", "yes", "on")
 
 
 def _environment_url(setting, registry):
@@ -6675,6 +6888,8 @@ def _parser():
     worker.add_argument("--prefetch-multiplier", type=int)
     worker.add_argument("-B", "--beat", action="store_true", help="also run beat, in a process of its own")
     worker.add_argument("-E", "--task-events", action="store_true", help="send task events (Flower, `events`)")
+    worker.add_argument("--explain", action="store_true",
+                        help="log each broker and backend operation: its Redis commands or SQL, and why")
     worker.add_argument("--pidfile", help="write the worker's pid here; refuse to start if it runs already")
     worker.add_argument("--logfile", help="log here instead of to stderr")
     for flag in ("--without-gossip", "--without-mingle", "--without-heartbeat"):  # Celery's; nothing to turn off
@@ -6995,6 +7210,11 @@ def main(argv=None):
         if args.command == "worker":
             if args.task_events:
                 app.conf.worker_send_task_events = True
+            if args.explain:
+                app.conf.explain = True
+                for store in (app._broker, app._backend):  # (made already if the app's module used them)
+                    if store is not None:
+                        store.explaining = True
             with _pidfile(args.pidfile):
                 Worker(app, concurrency=args.concurrency, pool=args.pool, queues=queues,
                        hostname=args.hostname, loglevel=args.loglevel,

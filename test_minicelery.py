@@ -4791,6 +4791,46 @@ def test_cli_worker_finds_the_app_of_a_celery_project(tmp_path, urls, spec):
         w.wait_for_log("proj adds 2 and 3")  # get_task_logger(__name__) reaches the worker log
 
 
+def _explained(text):
+    """The explain-mode lines of a log, as (operation, line)."""
+    return [(m.group(1), line) for line in text.splitlines() if (m := re.search(r"explain (\w+): ", line))]
+
+
+def test_explain_mode_tells_one_tasks_life(tmp_path, urls):
+    """A client with MINICELERY_EXPLAIN=1 and `worker --explain` log each operation of one
+    task's life in order, naming its keys, and never its arguments or result."""
+    write_tree(tmp_path, PROJ)
+    env = project_env(tmp_path, **url_env(urls))
+    with cli_worker(tmp_path, env, "-A", "proj", "worker", "-c", "1", "--explain") as w:
+        sent = run_python(tmp_path, dict(env, MINICELERY_EXPLAIN="1"), """
+            from proj.tasks import add
+            result = add.delay("s3cret-", "argument")
+            print(result.id, result.get(timeout=20))
+            """)
+        assert sent.returncode == 0, sent.stderr
+        task_id, value = sent.stdout.split()
+        assert value == "s3cret-argument"
+        w.wait_for_log("explain store: ")
+        worker_lines = _explained(w.log())
+    client_lines = _explained(sent.stderr)
+    assert [op for op, _ in client_lines] == ["publish", "wait"]
+    assert f"celery-task-meta-{task_id}" in client_lines[1][1]
+    life = [(op, line) for op, line in worker_lines if op in ("take", "ack", "store")]
+    assert [op for op, _ in life] == ["take", "ack", "store"], worker_lines
+    tag = re.search(r"(?:HSET unacked|WHERE id = <each of) (\S+?)[ >]", life[0][1]).group(1)
+    assert tag in life[1][1]  # the ack names the message the take moved
+    if urls[1]:  # Redis: the publish names the delivery tag, and an idle worker watched the list
+        assert f"LPUSH celery <message, delivery tag {tag}," in client_lines[0][1]
+        assert worker_lines[0][0] == "watch" and "BLMOVE celery celery RIGHT RIGHT" in worker_lines[0][1]
+    assert f"celery-task-meta-{task_id}" in life[2][1] and "SUCCESS" in life[2][1]
+    assert not [line for _, line in client_lines + worker_lines if "s3cret" in line]
+    # Off by default, and a value that means neither on nor off fails where it enters.
+    quiet = run_python(tmp_path, env, "from proj.tasks import add; add.delay(1, 2)")
+    assert quiet.returncode == 0 and "explain" not in quiet.stderr
+    unclear = run_python(tmp_path, dict(env, MINICELERY_EXPLAIN="maybe"), "import proj")
+    assert unclear.returncode != 0 and "$MINICELERY_EXPLAIN must be 1 or 0" in unclear.stderr
+
+
 def test_find_app_follows_celerys_order(isolated_imports):
     write_tree(isolated_imports, {
         "fa_both.py": """
