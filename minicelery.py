@@ -18,31 +18,31 @@ The messages and results are byte-compatible with Celery 5 on Redis, so a real
 Celery worker runs tasks sent from here and a minicelery worker runs tasks sent
 by real Celery.
 
-How a task travels::
+How a task travels (the README's "How it works" names each function on the way)::
 
-    producer ──apply_async()──► Broker (a Redis list per queue)
-                                   │ reserve() moves it into `unacked`
+    producer ──apply_async()──► Broker (a Redis list per queue, or a SQLite table)
+                                   │
+                                   │ a pool process's reserve() moves it into `unacked`,
+                                   ▼ acks it, and runs it: run_task()
+                        worker: PoolProcess ◄──pipe──► main process: Consumer
+                                   │                   (supervises: time limits,
+                                   │ store_result()     revokes, ETAs, rate limits)
                                    ▼
-                        worker main process: Consumer
-                          │ holds up to prefetch messages, acks them
-                          ▼
-                        Pool ──pipe──► child process: run_task()
-                                            │ store()
-                                            ▼
     AsyncResult.get() ◄──pub/sub──── ResultBackend (celery-task-meta-<id>)
 
-Chapters (``grep -n '^# [0-9]' minicelery.py`` lists them):
+Chapters (``grep -n '^# [0-9]*[.] ' minicelery.py`` lists them):
 
     1. Errors and states         7. Tasks, requests and run_task()
     2. Helpers                   8. Canvas: signatures, chains, groups, chords
     3. Serialization             9. App and configuration
-    4. Messages                 10. Worker: consumer, pools, child processes
-    5. Brokers                  11. Beat: periodic tasks
+    4. Messages                 10. Worker: consumer, pools and pool processes
+    5. Brokers (Redis, SQLite)  11. Beat: periodic tasks
     6. Result backends          12. Command line
 
-Left out on purpose: AMQP and every broker but Redis (SQLite and memory come in
-their own chapter), mingle and gossip, protocol 1 messages,
-autoscaling, and the eventlet/gevent pools.
+Left out on purpose: AMQP and every broker but Redis and SQLite (memory:// is
+SQLite in memory), mingle and gossip, protocol 1 messages, autoscaling, and the
+eventlet/gevent pools. Explain mode (MINICELERY_EXPLAIN=1) logs what each
+broker and backend operation sends, and why.
 """
 
 import base64
@@ -591,7 +591,8 @@ def exception_from_dict(meta) -> BaseException:
 # eta, retries...), the body is the JSON list [args, kwargs, embed] where embed
 # holds callbacks, errbacks, chain and chord. kombu wraps it in an envelope
 # (body base64-encoded, properties with delivery_tag and delivery_info) and the
-# Redis transport LPUSHes that envelope as JSON. See shared/spec/celery-wire.md.
+# Redis transport LPUSHes that envelope as JSON. Celery documents the protocol
+# ("Message Protocol" in its internals guide); the README's "Redis keys" lists the rest.
 
 #: Redis priority steps: priority 0-2 use the queue's own list, 3-5 `q\\x06\\x163`, ...
 PRIORITY_STEPS = (0, 3, 6, 9)
@@ -795,11 +796,13 @@ def decode_message(raw, queue="", delivery_tag="", max_size=None) -> Message:
 # Taking a message moves it from its list into `unacked` in one Lua script, so
 # a message is always somewhere. An acked message leaves `unacked`; one whose
 # worker died stays there until its visibility timeout passes, then any worker
-# moves it back to its queue (restore_unacked). Celery: kombu scans for these
-# only about every 100 s; we scan every few seconds, and a live worker keeps
-# touching the messages it holds, so a long task is not handed out twice just
-# because it outlived the visibility timeout. Celery holds ETA tasks in worker
-# memory (and unacked) until due; we park far-future ones in Redis instead.
+# moves it back to its queue (restore_unacked).
+# Celery: prompt-restore: kombu scans for these only about every 100 s; we scan
+# every few seconds, and a live worker keeps touching the messages it holds, so
+# a long task is not handed out twice just because it outlived the visibility
+# timeout.
+# Celery: parked-eta: Celery holds ETA tasks in worker memory (and unacked)
+# until due; we park far-future ones in Redis instead.
 
 #: one message as reserve() returns it: its queue, delivery tag and raw envelope bytes
 Delivery = namedtuple("Delivery", "queue tag raw")
@@ -951,7 +954,9 @@ class Broker(Explains):
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         """Remember revoked ids for `expires` seconds (REVOKES_MAX at most) and, with
-        broadcast, tell every worker now."""
+        broadcast, tell every worker now.
+
+        Celery: lasting-revokes: Celery's workers keep them in memory only."""
 
     def revoked(self) -> set:
         """The ids revoked and not yet expired, for workers that start later."""
@@ -1177,6 +1182,8 @@ class HeldPerThread(threading.local):
 class ListWatcher(HeldConnection):
     """A connection blocked on one list, to learn without polling that a message came.
 
+    Celery: atomic-take: kombu's BRPOP takes the message as it wakes the worker.
+
     Its command moves the list's last element onto itself (BLMOVE, or on Redis
     before 6.2 BRPOPLPUSH, which puts it at the other end: in order for the one
     message of an empty list). Unlike kombu's BRPOP it takes nothing, so a reply
@@ -1262,6 +1269,7 @@ def _queue_of_key(key: str):
     return queue if sep and step.isdigit() else key
 
 
+# Celery: atomic-take: kombu BRPOPs, then records; here one script takes.
 # Acks the delivery tags after the queue names (they leave unacked), then moves up
 # to ARGV[1] messages from the lists of the ARGV[5] queues named next (each
 # priority step in turn, queues in the order given) into unacked (KEYS[1]) and
@@ -1339,6 +1347,7 @@ end
 return out
 """
 
+# Celery: publish-once: kombu would queue a message sent again twice.
 # Queues a message once however often it is sent: the first copy to reach Redis
 # sets the marker KEYS[2] (named by its delivery tag), and a copy sent again
 # after a lost reply finds it and does nothing. The marker outlives any retry.
@@ -1375,7 +1384,7 @@ return lost
 """
 
 # Takes lease KEYS[1] for token ARGV[1] (or renews it, if ours) for ARGV[2] ms;
-# 0 ms gives it up.
+# a time of 0 ms gives it up.
 _LEASE_LUA = r"""
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
@@ -2961,7 +2970,7 @@ class EagerResult(AsyncResult):
 # here; delay()/apply_async() send a message; apply() runs it eagerly through
 # the same run_task() the worker uses. run_task() is the one place that decides
 # a task's outcome: success, failure, retry, reject, ignore, expired, and what
-# gets stored and logged (Celery: celery/app/trace.py).
+# gets stored and logged (in Celery: celery/app/trace.py).
 
 _local = threading.local()
 
@@ -3442,7 +3451,7 @@ def _call_hook(hook, *args):
 # rides in the first message's `embed.chain` (the rest, reversed), a callback
 # in `embed.callbacks`, and each chord header message carries the body in
 # `embed.chord`; the backend counts finished header tasks, and the worker that
-# stores the last one sends the body (Celery: no polling unlock task on Redis).
+# stores the last one sends the body (as Celery does on Redis: no polling unlock task).
 
 class Signature(dict):
     """`add.s(2, 2)`: task name, args, kwargs and options, as Celery's dict."""
@@ -3924,6 +3933,7 @@ class Config:
     imports: list | tuple = dataclasses.field(default_factory=list)
 
     #: the broker, and result backend, when none is configured anywhere: zero setup
+    #: (Celery: default-broker: Celery's is amqp://localhost)
     DEFAULT_URL = "sqlite:///minicelery.db"
 
     @property
@@ -4024,6 +4034,7 @@ def _environment_url(setting, registry):
 
 
 #: setting (or option) names whose values are hidden, as Celery's `inspect conf` hides them
+#: (Celery: masked-secrets: here in every banner, log line, error and repr; see the README)
 _SECRET_NAMES = re.compile(r"API|TOKEN|KEY|SECRET|PASS|SIGNATURE|DATABASE", re.IGNORECASE)
 
 
@@ -4631,7 +4642,7 @@ class _SharedTaskProxy:
 
 
 # =============================================================================
-# 10. Worker: consumer, pools and child processes
+# 10. Worker: consumer, pools and pool processes
 # =============================================================================
 # The worker's main process runs the Consumer. With the prefork pool, each
 # pool process takes a few messages at a time from the broker itself, runs
@@ -4644,14 +4655,32 @@ class _SharedTaskProxy:
 # consumer itself reserves messages (up to the prefetch limit) and runs them
 # in this process.
 
+# What a pool's collect() reports, one of these per thing that happened:
+#: a task ended in `state` (None: its process died after it began, so we can't know),
+#: and its message should go back to its queue (`requeue`, acks_late only)
+Done = namedtuple("Done", "tag state requeue")
+#: the process running the task died: `reason` says how, `cause` is (kind, signal) when we killed it
+Lost = namedtuple("Lost", "tag reason cause")
+#: a pool process took messages itself: it runs `messages`, and hands us `handed`
+#: (deliveries it may not run now); `claims` are its claims on them all
+Took = namedtuple("Took", "messages handed claims")
+#: messages a pool process had but did not start: ours to hand out again
+Back = namedtuple("Back", "tags")
+
+
+def _tags_of(event) -> list:
+    """The delivery tags a pool event is about."""
+    if isinstance(event, Took):
+        return [message.delivery_tag for message in event.messages] + [d.tag for d in event.handed]
+    return list(event.tags) if isinstance(event, Back) else [event.tag]
+
+
 class Pool:
     """Runs messages for the consumer.
 
     apply() is called only while free_slots() > 0. collect() returns what
-    happened: ("done", tag, state, requeue), ("lost", tag, reason, cause) for a
-    message whose process died under it, and from a pool whose processes take
-    their own messages (`takes`) also ("took", ...) and ("back", tags): see
-    PreforkPool.collect().
+    happened: Done and Lost events, and from a pool whose processes take their
+    own messages (`takes`) also Took and Back.
     """
 
     name = "pool"
@@ -4706,15 +4735,15 @@ class SoloPool(Pool):
         return 1
 
     def apply(self, message):
-        # No hard time limit here: killing the task would kill the worker.
+        # Celery: solo-limits: no hard time limit here: killing the task would kill the worker.
         self._running, _local.in_worker = message.delivery_tag, True
         try:
             outcome = run_task(self.app, message, hostname=self.hostname)
         except Exception as exc:  # storing the result failed, say: like a child dying
             worker_logger.exception("Task %s could not be run", message.describe())
-            self._finished.append(("lost", message.delivery_tag, repr(exc), None))
+            self._finished.append(Lost(message.delivery_tag, repr(exc), None))
         else:
-            self._finished.append(("done", message.delivery_tag, outcome.state, outcome.requeue))
+            self._finished.append(Done(message.delivery_tag, outcome.state, outcome.requeue))
         self._running = None
         _close_django_connections()
 
@@ -4726,7 +4755,7 @@ class SoloPool(Pool):
 
     def stop(self, cold=False):
         # A cold stop interrupted apply() (SystemExit): the running task is lost.
-        return [("lost", self._running, "cold shutdown", None)] if self._running else []
+        return [Lost(self._running, "cold shutdown", None)] if self._running else []
 
 
 class _Slot:
@@ -5004,10 +5033,8 @@ class PreforkPool(Pool):
     # -- what the processes tell us --
 
     def collect(self, timeout, also=()):
-        """What happened: ("took", messages, handed over deliveries, claims),
-        ("done", tag, state, requeue), ("back", tags) for messages of ours again
-        (not started), ("lost", tag, reason, cause) for one whose process died under
-        it. The wait also ends when a handle in `also` is readable."""
+        """What happened (Took, Done, Back and Lost events), waiting up to `timeout` for
+        something to. The wait also ends when a handle in `also` is readable."""
         self._enforce_time_limits()
         if _signal_pipe is not None and _signal_pipe not in self.selector.get_map():
             self.selector.register(_signal_pipe, selectors.EVENT_READ, None)
@@ -5045,14 +5072,14 @@ class PreforkPool(Pool):
             if messages:
                 child.batches[batch] = [message.delivery_tag for message in messages]
             child.handed += 1 if handed else 0
-            events.append(("took", messages, handed, claims))
+            events.append(Took(messages, handed, claims))
         elif report[0] == "back":
             for tag in report[1]:
                 held = child.holds(tag)
                 if held is not None:
                     child.finished.add(tag)
                     self._forget_done(child, held[0])
-            events.append(report)
+            events.append(Back(report[1]))
         elif report[0] == "done":
             _, outcomes, child.retiring = report
             for tag, state, requeue in outcomes:
@@ -5060,7 +5087,7 @@ class PreforkPool(Pool):
                 if held is not None:
                     child.finished.add(tag)
                     self._forget_done(child, held[0])
-                events.append(("done", tag, state, requeue))
+                events.append(Done(tag, state, requeue))
         return True
 
     def _forget_done(self, child, batch):
@@ -5101,11 +5128,11 @@ class PreforkPool(Pool):
                     continue
                 if running and (running[0], running[1]) == (batch, position):
                     cause = child.cause[1:] if child.cause and child.cause[0] == tag else None
-                    events.append(("lost", tag, reason, cause))
+                    events.append(Lost(tag, reason, cause))
                 elif child.slot.started(batch, position):
-                    events.append(("done", tag, None, False))
+                    events.append(Done(tag, None, False))
                 else:
-                    events.append(("back", [tag]))
+                    events.append(Back([tag]))
         return events
 
     def stop(self, cold=False):
@@ -5205,6 +5232,8 @@ def _flush_std_streams():
 class PoolProcess:
     """One pool process (in a child made by fork_child()): take a few messages,
     run them and ack them; between two tasks, obey the main process's orders.
+
+    Celery: pool-takes: Celery's main process takes every message and hands it on.
 
     It leaves when its pipe closes (the main process is gone), when told to
     (None), or after max_tasks.
@@ -5658,7 +5687,9 @@ class Consumer:
         heapq.heappush(self.scheduled, (due, next(self._sequence), message))
 
     def _decode(self, delivery):
-        """The delivery as a runnable Message, or None after logging and dead-lettering it."""
+        """The delivery as a runnable Message, or None after logging and dead-lettering it.
+
+        Celery: bad-messages: Celery 5.7's worker exits on some of these, and loses others."""
         try:
             message = decode_message(delivery.raw, delivery.queue, delivery.tag,
                                      self.app.conf.worker_max_message_size)
@@ -5860,24 +5891,24 @@ class Consumer:
                 raise
 
     def _handle_one(self, event):
-        if event[0] == "took":
-            return self._adopt(*event[1:])
-        if event[0] == "back":
-            return self._got_back(event[1])
-        tag = event[1]
+        if isinstance(event, Took):
+            return self._adopt(*event)
+        if isinstance(event, Back):
+            return self._got_back(event.tags)
+        tag = event.tag
         message = self.active.get(tag)
         if message is None:
             return
         late = self._acks_late(message)
-        if event[0] == "lost":
-            self._on_worker_lost(message, event[2], event[3])  # (raises while the broker is away: again later)
+        if isinstance(event, Lost):
+            self._on_worker_lost(message, event.reason, event.cause)  # (raises while the broker is away: again later)
             if self.takes and not late:
                 self._to_ack.append(tag)  # (its process acked it, unless that failed)
-        elif self.takes and late and event[2] is None:
+        elif self.takes and late and event.state is None:
             self._to_ack.append(tag)  # its process died before it said so: maybe not acked
         elif self.takes:
             self.broker.forget([tag])  # its process acked (or requeued) it
-        elif late and event[3]:
+        elif late and event.requeue:
             self.broker.requeue([tag])
         elif late:
             self._to_ack.append(tag)
@@ -6008,19 +6039,20 @@ class Consumer:
             self._while_shutting_down(self._give_back_waiting)  # (what a process took meanwhile)
         self._say_what_was_said()
         for event in self.pool.stop(cold=bool(self._still_running())):
-            if event[0] == "lost" and event[1] in self.active:
+            if isinstance(event, Lost) and event.tag in self.active:
                 # Killed by our own cold shutdown, not by the task: acks_late tasks go back.
-                event = ("lost", event[1], "cold shutdown", ("shutdown", None))
+                event = Lost(event.tag, "cold shutdown", ("shutdown", None))
             self._unhandled.append(event)  # (what a process took at the last moment comes back too)
         self._while_shutting_down(lambda: self._handle([]))
         self._while_shutting_down(self._give_back_waiting)
         self._while_shutting_down(self._flush_acks)
-        if self._unhandled:
-            worker_logger.error("Leaving without recording what became of %d task(s) (the broker is away): %s",
-                                len(self._unhandled), ", ".join(str(event[1]) for event in self._unhandled))
+        unrecorded = [str(tag) for event in self._unhandled for tag in _tags_of(event)]
+        if unrecorded:
+            worker_logger.error("Leaving without recording what became of %d message(s) (the broker is away): %s",
+                                len(unrecorded), ", ".join(unrecorded))
 
     def _still_running(self):
-        stuck = {event[1] for event in self._unhandled if event[0] in ("done", "lost")}
+        stuck = {event.tag for event in self._unhandled if isinstance(event, (Done, Lost))}
         return [tag for tag in self.active if tag not in stuck]
 
     def _while_shutting_down(self, work):
@@ -6386,7 +6418,7 @@ def _safe_url(url):
 #     time only.
 # So an hourly job at :30 runs at 01:30, 03:00 and 03:30 on the spring-forward
 # night, and at 01:30, 02:30 (summer time) and 03:30 on the fall-back night.
-# Celery: a skipped time runs as late as the clocks jumped (02:30 at 03:30), so
+# Celery: daylight-saving: a skipped time runs as late as the clocks jumped (02:30 at 03:30), so
 # there the hourly job runs at 01:30 and 03:30 only; fall-back is the same.
 
 #: What is_due() returns: whether to run now, and seconds until beat should ask again.
@@ -6408,7 +6440,7 @@ class schedule:
     The interval is elapsed time: across a DST change, one day is 24 hours and not
     "the same time tomorrow" (crontab does that).
     """
-    # Celery: no `relative=True` (rounding runs to the interval's clock boundary).
+    # Celery: schedules: no `relative=True` (rounding runs to the interval's clock boundary).
 
     def __init__(self, run_every):
         if _is_number(run_every):
@@ -6545,9 +6577,9 @@ class crontab:
     """
     # cron(5) runs on a day matching either day field when both are restricted;
     # Celery needs both to match, and so do we.
-    # Celery: day_of_week=7 is an error there, and month or day names are
-    # accepted in any field there (hour='mon' is 1).
-    # Celery: tz comes from the app's timezone setting; here too, unless given.
+    # Celery: daylight-saving: day_of_week=7 is an error there, and month or day names
+    # are accepted in any field there (hour='mon' is 1).
+    # As in Celery, tz comes from the app's timezone setting, unless given.
 
     def __init__(self, minute="*", hour="*", day_of_week="*", day_of_month="*",
                  month_of_year="*", tz=None):
@@ -6615,7 +6647,7 @@ class crontab:
         However many runs were missed, it is due once: beat runs the entry now and
         records now as its last run, so the next answer counts from now.
         """
-        # Celery: beat_cron_starting_deadline can skip a run missed long ago; not here.
+        # Celery: schedules: beat_cron_starting_deadline can skip a run missed long ago; not here.
         now = _as_utc(now or utcnow())
         left = self.remaining_estimate(last_run_at, now).total_seconds()
         if left > 0:
@@ -6636,7 +6668,7 @@ def maybe_schedule(value):
     """A beat entry's `schedule` as a schedule object: seconds or a timedelta
     become schedule(value); schedule, crontab, and any object with is_due() (a
     schedule of your own) pass through."""
-    # Celery: None passes through there too, and fails later in beat.
+    # As in Celery, None passes through, and fails later in beat.
     if _is_number(value) or isinstance(value, dt.timedelta):
         return schedule(value)
     if type(value).__module__.startswith("celery."):  # a project half moved over
@@ -6681,7 +6713,7 @@ class Beat:
     restarted beat resumes: entries not yet due wait, overdue ones run once.
     Only the beat holding the broker's lease sends anything: a second beat
     started by mistake stands by, and takes over if the first stops renewing.
-    Celery: beat has no such lock; two beats send everything twice.
+    Celery: beat-lease: Celery's beat has no such lock; two beats send everything twice.
     """
 
     #: seconds a lease lasts unless renewed; the leader renews it every LEASE_TTL / 3, and

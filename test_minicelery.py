@@ -10,6 +10,7 @@ import base64
 import contextlib
 import datetime as dt
 import errno
+import functools
 import json
 import logging
 import os
@@ -6405,3 +6406,48 @@ def test_benchmarks_compare_smoke():
     row = lines[header + 1].split()
     assert row[0] == "minicelery" and float(row[2]) > 0, proc.stdout  # drain/s
     assert "targets" in proc.stdout
+
+
+# --- the README's "How it works" and "differs" lists stay true to the module -------------
+
+def _readme_section(heading, end_marker="\n## "):
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index(heading)
+    return text[start:text.find(end_marker, start + len(heading))]
+
+
+def _module_source():
+    with open(os.path.join(HERE, "minicelery.py"), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_readme_walk_names_only_functions_that_exist():
+    walk = _readme_section("### One task's life", "The same task with explain mode on").split("\n", 1)[1]
+    names = re.findall(r"`([A-Za-z_][\w.]*)\(\)`", walk)
+    assert len(names) > 30, names
+    missing = []
+    for name in names:
+        try:
+            functools.reduce(getattr, name.split("."), minicelery)
+        except AttributeError:
+            missing.append(name)
+    assert not missing, f"the README's walk names what the module lacks: {missing}"
+
+
+def test_readme_chapter_map_matches_the_module():
+    headings = re.findall(r"^# (\d+)\. (\w+)", _module_source(), re.M)
+    table = re.findall(r"^\| (\d+)\. (\w+)", _readme_section("## How it works"), re.M)
+    assert headings == table and len(headings) == 12
+
+
+def test_every_difference_from_celery_is_tagged_in_the_code_and_listed_in_the_readme():
+    section = _readme_section("## Where minicelery differs from Celery")
+    bullets = re.findall(r"^- (.*)", section, re.M)
+    listed = [re.search(r"^\*\*[^*]+\*\* \(`([a-z-]+)`\)", bullet) for bullet in bullets]
+    untagged = [bullet[:60] for bullet, tag in zip(bullets, listed) if tag is None]
+    assert untagged == ["Not there: AMQP and other brokers, mingle and gossip, protoc"], untagged
+    listed = {tag.group(1) for tag in listed if tag}
+    in_code = set(re.findall(r"Celery: ([a-z][a-z0-9]*(?:-[a-z0-9]+)*): ", _module_source()))
+    assert listed == in_code, (f"in the README only: {sorted(listed - in_code)}; "
+                               f"in the code only: {sorted(in_code - listed)}")
