@@ -5250,7 +5250,6 @@ class PoolProcess:
         self.app, self.conn, self.slot, self.hostname, self.max_tasks = app, conn, slot, hostname, max_tasks
         self.queues, self.revoked, self.batch_size, self.events = list(queues), set(revoked), batch_size, events
         self.broker, self.accept = app.broker, accepted_types(app.conf.accept_content)
-        self.max_size = app.conf.worker_max_message_size
         self.to_run = deque()  # (batch id, [messages]) the main process sent
         self.let_go = set()    # tags whose claim we lost: not ours to ack
         self.outcomes = []     # (tag, state, requeue) of the batch, reported at its end
@@ -5349,15 +5348,12 @@ class PoolProcess:
         """The delivery as a Message this process may run now, or None: the main process
         deals with it (a future ETA, a rate limit, revoked, or something wrong with it)."""
         try:
-            message = decode_message(delivery.raw, delivery.queue, delivery.tag, self.max_size)
-            task = self.app.tasks.get(message.task_name)
-            if task is None or message.id in self.revoked or parse_rate(task.option("rate_limit")):
-                return None
-            if message.eta is not None and message.eta.timestamp() > time.time():
-                return None
-            message.decode_body(self.accept, self.max_size)
-            task.check_arguments(message.args, message.kwargs)
+            message = runnable_message(self.app, delivery, self.accept)
         except Exception:  # (the main process says what is wrong with it)
+            return None
+        if message.id in self.revoked or parse_rate(self.app.tasks[message.task_name].option("rate_limit")):
+            return None
+        if message.eta is not None and message.eta.timestamp() > time.time():
             return None
         message.events = self.events
         return message
@@ -5421,15 +5417,46 @@ class PoolProcess:
 POOLS = {"prefork": PreforkPool, "solo": SoloPool}
 
 
+class Unrunnable(Exception):
+    """A message no worker can run: `reason` for the log and the dead letter, the `exc`
+    stored as its FAILURE, and the `message` if it decoded that far."""
+
+    def __init__(self, reason, exc, message=None):
+        super().__init__(reason)
+        self.reason, self.exc, self.message = reason, exc, message
+
+
+def runnable_message(app, delivery, accept) -> Message:
+    """The delivery as a Message ready to run: decoded, of a task registered here, its
+    body readable and its arguments fitting the task's signature. Raises Unrunnable."""
+    max_size = app.conf.worker_max_message_size
+    try:
+        message = decode_message(delivery.raw, delivery.queue, delivery.tag, max_size)
+    except DecodeError as exc:
+        raise Unrunnable(f"can't decode message: {exc}", exc) from None
+    if message.task_name not in app.tasks:
+        close = difflib.get_close_matches(message.task_name, list(app.tasks), 3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise Unrunnable(f"Received unregistered task of type {message.task_name!r}. The message has been "
+                         f"ignored and discarded.{hint}",
+                         NotRegistered(f"Task of kind {message.task_name!r} never registered.{hint}"), message)
+    try:
+        message.decode_body(accept, max_size)
+        app.tasks[message.task_name].check_arguments(message.args, message.kwargs)
+    except (DecodeError, TypeError) as exc:
+        raise Unrunnable(f"can't run task {message.describe()}: {exc}", exc, message) from None
+    return message
+
+
 class Consumer:
-    """The worker's main loop: reserve, schedule, dispatch, ack; one step() at a time.
+    """The worker's main process: it supervises the pool's processes, which take their
+    own messages, and holds what they hand it; one step() at a time.
 
     A message the consumer holds is in exactly one place: `ready` (due, waiting
-    for a pool slot), `scheduled` (ETA within ETA_HORIZON, or waiting for its
+    for a pool process), `scheduled` (ETA within ETA_HORIZON, or waiting for its
     rate limit), or `active` (with the pool: running, or in the batch a pool
-    process took). ETAs further away are parked in the broker. With a pool whose
-    processes take their own messages (`takes`), step() supervises instead of
-    reserving: see _supervise().
+    process took). ETAs further away are parked in the broker. The solo pool's
+    SoloConsumer takes the messages itself instead (`takes` is False).
     """
 
     #: longest a step blocks, so signals and housekeeping are never late by more
@@ -5462,7 +5489,6 @@ class Consumer:
         self.spacing = {}       # task name -> seconds between starts under its rate limit (0: none)
         self.next_start = {}    # task name -> time.monotonic() before which no more may start
         self._to_ack, self._sequence = [], itertools.count()  # (the sequence breaks ties between equal dues)
-        self._heard = []  # commands heard before the first step (listen())
         self._lost_claims = set()  # held messages the broker says are no longer ours
         self._let_go = set()       # running ones among them: never ack another's claim
         #: None while running; "warm" or "cold" once a shutdown was asked for
@@ -5491,8 +5517,6 @@ class Consumer:
         While the broker is unreachable, wait and retry with backoff: held
         messages stay where they are, tasks already running finish.
         """
-        if self.pool.name == "solo":
-            self._start_keepalive()
         self._heartbeat("worker-online")
         failures = 0
         try:
@@ -5525,17 +5549,6 @@ class Consumer:
         need a round to renew their claims before theirs look abandoned."""
         self._restore_after = time.monotonic() + 2 * self.maintain_every
 
-    def _start_keepalive(self):
-        """Solo pool: tasks run in this thread, so a helper thread keeps our messages' leases."""
-        def touch_held_messages():
-            while not self.stopping:
-                time.sleep(self.maintain_every)
-                try:
-                    self._renew_claims()
-                except Exception:  # a torn read of the lists, or the broker away: next time
-                    worker_logger.debug("keepalive touch failed", exc_info=True)
-        threading.Thread(target=touch_held_messages, name="keepalive", daemon=True).start()
-
     def say_soon(self, text):
         """A warning from a signal handler, logged by the loop: a handler that logged itself
         could interrupt a log line being written, and fail (a reentrant write)."""
@@ -5546,32 +5559,19 @@ class Consumer:
             worker_logger.warning(self._to_say.pop(0))
 
     def step(self):
-        """One turn: collect finished tasks, dispatch, reserve more or wait."""
+        """One turn: catch up with what happened, then supervise the pool's processes
+        until something needs us."""
+        self._catch_up()
+        self._supervise()
+
+    def _catch_up(self):
+        """Act on what the pool reported and on commands, keep our claims fresh, and make
+        what came due ready."""
         self._say_what_was_said()
         self._handle(self.pool.collect(0))
-        self._apply_control()  # first: listening starts before the first reload of revocations
+        self.remote.obey()  # first: listening starts before the first reload of revocations
         self._maintain()
         self._release_due()
-        if self.takes:
-            return self._supervise()
-        batch = self._next_batch()
-        # Everything held counts, waiting for an ETA or a rate limit too: a worker
-        # holds at most prefetch_limit messages, and the rest stay for others.
-        room = self.prefetch_limit - len(self.ready) - len(self.scheduled) - len(self.active) - len(batch)
-        wait, precise = self._wait_time()
-        if self.stopping or (self.ready and room < self.prefetch_limit / 2):
-            room = 0  # (with work at hand, take more once there is room for several: fewer round trips)
-        if batch or self.ready:
-            timeout = 0
-        elif self.active and not precise:  # with tasks running, wake often enough to ack them promptly
-            timeout = min(wait, self.COLLECT_EVERY)
-        else:  # (the broker's wait ends on time: select() with our own timeout)
-            timeout = wait
-        received = self._receive(self._reserve_and_start(batch, room, timeout))
-        if not received:  # (a tenth of a second at most: control commands and freed room wait no longer)
-            busy = self.ready or precise or room <= 0
-            self._handle(self.pool.collect(min(self._wait_time()[0], self.COLLECT_EVERY) if busy else 0))
-        self._flush_acks()
 
     def _supervise(self):
         """One turn while the pool's processes take their own messages: take back what
@@ -5579,20 +5579,41 @@ class Consumer:
         while we hold little, then wait for news."""
         self._got_back(self.pool.take_back(running_longer_than=self.pool.TAKE_BACK_AFTER))
         self._start(self._next_batch())
-        # What we hold counts against the prefetch (the processes' own batches are theirs to count).
-        room = self.prefetch_limit - len(self.ready) - len(self.scheduled) - self.pool.sent()
-        self.pool.allow_taking(0 if self.stopping or self.ready else max(0, min(room, self.batch_size)))
+        self.pool.allow_taking(self._budget())
         self._flush_acks()
-        wait, _ = self._wait_time()
         handles = self.broker.control_handles()
-        if handles is None or self.ready or self.active:  # (commands to poll for; tasks to look after)
-            wait = min(wait, self.COLLECT_EVERY)
-        gap = self._last_collect + self.REPORTS_EVERY - time.monotonic()
-        if gap > 0 and not self.ready:  # (nothing needs them at once: read several reports at a time)
-            wait_readable(handles or [], min(gap, wait))
-            wait = max(0.0, wait - gap)
+        wait = self._until_needed(handles)
+        wait = max(0.0, wait - self._let_reports_gather(handles, wait))
         self._handle(self.pool.collect(wait, handles or ()))
         self._last_collect = time.monotonic()
+
+    def _budget(self) -> int:
+        """How many messages a pool process may take at a time: none while we stop or hold
+        messages for the processes (those go first); else what the prefetch leaves, at
+        most a batch. What we hold counts; the processes' own batches are theirs to count."""
+        if self.stopping or self.ready:
+            return 0
+        room = self.prefetch_limit - len(self.ready) - len(self.scheduled) - self.pool.sent()
+        return max(0, min(room, self.batch_size))
+
+    def _until_needed(self, handles) -> float:
+        """How long the pool may be left alone: until the next ETA, hard time limit or
+        maintenance round; at most COLLECT_EVERY while tasks run or wait (to see them end
+        promptly) or while commands can't wake us (a broker without handles: we poll)."""
+        wait, _ = self._wait_time()
+        if handles is None or self.ready or self.active:
+            wait = min(wait, self.COLLECT_EVERY)
+        return wait
+
+    def _let_reports_gather(self, handles, wait) -> float:
+        """Wait for commands alone until REPORTS_EVERY has passed since we last read the
+        pool's reports, so that one wake-up reads several (unless we hold messages for idle
+        processes: they must not wait). Returns how much of `wait` that used."""
+        gap = self._last_collect + self.REPORTS_EVERY - time.monotonic()
+        if gap <= 0 or self.ready:
+            return 0.0
+        wait_readable(handles or [], min(gap, wait))
+        return gap
 
     def stop(self, cold=False):
         self.stopping = "cold" if cold else (self.stopping or "warm")
@@ -5691,25 +5712,10 @@ class Consumer:
 
         Celery: bad-messages: Celery 5.7's worker exits on some of these, and loses others."""
         try:
-            message = decode_message(delivery.raw, delivery.queue, delivery.tag,
-                                     self.app.conf.worker_max_message_size)
-        except DecodeError as exc:
-            self._discard(delivery, None, f"can't decode message: {exc}", exc)
+            return runnable_message(self.app, delivery, self.accept)
+        except Unrunnable as bad:
+            self._discard(delivery, bad.message, bad.reason, bad.exc)
             return None
-        if message.task_name not in self.app.tasks:
-            close = difflib.get_close_matches(message.task_name, list(self.app.tasks), 3)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            exc = NotRegistered(f"Task of kind {message.task_name!r} never registered.{hint}")
-            self._discard(delivery, message, f"Received unregistered task of type "
-                          f"{message.task_name!r}. The message has been ignored and discarded.{hint}", exc)
-            return None
-        try:
-            message.decode_body(self.accept, self.app.conf.worker_max_message_size)
-            self.app.tasks[message.task_name].check_arguments(message.args, message.kwargs)
-        except (DecodeError, TypeError) as exc:
-            self._discard(delivery, message, f"can't run task {message.describe()}: {exc}", exc)
-            return None
-        return message
 
     def _discard(self, delivery, message, reason, exc):
         """Log, store FAILURE (when the id is known), dead-letter and ack a bad message.
@@ -5729,21 +5735,6 @@ class Consumer:
         self.broker.ack([delivery.tag])
 
     # -- revocation -----------------------------------------------------------
-
-    def listen(self):
-        """Start hearing broadcasts before the worker says it is ready, so that a ping sent
-        the moment it is ready is answered (the commands wait for the first step)."""
-        self._heard = self.broker.control_messages()
-
-    def _apply_control(self):
-        """Obey the remote-control commands broadcast since the last step; answer those that ask."""
-        heard, self._heard = self._heard, []
-        for command in heard + self.broker.control_messages():
-            if command.destination and self.hostname not in command.destination:
-                continue
-            answer = self.remote.handle(command)
-            if command.reply_to and answer is not None:
-                self.broker.reply(command.reply_to, command.ticket, {self.hostname: answer})
 
     def revoke(self, task_ids, terminate, signum):
         worker_logger.info("Tasks flagged as revoked: %s", ", ".join(task_ids))
@@ -5818,40 +5809,6 @@ class Consumer:
         else:
             self.next_start[name] = now + self.spacing[name]
         return wait > 0
-
-    def _reserve_and_start(self, batch, room, timeout) -> list:
-        """Ack and start `batch`, and take up to `room` more messages, in one round trip.
-
-        The batch's early acks (acked before it runs, so a crash can't run it
-        twice) and the late acks of tasks done go first; the batch starts as soon
-        as they are on their way, while the broker looks for more messages.
-        """
-        early = [m.delivery_tag for m in batch if not self._acks_late(m)]
-        acks, started = early + self._acks_due(), []
-
-        def start():
-            started.append(True)
-            self._start(batch)
-
-        try:
-            if room > 0 or acks:
-                # (the solo pool would run the batch right there, with new messages taken and unfiled)
-                deliveries = self.broker.reserve(self.queues, room, timeout, ack=acks,
-                                                 sent=None if self.pool.name == "solo" else start)
-            else:
-                deliveries = []
-        except Exception:
-            if started:  # running now, maybe not acked: ack again next time
-                self._to_ack.extend(early)
-            else:  # maybe acked, surely not run: still ours
-                self.ready.extendleft(reversed(batch))
-            raise
-        sent = set(acks)
-        self._to_ack = [tag for tag in self._to_ack if tag not in sent]
-        self._let_go.difference_update(sent)
-        if not started:
-            start()
-        return deliveries
 
     def _next_batch(self) -> list:
         """Due messages for the pool's free slots, past their rate limits."""
@@ -6075,6 +6032,97 @@ class Consumer:
                                     "after the visibility timeout", len(waiting), exc)
 
 
+class SoloConsumer(Consumer):
+    """The consumer of the solo pool: its one loop takes messages, holds them, and runs
+    them in this process (so the main process is the pool, and nothing supervises)."""
+
+    def run(self):
+        self._start_keepalive()
+        super().run()
+
+    def _start_keepalive(self):
+        """Solo pool: tasks run in this thread, so a helper thread keeps our messages' leases."""
+        def touch_held_messages():
+            while not self.stopping:
+                time.sleep(self.maintain_every)
+                try:
+                    self._renew_claims()
+                except Exception:  # a torn read of the lists, or the broker away: next time
+                    worker_logger.debug("keepalive touch failed", exc_info=True)
+        threading.Thread(target=touch_held_messages, name="keepalive", daemon=True).start()
+
+    def step(self):
+        """One turn: catch up, start what is due, and take more messages (waiting for them
+        when there is nothing else to do)."""
+        self._catch_up()
+        batch = self._next_batch()
+        room = self._room(batch)
+        wait, precise = self._wait_time()
+        received = self._receive(self._reserve_and_start(batch, room, self._reserve_wait(batch, wait, precise)))
+        if not received:
+            self._handle(self.pool.collect(self._pool_wait(precise, room)))
+        self._flush_acks()
+
+    def _room(self, batch) -> int:
+        """How many more messages to take. Everything held counts, waiting for an ETA or a
+        rate limit too: a worker holds at most prefetch_limit, and the rest stay for others.
+        With work at hand, none until there is room for half the prefetch (fewer round trips)."""
+        room = self.prefetch_limit - len(self.ready) - len(self.scheduled) - len(self.active) - len(batch)
+        return 0 if self.stopping or (self.ready and room < self.prefetch_limit / 2) else room
+
+    def _reserve_wait(self, batch, wait, precise) -> float:
+        """How long the reserve may wait for a message: not at all with work at hand; at
+        most COLLECT_EVERY while tasks run, to ack them promptly, unless something is due at
+        an exact time; else until the next thing is due (the broker's wait ends on time)."""
+        if batch or self.ready:
+            return 0
+        if self.active and not precise:
+            return min(wait, self.COLLECT_EVERY)
+        return wait
+
+    def _pool_wait(self, precise, room) -> float:
+        """After a reserve that brought nothing: how long to wait for the pool. A tenth of a
+        second at most while something is at hand, due, or blocked on room (commands and
+        freed room wait no longer); else not at all (the reserve waited already)."""
+        if self.ready or precise or room <= 0:
+            return min(self._wait_time()[0], self.COLLECT_EVERY)
+        return 0
+
+    def _reserve_and_start(self, batch, room, timeout) -> list:
+        """Ack and start `batch`, and take up to `room` more messages, in one round trip.
+
+        The batch's early acks (acked before it runs, so a crash can't run it
+        twice) and the late acks of tasks done go first; the batch starts as soon
+        as they are on their way, while the broker looks for more messages.
+        """
+        early = [m.delivery_tag for m in batch if not self._acks_late(m)]
+        acks, started = early + self._acks_due(), []
+
+        def start():
+            started.append(True)
+            self._start(batch)
+
+        try:
+            if room > 0 or acks:
+                # (the solo pool would run the batch right there, with new messages taken and unfiled)
+                deliveries = self.broker.reserve(self.queues, room, timeout, ack=acks,
+                                                 sent=None if self.pool.name == "solo" else start)
+            else:
+                deliveries = []
+        except Exception:
+            if started:  # running now, maybe not acked: ack again next time
+                self._to_ack.extend(early)
+            else:  # maybe acked, surely not run: still ours
+                self.ready.extendleft(reversed(batch))
+            raise
+        sent = set(acks)
+        self._to_ack = [tag for tag in self._to_ack if tag not in sent]
+        self._let_go.difference_update(sent)
+        if not started:
+            start()
+        return deliveries
+
+
 def _ok(text):
     return {"ok": text}
 
@@ -6085,7 +6133,24 @@ class RemoteControl:
     in Celery's form, or None for no reply. The consumer calls it between its steps."""
 
     def __init__(self, consumer):
-        self.consumer, self.app = consumer, consumer.app
+        self.consumer, self.app, self.broker = consumer, consumer.app, consumer.broker
+        self._heard = []  # commands heard before the first step (listen())
+
+    def listen(self):
+        """Start hearing broadcasts before the worker says it is ready, so that a ping sent
+        the moment it is ready is answered (the commands wait for the first step)."""
+        self._heard = self.broker.control_messages()
+
+    def obey(self):
+        """Obey the commands broadcast since the last step; answer those that ask."""
+        heard, self._heard = self._heard, []
+        hostname = self.consumer.hostname
+        for command in heard + self.broker.control_messages():
+            if command.destination and hostname not in command.destination:
+                continue
+            answer = self.handle(command)
+            if command.reply_to and answer is not None:
+                self.broker.reply(command.reply_to, command.ticket, {hostname: answer})
 
     def handle(self, command):
         handler = getattr(self, f"do_{command.method}", None)
@@ -6262,13 +6327,13 @@ class Worker:
     def start(self):
         self.app.finalize()
         pool = POOLS[self.pool_name](self.app, self.concurrency, self.hostname, self.max_tasks_per_child)
-        self.consumer = Consumer(self.app, pool, self.queues, self.hostname,
-                                 self.prefetch_multiplier * pool.concurrency)
+        consumer = Consumer if pool.takes else SoloConsumer
+        self.consumer = consumer(self.app, pool, self.queues, self.hostname, self.prefetch_multiplier * pool.concurrency)
         print(self.banner(pool), file=sys.stderr, flush=True)
         beat_pid = self._start_beat() if self.embed_beat else None
         self.consumer.start_pool()
         self._install_signal_handlers()
-        self.consumer.listen()
+        self.consumer.remote.listen()
         worker_logger.info("Connected to %s", _safe_url(self.app.broker_url))
         worker_logger.info("%s ready.", self.hostname)
         self.ready.set()
