@@ -2479,7 +2479,7 @@ class ResultBackend(Explains):
             meta.update(status=FAILURE, result=exception_to_dict(
                 EncodeError(f"can't store the {state} result: {exc}")))
             data = self.encode(meta)
-        self._set(self.key_for(task_id), data)
+        self._set(self.key_for(task_id), data, ready=meta["status"] in READY_STATES)
         if self.explaining:
             self.explain("store", key=self.key_for(task_id), state=meta["status"], size=len(data),
                          expires=self.expires)
@@ -2528,8 +2528,9 @@ class ResultBackend(Explains):
         """Sleep between two looks at a result; a backend that can tell when it changed wakes early."""
         time.sleep(max(seconds, 0))
 
-    def _set(self, key, data):
-        """Store encoded metadata under `key` (unless a SUCCESS is stored there already)."""
+    def _set(self, key, data, ready=True):
+        """Store encoded metadata under `key`, unless the state stored there is final for it:
+        a SUCCESS always, a FAILURE or REVOKED unless this state is `ready` too."""
 
     def _get(self, key):
         """The encoded metadata stored under `key`, or None."""
@@ -2558,7 +2559,7 @@ class DisabledBackend(ResultBackend):
     def store_result(self, task_id, result, state, traceback=None, request=None):
         return None
 
-    def _get(self, *args):
+    def _get(self, *args, **kwargs):
         raise ImproperlyConfigured(
             "no result backend is configured: pass backend=... to Celery() "
             "or set result_backend to read results and run chords")
@@ -2566,11 +2567,15 @@ class DisabledBackend(ResultBackend):
     _set = chord_start = chord_part = chord_done = _get
 
 
-# Writes the state unless a SUCCESS is already stored (Celery's rule: a late
-# duplicate must not overwrite a success), then PUBLISHes it, in one round trip.
+# Writes the state unless the one stored is final for it, then PUBLISHes it, in
+# one round trip. A SUCCESS is final (Celery's rule: a late duplicate must not
+# overwrite a success); so is a FAILURE or REVOKED against a state that is not
+# ready (ARGV[3] is 0).
+# Celery: final-states: Celery lets a RETRY stored late (the retried run, in
+# another process, finished first) replace a FAILURE, and get() then waits for ever.
 _STORE_RESULT_LUA = r"""
-local current = redis.call('GET', KEYS[1])
-if current and string.sub(current, 1, 21) == '{"status": "SUCCESS",' then return 0 end
+local status = string.match(redis.call('GET', KEYS[1]) or '', '^{"status": "(%u+)",')
+if status == 'SUCCESS' or (ARGV[3] == '0' and (status == 'FAILURE' or status == 'REVOKED')) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
@@ -2711,8 +2716,8 @@ class RedisBackend(ResultBackend):
                     raise
                 time.sleep(pause)
 
-    def _set(self, key, data):
-        self._retrying(lambda: self.held.connection.script(_STORE_RESULT_LUA, [key], [data, self.expires]))
+    def _set(self, key, data, ready=True):
+        self._retrying(lambda: self.held.connection.script(_STORE_RESULT_LUA, [key], [data, self.expires, int(ready)]))
 
     def _get(self, key):
         return self._retrying(self.client.get, key)
@@ -2801,14 +2806,16 @@ class SQLiteBackend(ResultBackend):
         super().__init__(app, url)
         self.store = SQLiteStore.for_url(url)
 
-    def _set(self, key, data):
+    def _set(self, key, data, ready=True):
         now = time.time()
         with self.store.transaction() as db:
-            # A stored SUCCESS is final, as on Redis; expired rows go now and then.
+            # Final states stay, as on Redis (_STORE_RESULT_LUA); expired rows go now and then.
             db.execute("INSERT INTO results (key, meta, expires) VALUES (?, ?, ?) ON CONFLICT(key) "
                        "DO UPDATE SET meta = excluded.meta, expires = excluded.expires "
-                       "WHERE CAST(results.meta AS TEXT) NOT LIKE '{\"status\": \"SUCCESS\"%'",
-                       (key, data, now + self.expires if self.expires else None))
+                       "WHERE CAST(results.meta AS TEXT) NOT LIKE '{\"status\": \"SUCCESS\"%' AND (? OR ("
+                       "CAST(results.meta AS TEXT) NOT LIKE '{\"status\": \"FAILURE\"%' AND "
+                       "CAST(results.meta AS TEXT) NOT LIKE '{\"status\": \"REVOKED\"%'))",
+                       (key, data, now + self.expires if self.expires else None, ready))
             if self.store._writes % 1000 == 0:
                 db.execute("DELETE FROM results WHERE expires < ?", (now,))
 

@@ -1815,6 +1815,28 @@ def test_contract_results_expire_and_forget(any_app, tmp_path):
     assert AsyncResult("to-forget", app=any_app).state == "PENDING"
 
 
+def test_contract_final_states_stay(any_app):
+    """A state stored late must not replace a final one: a SUCCESS stays (Celery's rule), and so
+    does a FAILURE or REVOKED against a RETRY or STARTED (a run that lost the race to its own
+    retry, in the other pool process); a ready state may replace a FAILURE (a rerun)."""
+    store = any_app.backend.store_result
+    store("ok", 4, "SUCCESS")
+    store("ok", None, "STARTED")
+    store("ok", ValueError("late"), "FAILURE")
+    store("failed", ValueError("gave up"), "FAILURE")
+    store("failed", RuntimeError("retry in 0s"), "RETRY")
+    store("revoked", minicelery.TaskRevokedError("revoked"), "REVOKED")
+    store("revoked", None, "STARTED")
+    store("rerun", ValueError("first"), "FAILURE")
+    store("rerun", 5, "SUCCESS")
+    store("retried", None, "STARTED")
+    store("retried", RuntimeError("again"), "RETRY")
+    states = {task_id: AsyncResult(task_id, app=any_app).state for task_id in ("ok", "failed", "revoked", "rerun", "retried")}
+    assert states == {"ok": "SUCCESS", "failed": "FAILURE", "revoked": "REVOKED", "rerun": "SUCCESS", "retried": "RETRY"}
+    with pytest.raises(ValueError, match="gave up"):
+        AsyncResult("failed", app=any_app).get(timeout=5)
+
+
 @pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)  # memory: one process
 def test_contract_kill_9_with_acks_late_redelivers(any_app, tmp_path):
     any_app.conf.broker_transport_options = {"visibility_timeout": 1}
