@@ -872,15 +872,13 @@ class Broker(Explains):
         """Append one message (an envelope JSON string, with delivery tag `tag`) to
         `queue`; sending the same message again must not queue it twice."""
 
-    def reserve(self, queues, limit: int, timeout: float, ack=(), sent=None, also=()) -> list:
+    def reserve(self, queues, limit: int, timeout: float, ack=(), also=()) -> list:
         """Take up to `limit` messages, waiting up to `timeout` s for the first.
 
         Returns Delivery tuples; each stays reserved until ack() or requeue().
-        The tags in `ack` are acked first, in the same round trip, and `sent()`
-        is called as soon as those acks are sure to reach the broker even if this
-        process died now (written to its socket, or committed): the consumer
-        starts the acked tasks then, while the broker works on the rest. The wait
-        also ends when one of the handles `also` turns readable (a pool process's pipe).
+        The tags in `ack` are acked first, in the same round trip (the solo pool's
+        loop). The wait also ends when one of the handles `also` turns readable (a
+        pool process's pipe).
         """
 
     def wait(self, queues, timeout, also=()):
@@ -1085,10 +1083,9 @@ class HeldConnection:
                 raise reply
         return replies
 
-    def script(self, source, keys, args, sent=None):
-        """Run a Lua script by its SHA1; sent whole the first time Redis hasn't seen it.
-        `sent()` is called once the command is written, before its reply is read."""
-        [reply] = self._exchange([("EVALSHA", self._sha(source), len(keys), *keys, *args)], sent)
+    def script(self, source, keys, args):
+        """Run a Lua script by its SHA1; sent whole the first time Redis hasn't seen it."""
+        [reply] = self._exchange([("EVALSHA", self._sha(source), len(keys), *keys, *args)])
         if isinstance(reply, _import_redis().exceptions.NoScriptError):
             reply = self.run(("EVAL", source, len(keys), *keys, *args))[0]  # (and Redis keeps it)
         if isinstance(reply, Exception):
@@ -1112,15 +1109,13 @@ class HeldConnection:
             self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
         return self._shas[source]
 
-    def _exchange(self, commands, sent=None) -> list:
+    def _exchange(self, commands) -> list:
         error = _import_redis().exceptions.ResponseError
         with self.lock:
             connection = self._connected()
             try:
                 self._read_posted(connection)
                 connection.send_packed_command(connection.pack_commands(commands))
-                if sent is not None:
-                    sent()
                 replies = []
                 for _ in commands:
                     try:
@@ -1494,13 +1489,13 @@ class RedisBroker(Broker):
             pipe.execute()
         self._declared.update(queues)
 
-    def reserve(self, queues, limit, timeout, ack=(), sent=None, also=()):
+    def reserve(self, queues, limit, timeout, ack=(), also=()):
         self._declare(queues)
         # Round-robin over queues within each priority step, as kombu does.
         self._rotation = (self._rotation + 1) % max(len(queues), 1)
         queues = list(queues[self._rotation:]) + list(queues[:self._rotation])
         self._restore_orphans()
-        found = self._take(queues, max(limit, 0), time.time(), list(ack), sent)
+        found = self._take(queues, max(limit, 0), time.time(), list(ack))
         if not found and timeout and limit > 0 and self._wait_for_message(queues, timeout, also):
             found = self._take(queues, limit, time.time())
         deliveries = []
@@ -1588,7 +1583,7 @@ class RedisBroker(Broker):
             raise answer
         return False
 
-    def _take(self, queues, limit, now, ack=(), sent=None):
+    def _take(self, queues, limit, now, ack=()):
         for tag in ack:
             self._held.pop(tag, None)
         keys = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES, self.DEAD_LETTERS]
@@ -1596,7 +1591,7 @@ class RedisBroker(Broker):
         if self.on_claim is not None:
             self.on_claim(now)
         try:
-            found = self.held.script(_RESERVE_LUA, keys, [*limits, len(queues), *queues, *ack], sent)
+            found = self.held.script(_RESERVE_LUA, keys, [*limits, len(queues), *queues, *ack])
             self._held.update((found[i].decode(), now) for i in range(1, len(found), 3) if found[i])
             return found
         except self.connection_errors:
@@ -2163,10 +2158,8 @@ class SQLiteBroker(Broker):
         if self.explaining:
             self.explain("publish", queue=queue, step=step, size=len(envelope))
 
-    def reserve(self, queues, limit, timeout, ack=(), sent=None, also=()):
+    def reserve(self, queues, limit, timeout, ack=(), also=()):
         self.ack(list(ack))
-        if sent is not None:
-            sent()
         deadline = time.monotonic() + timeout
         while True:
             found = self._take(queues, limit)
@@ -2681,7 +2674,7 @@ class RedisBackend(ResultBackend):
     SOCKET_TIMEOUT = 1.0
 
     EXPLAINED = {
-        "store": ("EVALSHA store script: GET {key} (a SUCCESS there is final); SET {key} <{state}, {size} "
+        "store": ("EVALSHA store script: GET {key} (a final state there stays); SET {key} <{state}, {size} "
                   "bytes>; EXPIRE {key} {expires}; PUBLISH {key} <the same>",
                   "the key keeps the state for whoever asks later (until result_expires: 0 is never); "
                   "the PUBLISH wakes a get() waiting now, without polling"),
@@ -2790,7 +2783,7 @@ class SQLiteBackend(ResultBackend):
 
     EXPLAINED = {
         "store": ("INSERT INTO results (key, meta, expires) VALUES ('{key}', <{state}, {size} bytes>, "
-                  "<now + {expires} s>) ON CONFLICT(key) DO UPDATE ... unless a SUCCESS is there",
+                  "<now + {expires} s>) ON CONFLICT(key) DO UPDATE ... unless the state there is final",
                   "the row keeps the state for whoever asks later (until result_expires: 0 is never); a "
                   "get() waiting now notices the commit by PRAGMA data_version"),
         "get": ("SELECT meta FROM results WHERE key = '{key}' AND not expired", "a look at the stored state"),
@@ -6096,37 +6089,22 @@ class SoloConsumer(Consumer):
         return 0
 
     def _reserve_and_start(self, batch, room, timeout) -> list:
-        """Ack and start `batch`, and take up to `room` more messages, in one round trip.
+        """Ack `batch` and take up to `room` more messages in one round trip, then run the batch.
 
         The batch's early acks (acked before it runs, so a crash can't run it
-        twice) and the late acks of tasks done go first; the batch starts as soon
-        as they are on their way, while the broker looks for more messages.
+        twice) and the late acks of tasks done go with the take.
         """
         early = [m.delivery_tag for m in batch if not self._acks_late(m)]
-        acks, started = early + self._acks_due(), []
-
-        def start():
-            started.append(True)
-            self._start(batch)
-
+        acks = early + self._acks_due()
         try:
-            if room > 0 or acks:
-                # (the solo pool would run the batch right there, with new messages taken and unfiled)
-                deliveries = self.broker.reserve(self.queues, room, timeout, ack=acks,
-                                                 sent=None if self.pool.name == "solo" else start)
-            else:
-                deliveries = []
+            deliveries = self.broker.reserve(self.queues, room, timeout, ack=acks) if room > 0 or acks else []
         except Exception:
-            if started:  # running now, maybe not acked: ack again next time
-                self._to_ack.extend(early)
-            else:  # maybe acked, surely not run: still ours
-                self.ready.extendleft(reversed(batch))
+            self.ready.extendleft(reversed(batch))  # maybe acked, surely not run: still ours
             raise
         sent = set(acks)
         self._to_ack = [tag for tag in self._to_ack if tag not in sent]
         self._let_go.difference_update(sent)
-        if not started:
-            start()
+        self._start(batch)
         return deliveries
 
 
