@@ -144,6 +144,7 @@ class EncodeError(MiniCeleryError):
 class DecodeError(MiniCeleryError):
     """Raised by the worker when a message body can't be decoded."""
     celery_module = "kombu.exceptions"
+    task_id = None  # the message's task id, when it was read before the error
 
 
 class ContentDisallowed(DecodeError):
@@ -372,6 +373,13 @@ def get_task_logger(name):
 
 
 get_logger = logging.getLogger
+
+
+def printable(text: str) -> str:
+    """The text with its unprintable characters escaped (a newline as \\n, \\x06 as \\x06)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _short_repr(value, limit=1024):
@@ -689,7 +697,8 @@ class Message:
         self.args, self.kwargs, self.embed = list(args), kwargs, embed or {}
 
     def describe(self):
-        return f"{self.task_name}[{self.id}]"
+        """`name[id]` for log lines; what a sender wrote there can't start a line of its own."""
+        return printable(f"{self.task_name}[{self.id}]")
 
     def __getstate__(self):
         # Down the pipe to a pool process goes what run_task() reads, decoded: the
@@ -740,6 +749,14 @@ def _envelope_limit(max_body_size) -> int:
     return 2 * max_body_size + 1024 * 1024 if max_body_size else 0
 
 
+def _body_bytes(body, encoding):
+    try:
+        return base64.b64decode(body) if encoding == "base64" else body.encode("utf-8") if isinstance(body, str) \
+            else body
+    except (ValueError, TypeError) as exc:
+        raise DecodeError(f"body is not valid base64: {exc}") from exc
+
+
 def decode_message(raw, queue="", delivery_tag="", max_size=None) -> Message:
     """Parse an envelope into a Message with headers; raises DecodeError.
 
@@ -756,16 +773,15 @@ def decode_message(raw, queue="", delivery_tag="", max_size=None) -> Message:
         raise DecodeError(f"not a protocol 2 task message: {exc!r}") from exc
     if not isinstance(task_id, str) or not isinstance(task_name, str):
         raise DecodeError("headers 'id' and 'task' must be strings")
-    properties = envelope.get("properties") or {}  # (headers are an object: we read an id from them)
-    _check_fields("property", properties, {"delivery_info": dict})
-    body = envelope.get("body", "")
     try:
-        if properties.get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        elif isinstance(body, str):
-            body = body.encode("utf-8")
-    except (ValueError, TypeError) as exc:
-        raise DecodeError(f"body is not valid base64: {exc}") from exc
+        properties, body = envelope.get("properties") or {}, envelope.get("body", "")
+        _check_fields("property", properties, {"delivery_info": dict})
+        if not isinstance(body, (str, bytes)):
+            raise DecodeError(f"the body must be a string, not {_short_repr(body, 80)}")
+        body = _body_bytes(body, properties.get("body_encoding"))
+    except DecodeError as exc:
+        exc.task_id = task_id  # (the id is known: its FAILURE is stored, so no get() waits for ever)
+        raise
     return Message(headers=headers, properties=properties, body=body,
                    content_type=envelope.get("content-type"), queue=queue,
                    delivery_tag=delivery_tag or properties.get("delivery_tag", ""), raw=raw)
@@ -818,20 +834,22 @@ class Explains:
     operation logs one line: the Redis commands or SQL it sends, and why.
     Watching one delay() travel to get() teaches the protocol. Task arguments
     and results are never shown, only ids, names and sizes. Off, an operation
-    pays one attribute test (`if self.explaining`).
+    pays one test (`if self.explaining`). Left out, because they repeat every
+    second or so: takes that find nothing, heartbeats, queue declarations, and
+    the periodic reloads and scans that find nothing.
     """
 
     #: operation -> (what it sends, with {fields} from the call; why it does): one table per store
     EXPLAINED = {}
 
-    def __init__(self, app):
-        self.explaining = app.conf.explain
+    @property
+    def explaining(self) -> bool:
+        return self.app.conf.explain  # (read each time: it may be turned on after the store is made)
 
     def explain(self, operation, **fields):
         sends, why = self.EXPLAINED[operation]
         # Shown escaped: kombu's priority lists end in \x06\x16, and a queue name may hold a newline.
-        fields = {name: value.encode("unicode_escape").decode() if isinstance(value, str) else value
-                  for name, value in fields.items()}
+        fields = {name: printable(value) if isinstance(value, str) else value for name, value in fields.items()}
         if not explain_logger.hasHandlers():  # a client that set up no logging sees it too
             explain_logger.addHandler(logging.StreamHandler())
         explain_logger.setLevel(logging.INFO)
@@ -854,7 +872,6 @@ class Broker(Explains):
     connection_errors = ()
 
     def __init__(self, app, url):
-        super().__init__(app)
         self.app, self.url = app, url
         options = app.conf.broker_transport_options or {}
         #: seconds a reserved message may go untouched before it counts as abandoned
@@ -1442,12 +1459,19 @@ class RedisBroker(Broker):
                  "ZREM unacked_index {tags}; HDEL unacked {tags}; EXEC",
                  "their ETA is far: parked in Redis instead of held in the worker's memory (Celery holds "
                  "them), and moved back to their lists by a take shortly before they are due"),
-        "revoke": ("ZADD minicelery:revoked <expiry> {ids}; then the broadcast below",
+        "revoke": ("ZADD minicelery:revoked <expiry> {ids}{then}",
                    "kept for workers that start later; the broadcast tells those running now"),
         "broadcast": ("PUBLISH {channel} <{method}>",
                       "Celery's remote control: every worker listens on this channel"),
-        "dead_letter": ("LPUSH minicelery:dead-letters <{reason}>; LTRIM minicelery:dead-letters 0 9999",
+        "dead_letter": ("LPUSH minicelery:dead-letters <the message from {queue}, and why>; LTRIM "
+                        "minicelery:dead-letters 0 9999",
                         "a message no worker can run is kept for a human to look at, not dropped"),
+        "bury": ("(in the reserve script) LPUSH minicelery:dead-letters <the first 64 KiB of a message of "
+                 "{size} bytes from {queue}>; LTRIM minicelery:dead-letters 0 9999",
+                 "over worker_max_message_size: it is never handed to a worker, so no worker's memory "
+                 "pays for it"),
+        "ack_with_take": ("(in the reserve script, first) HDEL unacked {tags}; ZREM unacked_index {tags}",
+                          "the solo pool's acks ride with its next take: one round trip"),
         "lease": ("EVALSHA lease script: SET minicelery:lease:{name} <token> PX {ms}, if free or ours",
                   "one beat sends the periodic tasks; a standby takes over once the lease expires"),
     }
@@ -1510,6 +1534,8 @@ class RedisBroker(Broker):
             elif tag:
                 deliveries.append(Delivery(queue, tag, found[i + 2]))
             else:  # buried by the script: too big to hand out
+                if self.explaining:
+                    self.explain("bury", size=found[i + 2].decode(), queue=queue)
                 logger.error("A message of %s bytes in queue %r is over worker_max_message_size: "
                              "kept (cut) in the dead letters", found[i + 2].decode(), queue)
         # A take that found nothing looked at every list: what it found broken is all there is.
@@ -1586,6 +1612,8 @@ class RedisBroker(Broker):
     def _take(self, queues, limit, now, ack=()):
         for tag in ack:
             self._held.pop(tag, None)
+        if self.explaining and ack:
+            self.explain("ack_with_take", tags=" ".join(ack))
         keys = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES, self.DEAD_LETTERS]
         limits = [limit, now, now + self.ETA_MOVE_AHEAD, _envelope_limit(self.app.conf.worker_max_message_size)]
         if self.on_claim is not None:
@@ -1694,7 +1722,7 @@ class RedisBroker(Broker):
             pipe.expire(self.REVOKED, int(expires) + 1)  # the newest entry expires last
             pipe.execute()
         if self.explaining:
-            self.explain("revoke", ids=" ".join(task_ids))
+            self.explain("revoke", ids=" ".join(task_ids), then="; then the broadcast below" if broadcast else "")
         if broadcast:
             self.broadcast(_revoke_body(task_ids, terminate, signal))
 
@@ -1806,7 +1834,7 @@ class RedisBroker(Broker):
             pipe.expire(self.DEAD_LETTERS, self.app.conf.result_expires_seconds or 86400)
             pipe.execute()
         if self.explaining:
-            self.explain("dead_letter", reason=reason)
+            self.explain("dead_letter", queue=queue)
 
     def dead_letters(self):
         # A list entry has no id of its own: its digest names it, and LREM takes it by content.
@@ -2117,7 +2145,7 @@ class SQLiteBroker(Broker):
                  "the row stays, marked as held, so the message is always somewhere: if this worker "
                  "dies, any worker frees it once it has been held {timeout} s (the visibility "
                  "timeout) without a touch"),
-        "ack": ("DELETE FROM messages WHERE id = <each of {tags}> AND reserved_at = <our claim>",
+        "ack": ("DELETE FROM messages WHERE id = <each of {tags}>",
                 "done with for good: acked before the task runs (at most once), or after it with "
                 "task_acks_late (at least once: a worker lost mid-task leaves it to run again)"),
         "touch": ("UPDATE messages SET reserved_at = {now:.3f} WHERE id = <each of {tags}> AND "
@@ -2131,12 +2159,16 @@ class SQLiteBroker(Broker):
         "park": ("UPDATE messages SET reserved_at = NULL, due = <ETA - 2 s> WHERE id = <each of {tags}>",
                  "their ETA is far: left in the table instead of held in the worker's memory (Celery "
                  "holds them); a take picks them up when due"),
-        "revoke": ("INSERT INTO revocations (task_id, expires, ...) VALUES <{ids}>; then the broadcast below",
+        "revoke": ("INSERT INTO revocations (task_id, expires, ...) VALUES <{ids}>{then}",
                    "kept for workers that start later; the broadcast tells those running now"),
         "broadcast": ("INSERT INTO broadcasts (time, raw) VALUES (<now>, <{method}>)",
                       "Celery's remote control: each worker reads the rows added since it last looked"),
         "dead_letter": ("INSERT INTO dead_letters (time, queue, reason, raw) VALUES (<now>, '{queue}', "
-                        "<{reason}>, <raw>)", "a message no worker can run is kept for a human, not dropped"),
+                        "<why>, <the message>)", "a message no worker can run is kept for a human, not dropped"),
+        "bury": ("INSERT INTO dead_letters ... (<the first 64 KiB of a message of {size} bytes from {queue}>); "
+                 "DELETE FROM messages WHERE id = <its row>",
+                 "over worker_max_message_size: it is never handed to a worker, so no worker's memory "
+                 "pays for it"),
         "lease": ("INSERT INTO leases ... ON CONFLICT(name) DO UPDATE ... WHERE ours or expired: "
                   "{name} for {ms} ms",
                   "one beat sends the periodic tasks; a standby takes over once the lease expires"),
@@ -2197,6 +2229,8 @@ class SQLiteBroker(Broker):
             rows = [row for row in rows if row[2] is None]
             db.executemany("UPDATE messages SET reserved_at = ? WHERE id = ?", [(now, r[0]) for r in rows])
         for size, queue in buried:  # logged once it is true: committed
+            if self.explaining:
+                self.explain("bury", size=size, queue=queue)
             logger.error("A message of %s bytes in queue %r is over worker_max_message_size: "
                          "kept (cut) in the dead letters", size, queue)
         self._held.update((self._tag(row[0]), now) for row in rows)
@@ -2285,7 +2319,7 @@ class SQLiteBroker(Broker):
             db.executemany("INSERT INTO revocations (task_id, expires, terminate, signal) VALUES (?, ?, ?, ?)",
                            [(i, now + expires, int(terminate), signal) for i in task_ids])
         if self.explaining:
-            self.explain("revoke", ids=" ".join(task_ids))
+            self.explain("revoke", ids=" ".join(task_ids), then="; then the broadcast below" if broadcast else "")
         if broadcast:
             self.broadcast(_revoke_body(task_ids, terminate, signal))
 
@@ -2374,7 +2408,7 @@ class SQLiteBroker(Broker):
         with self.store.transaction() as db:
             self._bury(db, raw, reason, queue)
         if self.explaining:
-            self.explain("dead_letter", queue=queue, reason=reason)
+            self.explain("dead_letter", queue=queue)
 
     def _bury(self, db, raw, reason, queue):
         now = time.time()
@@ -2439,7 +2473,6 @@ class ResultBackend(Explains):
     TASKSET_PREFIX = "celery-taskset-meta-"
 
     def __init__(self, app, url):
-        super().__init__(app)
         self.app, self.url = app, url
         self.serializer = app.conf.result_serializer
         self.accept = accepted_types(app.conf.result_accept_content or app.conf.accept_content)
@@ -2474,8 +2507,9 @@ class ResultBackend(Explains):
             data = self.encode(meta)
         self._set(self.key_for(task_id), data, ready=meta["status"] in READY_STATES)
         if self.explaining:
-            self.explain("store", key=self.key_for(task_id), state=meta["status"], size=len(data),
-                         expires=self.expires)
+            key = self.key_for(task_id)
+            self.explain("store", key=key, state=meta["status"], size=len(data), expires=self.expires,
+                         expire=f"; EXPIRE {key} {self.expires}" if self.expires else "")
         return meta
 
     def encode(self, meta):
@@ -2674,8 +2708,8 @@ class RedisBackend(ResultBackend):
     SOCKET_TIMEOUT = 1.0
 
     EXPLAINED = {
-        "store": ("EVALSHA store script: GET {key} (a final state there stays); SET {key} <{state}, {size} "
-                  "bytes>; EXPIRE {key} {expires}; PUBLISH {key} <the same>",
+        "store": ("EVALSHA store script: GET {key}; unless the state there is final for this one: SET {key} "
+                  "<{state}, {size} bytes>{expire}; PUBLISH {key} <the same>",
                   "the key keeps the state for whoever asks later (until result_expires: 0 is never); "
                   "the PUBLISH wakes a get() waiting now, without polling"),
         "get": ("GET {key}", "a result is read where Celery writes it, so either reads the other's"),
@@ -2683,6 +2717,8 @@ class RedisBackend(ResultBackend):
                  "message on the channel",
                  "subscribed before it looks, so a result stored in between can't be missed"),
         "forget": ("DEL {key}", "the stored state is dropped; the task looks PENDING again"),
+        "chord_start": ("MULTI; DEL {key}.c; SET {key}.s {size}; EXEC",
+                        "the chord's counter: how many header tasks its body waits for"),
         "chord_part": ("EVALSHA chord script: SADD {key}.d and ZADD {key}.j <the part of {task_id}>, once; "
                        "ZCOUNT {key}.j against GET {key}.s; SET {key}.c NX when all are in",
                        "Celery's chord counter: the header task that completes the chord sends its body"),
@@ -2730,6 +2766,8 @@ class RedisBackend(ResultBackend):
             pipe.delete(ckey)
             pipe.set(skey, size, ex=self.expires or None)
             pipe.execute()
+        if self.explaining:
+            self.explain("chord_start", key=jkey[:-2], size=size)
 
     def chord_part(self, group_id, index, task_id, state, value):
         member = json_dumps([1, task_id, state, value])
@@ -2783,7 +2821,7 @@ class SQLiteBackend(ResultBackend):
 
     EXPLAINED = {
         "store": ("INSERT INTO results (key, meta, expires) VALUES ('{key}', <{state}, {size} bytes>, "
-                  "<now + {expires} s>) ON CONFLICT(key) DO UPDATE ... unless the state there is final",
+                  "<its expiry>) ON CONFLICT(key) DO UPDATE ... unless the state there is final",
                   "the row keeps the state for whoever asks later (until result_expires: 0 is never); a "
                   "get() waiting now notices the commit by PRAGMA data_version"),
         "get": ("SELECT meta FROM results WHERE key = '{key}' AND not expired", "a look at the stored state"),
@@ -2791,6 +2829,8 @@ class SQLiteBackend(ResultBackend):
                  "changes", "SQLite can't notify: the data version changes when another process commits"),
         "forget": ("DELETE FROM results WHERE key = '{key}'", "the stored state is dropped; the task "
                    "looks PENDING again"),
+        "chord_start": ("INSERT OR REPLACE INTO chords VALUES ('{key}', {size}, 0)",
+                        "the chord's counter: how many header tasks its body waits for"),
         "chord_part": ("INSERT OR IGNORE INTO chord_parts VALUES ('{group_id}', '{task_id}', ...); SELECT "
                        "the count", "the header task that completes the chord sends its body"),
     }
@@ -2826,6 +2866,8 @@ class SQLiteBackend(ResultBackend):
     def chord_start(self, group_id, size):
         with self.store.transaction() as db:
             db.execute("INSERT OR REPLACE INTO chords VALUES (?, ?, 0)", (group_id, size))
+        if self.explaining:
+            self.explain("chord_start", key=group_id, size=size)
 
     def chord_part(self, group_id, index, task_id, state, value):
         with self.store.transaction() as db:
@@ -3367,7 +3409,7 @@ def _soft_time_limit(seconds, request):
         return
 
     def on_alarm(signum, frame):
-        task_logger.warning("Soft time limit (%ss) exceeded for %s[%s]", seconds, request.task, request.id)
+        task_logger.warning("Soft time limit (%ss) exceeded for %s", seconds, printable(f"{request.task}[{request.id}]"))
         raise SoftTimeLimitExceeded(seconds)
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
@@ -3401,7 +3443,7 @@ def parse_rate(rate) -> float:
 
 def _store_outcome(task, request, outcome, store):
     """Store, hook and log an outcome, as Celery's worker does."""
-    name = f"{task.name}[{request.id}]"
+    name = printable(f"{task.name}[{request.id}]")  # (the id comes from the message: no line of its own)
     args, kwargs = request.args, request.kwargs
     if outcome.state == SUCCESS:
         try:
@@ -5419,11 +5461,13 @@ POOLS = {"prefork": PreforkPool, "solo": SoloPool}
 
 class Unrunnable(Exception):
     """A message no worker can run: `reason` for the log and the dead letter, the `exc`
-    stored as its FAILURE, and the `message` if it decoded that far."""
+    stored as its FAILURE (under `task_id`, when that could be read), and the `message`
+    if it decoded that far."""
 
     def __init__(self, reason, exc, message=None):
         super().__init__(reason)
         self.reason, self.exc, self.message = reason, exc, message
+        self.task_id = message.id if message is not None else getattr(exc, "task_id", None)
 
 
 def runnable_message(app, delivery, accept) -> Message:
@@ -5714,30 +5758,33 @@ class Consumer:
         try:
             return runnable_message(self.app, delivery, self.accept)
         except Unrunnable as bad:
-            self._discard(delivery, bad.message, bad.reason, bad.exc)
+            self._discard(delivery, bad)
             return None
 
-    def _discard(self, delivery, message, reason, exc):
+    def _discard(self, delivery, bad):
         """Log, store FAILURE (when the id is known), dead-letter and ack a bad message.
 
         What waits on it hears of the failure too (its chord, the rest of its
         chain, its errbacks), so no get() on a workflow waits for ever.
         """
-        worker_logger.error(reason)
+        worker_logger.error(bad.reason)
+        message = bad.message
         if message is not None:
             if not message.embed:  # an unregistered task's body was not read yet
                 with contextlib.suppress(DecodeError):
                     message.decode_body(self.accept, self.app.conf.worker_max_message_size)
             request = Request.from_message(message, hostname=self.hostname)
-            self.app.backend.store_result(message.id, exc, FAILURE, request=request)
-            _after_failure(self.app, request, exc, None)
-        self.broker.dead_letter(delivery.raw, reason, delivery.queue)
+            self.app.backend.store_result(message.id, bad.exc, FAILURE, request=request)
+            _after_failure(self.app, request, bad.exc, None)
+        elif bad.task_id is not None:  # (only its id could be read: nothing else to tell)
+            self.app.backend.store_result(bad.task_id, bad.exc, FAILURE)
+        self.broker.dead_letter(delivery.raw, bad.reason, delivery.queue)
         self.broker.ack([delivery.tag])
 
     # -- revocation -----------------------------------------------------------
 
     def revoke(self, task_ids, terminate, signum):
-        worker_logger.info("Tasks flagged as revoked: %s", ", ".join(task_ids))
+        worker_logger.info("Tasks flagged as revoked: %s", printable(", ".join(task_ids)))
         self.revoked.update(task_ids)
         self.relay(("revoked", list(task_ids)))
         # Make revocations broadcast by real Celery durable too, for workers started later.
@@ -5767,9 +5814,9 @@ class Consumer:
     def _terminate(self, task_ids, signum):
         for tag, message in list(self.active.items()):
             if message.id in task_ids:
-                worker_logger.info("Terminating %s (%s)", message.id, signum)
+                worker_logger.info("Terminating %s (%s)", printable(message.id), signum)
                 if not self.pool.terminate(tag, signum):
-                    worker_logger.warning("the %s pool can't terminate %s", self.pool.name, message.id)
+                    worker_logger.warning("the %s pool can't terminate %s", self.pool.name, printable(message.id))
 
     def _discard_revoked(self, message, why):
         worker_logger.info("Discarding revoked task: %s", message.describe())
@@ -7294,9 +7341,6 @@ def main(argv=None):
                 app.conf.worker_send_task_events = True
             if args.explain:
                 app.conf.explain = True
-                for store in (app._broker, app._backend):  # (made already if the app's module used them)
-                    if store is not None:
-                        store.explaining = True
             with _pidfile(args.pidfile):
                 Worker(app, concurrency=args.concurrency, pool=args.pool, queues=queues,
                        hostname=args.hostname, loglevel=args.loglevel,

@@ -3011,6 +3011,34 @@ def test_hostile_headers_and_embeds_are_bad_messages_not_worker_errors(app, tmp_
     assert len(app.broker.dead_letters()) == len(bad)
 
 
+def test_hostile_broken_envelope_with_an_id_fails_its_task_and_forges_no_log_line(app, tmp_path, redis_client):
+    """A message whose id can be read but whose properties or body are broken gets a FAILURE
+    under that id (else get() waits for ever); an id holding a newline can't start a log line
+    of its own. Both pools."""
+    def send_broken(breaks):
+        result = add.delay(1, 2)
+        raw = json.loads(redis_client.lpop("celery"))
+        breaks(raw)
+        redis_client.lpush("celery", json.dumps(raw))
+        return result
+
+    forged = "[2026-01-01 00:00:00,000: INFO/MainProcess] FORGED"
+    for pool in ("solo", "prefork"):
+        broken = [send_broken(lambda raw: raw.update(properties="notadict")),
+                  send_broken(lambda raw: raw.update(body=12345)),
+                  send_broken(lambda raw: raw["properties"].update(delivery_info="x"))]
+        evil = add.apply_async((2, 3), task_id=f"evil\n{forged}")
+        with worker(app, tmp_path, pool=pool, concurrency=1) as w:
+            assert evil.get(timeout=10) == 5
+            for result in broken:
+                with pytest.raises(minicelery.DecodeError):
+                    result.get(timeout=10)
+            w.wait_for_log("succeeded")
+        assert not [line for line in w.log().splitlines() if line.startswith(forged)], w.log()
+        assert "evil\\n[2026-01-01" in w.log()  # (the id is there, escaped)
+    assert redis_client.hlen("unacked") == 0 and len(app.broker.dead_letters()) == 6
+
+
 def test_hostile_sys_exit_in_a_task_fails_the_task_not_the_worker(app, tmp_path):
     for pool in ("solo", "prefork"):
         with worker(app, tmp_path, pool=pool, concurrency=1) as w:
@@ -4849,9 +4877,26 @@ def test_explain_mode_tells_one_tasks_life(tmp_path, urls):
         assert worker_lines[0][0] == "watch" and "BLMOVE celery celery RIGHT RIGHT" in worker_lines[0][1]
     assert f"celery-task-meta-{task_id}" in life[2][1] and "SUCCESS" in life[2][1]
     assert not [line for _, line in client_lines + worker_lines if "s3cret" in line]
-    # Off by default, and a value that means neither on nor off fails where it enters.
-    quiet = run_python(tmp_path, env, "from proj.tasks import add; add.delay(1, 2)")
-    assert quiet.returncode == 0 and "explain" not in quiet.stderr
+    # Off by default; on as soon as it is set, also after the broker was first used.
+    toggled = run_python(tmp_path, env, """
+        from proj.celery import app
+        from proj.tasks import add
+        add.delay(1, 2)
+        app.conf.explain = True
+        add.delay(3, 4)
+        """)
+    assert toggled.returncode == 0 and [op for op, _ in _explained(toggled.stderr)] == ["publish"], toggled.stderr
+    # The solo pool explains its acks too (on Redis they ride with its next take), and a bad
+    # message's dead letter is explained without its reason (which may quote what it carried).
+    with cli_worker(tmp_path, env, "-A", "proj", "worker", "-P", "solo", "--explain") as w:
+        with client(urls) as c:
+            assert c.send_task("proj.tasks.add", (1, 2)).get(timeout=20) == 3
+            with pytest.raises(TypeError):
+                c.send_task("proj.tasks.add", (1, 2), {"s3cret_kw": 1}).get(timeout=20)
+        w.wait_for_log("explain dead_letter: ")
+        w.wait_for_log("explain ack")
+        assert "s3cret" in w.log() and not [line for _, line in _explained(w.log()) if "s3cret" in line]
+    # A value that means neither on nor off fails where it enters.
     unclear = run_python(tmp_path, dict(env, MINICELERY_EXPLAIN="maybe"), "import proj")
     assert unclear.returncode != 0 and "$MINICELERY_EXPLAIN must be 1 or 0" in unclear.stderr
 
