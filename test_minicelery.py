@@ -6131,8 +6131,10 @@ def test_interop_celerys_inspect_and_status_list_a_minicelery_worker(app, tmp_pa
             real_node = minicelery._expand_hostname("real@%h")
             wait_until(lambda: "ready." in (tmp_path / "real-worker.log").read_text(), timeout=30,
                        what="the real Celery worker")
-            answers = app.control.inspect(destination=[node, real_node], timeout=5).ping()
-            assert answers == {node: {"ok": "pong"}, real_node: {"ok": "pong"}}
+            # (a real Celery worker may say "ready." a moment before it listens to broadcasts)
+            both = {node: {"ok": "pong"}, real_node: {"ok": "pong"}}
+            wait_until(lambda: app.control.inspect(destination=[node, real_node], timeout=2).ping() == both,
+                       timeout=30, what="both workers answering a ping")
             assert app.control.inspect(destination=[real_node], timeout=5).active_queues()[real_node][0][
                 "name"] == "elsewhere"
             # A revoke and a rate_limit cross both ways, with Celery's replies.
