@@ -722,8 +722,17 @@ def _check_fields(what, fields, types):
         if value is not None and not isinstance(value, allowed):
             raise DecodeError(f"{what} {name!r} has the wrong type: {_short_repr(value, 80)}")
     for name in ("callbacks", "errbacks", "chain") if what == "embed" else ():
-        if not all(isinstance(sig, dict) for sig in fields.get(name) or ()):
+        if not all(_is_signature(sig) for sig in fields.get(name) or ()):
             raise DecodeError(f"embed {name!r} must be a list of signatures")
+    if what == "embed" and fields.get("chord") is not None and not _is_signature(fields["chord"]):
+        raise DecodeError("embed 'chord' must be a signature")
+
+
+def _is_signature(sig) -> bool:
+    """Whether a signature from a message has the shape the worker relies on when it sends it."""
+    return isinstance(sig, dict) and isinstance(sig.get("task"), str) \
+        and isinstance(sig.get("args") or (), (list, tuple)) and isinstance(sig.get("kwargs") or {}, dict) \
+        and isinstance(sig.get("options") or {}, dict)
 
 
 def _check_timelimit(value):

@@ -3000,6 +3000,9 @@ def test_hostile_headers_and_embeds_are_bad_messages_not_worker_errors(app, tmp_
            send_with(headers={"retries": "many"}), send_with(headers={"group_index": "x"}),
            send_with(embed={"chain": "not a list"}), send_with(embed={"callbacks": [1, 2]}),
            send_with(embed=["not", "an", "object"]), send_with(compression="application/x-gzip", body=bomb),
+           send_with(embed={"chain": [{"task": "test_minicelery.add", "options": "zz"}]}),
+           send_with(embed={"errbacks": [{"task": "test_minicelery.add", "args": 5}]}),
+           send_with(embed={"chord": {"no": "task"}}),
            send_with(compression="application/x-snappy", body=b"...")]
     with worker(app, tmp_path) as w:
         assert add.delay(2, 2).get(timeout=10) == 4
