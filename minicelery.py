@@ -4447,21 +4447,12 @@ class Celery:
         args, kwargs = list(args or ()), dict(kwargs or {})
         task_id = task_id or uuid()
         now = utcnow()
-        eta = now + dt.timedelta(seconds=countdown) if countdown is not None else \
-            to_datetime(eta, self.tz) if eta is not None else None
-        expires_at = now + dt.timedelta(seconds=expires) if isinstance(expires, (int, float)) \
-            else to_datetime(expires, self.tz) if expires is not None else None
+        eta, expires_at = self._when(now, countdown, eta, expires)
         parent = current_task()
         if parent is not None and parent_id is None and not parent.request.called_directly:
             parent_id, root_id = parent.request.id, root_id or parent.request.root_id
         route = self.route_for(name, args, kwargs)
-        # A route may name only a routing key (and an exchange): the queue bound to that key.
-        routing_key = options.get("routing_key") or route.get("routing_key")
-        queue = (queue or route.get("queue") or _queue_bound_to(self.conf.task_queues, routing_key)
-                 or self.conf.task_default_queue)
-        queue = getattr(queue, "name", queue)  # a kombu Queue stands for its name
-        if not isinstance(queue, str):
-            raise TypeError(f"send_task({name!r}): queue must be a name (str), not {queue!r}")
+        queue = self._queue_for(name, queue, options.get("routing_key"), route)
         if priority is None:
             priority = route.get("priority", self.conf.task_default_priority)
         message_headers = build_headers(
@@ -4488,6 +4479,26 @@ class Celery:
                 expires=message_headers["expires"], queue=queue, exchange="", routing_key=queue,
                 root_id=message_headers["root_id"], parent_id=parent_id))
         return AsyncResult(task_id, app=self, task_name=name, ignored=message_headers["ignore_result"])
+
+    def _when(self, now, countdown, eta, expires):
+        """(eta, expires) as aware datetimes or None, from Celery's options: a countdown or
+        an eta; expires in seconds from now, or a time."""
+        eta = now + dt.timedelta(seconds=countdown) if countdown is not None else \
+            to_datetime(eta, self.tz) if eta is not None else None
+        expires = now + dt.timedelta(seconds=expires) if isinstance(expires, (int, float)) \
+            else to_datetime(expires, self.tz) if expires is not None else None
+        return eta, expires
+
+    def _queue_for(self, name, queue, routing_key, route) -> str:
+        """The queue a task goes to: the one given, else its route's, else the queue bound to
+        the routing key given or routed (a route may name only that), else the default."""
+        routing_key = routing_key or route.get("routing_key")
+        queue = (queue or route.get("queue") or _queue_bound_to(self.conf.task_queues, routing_key)
+                 or self.conf.task_default_queue)
+        queue = getattr(queue, "name", queue)  # a kombu Queue stands for its name
+        if not isinstance(queue, str):
+            raise TypeError(f"send_task({name!r}): queue must be a name (str), not {queue!r}")
+        return queue
 
     @property
     def timezone(self):
@@ -5514,7 +5525,12 @@ class Consumer:
 
     #: longest a step blocks, so signals and housekeeping are never late by more
     MAX_WAIT = 1.0
-    #: ETA tasks due within this many seconds wait in memory; later ones are parked
+    #: ETA tasks due within this many seconds wait in memory; later ones are parked.
+    #: The ETA path in full: a pool process hands a message not yet due to us (_runnable);
+    #: _accept() schedules it here or parks it (Broker.park); a take moves parked messages
+    #: back to their queue ETA_MOVE_AHEAD seconds before they are due (in the reserve Lua
+    #: script on Redis, by the `due` column on SQLite), and the worker that takes one then
+    #: holds it here for those last seconds.
     ETA_HORIZON = 3.0
     #: with tasks running, the consumer looks at the pool at least this often (seconds)
     COLLECT_EVERY = 0.1
