@@ -21,12 +21,14 @@ by real Celery.
 How a task travels (the README's "How it works" names each function on the way)::
 
     producer ──apply_async()──► Broker (a Redis list per queue, or a SQLite table)
-                                   │
-                                   │ a pool process's reserve() moves it into `unacked`,
-                                   ▼ acks it, and runs it: run_task()
-                        worker: PoolProcess ◄──pipe──► main process: Consumer
-                                   │                   (supervises: time limits,
-                                   │ store_result()     revokes, ETAs, rate limits)
+                                   │ reserve(): into `unacked`, under the worker's claim
+                                   ▼
+                     worker's main process: Consumer (holds it: ETAs, rate limits,
+                                   │                  revokes; acks it if acks_late)
+                                   │ a Job, over a socket
+                                   ▼
+                     pool process: run_job(): acks it (early ack), run_task()
+                                   │ store_result()
                                    ▼
     AsyncResult.get() ◄──pub/sub──── ResultBackend (celery-task-meta-<id>)
 
@@ -65,8 +67,9 @@ import pickle
 import re
 import resource
 import select
-import selectors
 import signal
+import socket
+import struct
 import sys
 import textwrap
 import threading
@@ -327,21 +330,32 @@ def signal_came() -> bool:
         return False
 
 
-def wait_readable(handles, timeout) -> list:
+def wait_readable(handles, timeout, writable=()) -> list:
     """The handles (file objects or descriptors) readable (or closed) within `timeout`
-    seconds; [] at once when a signal comes (watch_signals). poll(), not select(): a
-    worker with many queues has descriptors past select()'s 1024."""
-    by_number = {handle if isinstance(handle, int) else handle.fileno(): handle for handle in handles}
+    seconds, and those of `writable` that can be written; [] at once when a signal comes
+    (watch_signals). poll(), not select(): a worker with many queues has descriptors past
+    select()'s 1024."""
+    def number(handle):
+        return handle if isinstance(handle, int) else handle.fileno()
+    events = collections.defaultdict(int)
+    by_number = {}
+    for handle in handles:
+        by_number[number(handle)] = handle
+        events[number(handle)] |= select.POLLIN
+    for handle in writable:
+        by_number.setdefault(number(handle), handle)
+        events[number(handle)] |= select.POLLOUT
     if _signal_pipe is not None:
         by_number[_signal_pipe] = _signal_pipe
+        events[_signal_pipe] |= select.POLLIN
     poller = select.poll()
-    for number in by_number:
-        poller.register(number, select.POLLIN)
-    readable = [by_number[number] for number, _ in poller.poll(max(timeout, 0) * 1000)]
-    if _signal_pipe is not None and _signal_pipe in readable:
+    for fd, mask in events.items():
+        poller.register(fd, mask)
+    ready = [by_number[fd] for fd, _ in poller.poll(max(timeout, 0) * 1000)]
+    if _signal_pipe is not None and _signal_pipe in ready:
         signal_came()
         return []
-    return readable
+    return ready
 
 
 class _ProcessNameFilter(logging.Filter):
@@ -656,7 +670,7 @@ class Message:
     """
     headers: dict
     properties: dict
-    body: bytes
+    body: str  # as the envelope carries it (base64, usually): decode_body() reads it
     content_type: str
     queue: str = ""
     delivery_tag: str = ""
@@ -678,15 +692,16 @@ class Message:
         """Fill args, kwargs and embed; raises DecodeError for a bad body or header."""
         if not self.content_type:
             raise DecodeError("the message has no content-type")
-        if max_size and len(self.body) > max_size:
-            raise DecodeError(f"the body has {len(self.body)} bytes, over worker_max_message_size ({max_size})")
+        body = _body_bytes(self.body, self.properties.get("body_encoding"))
+        if max_size and len(body) > max_size:
+            raise DecodeError(f"the body has {len(body)} bytes, over worker_max_message_size ({max_size})")
         try:
             self.eta, self.expires  # parse them now, where a bad one is just a bad message
         except (ValueError, TypeError, AttributeError) as exc:
             raise DecodeError(f"eta/expires header is not an ISO-8601 date: {exc}") from None
         _check_fields("header", self.headers, _HEADER_TYPES)
         _check_timelimit(self.headers.get("timelimit"))
-        body = loads(self.body, self.content_type, accept, self.headers.get("compression"), max_size)
+        body = loads(body, self.content_type, accept, self.headers.get("compression"), max_size)
         if not (isinstance(body, (list, tuple)) and len(body) == 3):
             raise DecodeError(f"body must be the list [args, kwargs, embed], got {_short_repr(body, 80)}")
         args, kwargs, embed = body
@@ -699,11 +714,6 @@ class Message:
     def describe(self):
         """`name[id]` for log lines; what a sender wrote there can't start a line of its own."""
         return printable(f"{self.task_name}[{self.id}]")
-
-    def __getstate__(self):
-        # Down the pipe to a pool process goes what run_task() reads, decoded: the
-        # raw envelope and body (most of the bytes) stay with the consumer.
-        return dict(self.__dict__, raw="", body=b"")
 
 
 #: what each header a worker reads must be, when present and not null; checked on
@@ -785,9 +795,8 @@ def decode_message(raw, queue="", delivery_tag="", max_size=None) -> Message:
     try:
         properties, body = envelope.get("properties") or {}, envelope.get("body", "")
         _check_fields("property", properties, {"delivery_info": dict})
-        if not isinstance(body, (str, bytes)):
+        if not isinstance(body, str):
             raise DecodeError(f"the body must be a string, not {_short_repr(body, 80)}")
-        body = _body_bytes(body, properties.get("body_encoding"))
     except DecodeError as exc:
         exc.task_id = task_id  # (the id is known: its FAILURE is stored, so no get() waits for ever)
         raise
@@ -829,8 +838,9 @@ def decode_message(raw, queue="", delivery_tag="", max_size=None) -> Message:
 # Celery: parked-eta: Celery holds ETA tasks in worker memory (and unacked)
 # until due; we park far-future ones in Redis instead.
 
-#: one message as reserve() returns it: its queue, delivery tag and raw envelope bytes
-Delivery = namedtuple("Delivery", "queue tag raw")
+#: one message as reserve() returns it: its queue, delivery tag, raw envelope bytes, and the
+#: claim it was taken under (the time of the take)
+Delivery = namedtuple("Delivery", "queue tag raw claim")
 
 #: explain mode's log (conf.explain): what each broker and backend operation sends, and why
 explain_logger = logging.getLogger("minicelery.explain")
@@ -870,9 +880,15 @@ class Broker(Explains):
     """What a worker and a producer need from a message store.
 
     Subclasses implement each method; the consumer and Task.apply_async use
-    nothing else. A message is reserved, then either acked (done, gone),
-    requeued (back to its queue now) or, if its holder vanishes, restored by
-    restore_unacked() once the visibility timeout has passed.
+    nothing else. A worker takes messages with reserve(): each stays in the
+    broker, held under the worker's claim (the time it took it, or last renewed
+    it), until the worker acks it (done: gone), requeues it (back to its queue
+    now) or parks it (back at its ETA). Each of these, and a renewal, acts only
+    while the claim is still that worker's: a message held past the visibility
+    timeout without a renewal counts as abandoned, and restore_unacked() (which
+    every worker runs) puts it back in its queue, where any worker may take it
+    under a new claim. A claim is passed as a tuple of the scores it may have:
+    one, or two after a renewal whose answer never came.
     """
 
     #: exceptions meaning "the broker can't serve us right now" (unreachable, stalled,
@@ -888,84 +904,50 @@ class Broker(Explains):
         if not _is_number(self.visibility_timeout) or self.visibility_timeout <= 0:
             raise ImproperlyConfigured(f"visibility_timeout must be a number of seconds > 0, "
                                        f"not {self.visibility_timeout!r}")
-        self._held = {}  # delivery tag -> when we reserved (or last touched) it: our claim on it
-        self._touching = threading.Lock()  # the solo pool's keepalive thread touches too
-        #: called with the claim (a time) a take is about to make: a pool process notes it in
-        #: its slot, so that if it dies before it says what it took, the main process gives it back
-        self.on_claim = None
 
     def publish(self, queue: str, envelope: str, priority: int = 0, tag=None):
         """Append one message (an envelope JSON string, with delivery tag `tag`) to
         `queue`; sending the same message again must not queue it twice."""
 
-    def reserve(self, queues, limit: int, timeout: float, ack=(), also=()) -> list:
-        """Take up to `limit` messages, waiting up to `timeout` s for the first.
+    def reserve(self, queues, limit: int, ack=None, renew=None, now=None) -> tuple:
+        """One round trip of a worker's loop: ack the held messages in `ack` and renew the
+        claims in `renew` to `now` (each {tag: claim}), then take up to `limit` messages
+        of `queues`, highest priority first, under the claim `now`.
 
-        Returns Delivery tuples; each stays reserved until ack() or requeue().
-        The tags in `ack` are acked first, in the same round trip (the solo pool's
-        loop). The wait also ends when one of the handles `also` turns readable (a
-        pool process's pipe).
+        Returns (deliveries, gone, others): the Delivery tuples taken, and the tags of
+        `ack` and `renew` that were not held at all (gone) or held under another
+        claim (others), and so were neither acked nor renewed.
         """
 
-    def wait(self, queues, timeout, also=()):
-        """Wait until one of the queues may have a message, or `timeout` passes, or a
-        signal comes, or a handle in `also` turns readable (a pool process's pipe)."""
+    def ack(self, claims) -> tuple:
+        """Ack held messages ({tag: claim}): done for good; (gone, others) as for reserve()."""
+        return self.reserve((), 0, ack=claims)[1:]
 
-    def ack(self, tags, wait=True):
-        """Forget reserved messages for good. wait=False: the acks are sure to reach the
-        broker (written to its socket, or committed), their replies read later."""
+    def touch(self, claims, now=None) -> tuple:
+        """Renew claims ({tag: claim}) to `now`, so a live worker's messages are not taken
+        for abandoned; (gone, others) as for reserve()."""
+        return self.reserve((), 0, renew=claims, now=now)[1:]
 
-    def claims(self, tags) -> dict:
-        """Our claims on reserved messages (tag -> when we took or last touched them): a
-        pool process that took messages tells the main process, which keeps them fresh."""
-        return {tag: self._held[tag] for tag in tags if tag in self._held}
+    def wait(self, queues, timeout, also=(), writable=()) -> list:
+        """Wait until one of `queues` may have a message, a handle in `also` is readable or
+        one in `writable` writable, a signal comes, or `timeout` passes. Returns the ready
+        handles of `also` and `writable`."""
 
-    def adopt(self, claims):
-        """Hold messages another process of ours reserved (its claims())."""
-        self._held.update(claims)
+    def requeue(self, claims):
+        """Put held messages ({tag: claim}) back at the head of their queues, marked redelivered."""
 
-    def forget(self, tags):
-        """Let go of claims that another process of ours acked."""
-        for tag in tags:
-            self._held.pop(tag, None)
-
-    def restore_claimed(self, claim, known=()) -> int:
-        """Requeue the messages reserved with `claim` (by a pool process that died before it
-        said what it took), but those in `known`; how many."""
-
-    def requeue(self, tags):
-        """Put reserved messages back at the head of their queues, marked redelivered."""
-
-    def touch(self, tags) -> set:
-        """Tell the broker these reserved messages are still held by a live worker.
-
-        Returns the tags that are no longer reserved: restored to their queue
-        (we were out of touch past the visibility timeout), so no longer ours.
-        """
-        with self._touching:  # (two at once would each find the other's claim, not theirs)
-            claims = [(tag, self._held[tag]) for tag in tags if tag in self._held]
-            if not claims:
-                return set()
-            now = time.time()
-            lost = self._renew(claims, now)
-            for tag, _ in claims:
-                if tag in lost:
-                    self._held.pop(tag, None)
-                elif tag in self._held:  # (not acked meanwhile by the worker's other thread)
-                    self._held[tag] = now
-            return lost
-
-    def _renew(self, claims, now) -> set:
-        """Move each (tag, claim) whose claim is still ours to `now`; returns the tags that aren't."""
+    def restore_claimed(self, claim, keep=()):
+        """Requeue the messages held under `claim`, but those in `keep`: a reserve() whose
+        answer never came may have taken them."""
 
     def restore_unacked(self, now=None) -> int:
-        """Requeue messages reserved longer than the visibility timeout ago."""
+        """Requeue messages held longer than the visibility timeout ago without a renewal."""
 
     def park(self, parked):
-        """Hand reserved messages with a far ETA back to the broker until they are due.
+        """Hand held messages with a far ETA back to the broker until they are due.
 
-        `parked` is a list of (Delivery, priority, due unix time). Each message
-        leaves `unacked` and is kept durably; reserve() moves it back to its
+        `parked` is a list of (Delivery, claim, priority, due unix time). Each message
+        leaves the held ones and is kept durably; reserve() moves it back to its
         queue shortly before it is due, so no worker holds it meanwhile.
         """
 
@@ -1082,23 +1064,6 @@ class HeldConnection:
     def __init__(self, client):
         self.client, self.connection, self._shas = client, None, {}
         self.lock = threading.Lock()  # one exchange at a time: a client's threads may share it
-        self._posted, self._posted_on = [], None  # commands sent by post(), replies unread; on which connection
-        self._sent_whole = set()  # (connection, script source) post_script() sent whole
-
-    def post(self, *commands):
-        """Send the commands without waiting for their replies, which the next exchange
-        reads first: a pool process acks this way, for a write instead of a round trip.
-        Should the connection drop first, they are sent again (acks may go twice)."""
-        with self.lock:
-            self._posted.extend(commands)
-            connection = self._connected()
-            try:
-                connection.send_packed_command(connection.pack_commands(
-                    commands if connection is self._posted_on else self._posted))
-                self._posted_on = connection
-            except BaseException:
-                self.close()
-                raise
 
     def run(self, *commands) -> list:
         """Send the commands in one write; their replies. A command that failed raises its
@@ -1118,17 +1083,6 @@ class HeldConnection:
             raise reply
         return reply
 
-    def post_script(self, source, keys, args):
-        """post() a script run: by its SHA1 once this connection has sent it whole (the
-        reply comes too late to learn then that Redis doesn't know it; after a SCRIPT
-        FLUSH, it is sent whole with the next exchange)."""
-        connection = self._connected()
-        if (connection, source) in self._sent_whole:
-            self.post(("EVALSHA", self._sha(source), len(keys), *keys, *args))
-        else:
-            self.post(("EVAL", source, len(keys), *keys, *args))
-            self._sent_whole = {(connection, source)} | {entry for entry in self._sent_whole if entry[0] is connection}
-
     def _sha(self, source):
         if source not in self._shas:
             import hashlib
@@ -1140,7 +1094,6 @@ class HeldConnection:
         with self.lock:
             connection = self._connected()
             try:
-                self._read_posted(connection)
                 connection.send_packed_command(connection.pack_commands(commands))
                 replies = []
                 for _ in commands:
@@ -1153,35 +1106,11 @@ class HeldConnection:
                 self.close()
                 raise
 
-    def _read_posted(self, connection):
-        """Read the replies of posted commands (on a new connection: send them again first)."""
-        if self._posted and connection is not self._posted_on:
-            connection.send_packed_command(connection.pack_commands(self._posted))
-        errors = _import_redis().exceptions
-        again = []
-        for command in self._posted:
-            try:
-                connection.read_response()
-            except errors.NoScriptError:  # (flushed, or a new server): whole this time
-                source = next(source for source, sha in self._shas.items() if sha == command[1])
-                again.append(("EVAL", source, *command[2:]))
-            except errors.ResponseError as exc:
-                logger.error("Redis refused %s: %s", command[0], exc)
-        self._posted, self._posted_on = [], None
-        if again:
-            connection.send_packed_command(connection.pack_commands(again))
-            for command in again:
-                try:
-                    connection.read_response()
-                except errors.ResponseError as exc:
-                    logger.error("Redis refused %s: %s", command[0], exc)
-
     def _connected(self):
         """Our connection, made on first use, and made again in a forked child: the
         parent's socket is the parent's (a web server forking its workers, say)."""
         if self.connection is not None and self.connection.pid != os.getpid():
             self.close()  # (redis-py only closes the descriptor here, it doesn't shut the socket down)
-            self._posted = []  # (the parent's)
         if self.connection is None:
             self.connection = self.client.connection_pool.make_connection()
         return self.connection
@@ -1285,87 +1214,117 @@ def _queue_key(queue, priority):
     return _queue_keys(queue)[clamp_priority(priority) // 3]  # steps 0-2, 3-5, 6-8 and 9
 
 
+def _claim_args(claims) -> list:
+    """{tag: claim} as the scripts take them: tag, first score, last score, for each."""
+    return [value for tag, claim in claims.items() for value in (tag, claim[0], claim[-1])]
+
+
 def _queue_of_key(key: str):
     queue, sep, step = key.rpartition(PRIORITY_SEPARATOR)
     return queue if sep and step.isdigit() else key
 
 
 # Celery: atomic-take: kombu BRPOPs, then records; here one script takes.
-# Acks the delivery tags after the queue names (they leave unacked), then moves up
-# to ARGV[1] messages from the lists of the ARGV[5] queues named next (each
-# priority step in turn, queues in the order given) into unacked (KEYS[1]) and
-# unacked_index (KEYS[2]), atomically, so that a worker dying
-# between "pop" and "remember" can't lose a message. First it moves parked ETA
-# messages (KEYS[3], KEYS[4]) due before ARGV[3] back to their queues. A message
-# without a delivery_tag (kombu would lose it), or with one already held or
-# parked, gets one made up here; one that isn't JSON at all is still recorded,
-# so the worker can dead-letter it. One longer than ARGV[4] bytes is not even
-# parsed: its first 64 KiB go to the dead letters (KEYS[5]) and the worker gets
-# only its size (an empty tag), so no worker's memory pays for it.
+# One round trip of a worker's loop (RedisBroker.reserve). The essential part:
+# ack the held messages named (ZREM unacked_index, HDEL unacked), renew the
+# claims named (ZADD unacked_index <now>), then take up to `limit` messages:
+# RPOP from each queue's lists, HSET unacked and ZADD unacked_index <now>, in
+# one step, so a worker dying between "pop" and "remember" can't lose one.
+# ARGV: now, limit, the largest message handed out (0: any), how many acks,
+# renewals and queues, the time before which parked ones are due, then (tag,
+# claim, claim) for each ack and renewal, then the queue names. The guards, each named below: held() lets an ack or a
+# renewal act only on a message still held under one of our claim's scores,
+# and answers the others as gone (not held) or others' (held by another);
+# due_parked() first moves parked ETA messages due soon back to their lists;
+# bury() keeps a message too big to hand out in the dead letters, cut to 64
+# KiB and never parsed, so no worker's memory pays for it; tag_of() makes up a
+# tag for a message without one (kombu would lose it) or with one already held
+# or parked; a queue key that isn't a list is skipped (pcall) and answered with
+# the tag "!". Returns {gone, others, {list key, tag, message, ...}}.
 _RESERVE_LUA = r"""
-local out, left, limit = {}, tonumber(ARGV[1]), tonumber(ARGV[4])
+local now, limit, max_size = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local gone, others, taken = {}, {}, {}
+
+local function held(i)
+  local score = redis.call('ZSCORE', KEYS[2], ARGV[i])
+  if not score then table.insert(gone, ARGV[i]) return false end
+  if tonumber(score) == tonumber(ARGV[i + 1]) or tonumber(score) == tonumber(ARGV[i + 2]) then return true end
+  table.insert(others, ARGV[i])
+  return false
+end
+
+local function due_parked()  -- back to the consuming end of their lists, due before ARGV[7]
+  for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[7], 'LIMIT', 0, 100)) do
+    local entry = redis.call('HGET', KEYS[4], tag) or ''
+    local length = string.match(entry, '^(%d+):')
+    if length then  -- "<length>:<queue list key><envelope>"
+      local start = #length + 2
+      redis.call('RPUSH', string.sub(entry, start, start + length - 1), string.sub(entry, start + length))
+    end
+    redis.call('HDEL', KEYS[4], tag)
+    redis.call('ZREM', KEYS[3], tag)
+  end
+end
+
 local function bury(key, raw)
   local queue = string.gsub(key, '\6\22%d$', '')
   redis.call('LPUSH', KEYS[5], cjson.encode({reason = 'a message of ' .. #raw ..
     ' bytes, over worker_max_message_size (cut to 64 KiB here)', queue = queue,
-    time = tonumber(ARGV[2]), raw = string.sub(raw, 1, 65536)}))
+    time = tonumber(now), raw = string.sub(raw, 1, 65536)}))
   redis.call('LTRIM', KEYS[5], 0, 9999)
-  table.insert(out, key); table.insert(out, ''); table.insert(out, tostring(#raw))
+  table.insert(taken, key); table.insert(taken, ''); table.insert(taken, tostring(#raw))
 end
+
+local function tag_of(tag)
+  if type(tag) ~= 'string' or redis.call('HEXISTS', KEYS[1], tag) == 1
+      or redis.call('HEXISTS', KEYS[4], tag) == 1 then
+    return 'minicelery-' .. redis.call('INCR', 'minicelery:tag-seq')
+  end
+  return tag
+end
+
 local function remember(key, raw)
   local ok, env = pcall(cjson.decode, raw)
   local props = ok and type(env) == 'table' and type(env.properties) == 'table' and env.properties or {}
   local di = type(props.delivery_info) == 'table' and props.delivery_info or {}
-  local tag, exchange, rk = props.delivery_tag, di.exchange, di.routing_key
+  local tag, exchange, rk = tag_of(props.delivery_tag), di.exchange, di.routing_key
   if type(exchange) ~= 'string' then exchange = '' end
   if type(rk) ~= 'string' or rk == '' then rk = string.gsub(key, '\6\22%d$', '') end
-  if type(tag) ~= 'string' or redis.call('HEXISTS', KEYS[1], tag) == 1
-      or redis.call('HEXISTS', KEYS[4], tag) == 1 then
-    tag = 'minicelery-' .. redis.call('INCR', 'minicelery:tag-seq')
-  end
   -- kombu's entry is [envelope object, exchange, routing key]; splicing in the
   -- raw text keeps the envelope byte for byte. Non-JSON is kept as a string.
   local entry = ok and '[' .. raw .. ', ' .. cjson.encode(exchange) .. ', ' .. cjson.encode(rk) .. ']'
     or cjson.encode({raw, exchange, rk})
   redis.call('HSET', KEYS[1], tag, entry)
-  redis.call('ZADD', KEYS[2], ARGV[2], tag)
-  table.insert(out, key); table.insert(out, tag); table.insert(out, raw)
+  redis.call('ZADD', KEYS[2], now, tag)
+  table.insert(taken, key); table.insert(taken, tag); table.insert(taken, raw)
 end
-local queues = tonumber(ARGV[5])
-for i = 6 + queues, #ARGV do  -- acks ride along: one round trip per turn of the worker's loop
-  redis.call('HDEL', KEYS[1], ARGV[i])
-  redis.call('ZREM', KEYS[2], ARGV[i])
+
+local i = 8
+for _ = 1, tonumber(ARGV[4]) do
+  if held(i) then redis.call('ZREM', KEYS[2], ARGV[i]); redis.call('HDEL', KEYS[1], ARGV[i]) end
+  i = i + 3
 end
--- Parked ETA messages due before ARGV[3] go back to the consuming end of their lists.
-for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[3], 'LIMIT', 0, 100)) do
-  local entry = redis.call('HGET', KEYS[4], tag) or ''
-  local length = string.match(entry, '^(%d+):')
-  if length then  -- "<length>:<queue list key><envelope>"
-    local start = #length + 2
-    redis.call('RPUSH', string.sub(entry, start, start + length - 1), string.sub(entry, start + length))
-  else  -- minicelery 0.1's form, "<queue list key>\n<envelope>", or gone
-    local sep = string.find(entry, '\n', 1, true)
-    if sep then redis.call('RPUSH', string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1)) end
-  end
-  redis.call('HDEL', KEYS[4], tag)
-  redis.call('ZREM', KEYS[3], tag)
+for _ = 1, tonumber(ARGV[5]) do
+  if held(i) then redis.call('ZADD', KEYS[2], now, ARGV[i]) end
+  i = i + 3
 end
+if limit > 0 then due_parked() end
 for _, step in ipairs({0, 3, 6, 9}) do  -- kombu's lists: <queue>, then <queue>\x06\x16<step>
-  for i = 6, 5 + queues do
-    local key = step == 0 and ARGV[i] or ARGV[i] .. '\6\22' .. step
-    while left > 0 do
-      local raw = redis.pcall('RPOP', key)  -- pcall: a key that is not a list must not stop the others
+  for q = i, i + tonumber(ARGV[6]) - 1 do
+    local key = step == 0 and ARGV[q] or ARGV[q] .. '\6\22' .. step
+    while limit > 0 do
+      local raw = redis.pcall('RPOP', key)
       if type(raw) == 'table' and raw.err then
-        table.insert(out, key); table.insert(out, '!'); table.insert(out, raw.err)
+        table.insert(taken, key); table.insert(taken, '!'); table.insert(taken, raw.err)
         break
       end
       if not raw then break end
-      if limit > 0 and #raw > limit then bury(key, raw) else remember(key, raw) end
-      left = left - 1
+      if max_size > 0 and #raw > max_size then bury(key, raw) else remember(key, raw) end
+      limit = limit - 1
     end
   end
 end
-return out
+return {gone, others, taken}
 """
 
 # Celery: publish-once: kombu would queue a message sent again twice.
@@ -1379,29 +1338,40 @@ end
 return 1
 """
 
-# Acks messages (their delivery tags in ARGV): both entries go, or neither. One
-# command (a MULTI would be four): a pool process sends one before each task.
+# Acks held messages (ARGV: tag, claim, claim, for each), each only while it is held
+# under one of its claim's scores; answers {gone, others} as the reserve script does.
+# (The reserve script acks too; this is the same, alone: a pool process's one round trip
+# before an early-ack task starts.)
 _ACK_LUA = r"""
-redis.call('ZREM', KEYS[1], unpack(ARGV))
-redis.call('HDEL', KEYS[2], unpack(ARGV))
-return 1
-"""
-
-# Renews our hold on reserved messages (ARGV[2], ARGV[4], ... with the scores we
-# last wrote in ARGV[3], ARGV[5], ...) to the time ARGV[1]. A message whose score
-# is not ours any more was restored while we were out of touch (and maybe taken
-# by another worker): it is left alone and returned, so we let it go.
-_TOUCH_LUA = r"""
-local lost = {}
-for i = 2, #ARGV, 2 do
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
-    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
+local gone, others = {}, {}
+for i = 1, #ARGV, 3 do
+  local score = redis.call('ZSCORE', KEYS[2], ARGV[i])
+  if not score then
+    table.insert(gone, ARGV[i])
+  elseif tonumber(score) == tonumber(ARGV[i + 1]) or tonumber(score) == tonumber(ARGV[i + 2]) then
+    redis.call('ZREM', KEYS[2], ARGV[i])
+    redis.call('HDEL', KEYS[1], ARGV[i])
   else
-    table.insert(lost, ARGV[i])
+    table.insert(others, ARGV[i])
   end
 end
-return lost
+return {gone, others}
+"""
+
+# Parks held messages until their ETA: each (tag, claim, claim, due, entry) in ARGV
+# still held under one of our claim's scores moves from unacked to the parked
+# ones (KEYS[3] by due time, KEYS[4] its "<length of key>:<list key><envelope>").
+_PARK_LUA = r"""
+for i = 1, #ARGV, 5 do
+  local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]) or '-1')
+  if score == tonumber(ARGV[i + 1]) or score == tonumber(ARGV[i + 2]) then
+    redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 4])
+    redis.call('ZADD', KEYS[3], ARGV[i + 3], ARGV[i])
+    redis.call('ZREM', KEYS[2], ARGV[i])
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return 1
 """
 
 # Takes lease KEYS[1] for token ARGV[1] (or renews it, if ours) for ARGV[2] ms;
@@ -1414,14 +1384,15 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
-# Moves one reserved message (ARGV[1]) back to list KEYS[3], but only if its
-# unacked entry is still ARGV[2] and its claim is no newer than ARGV[4]: if
-# another worker restored or acked it first, or restored it and took it again,
-# nothing happens. This replaces kombu's WATCH/MULTI, which fails under load.
+# Moves one held message (ARGV[1]) back to list KEYS[3] as ARGV[3], but only if
+# its unacked entry is still ARGV[2], and it is held under one of our claim's
+# scores (ARGV[4], ARGV[5]; a requeue) or was last renewed before ARGV[6] (a
+# restore of an abandoned one): if another worker restored or acked it first, or
+# restored it and took it again, nothing happens. (kombu's WATCH/MULTI fails under load.)
 _RESTORE_LUA = r"""
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-local claim = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if claim and tonumber(claim) > tonumber(ARGV[4]) then return 0 end
+local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
+if score ~= tonumber(ARGV[4]) and score ~= tonumber(ARGV[5]) and score > tonumber(ARGV[6]) then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[3])
@@ -1452,20 +1423,23 @@ class RedisBroker(Broker):
                  "tags); ZADD unacked_index {now:.3f} {tags} (first, parked messages due soon go back to their lists)",
                  "the message moves from its list into unacked in one script, so it is always "
                  "somewhere: if this worker dies, any worker gives it back once it has been held "
-                 "{timeout} s (the visibility timeout) without a touch"),
-        "ack": ("EVALSHA ack script: ZREM unacked_index {tags}; HDEL unacked {tags}",
-                "done with for good: acked before the task runs (at most once), or after it with "
-                "task_acks_late (at least once: a worker lost mid-task leaves it to run again)"),
-        "touch": ("EVALSHA touch script: ZADD unacked_index {now:.3f} {tags}, each only while its "
-                  "score is still the claim this worker wrote",
+                 "{timeout} s (the visibility timeout) without a renewal"),
+        "ack": ("EVALSHA ack script (or the reserve script's first part): ZSCORE unacked_index {tags}; "
+                "where the score is still our claim: ZREM unacked_index, HDEL unacked",
+                "done with for good: acked by the pool process just before the task starts (at most "
+                "once), or by the main process after it with task_acks_late (at least once: a worker lost "
+                "mid-task leaves it to run again); only while the claim is ours, so a message that went "
+                "back to its queue is never acked by us"),
+        "touch": ("(in the reserve script) ZSCORE unacked_index {tags}; where the score is still our claim: "
+                  "ZADD unacked_index {now:.3f}",
                   "a live worker renews its claims, so a task running past the visibility timeout is "
-                  "not given to another worker"),
+                  "not given to another worker; a job starts only once this confirmed its claim"),
         "restore": ("HGET unacked {tag}; EVALSHA restore script: HDEL unacked {tag}; ZREM unacked_index "
                     "{tag}; RPUSH {key} <marked redelivered>",
                     "back to the consuming end of its list (requeued, or its worker died), but only if "
                     "no other worker restored or took it meanwhile"),
-        "park": ("MULTI; HSET minicelery:eta-messages {tags}; ZADD minicelery:eta <due times> {tags}; "
-                 "ZREM unacked_index {tags}; HDEL unacked {tags}; EXEC",
+        "park": ("EVALSHA park script: where the claim is still ours, HSET minicelery:eta-messages {tags}; "
+                 "ZADD minicelery:eta <due times> {tags}; ZREM unacked_index {tags}; HDEL unacked {tags}",
                  "their ETA is far: parked in Redis instead of held in the worker's memory (Celery holds "
                  "them), and moved back to their lists by a take shortly before they are due"),
         "revoke": ("ZADD minicelery:revoked <expiry> {ids}{then}",
@@ -1479,8 +1453,6 @@ class RedisBroker(Broker):
                  "{size} bytes from {queue}>; LTRIM minicelery:dead-letters 0 9999",
                  "over worker_max_message_size: it is never handed to a worker, so no worker's memory "
                  "pays for it"),
-        "ack_with_take": ("(in the reserve script, first) HDEL unacked {tags}; ZREM unacked_index {tags}",
-                          "the solo pool's acks ride with its next take: one round trip"),
         "lease": ("EVALSHA lease script: SET minicelery:lease:{name} <token> PX {ms}, if free or ours",
                   "one beat sends the periodic tasks; a standby takes over once the lease expires"),
     }
@@ -1494,13 +1466,12 @@ class RedisBroker(Broker):
         self.held = HeldConnection(self.client)
         self._watchers, self._blmove = {}, True  # list key -> its ListWatcher; Redis has BLMOVE
         self._not_lists = set()  # queue keys found holding something else: not watched, said once
-        self._touch_script = self.client.register_script(_TOUCH_LUA)
         self._restore_script = self.client.register_script(_RESTORE_LUA)
+        self._park_script = self.client.register_script(_PARK_LUA)
         self._lease_script = self.client.register_script(_LEASE_LUA)
         self._declared = set()
         self._rotation = 0
         self._pubsub = self._events = None
-        self._orphaned = []  # scores of reserve calls whose reply never came
         db = self.client.connection_pool.connection_kwargs.get("db", 0)
         #: Celery's broadcast channel for remote control, per database
         self.pidbox = f"/{db}.celery.pidbox"
@@ -1522,26 +1493,50 @@ class RedisBroker(Broker):
             pipe.execute()
         self._declared.update(queues)
 
-    def reserve(self, queues, limit, timeout, ack=(), also=()):
-        self._declare(queues)
-        # Round-robin over queues within each priority step, as kombu does.
-        self._rotation = (self._rotation + 1) % max(len(queues), 1)
-        queues = list(queues[self._rotation:]) + list(queues[:self._rotation])
-        self._restore_orphans()
-        found = self._take(queues, max(limit, 0), time.time(), list(ack))
-        if not found and timeout and limit > 0 and self._wait_for_message(queues, timeout, also):
-            found = self._take(queues, limit, time.time())
-        deliveries = []
-        not_lists = set()
+    def reserve(self, queues, limit, ack=None, renew=None, now=None):
+        now, ack, renew, queues = now or time.time(), ack or {}, renew or {}, list(queues) if limit > 0 else []
+        if queues:
+            self._declare(queues)
+            # Round-robin over queues within each priority step, as kombu does.
+            self._rotation = (self._rotation + 1) % len(queues)
+            queues = queues[self._rotation:] + queues[:self._rotation]
+        gone, others, found = self.held.script(_RESERVE_LUA, *self._reserve_args(now, limit, ack, renew, queues))
+        deliveries = self._deliveries(found, now)
+        if self.explaining:
+            for operation, tags in (("ack", ack), ("touch", renew)):
+                if tags:
+                    self.explain(operation, tags=" ".join(tags), now=now)
+            if deliveries:
+                self.explain("take", queues=" ".join(sorted({d.queue for d in deliveries})), now=now,
+                             tags=" ".join(d.tag for d in deliveries), timeout=self.visibility_timeout)
+        return deliveries, {tag.decode() for tag in gone}, {tag.decode() for tag in others}
+
+    def _reserve_args(self, now, limit, ack, renew, queues) -> tuple:
+        """(keys, arguments) of the reserve script."""
+        keys = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES, self.DEAD_LETTERS]
+        return keys, [now, limit, _envelope_limit(self.app.conf.worker_max_message_size), len(ack), len(renew),
+                      len(queues), now + self.ETA_MOVE_AHEAD, *_claim_args(ack), *_claim_args(renew), *queues]
+
+    def ack(self, claims):
+        gone, others = self.held.script(_ACK_LUA, [self.UNACKED, self.UNACKED_INDEX], _claim_args(claims))
+        if self.explaining:
+            self.explain("ack", tags=" ".join(claims))
+        return {tag.decode() for tag in gone}, {tag.decode() for tag in others}
+
+    def _deliveries(self, found, now) -> list:
+        """The reserve script's takes as Delivery tuples; what it buried, and keys that are
+        not lists, logged."""
+        deliveries, not_lists = [], set()
         for i in range(0, len(found), 3):
-            queue, tag = _queue_of_key(found[i].decode()), found[i + 1].decode()
+            key, tag = found[i].decode(), found[i + 1].decode()
+            queue = _queue_of_key(key)
             if tag == "!":  # a queue's key holds something else than a list: said once
-                if found[i].decode() not in self._not_lists:
+                if key not in self._not_lists:
                     logger.error("Queue %r is skipped while its key %r is not a list (%s)",
-                                 queue, found[i].decode(), found[i + 2].decode())
-                not_lists.add(found[i].decode())
+                                 queue, key, found[i + 2].decode())
+                not_lists.add(key)
             elif tag:
-                deliveries.append(Delivery(queue, tag, found[i + 2]))
+                deliveries.append(Delivery(queue, tag, found[i + 2], now))
             else:  # buried by the script: too big to hand out
                 if self.explaining:
                     self.explain("bury", size=found[i + 2].decode(), queue=queue)
@@ -1549,41 +1544,31 @@ class RedisBroker(Broker):
                              "kept (cut) in the dead letters", found[i + 2].decode(), queue)
         # A take that found nothing looked at every list: what it found broken is all there is.
         self._not_lists = not_lists if not deliveries else self._not_lists | not_lists
-        if self.explaining and deliveries:
-            self.explain("take", queues=" ".join(sorted({d.queue for d in deliveries})), now=time.time(),
-                         tags=" ".join(d.tag for d in deliveries), timeout=self.visibility_timeout)
         return deliveries
 
-    def wait(self, queues, timeout, also=()):
-        self._declare(queues)
-        self._wait_for_message(queues, timeout, also)
-
-    def _wait_for_message(self, queues, timeout, also=()) -> bool:
-        """Wait until one of the lists `keys` may hold a message (each has a ListWatcher), or
-        `timeout` passes, or a signal or a control command comes, or a handle in `also` is
-        readable. A watcher stays armed until it answers."""
-        keys = [key for queue in queues for key in _queue_keys(queue) if key not in self._not_lists]
-        for key in set(self._watchers) - set(keys):  # a queue no longer consumed (or a broken key)
-            self._watchers.pop(key).close()
-        watchers = [self._watchers.setdefault(key, ListWatcher(self.client, key)) for key in keys]
+    def wait(self, queues, timeout, also=(), writable=()):
+        """Watch each list of `queues` with a ListWatcher (it stays armed until it answers);
+        without queues, the watchers stay as they are, unwatched."""
+        watchers = []
+        if queues:
+            self._declare(queues)
+            keys = [key for queue in queues for key in _queue_keys(queue) if key not in self._not_lists]
+            for key in set(self._watchers) - set(keys):  # a queue no longer consumed (or a broken key)
+                self._watchers.pop(key).close()
+            watchers = [self._watchers.setdefault(key, ListWatcher(self.client, key)) for key in keys]
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
+        while True:
             if self._blmove is None:  # no blocking command allowed here: look again in a tenth of a second
-                watchers = []
-                left = min(left, 0.1)
+                watchers, deadline = [], min(deadline, time.monotonic() + 0.1)
             for watcher in watchers:
                 if self.explaining and not watcher.armed and self._blmove:
                     self.explain("watch", key=watcher.key)
                 watcher.arm(self._blmove)
-            commands = self.control_handles() + list(also)
-            answered = wait_readable(watchers + commands, left)
-            if self._blmove is None:
-                return not answered  # (a signal or a command: back to the consumer)
-            if not answered or set(commands) & set(answered):
-                return False  # the time is up, or a signal, a control command or an order came
-            if self._read_answers([watcher for watcher in answered if watcher in watchers]):
-                return True
-        return False
+            answered = wait_readable(watchers + list(also), deadline - time.monotonic(), writable)
+            ready = [handle for handle in answered if handle not in watchers]
+            if ready or not answered or self._read_answers([w for w in answered if w in watchers]) \
+                    or time.monotonic() >= deadline:
+                return ready  # (a handle, a message, a signal, or the time is up)
 
     def _read_answers(self, watchers) -> bool:
         """Whether one of the watchers' answers says a message came. Every answer is read
@@ -1618,62 +1603,23 @@ class RedisBroker(Broker):
             raise answer
         return False
 
-    def _take(self, queues, limit, now, ack=()):
-        for tag in ack:
-            self._held.pop(tag, None)
-        if self.explaining and ack:
-            self.explain("ack_with_take", tags=" ".join(ack))
-        keys = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES, self.DEAD_LETTERS]
-        limits = [limit, now, now + self.ETA_MOVE_AHEAD, _envelope_limit(self.app.conf.worker_max_message_size)]
-        if self.on_claim is not None:
-            self.on_claim(now)
-        try:
-            found = self.held.script(_RESERVE_LUA, keys, [*limits, len(queues), *queues, *ack])
-            self._held.update((found[i].decode(), now) for i in range(1, len(found), 3) if found[i])
-            return found
-        except self.connection_errors:
-            # The script may have run and only its reply been lost (Redis restarting):
-            # then its messages sit in unacked, scored `now`. Give them back next time.
-            self._orphaned.append(now)
-            raise
+    def requeue(self, claims):
+        for tag, claim in claims.items():
+            self._restore(tag, claim)
 
-    def _restore_orphans(self):
-        while self._orphaned:
-            self.restore_claimed(self._orphaned[0])
-            self._orphaned.pop(0)
-
-    def restore_claimed(self, claim, known=()):
-        tags = [tag.decode() for tag in self.client.zrangebyscore(self.UNACKED_INDEX, claim, claim)]
-        tags = [tag for tag in tags if tag not in known and tag not in self._held]  # (ours: we know them)
-        for tag in tags:
-            self._restore(tag)
-        return len(tags)
-
-    def ack(self, tags, wait=True):
-        for tag in tags:
-            self._held.pop(tag, None)
-        if tags:  # (both entries or neither: an index entry alone would never be restored)
-            (self.held.script if wait else self.held.post_script)(_ACK_LUA, [self.UNACKED_INDEX, self.UNACKED], tags)
-            if self.explaining:
-                self.explain("ack", tags=" ".join(tags))
-
-    def _renew(self, claims, now):
-        if self.explaining:
-            self.explain("touch", now=now, tags=" ".join(tag for tag, _ in claims))
-        return {tag.decode() for tag in self._touch_script(
-            keys=[self.UNACKED_INDEX], args=[now, *itertools.chain.from_iterable(claims)])}
-
-    def requeue(self, tags):
-        for tag in tags:
-            self._restore(tag)
+    def restore_claimed(self, claim, keep=()):
+        for tag in self.client.zrangebyscore(self.UNACKED_INDEX, claim, claim):
+            if tag.decode() not in keep:
+                self._restore(tag.decode(), (claim,))
 
     def restore_unacked(self, now=None):
         deadline = (now or time.time()) - self.visibility_timeout
         stale = self.client.zrangebyscore(self.UNACKED_INDEX, "-inf", deadline, start=0, num=1000)
-        return sum(self._restore(tag.decode(), deadline) for tag in stale)
+        return sum(self._restore(tag.decode(), stale_before=deadline) for tag in stale)
 
-    def _restore(self, tag, stale_before="+inf") -> int:
-        self._held.pop(tag, None)
+    def _restore(self, tag, claim=(-1,), stale_before=-1) -> int:
+        """Put one held message back at the consuming end of its list, marked redelivered, if
+        it is held under `claim` or was last renewed before `stale_before`; 1 if it was."""
         entry = self.client.hget(self.UNACKED, tag)
         if entry is None:
             self.client.zrem(self.UNACKED_INDEX, tag)
@@ -1683,7 +1629,8 @@ class RedisBroker(Broker):
         except (ValueError, TypeError):
             # cjson kept bytes that aren't UTF-8: nothing can read this message.
             self.dead_letter(entry, "unreadable entry in unacked")
-            self.ack([tag])
+            self.client.hdel(self.UNACKED, tag)
+            self.client.zrem(self.UNACKED_INDEX, tag)
             return 0
         queue, priority = routing_key, 0
         # Marked redelivered where we can; a message we can't edit is restored as it was.
@@ -1701,26 +1648,19 @@ class RedisBroker(Broker):
         if self.explaining:
             self.explain("restore", tag=tag, key=_queue_key(queue, priority))
         return self._restore_script(keys=[self.UNACKED, self.UNACKED_INDEX, _queue_key(queue, priority)],
-                                    args=[tag, entry, raw, stale_before])
+                                    args=[tag, entry, raw, claim[0], claim[-1], stale_before])
 
     def park(self, parked):
-        if not parked:
-            return
-        with self.client.pipeline() as pipe:  # MULTI: parked and un-reserved together
-            for delivery, priority, due in parked:
-                key = _queue_key(delivery.queue, priority).encode()
-                raw = delivery.raw if isinstance(delivery.raw, bytes) else delivery.raw.encode()
-                # Length-prefixed: a queue name (or an envelope) may hold any byte.
-                pipe.hset(self.ETA_MESSAGES, delivery.tag, b"%d:%s%s" % (len(key), key, raw))
-                pipe.zadd(self.ETA, {delivery.tag: due})
-            tags = [delivery.tag for delivery, _, _ in parked]
-            for tag in tags:
-                self._held.pop(tag, None)
-            pipe.zrem(self.UNACKED_INDEX, *tags)
-            pipe.hdel(self.UNACKED, *tags)
-            pipe.execute()
-        if self.explaining:
-            self.explain("park", tags=" ".join(tags))
+        args = []
+        for delivery, claim, priority, due in parked:
+            key = _queue_key(delivery.queue, priority).encode()
+            raw = delivery.raw if isinstance(delivery.raw, bytes) else delivery.raw.encode()
+            # Length-prefixed: a queue name (or an envelope) may hold any byte.
+            args += [delivery.tag, claim[0], claim[-1], due, b"%d:%s%s" % (len(key), key, raw)]
+        if args:
+            self._park_script(keys=[self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES], args=args)
+            if self.explaining:
+                self.explain("park", tags=" ".join(delivery.tag for delivery, _, _, _ in parked))
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         now = time.time()
@@ -2122,19 +2062,28 @@ class SQLiteStore:
         with self.read_lock:
             return self.reader.execute(sql, params).fetchall()
 
-    def wait_for_change(self, timeout, also=()):
-        """Sleep until the database may have changed, or `timeout` seconds pass; True if a
-        signal came (watch_signals) meanwhile, or a handle in `also` turned readable."""
+    def wait_for_change(self, timeout, also=(), writable=(), until=None) -> list:
+        """Sleep until the database may have changed (and `until()`, if given, is true), or
+        `timeout` seconds pass, or a handle of `also` turns readable (of `writable`,
+        writable); returns the ready handles. Other processes' writes are noticed within
+        POLL seconds; this process's wake the wait at once."""
         deadline = time.monotonic() + timeout
         writes, version = self._writes, self._data_version()
-        while time.monotonic() < deadline:
-            if signal_came() or (also and wait_readable(also, 0)):
-                return True
-            with self._changed:
-                self._changed.wait(min(self.POLL, max(deadline - time.monotonic(), 0)))
+        while (left := deadline - time.monotonic()) > 0:
+            if also or writable:
+                ready = wait_readable(also, min(self.POLL, left), writable)
+                if ready:
+                    return ready
+            elif signal_came():
+                return []
+            else:
+                with self._changed:
+                    self._changed.wait(min(self.POLL, left))
             if self._writes != writes or self._data_version() != version:
-                return False
-        return False
+                if until is None or until():
+                    return []
+                writes, version = self._writes, self._data_version()
+        return []
 
     def _data_version(self):
         return None if self.memory else self.read("PRAGMA data_version")[0][0]
@@ -2154,7 +2103,8 @@ class SQLiteBroker(Broker):
                  "the row stays, marked as held, so the message is always somewhere: if this worker "
                  "dies, any worker frees it once it has been held {timeout} s (the visibility "
                  "timeout) without a touch"),
-        "ack": ("DELETE FROM messages WHERE id = <each of {tags}>",
+        "ack": ("DELETE FROM messages WHERE id = <each of {tags}>, each only while reserved_at is still "
+                "our claim",
                 "done with for good: acked before the task runs (at most once), or after it with "
                 "task_acks_late (at least once: a worker lost mid-task leaves it to run again)"),
         "touch": ("UPDATE messages SET reserved_at = {now:.3f} WHERE id = <each of {tags}> AND "
@@ -2162,10 +2112,11 @@ class SQLiteBroker(Broker):
                   "a live worker renews its claims, so a task running past the visibility timeout is "
                   "not given to another worker"),
         "requeue": ("UPDATE messages SET reserved_at = NULL, seq = (SELECT MIN(seq) FROM messages) - 1 "
-                    "WHERE id = <each of {tags}>", "back to its queue, first in line"),
+                    "WHERE id = <each of {tags}> AND reserved_at = <our claim>", "back to its queue, first in line"),
         "restore": ("UPDATE messages SET reserved_at = NULL WHERE reserved_at < <now - {timeout} s>: "
                     "{count} message(s)", "held past the visibility timeout: their worker died"),
-        "park": ("UPDATE messages SET reserved_at = NULL, due = <ETA - 2 s> WHERE id = <each of {tags}>",
+        "park": ("UPDATE messages SET reserved_at = NULL, due = <ETA - 2 s> WHERE id = <each of {tags}> AND "
+                 "reserved_at = <our claim>",
                  "their ETA is far: left in the table instead of held in the worker's memory (Celery "
                  "holds them); a take picks them up when due"),
         "revoke": ("INSERT INTO revocations (task_id, expires, ...) VALUES <{ids}>{then}",
@@ -2199,111 +2150,100 @@ class SQLiteBroker(Broker):
         if self.explaining:
             self.explain("publish", queue=queue, step=step, size=len(envelope))
 
-    def reserve(self, queues, limit, timeout, ack=(), also=()):
-        self.ack(list(ack))
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self._take(queues, limit)
-            left = deadline - time.monotonic()
-            if found or left <= 0 or limit <= 0:
-                return found
-            if self.store.wait_for_change(left, also):
-                return []  # a signal or an order: the consumer looks at it now
-            if self._last_control is not None and self.store.read(
-                    "SELECT COALESCE(MAX(id), 0) FROM broadcasts")[0][0] > self._last_control:
-                return []  # a command came: the consumer reads it between two reserves
-
-    def wait(self, queues, timeout, also=()):
-        self.store.wait_for_change(timeout, also)
-
-    def _take(self, queues, limit):
-        now, too_big = time.time(), _envelope_limit(self.app.conf.worker_max_message_size) or -1
-        if self.on_claim is not None:
-            self.on_claim(now)
+    def reserve(self, queues, limit, ack=None, renew=None, now=None):
+        now, ack, renew = now or time.time(), ack or {}, renew or {}
         with self.store.transaction() as db:
-            # A row too big to hand out is not even read whole: it goes to the dead letters, cut.
-            rows = db.execute(
-                "SELECT id, queue, CASE WHEN ? > 0 AND length(raw) > ? THEN length(raw) END, "
-                f"CASE WHEN ? > 0 AND length(raw) > ? THEN NULL ELSE raw END "
-                f"FROM messages WHERE queue IN ({','.join('?' * len(queues))}) "
-                "AND reserved_at IS NULL AND due <= ? ORDER BY step, seq LIMIT ?",
-                (too_big, too_big, too_big, too_big, *queues, now, limit)).fetchall()
-            buried = [(size, queue) for _, queue, size, _ in rows if size is not None]
-            for row_id, queue, size, _ in (row for row in rows if row[2] is not None):
-                with db.blobopen("messages", "raw", row_id, readonly=True) as blob:
-                    head = blob.read(65536)  # without loading the rest
-                self._bury(db, head, f"a message of {size} bytes, over "
-                           "worker_max_message_size (cut to 64 KiB here)", queue)
-                db.execute("DELETE FROM messages WHERE id = ?", (row_id,))  # (an UPDATE would load it)
-            rows = [row for row in rows if row[2] is None]
-            db.executemany("UPDATE messages SET reserved_at = ? WHERE id = ?", [(now, r[0]) for r in rows])
+            gone, others = self._not_ours(db, {**ack, **renew})
+            db.executemany("DELETE FROM messages WHERE id = ?",
+                           [(self._row(tag),) for tag in ack if tag not in gone | others])
+            db.executemany("UPDATE messages SET reserved_at = ? WHERE id = ?",
+                           [(now, self._row(tag)) for tag in renew if tag not in gone | others])
+            rows, buried = self._take(db, queues, limit, now) if limit > 0 else ([], [])
         for size, queue in buried:  # logged once it is true: committed
             if self.explaining:
                 self.explain("bury", size=size, queue=queue)
             logger.error("A message of %s bytes in queue %r is over worker_max_message_size: "
                          "kept (cut) in the dead letters", size, queue)
-        self._held.update((self._tag(row[0]), now) for row in rows)
-        if self.explaining and rows:
-            self.explain("take", limit=limit, now=now, tags=" ".join(self._tag(row[0]) for row in rows),
-                         timeout=self.visibility_timeout)
-        return [Delivery(queue, self._tag(row_id), raw) for row_id, queue, _, raw in rows]
+        if self.explaining:
+            for operation, tags in (("ack", ack), ("touch", renew)):
+                if tags:
+                    self.explain(operation, tags=" ".join(tags), now=now)
+            if rows:
+                self.explain("take", limit=limit, now=now, tags=" ".join(self._tag(row[0]) for row in rows),
+                             timeout=self.visibility_timeout)
+        return [Delivery(queue, self._tag(row_id), raw, now) for row_id, queue, _, raw in rows], gone, others
+
+    def _not_ours(self, db, claims) -> tuple:
+        """(gone, others): the tags of `claims` ({tag: claim}) whose row is deleted, and those
+        whose row is not held under one of the claim's scores (back in its queue, held by
+        another worker, or an unrelated row of a file since replaced)."""
+        gone, others = set(), set()
+        for tag, claim in claims.items():
+            row = db.execute("SELECT reserved_at FROM messages WHERE id = ?", (self._row(tag),)).fetchone()
+            if row is None:
+                gone.add(tag)
+            elif row[0] not in claim:
+                others.add(tag)
+        return gone, others
+
+    def _take(self, db, queues, limit, now) -> tuple:
+        """(rows taken, (size, queue) of those too big to hand out, buried instead)."""
+        too_big = _envelope_limit(self.app.conf.worker_max_message_size) or -1
+        # A row too big to hand out is not even read whole: it goes to the dead letters, cut.
+        rows = db.execute(
+            "SELECT id, queue, CASE WHEN ? > 0 AND length(raw) > ? THEN length(raw) END, "
+            f"CASE WHEN ? > 0 AND length(raw) > ? THEN NULL ELSE raw END "
+            f"FROM messages WHERE queue IN ({','.join('?' * len(queues))}) "
+            "AND reserved_at IS NULL AND due <= ? ORDER BY step, seq LIMIT ?",
+            (too_big, too_big, too_big, too_big, *queues, now, limit)).fetchall()
+        buried = [(size, queue) for _, queue, size, _ in rows if size is not None]
+        for row_id, queue, size, _ in (row for row in rows if row[2] is not None):
+            with db.blobopen("messages", "raw", row_id, readonly=True) as blob:
+                head = blob.read(65536)  # without loading the rest
+            self._bury(db, head, f"a message of {size} bytes, over "
+                       "worker_max_message_size (cut to 64 KiB here)", queue)
+            db.execute("DELETE FROM messages WHERE id = ?", (row_id,))  # (an UPDATE would load it)
+        rows = [row for row in rows if row[2] is None]
+        db.executemany("UPDATE messages SET reserved_at = ? WHERE id = ?", [(now, r[0]) for r in rows])
+        return rows, buried
+
+    def wait(self, queues, timeout, also=(), writable=()):
+        if not queues:
+            return wait_readable(also, timeout, writable)
+        waiting = (f"SELECT 1 FROM messages WHERE queue IN ({','.join('?' * len(queues))}) "
+                   "AND reserved_at IS NULL AND due <= ? LIMIT 1")
+        return self.store.wait_for_change(timeout, also, writable,
+                                          lambda: self.store.read(waiting, (*queues, time.time())))
 
     def _tag(self, row_id) -> str:
         # Row ids start again in a new file: tags carry which file we had open.
         generation = self.store.generation
         return str(row_id) if generation == 1 else f"{generation}.{row_id}"
 
-    def _claimed(self, tags) -> list:
-        """(tag, row id, claim) for each tag. A tag of the file open now needs no claim (None);
-        one of a file since replaced names a row only where the row still holds our claim
-        (a copy of the old file), never an unrelated row of a new file."""
-        current, rows = str(self.store.generation), []
-        for tag in tags:
-            generation, _, row_id = tag.rpartition(".")
-            if (generation or "1") == current or tag in self._held:
-                rows.append((tag, int(row_id), None if (generation or "1") == current else self._held[tag]))
-        return rows
+    @staticmethod
+    def _row(tag) -> int:
+        return int(tag.rpartition(".")[2])
 
-    def _update(self, sql, params):
-        """Run `sql` on each row of `params` (tag -> the row's own parameters) that is still ours."""
-        rows = self._claimed(params)
-        for tag in params:
-            self._held.pop(tag, None)
-        if rows:
-            with self.store.transaction() as db:
-                db.executemany(f"{sql} WHERE id = ? AND (? IS NULL OR reserved_at = ?)",
-                               [(*params[tag], row_id, claim, claim) for tag, row_id, claim in rows])
+    def _update_held(self, sql, params, claims) -> int:
+        """Run `sql` (its WHERE names the row id and two claim scores last) on each held row
+        of `params` ({tag: the row's own parameters}) still held under its claim."""
+        with self.store.transaction() as db:
+            return sum(db.execute(sql, (*params[tag], self._row(tag), claims[tag][0], claims[tag][-1])).rowcount
+                       for tag in params)
 
-    def ack(self, tags, wait=True):
-        self._update("DELETE FROM messages", dict.fromkeys(tags, ()))
-        if self.explaining and tags:
-            self.explain("ack", tags=" ".join(tags))
+    def requeue(self, claims):
+        # Next out: before every waiting message of its priority.
+        self._update_held("UPDATE messages SET reserved_at = NULL, seq = (SELECT MIN(seq) FROM messages) - 1 "
+                          "WHERE id = ? AND reserved_at IN (?, ?)", dict.fromkeys(claims, ()), claims)
+        if self.explaining and claims:
+            self.explain("requeue", tags=" ".join(claims))
 
-    def restore_claimed(self, claim, known=()):
+    def restore_claimed(self, claim, keep=()):
         rows = [row_id for (row_id,) in self.store.read("SELECT id FROM messages WHERE reserved_at = ?", (claim,))
-                if self._tag(row_id) not in known and self._tag(row_id) not in self._held]
+                if self._tag(row_id) not in keep]
         with self.store.transaction() as db:
             db.executemany("UPDATE messages SET reserved_at = NULL WHERE id = ? AND reserved_at = ?",
                            [(row_id, claim) for row_id in rows])
-        return len(rows)
-
-    def requeue(self, tags):
-        # Next out: before every waiting message of its priority.
-        self._update("UPDATE messages SET reserved_at = NULL, "
-                     "seq = (SELECT MIN(seq) FROM messages) - 1", dict.fromkeys(tags, ()))
-        if self.explaining and tags:
-            self.explain("requeue", tags=" ".join(tags))
-
-    def _renew(self, claims, now):
-        if self.explaining:
-            self.explain("touch", now=now, tags=" ".join(tag for tag, _ in claims))
-        lost = set()
-        with self.store.transaction() as db:
-            for tag, reserved_at in claims:  # ours only while reserved_at is what we wrote
-                if not db.execute("UPDATE messages SET reserved_at = ? WHERE id = ? AND reserved_at = ?",
-                                  (now, int(tag.rpartition(".")[2]), reserved_at)).rowcount:
-                    lost.add(tag)
-        return lost
 
     def restore_unacked(self, now=None):
         with self.store.transaction() as db:
@@ -2314,10 +2254,11 @@ class SQLiteBroker(Broker):
         return count
 
     def park(self, parked):
-        self._update("UPDATE messages SET reserved_at = NULL, due = ?",
-                     {delivery.tag: (due - self.ETA_MOVE_AHEAD,) for delivery, _, due in parked})
+        self._update_held("UPDATE messages SET reserved_at = NULL, due = ? WHERE id = ? AND reserved_at IN (?, ?)",
+                          {delivery.tag: (due - self.ETA_MOVE_AHEAD,) for delivery, _, _, due in parked},
+                          {delivery.tag: claim for delivery, claim, _, _ in parked})
         if self.explaining and parked:
-            self.explain("park", tags=" ".join(delivery.tag for delivery, _, _ in parked))
+            self.explain("park", tags=" ".join(delivery.tag for delivery, _, _, _ in parked))
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         now = time.time()
@@ -2755,7 +2696,21 @@ class RedisBackend(ResultBackend):
                 time.sleep(pause)
 
     def _set(self, key, data, ready=True):
-        self._retrying(lambda: self.held.connection.script(_STORE_RESULT_LUA, [key], [data, self.expires, int(ready)]))
+        """Store a result. A worker storing one is more patient than a client: the task ran,
+        and its result must not be lost to a Redis restart, so it keeps trying (logging
+        that it does) for up to the visibility timeout, as it does to send a chain's next step."""
+        def store():
+            self.held.connection.script(_STORE_RESULT_LUA, [key], [data, self.expires, int(ready)])
+        if not _local.__dict__.get("in_worker"):
+            return self._retrying(store)
+        patient_until = time.monotonic() + self.app.broker.visibility_timeout
+        while True:
+            try:
+                return self._retrying(store, attempts=5)
+            except self.connection_errors as exc:
+                if time.monotonic() > patient_until:
+                    raise
+                worker_logger.warning("can't store %s yet (%s: %s); trying again", key, type(exc).__name__, exc)
 
     def _get(self, key):
         return self._retrying(self.client.get, key)
@@ -3316,11 +3271,13 @@ class Outcome:
 IGNORED, REJECTED = "IGNORED", "REJECTED"
 
 
-def run_task(app, message: Message, hostname=None, eager=False, now=None) -> Outcome:
+def run_task(app, message: Message, hostname=None, eager=False, now=None, verdict=None) -> Outcome:
     """Run one task message and store its outcome; never raises for a task's error.
 
-    Shared by the solo pool, the prefork children and eager apply(), so the
-    rules for states, retries, hooks and logging live only here.
+    Shared by the solo pool, the prefork pool processes and eager apply(), so
+    the rules for states, retries, hooks and logging live only here. With a
+    `verdict` (an exception: the worker revoked the task, or lost it with its
+    pool process), or once it expired, the task does not run: it ends with that.
     """
     task = app.tasks[message.task_name]
     request = Request.from_message(message, hostname=hostname, is_eager=eager)
@@ -3328,12 +3285,10 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None) -> Out
     store = (lambda *a, **k: None) if ignore or (eager and not app.conf.task_store_eager_result) \
         else task.backend.store_result
     expires = message.expires
-    if expires is not None and expires <= (now or utcnow()):
-        worker_logger.info("Discarding revoked task: %s", message.describe())
-        store(message.id, TaskRevokedError("expired"), REVOKED, request=request)
-        if request.chord and not eager:
-            _chord_part_done(app, request, REVOKED, exception_to_dict(TaskRevokedError("expired")))
-        return Outcome(REVOKED, TaskRevokedError("expired"))
+    if verdict is None and expires is not None and expires <= (now or utcnow()):
+        verdict = TaskRevokedError("expired")
+    if verdict is not None:
+        return _end_unrun(app, message, request, verdict, store, hostname)
     if task.option("track_started") and not eager:
         store(message.id, {"pid": os.getpid(), "hostname": hostname}, STARTED, request=request)
     _task_event(app, message, hostname, "task-started")
@@ -3351,6 +3306,28 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None) -> Out
     _call_hook(task.after_return, outcome.state, outcome.retval, message.id,
                message.args, message.kwargs, outcome.traceback)
     return outcome
+
+
+def _end_unrun(app, message, request, exc, store, hostname) -> Outcome:
+    """End a task that won't run: revoked (or expired), or lost with its pool process
+    (killed at its hard time limit, terminated, or dead). It is stored as REVOKED or
+    FAILURE, and what waits on it hears: its chord counts it, and a failure reaches its
+    errbacks and the rest of its chain, as Celery's worker does."""
+    state = REVOKED if isinstance(exc, TaskRevokedError) else FAILURE
+    why = exc.args[0] if exc.args else ""
+    if state == REVOKED:
+        if why != "terminated":
+            worker_logger.info("Discarding revoked task: %s", message.describe())
+        _task_event(app, message, hostname, "task-revoked", terminated=why == "terminated", signum=None,
+                    expired=why == "expired")
+    store(message.id, exc, state, request=request)
+    if request.is_eager:
+        return Outcome(state, exc)
+    if state == FAILURE:
+        _after_failure(app, request, exc, None)
+    elif request.chord:  # its chord must still count it, or the body never comes
+        _chord_part_done(app, request, state, exception_to_dict(exc))
+    return Outcome(state, exc)
 
 
 def _task_event(app, message, hostname, kind, **fields):
@@ -4704,45 +4681,152 @@ class _SharedTaskProxy:
 
 
 # =============================================================================
-# 10. Worker: consumer, pools and pool processes
+# 10. Worker: the consumer and its pool
 # =============================================================================
-# The worker's main process runs the Consumer. With the prefork pool, each
-# pool process takes a few messages at a time from the broker itself, runs
-# them and acks them, before the run (default, at-most-once: a crash mid-task
-# loses the run but the task is marked FAILURE where we can) or after it
-# (acks_late, at-least-once: a crash means it runs again). It hands the
-# consumer what needs the whole worker (ETAs not due, rate limits, revoked or
-# bad messages); the consumer holds those, supervises the processes through
-# shared slots and pipes, and answers remote control. With the solo pool the
-# consumer itself reserves messages (up to the prefetch limit) and runs them
-# in this process.
+# A worker is a main process, the Consumer, and a pool. The consumer takes
+# messages from the broker, holds each until it may run (an ETA, a rate limit),
+# lends it to a pool process as a Job, and acks it: just before the job starts
+# (the default: at most once) or once it ended (acks_late: at least once). A
+# pool process only runs jobs: run_job() decodes the message and calls
+# run_task(), which runs the task and stores its outcome; then the process
+# reports how it ended. The main process never runs task code and never waits
+# for a pool process.
+#
+#     broker ──reserve()──► Consumer.held ──Job──► pool process: run_job() ──► result backend
+#        ▲                     │     ▲                    │
+#        └──ack, requeue───────┘     └───Done or Lost─────┘
+#
+# The solo pool runs each job in the main process instead, as Celery's does.
 
-# What a pool's collect() reports, one of these per thing that happened:
-#: a task ended in `state` (None: its process died after it began, so we can't know),
-#: and its message should go back to its queue (`requeue`, acks_late only)
-Done = namedtuple("Done", "tag state requeue")
-#: the process running the task died: `reason` says how, `cause` is (kind, signal) when we killed it
+#: what the consumer lends a pool process: a message to run, or to record as ended without
+#: running (`verdict`, the exception it ends with: revoked, or lost with its process), with
+#: the time limits and task events setting in effect when it was lent. With a `claim`, the
+#: pool process acks the message just before the task starts (run_job()).
+Job = namedtuple("Job", "tag raw queue claim verdict limits events")
+#: a job ended: the state run_task() gave it (None: not run, its claim was no longer ours),
+#: whether to requeue it (Reject(requeue=True)), and for a message that can't run, why (it
+#: goes to the dead letters), else None
+Done = namedtuple("Done", "tag state requeue dead_letter")
+#: the pool process of a job died: `reason` says how; `cause` is why we killed it ("timeout",
+#: "revoked", "shutdown"), or "unstarted" for a job it never started (given back, say)
 Lost = namedtuple("Lost", "tag reason cause")
-#: a pool process took messages itself: it runs `messages`, and hands us `handed`
-#: (deliveries it may not run now); `claims` are its claims on them all
-Took = namedtuple("Took", "messages handed claims")
-#: messages a pool process had but did not start: ours to hand out again
-Back = namedtuple("Back", "tags")
 
 
-def _tags_of(event) -> list:
-    """The delivery tags a pool event is about."""
-    if isinstance(event, Took):
-        return [message.delivery_tag for message in event.messages] + [d.tag for d in event.handed]
-    return list(event.tags) if isinstance(event, Back) else [event.tag]
+class Unrunnable(Exception):
+    """A message no worker can run: `reason` for the log and the dead letter, the `exc`
+    stored as its FAILURE (under `task_id`, when that could be read), and the `message`
+    if it decoded that far."""
+
+    def __init__(self, reason, exc, message=None):
+        super().__init__(reason)
+        self.reason, self.exc, self.message = reason, exc, message
+        self.task_id = message.id if message is not None else getattr(exc, "task_id", None)
+
+
+def runnable_message(app, raw, queue="", tag="") -> Message:
+    """The envelope as a Message ready to run: decoded, of a task registered here, its body
+    readable and its arguments fitting the task's signature. Raises Unrunnable.
+
+    Celery: bad-messages: Celery 5.7's worker exits on some of these, and loses others."""
+    max_size = app.conf.worker_max_message_size
+    try:
+        message = decode_message(raw, queue, tag, max_size)
+    except DecodeError as exc:
+        raise Unrunnable(f"can't decode message: {exc}", exc) from None
+    if message.task_name not in app.tasks:
+        close = difflib.get_close_matches(message.task_name, list(app.tasks), 3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise Unrunnable(f"Received unregistered task of type {message.task_name!r}. The message has been "
+                         f"ignored and discarded.{hint}",
+                         NotRegistered(f"Task of kind {message.task_name!r} never registered.{hint}"), message)
+    try:
+        message.decode_body(accepted_types(app.conf.accept_content), max_size)
+        app.tasks[message.task_name].check_arguments(message.args, message.kwargs)
+    except (DecodeError, TypeError) as exc:
+        raise Unrunnable(f"can't run task {message.describe()}: {exc}", exc, message) from None
+    return message
+
+
+def run_job(app, job, hostname) -> Done:
+    """Run one job where jobs run (a pool process; the solo pool's main process) and say how
+    it ended. Never raises for the job's sake: an error storing its outcome is logged."""
+    if job.claim and not _acked(app, job):
+        return Done(job.tag, None, False, None)
+    try:
+        message = runnable_message(app, job.raw, job.queue, job.tag)
+    except Unrunnable as bad:
+        try:
+            _record_unrunnable(app, bad, hostname)
+        except Exception:  # (the backend away)
+            worker_logger.exception("The failure of a message that can't run could not be stored")
+        return Done(job.tag, FAILURE, False, bad.reason)
+    message.headers["timelimit"], message.events = list(job.limits), job.events
+    try:
+        outcome = run_task(app, message, hostname=hostname, verdict=job.verdict)
+        return Done(job.tag, outcome.state, outcome.requeue, None)
+    except Exception:
+        worker_logger.exception("Task %s could not be run", message.describe())
+        return Done(job.tag, FAILURE, False, None)
+    finally:
+        _close_django_connections()
+
+
+def _acked(app, job) -> bool:
+    """Ack a job's message just before its task starts, as long as its claim is the worker's:
+    whether the task may run. This is the default, at most once: whatever happens next, the
+    broker can't hand the message out again.
+
+    An ack whose answer was lost is asked again (while the broker is away, for as long as the
+    claim stays fresh). Finding the message gone then means the first one went through: no
+    worker restores a message held for less than the visibility timeout, and the consumer
+    acts on no claim it lent.
+
+    Celery: early-ack: Celery's worker acks once the pool process accepted the job, after
+    the task started: a worker lost in between runs it again.
+    """
+    broker, asked, pause = app.broker, False, 0.1
+    fresh_until = max(job.claim) + 0.9 * broker.visibility_timeout
+    while True:
+        try:
+            gone, others = broker.ack({job.tag: job.claim})
+            if others or (gone and not asked):
+                worker_logger.warning("Task %s was given back to its queue (we were out of touch with the broker "
+                                      "longer than the visibility timeout): not run here", printable(job.tag))
+            return not others and (asked or not gone)
+        except broker.connection_errors as exc:
+            asked = True
+            if time.time() + pause > fresh_until:
+                worker_logger.error("Task %s: its ack was not confirmed before its claim went stale (%r): "
+                                    "not run (at most once)", printable(job.tag), exc)
+                return False
+            worker_logger.warning("Can't ack %s yet (%r); trying again in %.1fs", printable(job.tag), exc, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
+def _record_unrunnable(app, bad, hostname):
+    """Log a message no worker can run and store its FAILURE, when its id is known. What
+    waits on it hears of the failure too (its chord, the rest of its chain, its errbacks),
+    so no get() on a workflow waits for ever. (The consumer dead-letters it.)"""
+    worker_logger.error(bad.reason)
+    message = bad.message
+    if message is not None:
+        if not message.embed:  # an unregistered task's body was not read yet
+            with contextlib.suppress(DecodeError):
+                message.decode_body(accepted_types(app.conf.accept_content), app.conf.worker_max_message_size)
+        request = Request.from_message(message, hostname=hostname)
+        app.backend.store_result(message.id, bad.exc, FAILURE, request=request)
+        _after_failure(app, request, bad.exc, None)
+    elif bad.task_id is not None:  # (only its id could be read: nothing else to tell)
+        app.backend.store_result(bad.task_id, bad.exc, FAILURE)
 
 
 class Pool:
-    """Runs messages for the consumer.
+    """Where jobs run: the consumer lends a job to each free process and learns how it ended.
 
-    apply() is called only while free_slots() > 0. collect() returns what
-    happened: Done and Lost events, and from a pool whose processes take their
-    own messages (`takes`) also Took and Back.
+    apply() is called only while free() > 0, and never blocks. collect() returns
+    the Done and Lost events of the processes whose handles turned ready (all of
+    them for None), without waiting; handles() says what to wait on for the next.
     """
 
     name = "pool"
@@ -4751,463 +4835,446 @@ class Pool:
         self.app, self.concurrency, self.hostname = app, concurrency, hostname
         self.max_tasks_per_child = max_tasks_per_child
 
-    takes = False  # whether its processes take their own messages (the consumer then supervises)
+    def start(self, depth=1, keep_alive=None, every=1.0):
+        """Start the pool processes, if any, each to be lent up to `depth` jobs at a time.
+        `keep_alive()` renews the claims of the held messages: a pool that runs jobs in the
+        main process calls it every `every` seconds while one runs."""
 
-    def start(self, **settings):
-        """Start the worker processes, if any (settings: what PreforkPool.start() takes)."""
+    def free(self) -> int:
+        """How many processes could take a job now."""
 
-    def free_slots(self) -> int:
-        """How many more messages apply() takes now."""
+    def apply(self, jobs: list):
+        """Lend each Job of `jobs` (no more than free()) to a free process."""
 
-    def apply(self, message: Message):
-        """Start running `message`; its end is reported by collect()."""
+    def collect(self, ready=None) -> list:
+        """What ended (Done, Lost) among the processes whose handles are in `ready`."""
 
-    def collect(self, timeout: float) -> list:
-        """What finished, waiting up to `timeout` seconds for something to."""
+    def handles(self) -> tuple:
+        """(readable, writable): what to wait on for the next event."""
+        return [], []
 
-    def stop(self, cold=False) -> list:
-        """Stop the pool; a cold stop kills running tasks and returns them as lost."""
+    def jobs(self) -> dict:
+        """{pid: tag of its job, or None}: for `inspect`."""
 
     def terminate(self, tag, signum) -> bool:
         """Send `signum` to the process running `tag` (revoke with terminate=True)."""
         return False
 
-    def allow_taking(self, budget):
-        """How many messages each process may take at a time (pools whose processes take)."""
+    def kill_running(self):
+        """A cold shutdown: kill the processes running a task (their jobs are Lost, "shutdown")."""
 
-    def next_deadline(self):
-        """time.monotonic() at which a hard time limit must be enforced, or None."""
-        return None
-
-    def processes(self) -> dict:
-        """{pid: delivery tag of the message it runs, or None}: for `inspect`."""
-        return {os.getpid(): getattr(self, "_running", None)}
+    def stop(self):
+        """Let the processes go, once they are idle."""
 
 
 class SoloPool(Pool):
-    """Runs each task inline in the worker process: for debugging, and where fork is missing."""
+    """Runs each job in the worker's main process, inline: for debugging, and where fork is
+    missing. While a job runs, nothing else in the worker does, but for a thread that keeps
+    the held messages' claims fresh.
+
+    Celery: solo-limits: no hard time limit here: killing the task would kill the worker.
+    """
 
     name = "solo"
 
     def __init__(self, app, concurrency, hostname, max_tasks_per_child=None):
         super().__init__(app, 1, hostname, max_tasks_per_child)
-        self._finished, self._running = [], None
+        self.running, self.events = None, []
+        self._lock = threading.Lock()  # the keepalive thread renews only while a job runs
 
-    def free_slots(self):
-        return 1
+    def start(self, depth=1, keep_alive=None, every=1.0):
+        if keep_alive is not None:
+            threading.Thread(target=self._keep_alive, args=(keep_alive, every), name="keepalive",
+                             daemon=True).start()
 
-    def apply(self, message):
-        # Celery: solo-limits: no hard time limit here: killing the task would kill the worker.
-        self._running, _local.in_worker = message.delivery_tag, True
+    def _keep_alive(self, renew, every):
+        while True:
+            time.sleep(every)
+            with self._lock:
+                try:
+                    if self.running is not None:
+                        renew()
+                except Exception:  # the broker away: next time
+                    worker_logger.debug("keepalive renewal failed", exc_info=True)
+
+    def free(self):
+        return 0 if self.running else 1
+
+    def jobs(self):
+        return {os.getpid(): self.running}
+
+    def apply(self, jobs):
+        for job in jobs:
+            self._run(job)
+
+    def _run(self, job):
+        with self._lock:
+            self.running, _local.in_worker = job.tag, True
         try:
-            outcome = run_task(self.app, message, hostname=self.hostname)
-        except Exception as exc:  # storing the result failed, say: like a child dying
-            worker_logger.exception("Task %s could not be run", message.describe())
-            self._finished.append(Lost(message.delivery_tag, repr(exc), None))
-        else:
-            self._finished.append(Done(message.delivery_tag, outcome.state, outcome.requeue))
-        self._running = None
-        _close_django_connections()
-
-    def collect(self, timeout):
-        finished, self._finished = self._finished, []
-        if not finished and timeout:
-            wait_readable([], timeout)  # idle: nothing can finish while we wait
-        return finished
-
-    def stop(self, cold=False):
-        # A cold stop interrupted apply() (SystemExit): the running task is lost.
-        return [Lost(self._running, "cold shutdown", None)] if self._running else []
-
-
-class _Slot:
-    """Shared memory between the main process and one pool process, read without a message.
-
-    One float per field. BATCH, POSITION, RUNNING, STARTED, DEADLINE: which
-    message the pool process runs, since when (time.time()) and until when
-    (time.monotonic() of its hard time limit; 0: none). END: how far into the
-    batch it may go; the main process shortens it to take back what waits behind
-    a long task, and the lock makes "start the next one" and "take the rest
-    back" one or the other. BUDGET: how many messages it may take at a time (0:
-    none for now). ORDERS: how many orders the main process sent down the pipe
-    (the pool process looks at its pipe only when there is a new one). TAKING:
-    the claim of a take under way (should it die then, the main process gives
-    back what it took). IDLE: it waits for messages (the others then take one
-    at a time). HANDED: how often it handed messages over (its budget stays 0
-    until the main process has read them: they count against the prefetch).
-    """
-
-    BATCH, POSITION, RUNNING, STARTED, DEADLINE, END, BUDGET, ORDERS, TAKING, IDLE, HANDED = range(11)
-    FIELDS = 11
-
-    def __init__(self, shared, index):
-        import multiprocessing
-        #: this process's fields in `shared`, every pool process's slots (each can see which
-        #: of the others wait idle); shared memory made before the first fork
-        self.shared, self.index = shared, index
-        self.values = shared[index * self.FIELDS:(index + 1) * self.FIELDS]
-        # Made again for each new process: one killed while it held the lock would keep it.
-        self.lock = multiprocessing.Lock()
-        for field in range(self.FIELDS):
-            self.values[field] = 0
-        self.values[self.BATCH] = -1
-
-    @classmethod
-    def shared_memory(cls, processes):
-        import mmap
-        return memoryview(mmap.mmap(-1, 8 * cls.FIELDS * processes)).cast("d")  # (anonymous: shared by forks)
-
-    def others_idle(self) -> bool:
-        """Whether another pool process waits for messages (then we take one at a time)."""
-        count = len(self.shared) // self.FIELDS
-        return any(self.shared[i * self.FIELDS + self.IDLE] for i in range(count) if i != self.index)
-
-    def begin(self, batch, length):
-        """(pool process) Start on a batch of `length` messages."""
-        with self.lock:
-            self.values[self.BATCH], self.values[self.POSITION], self.values[self.END] = batch, -1, length
-
-    def claim(self, position, deadline) -> bool:
-        """(pool process) Start the message at `position`, unless it was taken back."""
-        with self.lock:
-            if position >= self.values[self.END]:
-                return False
-            values = self.values
-            values[self.POSITION], values[self.STARTED], values[self.DEADLINE] = position, time.time(), deadline
-            values[self.RUNNING] = 1
-            return True
-
-    def finish(self):
-        self.values[self.RUNNING] = 0
-
-    def running(self):
-        """(batch, position, time.time() started, monotonic deadline or 0) of the message
-        running, or None."""
-        values = self.values
-        if not values[self.RUNNING]:
-            return None
-        return int(values[self.BATCH]), int(values[self.POSITION]), values[self.STARTED], values[self.DEADLINE]
-
-    def started(self, batch, position) -> bool:
-        """Whether the message at `position` of `batch` has started (or has run)."""
-        return int(self.values[self.BATCH]) == batch and position <= self.values[self.POSITION]
-
-    def cut(self, batch):
-        """(main process) Take back the messages of `batch` not started yet: returns the
-        first such position, or None if the pool process hasn't begun that batch (or
-        holds the lock for long: it was killed holding it, say)."""
-        if not self.lock.acquire(timeout=0.1):
-            return None
-        try:
-            if int(self.values[self.BATCH]) != batch:
-                return None
-            first = int(self.values[self.POSITION]) + 1
-            self.values[self.END] = min(self.values[self.END], first)
-            return first
+            self.events.append(run_job(self.app, job, self.hostname))
+        except WorkerTerminate:  # a cold shutdown interrupted it
+            self.events.append(Lost(job.tag, "cold shutdown", "shutdown"))
+            raise
         finally:
-            self.lock.release()
+            with self._lock:
+                self.running = None
+
+    def collect(self, ready=None):
+        events, self.events = self.events, []
+        return events
 
 
-class _Child:
+class _Link:
+    """Length-prefixed pickles over one end of a socket pair: a pool process's link to the
+    main process. The main process's end never blocks: what doesn't fit in the socket now
+    waits in `outbox`, written as the socket drains, and ready() returns only what has
+    arrived whole. The pool process's end waits (put(), get())."""
+
+    SIZE = struct.Struct("!Q")
+
+    def __init__(self, sock, limit=None):
+        #: the longest item taken (the main process takes reports: a few bytes each)
+        self.sock, self.limit = sock, limit
+        self.outbox, self.inbox, self.closed = deque(), bytearray(), False
+        self.sending = threading.Lock()  # (in a pool process, two threads send)
+
+    def queue(self, item, tag=None):
+        """(main process) Queue `item` (the job `tag`), for flush() to write."""
+        data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        self.outbox.append((memoryview(self.SIZE.pack(len(data)) + data), tag))
+
+    def flush(self):
+        """(main process) Write what the socket takes now; raises OSError if the other end is gone."""
+        with contextlib.suppress(BlockingIOError):
+            while self.outbox:
+                frame, tag = self.outbox[0]
+                frame = frame[self.sock.send(frame):]
+                self.outbox[0] = (frame, tag)
+                if not frame:
+                    self.outbox.popleft()
+
+    def put(self, item):
+        """(pool process) Send `item`, waiting as long as it takes."""
+        data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        with self.sending:
+            self.sock.sendall(self.SIZE.pack(len(data)) + data)
+
+    def ready(self) -> list:
+        """The items that have arrived whole, without waiting; `closed` once the other end is."""
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                chunk = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                self.inbox += chunk
+                self.closed = not chunk  # (b"": end of file)
+                if len(chunk) < 65536:  # (all there was)
+                    break
+        return list(iter(self._item, None))
+
+    def get(self):
+        """(pool process) The next item, waiting for it; None once the main process closed its end."""
+        while (item := self._item()) is None:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.inbox += chunk
+        return item
+
+    def _item(self):
+        """The first item that has arrived whole, taken out of the inbox; None if none has."""
+        if len(self.inbox) < self.SIZE.size:
+            return None
+        (size,) = self.SIZE.unpack_from(self.inbox)
+        if self.limit and size > self.limit:
+            raise ValueError(f"an item of {size} bytes")
+        if len(self.inbox) < self.SIZE.size + size:
+            return None
+        item = pickle.loads(self.inbox[self.SIZE.size:self.SIZE.size + size])
+        del self.inbox[:self.SIZE.size + size]
+        return item
+
+
+class _Deadlines:
+    """Each pool process's hard time limit, in memory the main process shares with them: a
+    process writes when its task must end (time.monotonic(); 0: none) as it starts it, and a
+    thread of the main process kills the process once that has passed, on time, whatever the
+    main thread is busy with (a broker command that stalls, say). A lock per process makes
+    "the task ended" and "kill it for running late" one or the other."""
+
+    def __init__(self, size):
+        import mmap
+        import multiprocessing
+        self.values = memoryview(mmap.mmap(-1, 8 * size)).cast("d")  # (anonymous: shared by forks)
+        self.locks = [multiprocessing.Lock() for _ in range(size)]
+        self.pids, self.killed = [0] * size, set()  # pid of each slot's process; pids killed for their limit
+
+    def renew(self, slot, pid):
+        """(main process) A new process in `slot`: a new lock (one killed holding the old keeps it)."""
+        import multiprocessing
+        self.locks[slot], self.values[slot], self.pids[slot] = multiprocessing.Lock(), 0, pid
+
+    @contextlib.contextmanager
+    def running(self, slot, seconds):
+        """(pool process) While a task with a hard limit of `seconds` (None: none) runs."""
+        with self.locks[slot]:
+            self.values[slot] = time.monotonic() + seconds if seconds else 0
+        try:
+            yield
+        finally:
+            with self.locks[slot]:
+                self.values[slot] = 0
+
+    def watch(self, every=0.05):
+        """(a thread of the main process) Kill each process past its deadline."""
+        while True:
+            time.sleep(every)
+            for slot, pid in enumerate(self.pids):
+                if 0 < self.values[slot] <= time.monotonic() and self.locks[slot].acquire(timeout=every):
+                    try:
+                        if 0 < self.values[slot] <= time.monotonic() and pid == self.pids[slot]:
+                            self.killed.add(pid)
+                            _kill(pid)
+                    finally:
+                        self.locks[slot].release()
+
+
+class _PoolProcess:
     """The main process's view of one pool process."""
 
-    def __init__(self, index, pid, conn, slot):
-        self.index, self.pid, self.conn, self.slot = index, pid, conn, slot
-        # Readable when the process exits. The pipe alone can't tell us: a
-        # grandchild the task forked may hold the child's end open.
+    def __init__(self, index, pid, link):
+        self.index, self.pid, self.link = index, pid, link
+        # Readable when the process exits. The link alone can't tell us: a grandchild
+        # the task forked may hold the process's end open.
         self.sentinel = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
-        #: batch id -> its delivery tags in order, until all are done (odd ids:
-        #: batches the process took itself; even: one message we sent it)
-        self.batches = {}
-        self.finished = set()  # tags of those batches reported done
-        self.handed = 0  # reports of messages it handed over we have read (see _Slot.HANDED)
-        #: it reached max_tasks_per_child and is exiting: send it nothing more
-        self.retiring = False
-        #: why we killed it: (tag, "timeout" or "revoked", signal number)
-        self.cause = None
-
-    def job(self):
-        """The delivery tag of the message it runs, or None."""
-        running = self.slot.running()
-        tags = self.batches.get(running[0], ()) if running else ()
-        return tags[running[1]] if running and running[1] < len(tags) else None
-
-    def holds(self, tag):
-        return next(((batch, tags) for batch, tags in self.batches.items() if tag in tags), None)
+        self.jobs = deque()       # the Jobs lent to it, in order: the first runs (or is about to)
+        self.since = 0.0          # time.monotonic() the first became first (lent, or the one before it ended)
+        self.stuck_since = None   # time.monotonic() since which a job waits to be written to it
+        self.done = 0             # jobs it ran (max_tasks_per_child)
+        self.cause = None         # why we killed it, if we did
 
 
 class PreforkPool(Pool):
-    """Persistent forked children that take, run and ack their own messages.
+    """Pool processes made by fork(); each is lent up to `depth` jobs (the prefetch
+    multiplier) over a socket, and runs them one after the other.
 
-    Each pool process reserves a few messages at a time (the prefetch
-    multiplier) from the broker, runs them and acks them: on the way, no
-    message crosses the main process, so one process's speed doesn't limit the
-    pool. What needs the worker as a whole it hands over (a message with an ETA
-    not yet due, of a task under a rate limit, revoked, or one that can't be
-    run): the consumer schedules, throttles or discards it, and sends what it
-    holds to idle processes. The main process supervises: it learns each batch,
-    watches each process's slot for hard time limits, takes back what waits
-    behind a long task (so an idle process runs it, as Celery's fair scheduling
-    does), and relays revocations and settings. A child that dies is noticed by
-    its exit and replaced at once; what it held is given back or reported lost.
+    Nothing a pool process does can block the main process: jobs are written
+    without waiting (what doesn't fit waits, and is written as the socket
+    drains), reports are read as they arrive, and a process that hasn't taken a
+    job within SEND_WITHIN seconds is killed. A job waiting behind a task that
+    runs longer than TAKE_BACK_AFTER seconds is given back (Celery's fair
+    scheduling, -O fair), to go to a free process. A thread kills a process
+    whose task passed its hard time limit. A process that dies is replaced at once.
+
+    Celery: lent-ahead: Celery's default scheduling (-O fair) sends a task only to an idle process.
     """
 
     name = "prefork"
-    takes = True
-    #: a task running this long (seconds) gives up the rest of its batch to other processes
+    #: seconds a pool process may take to receive a job before it counts as unreachable
+    SEND_WITHIN = 10.0
+    #: a task running this long (seconds) gives up the jobs lent behind it
     TAKE_BACK_AFTER = 0.1
 
     def __init__(self, app, concurrency, hostname, max_tasks_per_child=None):
         super().__init__(app, concurrency, hostname, max_tasks_per_child)
-        self.children, self.stopping = [], False
-        #: every child's pipe and exit sentinel, kept registered (not rebuilt on each wait)
-        self.selector = selectors.DefaultSelector()
-        self._batch_ids = itertools.count(2, 2)  # ours are even; the processes' odd
-        self.batch_size, self.queues, self.revoked, self.budget, self.events = 1, [], set(), 0, False
+        self.processes, self.stopping, self.depth = [], False, 1
+        self.deadlines = _Deadlines(concurrency)
 
-    def start(self, queues=(), revoked=(), batch_size=1, events=False):
-        self.queues, self.revoked, self.batch_size, self.events = list(queues), set(revoked), batch_size, events
-        self.shared = _Slot.shared_memory(self.concurrency)
-        for index in range(1, self.concurrency + 1):
-            self.children.append(self._spawn(index))
+    def start(self, depth=1, keep_alive=None, every=1.0):
+        self.depth = max(1, depth)
+        threading.Thread(target=self.deadlines.watch, name="hard-time-limits", daemon=True).start()
+        self.processes = [self._spawn(index) for index in range(1, self.concurrency + 1)]
 
-    def _spawn(self, index) -> _Child:
-        from multiprocessing.connection import Pipe  # (here: a client never pays for importing it)
-        ours, theirs = Pipe()
-        slot = _Slot(self.shared, index - 1)
-        slot.values[slot.BUDGET] = self.budget
+    def _spawn(self, index) -> _PoolProcess:
+        ours, theirs = socket.socketpair()
 
         def run_child():
-            # Keep only our own pipe end, so we see EOF when the main process dies.
+            # Keep only our own end, so we see end-of-file when the main process dies.
             ours.close()
-            self.selector.close()
-            for sibling in self.children:
-                sibling.conn.close()
-                if sibling.sentinel is not None:
-                    os.close(sibling.sentinel)
-            PoolProcess(self.app, theirs, slot, index, self.hostname, self.max_tasks_per_child,
-                        self.queues, self.revoked, self.batch_size, self.events).run()
+            for other in self.processes:
+                other.link.sock.close()
+                if other.sentinel is not None:
+                    os.close(other.sentinel)
+            pool_process(self.app, theirs, index, self.hostname, self.max_tasks_per_child, self.deadlines)
 
         _close_django_connections(forking=True)
         pid = fork_child(run_child)
         theirs.close()
-        child = _Child(index, pid, ours, slot)
-        for handle in (h for h in (child.conn, child.sentinel) if h is not None):
-            self.selector.register(handle, selectors.EVENT_READ, child)
-        return child
+        ours.setblocking(False)
+        self.deadlines.renew(index - 1, pid)
+        return _PoolProcess(index, pid, _Link(ours, limit=1024 * 1024))
 
-    # -- what the consumer asks for --
+    def _room_in(self, process, now) -> int:
+        """How many more jobs `process` takes now: none behind a long task (they come back)."""
+        if process.jobs and now - process.since > self.TAKE_BACK_AFTER:
+            return 0
+        left = self.max_tasks_per_child - process.done if self.max_tasks_per_child else self.depth
+        return max(0, min(self.depth, left) - len(process.jobs))
 
-    def free_slots(self):
-        return sum(1 for child in self.children if not child.batches and not child.retiring)
+    def free(self):
+        now = time.monotonic()
+        return 0 if self.stopping else sum(self._room_in(process, now) for process in self.processes)
 
-    def processes(self):
-        return {child.pid: child.job() for child in self.children}
+    def jobs(self):
+        return {p.pid: p.jobs[0].tag if p.jobs else None for p in self.processes}
 
-    def apply(self, message):
-        child = next(c for c in self.children if not c.batches and not c.retiring)
-        batch = next(self._batch_ids)
-        child.batches[batch] = [message.delivery_tag]
-        self._send(child, ("run", batch, [message]))
+    def apply(self, jobs):
+        now, lent = time.monotonic(), set()
+        for job in jobs:
+            process = min((p for p in self.processes if self._room_in(p, now)), key=lambda p: len(p.jobs))
+            if not process.jobs:
+                process.since, process.cause = now, None
+            process.jobs.append(job)
+            process.link.queue(job, job.tag)
+            lent.add(process)
+        for process in lent:  # (one write each)
+            process.stuck_since = process.stuck_since or now
+            self._write(process, now)
 
-    def allow_taking(self, budget):
-        """How many messages each pool process may take at a time (0: none for now). A
-        process that handed messages over sets its own to 0 until we have seen them."""
-        self.budget = budget
-        for child in self.children:
-            if child.slot.values[child.slot.HANDED] == child.handed:  # (else: a report on its way)
-                was, child.slot.values[child.slot.BUDGET] = child.slot.values[child.slot.BUDGET], budget
-                if budget and not was:
-                    self._send(child, ("wake",))  # (it may be waiting for orders only)
+    def handles(self):
+        readable = [h for p in self.processes for h in (p.link.sock, p.sentinel) if h is not None]
+        return readable, [p.link.sock for p in self.processes if p.link.outbox]
 
-    def relay(self, order):
-        """Tell every pool process, and those started later: ("queues", names),
-        ("revoked", ids), ("revoked_all", ids), ("option", task name, attribute,
-        value), ("events", on) or ("let_go", tags)."""
-        kind = order[0]
-        if kind == "queues":
-            self.queues = list(order[1])
-        elif kind in ("revoked", "revoked_all"):
-            self.revoked = (self.revoked if kind == "revoked" else set()) | set(order[1])
-        elif kind == "events":
-            self.events = order[1]
-        for child in self.children:
-            self._send(child, order)
+    def collect(self, ready=None):
+        events, now = [], time.monotonic()
+        exited = set(wait_readable([p.sentinel for p in self.processes if p.sentinel is not None], 0)
+                     if ready is None else ready)
+        for process in list(self.processes):
+            self._write(process, now)
+            if ready is None or process.link.sock in ready:
+                events += self._reports(process, now)
+            if process.link.closed or process.sentinel in exited:
+                events += self._replace(process)
+        return events
 
-    def _send(self, child, order):
-        with contextlib.suppress(OSError):  # it died: collect() sees it exit
-            child.conn.send(order)
-            child.slot.values[child.slot.ORDERS] += 1
+    def _write(self, process, now):
+        """Write what waits for it; a process that takes nothing for SEND_WITHIN seconds is killed."""
+        if process.link.outbox:
+            with contextlib.suppress(OSError):  # it died: collect() sees it exit
+                process.link.flush()
+            if not process.link.outbox:
+                process.stuck_since = None
+            elif now - process.stuck_since > self.SEND_WITHIN:
+                worker_logger.error("Pool process %d took no job for %ss: killed", process.pid, self.SEND_WITHIN)
+                _kill(process.pid)
 
-    def sent(self) -> int:
-        """How many messages we sent the processes (to run when free) are not done yet."""
-        return sum(len(tags) for child in self.children for batch, tags in child.batches.items() if batch % 2 == 0)
+    def _reports(self, process, now) -> list:
+        try:
+            reports = process.link.ready()
+        except (OSError, ValueError, pickle.UnpicklingError, EOFError) as exc:  # not our reports
+            worker_logger.error("Pool process %d broke its link (%r): killed", process.pid, exc)
+            process.link.closed = True
+            return []
+        events = []
+        for report in reports:
+            tags = [report.tag] if isinstance(report, Done) else report  # (a list: the jobs it gave back)
+            process.jobs = deque(job for job in process.jobs if job.tag not in tags)
+            if isinstance(report, Done):
+                process.since, process.done = now, process.done + 1
+                events.append(report)
+            else:
+                events += [Lost(tag, "given back", "unstarted") for tag in tags]
+        return events
 
-    def waiting(self, tag) -> bool:
-        """Whether a pool process holds `tag` and hasn't started it."""
-        for child in self.children:
-            held = child.holds(tag)
-            if held is not None:
-                return not child.slot.started(held[0], held[1].index(tag))
-        return False
-
-    def take_back(self, tags=None, running_longer_than=None) -> list:
-        """Take back what the pool processes haven't started of each batch they took
-        that holds one of `tags` (None: of every batch), or whose running task started
-        more than `running_longer_than` seconds ago. Returns their tags, in order."""
-        taken, now = [], time.time()
-        for child in self.children:
-            for batch, batch_tags in list(child.batches.items()):
-                running = child.slot.running()
-                if running_longer_than is not None and not (
-                        running and running[0] == batch and now - running[2] > running_longer_than):
-                    continue
-                waiting = [tag for i, tag in enumerate(batch_tags) if not child.slot.started(batch, i)]
-                if batch % 2 == 0 or not waiting or (tags is not None and not set(waiting) & set(tags)):
-                    continue  # (ours hold one message, which runs as soon as the process is free)
-                first = child.slot.cut(batch)
-                if first is not None and first < len(batch_tags):
-                    taken += batch_tags[first:]
-                    del batch_tags[first:]
-                    self._forget_done(child, batch)
-        return taken
-
-    def next_deadline(self):
-        deadlines = [running[3] for running in (c.slot.running() for c in self.children) if running and running[3]]
-        return min(deadlines, default=None)
+    def _replace(self, process) -> list:
+        """A pool process exited (or closed its link: it is killed): reap it, start another in
+        its place, and say what became of its jobs: the first may have started; the others
+        had not (nor any not written to it whole)."""
+        _kill(process.pid)
+        status = _reap(process.pid)
+        process.link.sock.close()
+        if process.sentinel is not None:
+            os.close(process.sentinel)
+        self.processes.remove(process)
+        if not self.stopping:
+            self.processes.append(self._spawn(process.index))
+        if not process.jobs:
+            return []
+        reason, jobs = _exit_reason(status), list(process.jobs)
+        cause = "timeout" if process.pid in self.deadlines.killed else process.cause
+        self.deadlines.killed.discard(process.pid)
+        started = jobs[0].tag not in {tag for _, tag in process.link.outbox}  # (written whole: it may have)
+        first = [Lost(jobs[0].tag, reason, cause)] if started else []
+        return first + [Lost(job.tag, reason, "unstarted") for job in jobs[len(first):]]
 
     def terminate(self, tag, signum):
-        for child in self.children:
-            if child.job() == tag:
-                child.cause = (tag, "revoked", signum)
-                _kill(child.pid, signum)
+        for process in self.processes:
+            if process.jobs and process.jobs[0].tag == tag:
+                process.cause = "revoked"
+                _kill(process.pid, signum)
                 return True
         return False
 
-    def _enforce_time_limits(self):
-        now = time.monotonic()
-        for child in self.children:
-            running = child.slot.running()
-            if running and running[3] and now >= running[3] and not child.cause:
-                child.cause = (child.job(), "timeout", None)
-                _kill(child.pid)
+    def kill_running(self):
+        for process in self.processes:
+            if process.jobs and process.jobs[0].verdict is None and process.cause is None:
+                process.cause = "shutdown"
+                _kill(process.pid)
 
-    # -- what the processes tell us --
+    def stop(self):
+        """Close every link: the idle processes leave. Those left after a few seconds are killed."""
+        self.stopping, deadline = True, time.monotonic() + 5.0
+        for process in self.processes:
+            process.link.sock.close()
+        for process in self.processes:
+            _reap(process.pid, timeout=max(deadline - time.monotonic(), 0))
+            if process.sentinel is not None:
+                os.close(process.sentinel)
+        self.processes = []
 
-    def collect(self, timeout, also=()):
-        """What happened (Took, Done, Back and Lost events), waiting up to `timeout` for
-        something to. The wait also ends when a handle in `also` is readable."""
-        self._enforce_time_limits()
-        if _signal_pipe is not None and _signal_pipe not in self.selector.get_map():
-            self.selector.register(_signal_pipe, selectors.EVENT_READ, None)
-        for handle in also:
-            self.selector.register(handle, selectors.EVENT_READ, "also")
-        try:
-            ready = self.selector.select(timeout)
-        finally:
-            for handle in also:
-                self.selector.unregister(handle)
-        events, exited = [], []
-        for key, _ in ready:
-            child = key.data
-            if child is None:  # a signal: back to the consumer at once
-                signal_came()
-            if child in (None, "also") or child in exited:
-                continue
-            if key.fileobj is child.sentinel or not self._receive_from(child, events):
-                exited.append(child)
-            else:
-                while child.conn.poll() and self._receive_from(child, events):
-                    pass
-        for child in exited:
-            events.extend(self._replace(child))
-        return events
 
-    def _receive_from(self, child, events) -> bool:
-        """Read one report of a child into `events`; False at end-of-file."""
-        try:
-            report = child.conn.recv()
-        except (EOFError, OSError):
-            return False
-        if report[0] == "took":
-            _, batch, messages, handed, claims = report
-            if messages:
-                child.batches[batch] = [message.delivery_tag for message in messages]
-            child.handed += 1 if handed else 0
-            events.append(Took(messages, handed, claims))
-        elif report[0] == "back":
-            for tag in report[1]:
-                held = child.holds(tag)
-                if held is not None:
-                    child.finished.add(tag)
-                    self._forget_done(child, held[0])
-            events.append(Back(report[1]))
-        elif report[0] == "done":
-            _, outcomes, child.retiring = report
-            for tag, state, requeue in outcomes:
-                held = child.holds(tag)
-                if held is not None:
-                    child.finished.add(tag)
-                    self._forget_done(child, held[0])
-                events.append(Done(tag, state, requeue))
-        return True
+class _GiveBack:
+    """(in a pool process) A thread that gives back the jobs lent behind a task running longer
+    than `after` seconds, so that a free process runs them (Celery's fair scheduling): it
+    takes them off the link and sends their tags back. It wakes at most once every `after`
+    seconds, not for each task, and takes only while a task runs (the loop, which reads the
+    link between tasks, doesn't then): each job is either started here or given back."""
 
-    def _forget_done(self, child, batch):
-        tags = child.batches[batch]
-        if all(tag in child.finished for tag in tags):
-            del child.batches[batch]
-            child.finished.difference_update(tags)
+    def __init__(self, link, after):
+        self.link, self.after, self.started, self.idle = link, after, None, False
+        self.changed = threading.Condition()
+        threading.Thread(target=self._watch, name="give-back", daemon=True).start()
 
-    def _replace(self, child) -> list:
-        reason, events = _exit_reason(_reap(child.pid)), []
-        while child.conn.poll():  # its last reports (what it took, say) wait behind its exit
-            if not self._receive_from(child, events):
-                break
-        for handle in (h for h in (child.conn, child.sentinel) if h is not None):
-            self.selector.unregister(handle)
-        child.conn.close()
-        if child.sentinel is not None:
-            os.close(child.sentinel)
-        self.children.remove(child)
-        events += self._left_by(child, reason)
-        if not self.stopping:
-            self.children.append(self._spawn(child.index))
-        return events
+    def next(self):
+        """The next job lent, waiting for it (a task then runs); None once the link is closed."""
+        with self.changed:
+            self.started = None
+            job = self.link.get()
+            self.started = time.monotonic()
+            if self.idle:
+                self.changed.notify()
+            return job
 
-    def _left_by(self, child, reason) -> list:
-        """What a dead process held: the one it ran is lost, those it hadn't begun come back,
-        those it finished without saying so are done."""
-        events, running = [], child.slot.running()
-        claim = child.slot.values[child.slot.TAKING]
-        if claim:  # it died taking (or before it said what it took): what it took goes back
-            known = {tag for tags in child.batches.values() for tag in tags}
-            with contextlib.suppress(Exception):  # (the broker away: back after the visibility timeout)
-                if self.app.broker.restore_claimed(claim, known):
-                    worker_logger.warning("Restored the messages a dead pool process had just taken")
-        for batch, tags in child.batches.items():
-            for position, tag in enumerate(tags):
-                if tag in child.finished:
-                    continue
-                if running and (running[0], running[1]) == (batch, position):
-                    cause = child.cause[1:] if child.cause and child.cause[0] == tag else None
-                    events.append(Lost(tag, reason, cause))
-                elif child.slot.started(batch, position):
-                    events.append(Done(tag, None, False))
+    def _watch(self):
+        with self.changed:
+            while True:
+                self.idle = self.started is None
+                if self.idle:
+                    self.changed.wait()
+                elif (left := self.started + self.after - time.monotonic()) > 0:
+                    self.changed.wait(left)
                 else:
-                    events.append(Back([tag]))
-        return events
+                    tags = [job.tag for job in self.link.ready()]
+                    if tags:
+                        self.link.put(tags)
+                    self.changed.wait(self.after)
 
-    def stop(self, cold=False):
-        self.stopping = True
-        left = []
-        for child in list(self.children):
-            if cold:
-                _kill(child.pid)
-            else:
-                self._send(child, None)
-        for child in list(self.children):
-            left.extend(self._replace(child))
-        return left
+
+def pool_process(app, sock, index, hostname, max_tasks=None, deadlines=None):
+    """The loop of one pool process (in a child made by fork_child()): run the jobs lent to
+    it, one after the other, and report how each ended. It owns no message: it acks one
+    only as run_job() says, just before its task starts. It leaves when the main process
+    closes the link (or dies: the link ends, and the parent-death signal kills it anyway),
+    or after max_tasks jobs."""
+    global _process_name
+    _process_name = f"ForkPoolWorker-{index}"
+    _local.in_worker = True
+    app.after_fork()
+    link = _Link(sock)
+    jobs, done = _GiveBack(link, PreforkPool.TAKE_BACK_AFTER), 0
+    while (not max_tasks or done < max_tasks) and (job := jobs.next()) is not None:
+        with deadlines.running(index - 1, None if job.verdict else job.limits[0]):
+            report = run_job(app, job, hostname)
+        link.put(report)
+        done += 1
 
 
 def _kill(pid, sig=signal.SIGKILL):
@@ -5216,7 +5283,7 @@ def _kill(pid, sig=signal.SIGKILL):
 
 
 def _reap(pid, timeout=10.0):
-    """Wait for a child that closed its pipe; kill it if it lingers. Returns its status."""
+    """Wait for a child to exit; kill it if it lingers. Returns its status."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -5228,7 +5295,7 @@ def _reap(pid, timeout=10.0):
         if time.monotonic() > deadline:
             _kill(pid)
             deadline = float("inf")
-        time.sleep(0.01)
+        time.sleep(0.001)
 
 
 def _exit_reason(status) -> str:
@@ -5277,8 +5344,8 @@ def fork_child(run_child) -> int:
 
 def _die_with_parent(parent):
     """(Linux) Be killed when the process that forked us dies: a pool process whose main
-    process was SIGKILLed must not run on past its hard time limit, nor take more."""
-    with contextlib.suppress(Exception):  # (elsewhere: it leaves when its pipe ends)
+    process was SIGKILLed must not run on past its hard time limit."""
+    with contextlib.suppress(Exception):  # (elsewhere: it leaves when its link ends)
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # (it died before that)
@@ -5291,332 +5358,167 @@ def _flush_std_streams():
             stream.flush()
 
 
-class PoolProcess:
-    """One pool process (in a child made by fork_child()): take a few messages,
-    run them and ack them; between two tasks, obey the main process's orders.
-
-    Celery: pool-takes: Celery's main process takes every message and hands it on.
-
-    It leaves when its pipe closes (the main process is gone), when told to
-    (None), or after max_tasks.
-    """
-
-    #: seconds it waits for a message before it looks at its orders again
-    WAIT = 1.0
-
-    def __init__(self, app, conn, slot, index, hostname, max_tasks, queues, revoked, batch_size, events):
-        global _process_name
-        _process_name = f"ForkPoolWorker-{index}"
-        _local.in_worker = True
-        app.after_fork()
-        self.app, self.conn, self.slot, self.hostname, self.max_tasks = app, conn, slot, hostname, max_tasks
-        self.queues, self.revoked, self.batch_size, self.events = list(queues), set(revoked), batch_size, events
-        self.broker, self.accept = app.broker, accepted_types(app.conf.accept_content)
-        self.to_run = deque()  # (batch id, [messages]) the main process sent
-        self.let_go = set()    # tags whose claim we lost: not ours to ack
-        self.outcomes = []     # (tag, state, requeue) of the batch, reported at its end
-        self.done, self.stopping, self.failures, self.orders_seen = 0, False, 0, 0
-        self._batch_ids = itertools.count(1, 2)
-        self.broker.on_claim = self._claiming
-
-    def _claiming(self, claim):
-        self.slot.values[self.slot.TAKING] = claim
-
-    def run(self):
-        while True:
-            self._read_orders()
-            if self.stopping or self._retiring():
-                break
-            if self.to_run:
-                self._run_batch(*self.to_run.popleft())
-            elif self.queues and self.slot.values[self.slot.BUDGET]:
-                self._take(int(self.slot.values[self.slot.BUDGET]))
-            else:
-                self._read_orders(self.WAIT)
-
-    def _retiring(self):
-        return bool(self.max_tasks and self.done >= self.max_tasks)
-
-    def _read_orders(self, timeout=0, look=False):
-        """Obey what the main process sent, waiting up to `timeout` for it. Without a
-        timeout, the pipe is read only if the count of orders changed, or to `look`
-        (after a wait that the pipe ended: maybe the main process is gone)."""
-        if not (timeout or look) and self.slot.values[self.slot.ORDERS] == self.orders_seen:
-            return  # (nothing sent: no system call)
-        self.orders_seen = self.slot.values[self.slot.ORDERS]
-        if not self.conn.poll(timeout):
-            return
-        while not self.stopping and self.conn.poll():
-            try:
-                order = self.conn.recv()
-            except (EOFError, OSError):
-                order = None
-            if order is None:
-                self.stopping = True
-            else:
-                self._obey(*order)
-
-    def _obey(self, kind, *values):
-        if kind == "run":
-            self.to_run.append(values)
-        elif kind == "queues":
-            self.queues = list(values[0])
-        elif kind in ("revoked", "revoked_all"):
-            self.revoked = (self.revoked if kind == "revoked" else set()) | set(values[0])
-        elif kind == "option":  # `celery control rate_limit / time_limit`
-            setattr(self.app.tasks[values[0]], values[1], values[2])
-        elif kind == "events":
-            self.events = values[0]
-        elif kind == "let_go":
-            self.let_go.update(values[0])
-        # ("wake",): nothing to do but look at the budget again
-
-    def _take(self, budget):
-        """Take up to `budget` messages (one while another process waits idle: it takes the
-        next), waiting for the first; run those we may, hand over the others."""
-        try:
-            limit = 1 if self.slot.others_idle() else min(budget, self.batch_size)
-            deliveries = self.broker.reserve(self.queues, limit, 0)
-            if not deliveries:  # wait; then orders first, and the budget of then
-                self.slot.values[self.slot.TAKING], self.slot.values[self.slot.IDLE] = 0, 1
-                self.broker.wait(self.queues, self.WAIT, also=[self.conn])
-                self._read_orders(look=True)
-            self.failures = 0
-        except Exception as exc:  # the broker away: the main process's loop says so too
-            self.failures += 1
-            delay = min(2 ** self.failures * 0.1, 10.0)
-            worker_logger.warning("Can't take messages (%s: %s); trying again in %.1fs", type(exc).__name__, exc, delay)
-            self._read_orders(delay)
-            return
-        finally:
-            self.slot.values[self.slot.IDLE] = 0
-        if not deliveries:
-            return
-        runnable, handed = [], []
-        for delivery in deliveries:
-            message = self._runnable(delivery)
-            runnable.append(message) if message is not None else handed.append(delivery)
-        batch = next(self._batch_ids)
-        self.slot.begin(batch, len(runnable))
-        if handed:  # no more until the main process has seen them (they count against its prefetch)
-            self.slot.values[self.slot.BUDGET] = 0
-            self.slot.values[self.slot.HANDED] += 1
-        self.conn.send(("took", batch, runnable, handed, self.broker.claims([d.tag for d in deliveries])))
-        self.slot.values[self.slot.TAKING] = 0
-        self.broker.forget([d.tag for d in handed])  # (the main process holds them now)
-        self._run_batch(batch, runnable, begun=True)
-
-    def _runnable(self, delivery):
-        """The delivery as a Message this process may run now, or None: the main process
-        deals with it (a future ETA, a rate limit, revoked, or something wrong with it)."""
-        try:
-            message = runnable_message(self.app, delivery, self.accept)
-        except Exception:  # (the main process says what is wrong with it)
-            return None
-        if message.id in self.revoked or parse_rate(self.app.tasks[message.task_name].option("rate_limit")):
-            return None
-        if message.eta is not None and message.eta.timestamp() > time.time():
-            return None
-        message.events = self.events
-        return message
-
-    def _run_batch(self, batch, messages, begun=False):
-        if not begun:
-            self.slot.begin(batch, len(messages))
-        try:
-            for position, message in enumerate(messages):
-                self._read_orders()
-                if message.id in self.revoked:  # (revoked since it was sent): the main process discards it
-                    with contextlib.suppress(OSError):
-                        self.conn.send(("back", [message.delivery_tag]))
-                    continue
-                task = self.app.tasks[message.task_name]
-                hard = time_limits(task, message)[0]
-                if self.stopping or not self.slot.claim(position, time.monotonic() + hard if hard else 0):
-                    self.broker.forget([m.delivery_tag for m in messages[position:]])  # taken back
-                    return
-                self._run(message, task)
-                self.slot.finish()
-                if self._retiring():
-                    return  # (the rest: the main process gives it back when we are gone)
-        finally:
-            with contextlib.suppress(OSError):
-                self.conn.send(("done", self.outcomes, self._retiring()))
-            self.outcomes = []
-
-    def _run(self, message, task):
-        """Ack (before or after, as the task says), run, and report one message."""
-        tag, late = message.delivery_tag, task.option("acks_late")
-        if not late and not self._ack(message):
-            # Unacked, it must not run here: should this process die, it would run again.
-            worker_logger.warning("Task %s handed back: its ack could not be written", message.describe())
-            with contextlib.suppress(OSError):
-                self.conn.send(("back", [tag]))
-            return
-        try:
-            outcome = run_task(self.app, message, hostname=self.hostname)
-            state, requeue = outcome.state, outcome.requeue
-        except Exception:
-            worker_logger.exception("Task %s could not be run", message.describe())
-            state, requeue = FAILURE, False
-        _close_django_connections()
-        if late and tag not in self.let_go:
-            self._ack(message, requeue)
-        self.done += 1
-        self.outcomes.append((tag, state, requeue))
-
-    def _ack(self, message, requeue=False) -> bool:
-        try:
-            self.broker.requeue([message.delivery_tag]) if requeue else \
-                self.broker.ack([message.delivery_tag], wait=False)
-            return True
-        except Exception as exc:  # an ack goes again with the next command; a requeue comes back later
-            worker_logger.warning("Task %s: %s not sent yet: %r", message.describe(),
-                                  "requeue" if requeue else "ack", exc)
-            return False
-
-
 POOLS = {"prefork": PreforkPool, "solo": SoloPool}
 
 
-class Unrunnable(Exception):
-    """A message no worker can run: `reason` for the log and the dead letter, the `exc`
-    stored as its FAILURE (under `task_id`, when that could be read), and the `message`
-    if it decoded that far."""
+@dataclasses.dataclass(eq=False)
+class Held:
+    """The consumer's record of one message it holds (see Consumer: who owns a message)."""
+    delivery: Delivery
+    #: the scores our claim may have in the broker: one, or two after a renewal whose
+    #: answer never came; () once acked (or no longer ours)
+    claim: tuple
+    #: its headers, decoded (None when they can't be, but its id: its pool process says why)
+    message: Message = None
+    late: bool = False          # acks_late: acked once it ended, not before it starts
+    verdict: Exception = None   # it ends without running, with this (revoked; lost with its process)
+    lent: float = None          # time.time() it went to the pool, while it is there
+    #: once the pool is done with it: "ack", "requeue", or "dead" (dead-letter it, for `reason`)
+    end: str = None
+    reason: str = None
+    #: its pool process died before it said whether it acked it (the broker knows: _settle)
+    lost: "Lost" = None
 
-    def __init__(self, reason, exc, message=None):
-        super().__init__(reason)
-        self.reason, self.exc, self.message = reason, exc, message
-        self.task_id = message.id if message is not None else getattr(exc, "task_id", None)
+    tag = property(lambda self: self.delivery.tag)
+
+    def describe(self):
+        return self.message.describe() if self.message is not None else printable(self.tag)
 
 
-def runnable_message(app, delivery, accept) -> Message:
-    """The delivery as a Message ready to run: decoded, of a task registered here, its
-    body readable and its arguments fitting the task's signature. Raises Unrunnable."""
-    max_size = app.conf.worker_max_message_size
-    try:
-        message = decode_message(delivery.raw, delivery.queue, delivery.tag, max_size)
-    except DecodeError as exc:
-        raise Unrunnable(f"can't decode message: {exc}", exc) from None
-    if message.task_name not in app.tasks:
-        close = difflib.get_close_matches(message.task_name, list(app.tasks), 3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise Unrunnable(f"Received unregistered task of type {message.task_name!r}. The message has been "
-                         f"ignored and discarded.{hint}",
-                         NotRegistered(f"Task of kind {message.task_name!r} never registered.{hint}"), message)
-    try:
-        message.decode_body(accept, max_size)
-        app.tasks[message.task_name].check_arguments(message.args, message.kwargs)
-    except (DecodeError, TypeError) as exc:
-        raise Unrunnable(f"can't run task {message.describe()}: {exc}", exc, message) from None
-    return message
+class Waiting:
+    """The held messages waiting to be lent: those due now, in order (`ready`), and those
+    due later, for their ETA or their task's rate limit (`scheduled`, a heap by due time).
+
+    A rate limit is Celery's token bucket with a capacity of one: at `rate` a second, a task
+    type starts at most every 1/rate seconds in a worker; a message over it is scheduled for
+    its turn, and the other task types go on.
+    """
+
+    def __init__(self, app):
+        self.app, self.ready, self.scheduled = app, deque(), []
+        self._sequence = itertools.count()  # breaks ties between equal due times
+        self.spacing = {}     # task name -> seconds between starts under its rate limit (0: none)
+        self.next_start = {}  # task name -> time.monotonic() before which no more may start
+
+    def put(self, held, due=0.0):
+        if due > time.time():
+            heapq.heappush(self.scheduled, (due, next(self._sequence), held))
+        else:
+            self.ready.append(held)
+
+    def put_first(self, helds):
+        """Back to the head of the line, in their order."""
+        self.ready.extendleft(reversed(helds))
+
+    def release(self):
+        """Make ready what came due."""
+        while self.scheduled and self.scheduled[0][0] <= time.time():
+            self.ready.append(heapq.heappop(self.scheduled)[2])
+
+    def take(self, count, lendable) -> list:
+        """Up to `count` messages to lend now, in order, past their rate limits; one that is
+        not `lendable(held)` any more (let go meanwhile) is left out."""
+        taken = []
+        while self.ready and len(taken) < count:
+            held = self.ready.popleft()
+            if lendable(held) and not self._throttled(held):
+                taken.append(held)
+        return taken
+
+    def _throttled(self, held) -> bool:
+        """Whether `held` must wait for its task type's rate limit (then it is scheduled)."""
+        name, now = held.message.task_name if held.message else None, time.monotonic()
+        if held.verdict is not None or name not in self.app.tasks:
+            return False
+        if name not in self.spacing:
+            rate = parse_rate(self.app.tasks[name].option("rate_limit"))
+            self.spacing[name] = 1 / rate if rate else 0
+        wait = self.next_start.get(name, now) - now
+        if wait > 0:
+            self.put(held, time.time() + wait)
+        else:
+            self.next_start[name] = now + self.spacing[name]
+        return wait > 0
+
+    def rate_changed(self, name):
+        """A task's rate limit changed: worked out again for its next message, and a wait under
+        the old one ends."""
+        self.spacing.pop(name, None)
+        self.next_start.pop(name, None)
+
+    def first(self, matches):
+        """Move the scheduled messages that match to the head of the line."""
+        moving = [entry[2] for entry in sorted(self.scheduled) if matches(entry[2])]
+        if moving:
+            self.scheduled = [entry for entry in self.scheduled if entry[2] not in moving]
+            heapq.heapify(self.scheduled)
+            self.put_first(moving)
+
+    def due(self):
+        """time.time() at which the next scheduled message is due, or None."""
+        return self.scheduled[0][0] if self.scheduled else None
 
 
 class Consumer:
-    """The worker's main process: it supervises the pool's processes, which take their
-    own messages, and holds what they hand it; one step() at a time.
+    """The worker's main process: it takes messages, holds them, lends them to the pool
+    as jobs and acks them, one step() at a time. The same loop serves every pool.
 
-    A message the consumer holds is in exactly one place: `ready` (due, waiting
-    for a pool process), `scheduled` (ETA within ETA_HORIZON, or waiting for its
-    rate limit), or `active` (with the pool: running, or in the batch a pool
-    process took). ETAs further away are parked in the broker. The solo pool's
-    SoloConsumer takes the messages itself instead (`takes` is False).
+    Who owns a message. A message is the broker's until this process takes it
+    (reserve() marks it held under our claim). From then until it leaves the
+    worker it is this process's, and its one record is `held[tag]`: waiting
+    (`waiting`: due now, or at its ETA or rate limit), lent to a pool process as
+    a job, or ended, its end (ack, requeue, dead letter) not yet confirmed by the
+    broker. A pool process owns nothing: it runs the jobs it was lent and says
+    how each ended; the one act it makes on a message is the ack of an early-ack
+    job, just before its task starts, with the claim the job carries (and this
+    process acts on no claim it lent). Every broker operation on a held message
+    acts only while the claim is still ours, and no task starts before the
+    broker confirmed that (by that ack, or, with acks_late, by a renewal in the
+    round trip before the job is lent). So a message that went back to its queue
+    while we were out of touch is let go: never run, acked or requeued by us. A
+    record leaves `held` once the broker confirmed its end, or said it is not
+    ours any more.
     """
 
-    #: longest a step blocks, so signals and housekeeping are never late by more
+    #: longest a step waits, so signals and housekeeping are never late by more
     MAX_WAIT = 1.0
-    #: ETA tasks due within this many seconds wait in memory; later ones are parked.
-    #: The ETA path in full: a pool process hands a message not yet due to us (_runnable);
-    #: _accept() schedules it here or parks it (Broker.park); a take moves parked messages
-    #: back to their queue ETA_MOVE_AHEAD seconds before they are due (in the reserve Lua
-    #: script on Redis, by the `due` column on SQLite), and the worker that takes one then
-    #: holds it here for those last seconds.
+    #: ETA tasks due within this many seconds wait here; later ones are parked in the broker,
+    #: which moves them back to their queue Broker.ETA_MOVE_AHEAD seconds before they are due
     ETA_HORIZON = 3.0
-    #: with tasks running, the consumer looks at the pool at least this often (seconds)
-    COLLECT_EVERY = 0.1
     #: seconds between reloads of every revoked id from the broker
     REVOKED_RELOAD = 30.0
-    #: while the pool's processes take their own messages, we read their reports at most this often,
-    #: unless we hold messages for them (a main process woken for each one costs a third of a core)
-    REPORTS_EVERY = 0.005
+    #: seconds a stopping worker tries to record and settle what is left once no task runs
+    #: (and that a cold shutdown gives the pool to record the tasks it killed)
+    LEAVE_WITHIN = 10.0
+    #: seconds between worker-heartbeat events (Celery's freq; Flower counts a worker gone after a few missed)
+    HEARTBEAT = 2.0
 
     def __init__(self, app, pool, queues, hostname, prefetch_limit):
         self.app, self.pool, self.queues, self.hostname = app, pool, list(queues), hostname
         self.broker = app.broker
-        self.accept = accepted_types(app.conf.accept_content)
         self.prefetch_limit = max(1, prefetch_limit)
-        self.ready = deque()    # decoded messages waiting for a free pool slot
-        self.scheduled = []     # heap of (unix time due, sequence, message)
-        self.active = {}        # delivery tag -> message the pool is running
-        self.revoked = set()    # task ids revoked (from the broker, kept fresh)
-        self.started = {}       # delivery tag -> time.time() it went to the pool, for `inspect active`
+        self.held = {}                  # delivery tag -> Held: every message this worker holds
+        self.waiting = Waiting(app)     # those that wait to be lent
+        self.revoked = {}               # task ids revoked (from the broker, kept fresh), the newest last
         self.total = collections.Counter()  # task name -> how many ran here, for `inspect stats`
         self.remote = RemoteControl(self)
         self.born = time.monotonic()
         self.events = app.conf.worker_send_task_events  # task events (-E); worker events always
-        self._next_heartbeat = 0.0
-        self.spacing = {}       # task name -> seconds between starts under its rate limit (0: none)
-        self.next_start = {}    # task name -> time.monotonic() before which no more may start
-        self._to_ack, self._sequence = [], itertools.count()  # (the sequence breaks ties between equal dues)
-        self._lost_claims = set()  # held messages the broker says are no longer ours
-        self._let_go = set()       # running ones among them: never ack another's claim
-        #: None while running; "warm" or "cold" once a shutdown was asked for
-        self.stopping = None
+        self.stopping = None            # None while running; "warm" or "cold" once a shutdown was asked for
         self.maintain_every = max(0.2, min(5.0, self.broker.visibility_timeout / 4))
-        self._next_maintenance = self._restore_after = self._next_revoked_reload = 0.0
-        #: the pool's processes take their own messages (prefork): we supervise and hold the rest
-        self.takes, self._last_collect = pool.takes, 0.0
-        self._unhandled = []  # pool events not acted on yet (the broker was away)
-        self._to_say = []  # warnings from signal handlers, for the loop to log
-        self.batch_size = max(1, self.prefetch_limit // pool.concurrency)  # each process takes this many
+        self._next_heartbeat = self._next_renewal = self._restore_after = self._next_revoked_reload = 0.0
+        self._orphans = []              # claims of takes whose answer never came (see _settle)
+        self._more = False              # the last take filled its room: there may be more
+        self._ready_handles = None      # what the last wait found ready (None: look at everything)
+        self._leave_by = None
+        self._to_say = []               # warnings from signal handlers, for the loop to log
 
     def start_pool(self):
-        self.pool.start(queues=self.queues, revoked=self.revoked, batch_size=self.batch_size, events=self.events)
+        self.pool.start(depth=self.prefetch_limit // self.pool.concurrency, keep_alive=self._renew_held,
+                        every=self.maintain_every)
 
-    def relay(self, order):
-        """Tell the pool's processes what changed here (see PreforkPool.relay)."""
-        if self.takes:
-            self.pool.relay(order)
-
-    # -- the loop ---------------------------------------------------------
-
-    def run(self):
-        """Consume until stop() is called, then shut down (warm or cold).
-
-        While the broker is unreachable, wait and retry with backoff: held
-        messages stay where they are, tasks already running finish.
-        """
-        self._heartbeat("worker-online")
-        failures = 0
-        try:
-            while not self.stopping:
-                try:
-                    self.step()
-                    failures = 0
-                except Exception as exc:  # nothing a broker or a message does may stop the worker
-                    failures += 1
-                    delay = min(2 ** failures * 0.1, 10.0)
-                    lost = isinstance(exc, self.broker.connection_errors)  # else a bug: with its traceback
-                    worker_logger.error("%s: %s: %s; trying again in %.1fs", "Connection to broker lost" if lost
-                                        else "Unexpected error in the worker loop", type(exc).__name__, exc,
-                                        delay, exc_info=not lost)
-                    self._after_outage()
-                    self._wait_out(delay)
-        finally:
-            self.shutdown()
-
-    def _wait_out(self, delay):
-        """Back off from a broker error while minding the pool (hard time limits, dead
-        processes); what it reports is handled once the broker answers again."""
-        deadline = time.monotonic() + delay
-        while (left := deadline - time.monotonic()) > 0 and not self.stopping:
-            self._unhandled.extend(self.pool.collect(min(left, self.COLLECT_EVERY)))
-
-    def _after_outage(self):
-        """After the broker failed or stalled us, wait two maintenance rounds before
-        restoring "abandoned" messages: the other workers were cut off too, and
-        need a round to renew their claims before theirs look abandoned."""
-        self._restore_after = time.monotonic() + 2 * self.maintain_every
+    def stop(self, cold=False):
+        self.stopping = "cold" if cold else (self.stopping or "warm")
 
     def say_soon(self, text):
         """A warning from a signal handler, logged by the loop: a handler that logged itself
@@ -5627,367 +5529,362 @@ class Consumer:
         while self._to_say:
             worker_logger.warning(self._to_say.pop(0))
 
-    def step(self):
-        """One turn: catch up with what happened, then supervise the pool's processes
-        until something needs us."""
-        self._catch_up()
-        self._supervise()
+    def _holds(self, held) -> bool:
+        return self.held.get(held.tag) is held
 
-    def _catch_up(self):
-        """Act on what the pool reported and on commands, keep our claims fresh, and make
-        what came due ready."""
-        self._say_what_was_said()
-        self._handle(self.pool.collect(0))
-        self.remote.obey()  # first: listening starts before the first reload of revocations
-        self._maintain()
-        self._release_due()
+    def _lendable(self, held) -> bool:
+        """Still held, and not given back by a stopping worker."""
+        return self._holds(held) and held.end is None
 
-    def _supervise(self):
-        """One turn while the pool's processes take their own messages: take back what
-        waits behind a long task, send idle processes what we hold, let them take more
-        while we hold little, then wait for news."""
-        self._got_back(self.pool.take_back(running_longer_than=self.pool.TAKE_BACK_AFTER))
-        self._start(self._next_batch())
-        self.pool.allow_taking(self._budget())
-        self._flush_acks()
-        handles = self.broker.control_handles()
-        wait = self._until_needed(handles)
-        wait = max(0.0, wait - self._let_reports_gather(handles, wait))
-        self._handle(self.pool.collect(wait, handles or ()))
-        self._last_collect = time.monotonic()
+    # -- the loop ---------------------------------------------------------
 
-    def _budget(self) -> int:
-        """How many messages a pool process may take at a time: none while we stop or hold
-        messages for the processes (those go first); else what the prefetch leaves, at
-        most a batch. What we hold counts; the processes' own batches are theirs to count."""
-        if self.stopping or self.ready:
-            return 0
-        room = self.prefetch_limit - len(self.ready) - len(self.scheduled) - self.pool.sent()
-        return max(0, min(room, self.batch_size))
+    def run(self):
+        """Consume until stop() is called, then leave: waiting messages go back to their
+        queues, running jobs end (warm) or are killed (cold), and their ends are recorded.
 
-    def _until_needed(self, handles) -> float:
-        """How long the pool may be left alone: until the next ETA, hard time limit or
-        maintenance round; at most COLLECT_EVERY while tasks run or wait (to see them end
-        promptly) or while commands can't wake us (a broker without handles: we poll)."""
-        wait, _ = self._wait_time()
-        if handles is None or self.ready or self.active:
-            wait = min(wait, self.COLLECT_EVERY)
-        return wait
-
-    def _let_reports_gather(self, handles, wait) -> float:
-        """Wait for commands alone until REPORTS_EVERY has passed since we last read the
-        pool's reports, so that one wake-up reads several (unless we hold messages for idle
-        processes: they must not wait). Returns how much of `wait` that used."""
-        gap = self._last_collect + self.REPORTS_EVERY - time.monotonic()
-        if gap <= 0 or self.ready:
-            return 0.0
-        wait_readable(handles or [], min(gap, wait))
-        return gap
-
-    def stop(self, cold=False):
-        self.stopping = "cold" if cold else (self.stopping or "warm")
-
-    def _wait_time(self):
-        """(seconds until something is due, whether that is an exact deadline)."""
-        now = time.monotonic()
-        wait, precise = min(self.MAX_WAIT, self._next_maintenance - now), False
-        if self.scheduled and self.scheduled[0][0] - time.time() < wait:
-            wait, precise = self.scheduled[0][0] - time.time(), True
-        deadline = self.pool.next_deadline()
-        if deadline is not None and deadline - now < wait:
-            wait, precise = deadline - now, True
-        return max(wait, 0.0), precise
-
-    # -- receiving ----------------------------------------------------------
-
-    def _receive(self, deliveries) -> int:
-        parked, holding = [], set(self.held_tags())
-        for delivery in deliveries:
-            if delivery.tag in holding:
-                # A copy of a message we hold, restored while we were out of touch and
-                # taken again: its claim is ours again; the copy we hold is the one to run.
-                worker_logger.warning("Message %s came back while we hold it; running it once", delivery.tag)
-                continue
-            holding.add(delivery.tag)
+        While the broker is unreachable, wait and retry with backoff: held messages stay
+        where they are, jobs already lent run on, and what they report is kept.
+        """
+        self._heartbeat("worker-online")
+        failures = 0
+        while not self._finished():
             try:
-                self._accept(delivery, parked)
-            except self.broker.connection_errors:
-                raise
-            except Exception as exc:  # one message must never take the worker down
-                worker_logger.exception("can't handle message %s", delivery.tag)
-                self.broker.dead_letter(delivery.raw, f"can't handle message: {exc!r}", delivery.queue)
-                self.broker.ack([delivery.tag])
-        if parked:
-            self.broker.park(parked)
-            worker_logger.info("Parked %d task(s) with a later ETA in the broker", len(parked))
-        return len(deliveries)
+                self.step()
+                failures = 0
+            except WorkerTerminate:  # a cold shutdown interrupted the solo pool's job
+                continue
+            except Exception as exc:  # nothing a broker or a message does may stop the worker
+                failures += 1
+                delay = min(2 ** failures * 0.1, 10.0)
+                lost = isinstance(exc, self.broker.connection_errors)  # else a bug: with its traceback
+                worker_logger.error("%s: %s: %s; trying again in %.1fs", "Connection to broker lost" if lost
+                                    else "Unexpected error in the worker loop", type(exc).__name__, exc,
+                                    delay, exc_info=not lost)
+                self._restore_after = time.monotonic() + 2 * self.maintain_every  # see _sweep
+                self._wait_out(delay)
+        self._leave()
 
-    def _accept(self, delivery, parked):
-        """File one delivery under ready, scheduled, parked or discarded."""
-        message = self._decode(delivery)
-        if message is None:
+    def step(self):
+        """One turn: learn what the pool did, obey commands, keep house, settle with the
+        broker (ends, claims, new messages), lend what may start, then wait for news."""
+        self._say_what_was_said()
+        self._learn(self.pool.collect(self._ready_handles))
+        self.remote.obey(self._ready_handles)
+        self._ready_handles = None
+        self._heartbeat()
+        self._sweep()
+        if self.stopping:
+            self._give_back()
+        self.waiting.release()
+        self._settle()
+        self._lend(self.waiting.take(self.pool.free(), self._lendable))
+        self._wait()
+
+    def _wait_out(self, delay):
+        """Back off from a broker error while learning what the pool does."""
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0 and not self._finished():
+            readable, writable = self.pool.handles()
+            self._learn(self.pool.collect(wait_readable(readable, min(left, 0.1), writable)))
+
+    def _finished(self) -> bool:
+        """Whether a stopping worker may leave: no task runs (a cold stop kills them), and
+        nothing is left to record or settle, or it tried for LEAVE_WITHIN seconds."""
+        if not self.stopping:
+            return False
+        if self.stopping == "cold":
+            self.pool.kill_running()
+        elif any(held.lent for held in self.held.values()):
+            return False
+        self._leave_by = self._leave_by or time.monotonic() + self.LEAVE_WITHIN
+        return not self.held or time.monotonic() > self._leave_by
+
+    # -- taking ---------------------------------------------------------------
+
+    def _room(self) -> int:
+        """How many more messages to take. A worker holds at most prefetch_limit messages (the
+        prefetch multiplier for each pool process) besides one running in each process, those
+        waiting for an ETA or a rate limit counted; it takes more once half of that is free
+        (fewer round trips)."""
+        capacity = self.prefetch_limit + self.pool.concurrency
+        return 0 if self.stopping or len(self.held) > capacity / 2 else capacity - len(self.held)
+
+    def _receive(self, deliveries):
+        parked = []
+        for delivery in deliveries:
+            if delivery.tag in self.held:
+                # A copy of a message we hold, restored while we were out of touch and taken
+                # again by us: the new claim is ours; the copy we hold is the one that runs.
+                worker_logger.warning("Message %s came back while we hold it; running it once", delivery.tag)
+                self.held[delivery.tag].claim = (delivery.claim,)
+                continue
+            held = self.held[delivery.tag] = Held(delivery, (delivery.claim,))
+            try:
+                self._file(held, parked)
+            except Exception as exc:  # one message must never take the worker down
+                worker_logger.exception("can't handle message %s", printable(delivery.tag))
+                held.end, held.reason = "dead", f"can't handle message: {exc!r}"
+        if parked:
+            self.broker.park([(held.delivery, held.claim, held.message.priority, due) for held, due in parked])
+            for held, _ in parked:
+                del self.held[held.tag]
+            worker_logger.info("Parked %d task(s) with a later ETA in the broker", len(parked))
+
+    def _file(self, held, parked):
+        """File a new message as waiting (due now or soon), parked, or a dead letter."""
+        delivery = held.delivery
+        try:
+            held.message = message = decode_message(delivery.raw, delivery.queue, delivery.tag,
+                                                    self.app.conf.worker_max_message_size)
+        except DecodeError as exc:
+            if getattr(exc, "task_id", None) is not None:
+                self.waiting.put(held)  # its id is known: its pool process stores its FAILURE and says why
+            else:
+                worker_logger.error("can't decode message: %s", exc)
+                held.end, held.reason = "dead", f"can't decode message: {exc}"
             return
+        task = self.app.tasks.get(message.task_name)
+        held.late = bool(task and task.option("acks_late"))
         self._received(message)
+        try:
+            due = message.eta.timestamp() if message.eta else 0
+        except (ValueError, TypeError, AttributeError):
+            due = 0  # (a bad eta: its pool process says so)
         if message.id in self.revoked:
-            self._discard_revoked(message, "revoked")
-            return
-        eta = message.eta
-        due = eta.timestamp() if eta is not None else 0
+            held.verdict, due = TaskRevokedError("revoked"), 0
         if due > time.time() + self.ETA_HORIZON:
-            parked.append((delivery, message.priority, due))
-        elif due > time.time():
-            self._schedule(message, due)
+            parked.append((held, due))
         else:
-            self.ready.append(message)
+            self.waiting.put(held, due)
 
     def _received(self, message):
         worker_logger.info("Task %s received", message.describe())
         if self.events:
+            headers = message.headers
             self.send_event("task-received", uuid=message.id, name=message.task_name,
-                            args=_short_repr(tuple(message.args)), kwargs=_short_repr(message.kwargs),
-                            root_id=message.headers.get("root_id"), parent_id=message.headers.get("parent_id"),
-                            retries=message.retries, eta=message.headers.get("eta"),
-                            expires=message.headers.get("expires"))
+                            args=str(headers.get("argsrepr") or "")[:1024],
+                            kwargs=str(headers.get("kwargsrepr") or "")[:1024], root_id=headers.get("root_id"),
+                            parent_id=headers.get("parent_id"), retries=message.retries,
+                            eta=headers.get("eta"), expires=headers.get("expires"))
 
-    def _adopt(self, messages, handed, claims):
-        """A pool process took messages: it runs `messages`, and hands us the rest."""
-        self.broker.adopt(claims)
-        for message in messages:
-            self.active[message.delivery_tag] = message
-            self.started[message.delivery_tag] = time.time()
-            self._received(message)
-        self._receive(handed)
-        if any(message.id in self.revoked for message in messages):  # (revoked while it took them)
-            self._drop_revoked()
+    # -- settling with the broker ---------------------------------------------
 
-    def _got_back(self, tags):
-        """Messages a pool process had not started are ours to hand out again, first."""
-        messages = [self.active.pop(tag) for tag in tags if tag in self.active]
-        for tag in tags:
-            self.started.pop(tag, None)
-        self.ready.extendleft(reversed(messages))
-        if any(message.id in self.revoked for message in messages):
-            self._drop_revoked()
+    def _settle(self):
+        """One round trip with the broker: ack what ended, renew the claims of the acks_late
+        messages ready to go (none starts on a claim not confirmed in the same step: just
+        taken, or renewed here), of every message now and then, and of the jobs whose
+        process died unheard (did it ack them?), and take new messages.
 
-    def waiting_in_pool(self, tag) -> bool:
-        """Whether a pool process holds this message without having started it."""
-        return self.takes and self.pool.waiting(tag)
-
-    def _schedule(self, message, due):
-        heapq.heappush(self.scheduled, (due, next(self._sequence), message))
-
-    def _decode(self, delivery):
-        """The delivery as a runnable Message, or None after logging and dead-lettering it.
-
-        Celery: bad-messages: Celery 5.7's worker exits on some of these, and loses others."""
-        try:
-            return runnable_message(self.app, delivery, self.accept)
-        except Unrunnable as bad:
-            self._discard(delivery, bad)
-            return None
-
-    def _discard(self, delivery, bad):
-        """Log, store FAILURE (when the id is known), dead-letter and ack a bad message.
-
-        What waits on it hears of the failure too (its chord, the rest of its
-        chain, its errbacks), so no get() on a workflow waits for ever.
+        Should the answer be lost, what it asked may have been done: a renewal may have
+        moved a claim (both scores count as ours), and the take may have taken messages
+        we never heard of (restore_claimed() gives them back).
         """
-        worker_logger.error(bad.reason)
-        message = bad.message
-        if message is not None:
-            if not message.embed:  # an unregistered task's body was not read yet
-                with contextlib.suppress(DecodeError):
-                    message.decode_body(self.accept, self.app.conf.worker_max_message_size)
-            request = Request.from_message(message, hostname=self.hostname)
-            self.app.backend.store_result(message.id, bad.exc, FAILURE, request=request)
-            _after_failure(self.app, request, bad.exc, None)
-        elif bad.task_id is not None:  # (only its id could be read: nothing else to tell)
-            self.app.backend.store_result(bad.task_id, bad.exc, FAILURE)
-        self.broker.dead_letter(delivery.raw, bad.reason, delivery.queue)
-        self.broker.ack([delivery.tag])
-
-    # -- revocation -----------------------------------------------------------
-
-    def revoke(self, task_ids, terminate, signum):
-        worker_logger.info("Tasks flagged as revoked: %s", printable(", ".join(task_ids)))
-        self.revoked.update(task_ids)
-        self.relay(("revoked", list(task_ids)))
-        # Make revocations broadcast by real Celery durable too, for workers started later.
-        self.broker.revoke(task_ids, expires=self.app.revoke_expires, broadcast=False)
-        self._drop_revoked()
-        if terminate:
-            self._terminate(set(task_ids), signum)
-
-    def _drop_revoked(self):
-        """Discard held messages whose task was revoked."""
-        if self.takes:  # (those a pool process hasn't started come back to us first)
-            tags = [tag for tag, message in self.active.items() if message.id in self.revoked]
-            if tags:
-                self._got_back(self.pool.take_back(tags=tags))
-        for message in self._let_go_where(lambda message: message.id in self.revoked):
-            self._discard_revoked(message, "revoked")
-
-    def _let_go_where(self, matches) -> list:
-        """Take the held messages (not running) that match out of our hands: ready ones first,
-        then scheduled ones by due time."""
-        taken = [m for m in self.ready if matches(m)] + [e[2] for e in sorted(self.scheduled) if matches(e[2])]
-        self.ready = deque(m for m in self.ready if not matches(m))
-        self.scheduled = [entry for entry in self.scheduled if not matches(entry[2])]
-        heapq.heapify(self.scheduled)
-        return taken
-
-    def _terminate(self, task_ids, signum):
-        for tag, message in list(self.active.items()):
-            if message.id in task_ids:
-                worker_logger.info("Terminating %s (%s)", printable(message.id), signum)
-                if not self.pool.terminate(tag, signum):
-                    worker_logger.warning("the %s pool can't terminate %s", self.pool.name, printable(message.id))
-
-    def _discard_revoked(self, message, why):
-        worker_logger.info("Discarding revoked task: %s", message.describe())
-        if self.events:
-            self.send_event("task-revoked", uuid=message.id, terminated=False, signum=None, expired=False)
-        self._store_final(message, TaskRevokedError(why), REVOKED)
-        self._to_ack.append(message.delivery_tag)
-
-    def _store_final(self, message, exc, state):
-        """Store how a task ended without running to the end (revoked, killed, expired)."""
-        task, request = self.app.tasks[message.task_name], Request.from_message(message)
-        if not (message.headers.get("ignore_result") or task.option("ignore_result")):
-            task.backend.store_result(message.id, exc, state, request=request)
-        if request.chord:  # its chord must still count it, or the body never comes
-            _chord_part_done(self.app, request, state, exception_to_dict(exc))
-
-    # -- dispatching and acking ---------------------------------------------
-
-    def _acks_late(self, message):
-        return self.app.tasks[message.task_name].option("acks_late")
-
-    def _release_due(self):
-        now = time.time()
-        while self.scheduled and self.scheduled[0][0] <= now:
-            self.ready.append(heapq.heappop(self.scheduled)[2])
-
-    def _throttled(self, message) -> bool:
-        """Hold a message back (rescheduled) while its task type is over its rate limit: at
-        `rate` a second, one starts at most every 1/rate s (Celery's token bucket, capacity 1)."""
-        name, now = message.task_name, time.monotonic()
-        if name not in self.spacing:
-            rate = parse_rate(self.app.tasks[name].option("rate_limit"))
-            self.spacing[name] = 1 / rate if rate else 0
-        wait = self.next_start.get(name, now) - now
-        if wait > 0:
-            self._schedule(message, time.time() + wait)
-        else:
-            self.next_start[name] = now + self.spacing[name]
-        return wait > 0
-
-    def _next_batch(self) -> list:
-        """Due messages for the pool's free slots, past their rate limits."""
-        batch, free = [], 0 if self.stopping else self.pool.free_slots()
-        while self.ready and len(batch) < free:
-            message = self.ready.popleft()
-            if not self._throttled(message):
-                batch.append(message)
-        return batch
-
-    def _start(self, batch):
-        for message in batch:
-            self.active[message.delivery_tag] = message
-            self.started[message.delivery_tag] = time.time()
-            message.events = self.events
-            self._apply(message)
-
-    def _apply(self, message):
-        # The limits in effect now go with it (`celery control time_limit` changes them here).
-        message.headers["timelimit"] = list(time_limits(self.app.tasks[message.task_name], message))
+        self._more = False
+        self._tell_ends()
+        now, ending = time.time(), [held for held in self.held.values() if held.end == "ack"]
+        renewing = {held.tag: held for held in self.waiting.ready if held.late and held.claim and self._holds(held)}
+        renewing.update((held.tag, held) for held in self.held.values() if held.lost is not None)
+        if now >= self._next_renewal:  # (a lent early-ack job's claim is its pool process's to ack)
+            self._next_renewal = now + self.maintain_every
+            renewing.update((held.tag, held) for held in self.held.values()
+                            if held.claim and held.end is None and (held.late or held.lent is None))
+        room = self._room()
+        if not (ending or renewing or room):
+            return
         try:
-            self.pool.apply(message)
-        except Exception as exc:  # the pool couldn't take it: it ends like a lost child's task
-            worker_logger.exception("the pool could not run %s", message.describe())
-            self.active.pop(message.delivery_tag, None)
-            self._on_worker_lost(message, repr(exc))
+            deliveries, gone, others = self.broker.reserve(
+                self.queues, room, {h.tag: h.claim for h in ending}, {h.tag: h.claim for h in renewing.values()}, now)
+        except Exception:
+            for held in renewing.values():
+                held.claim = (held.claim[0], now)
+            self._orphans += [now] if room else []
+            raise
+        for held in ending:
+            if held.tag in others:
+                worker_logger.warning("Task %s went back to its queue while it ran (out of touch with the "
+                                      "broker for longer than the visibility timeout): it may run again",
+                                      held.describe())
+            del self.held[held.tag]
+        self._confirmed(renewing.values(), gone, others, now)
+        self._more = len(deliveries) >= room > 0
+        self._receive(deliveries)
 
-    def _handle(self, events):
-        """Act on what the pool reports; what can't be done now (the broker away) is kept for
-        the next time."""
-        events, self._unhandled = self._unhandled + list(events), []
-        for i, event in enumerate(events):
-            try:
-                self._handle_one(event)
-            except Exception:
-                self._unhandled = events[i:]
-                raise
+    def _confirmed(self, renewed, gone, others, now):
+        """Take the broker's word on the claims we renewed: those it confirmed stay ours, the
+        others we let go (a job already lent runs on). A job whose pool process died unheard
+        had started if its message is gone (its process acked it), and goes out again if it
+        is still ours."""
+        let_go = []
+        for held in renewed:
+            lost, held.lost = held.lost, None
+            if lost is not None and held.tag in gone:  # its process acked it: it started
+                held.claim = ()
+                self._lost(held, lost)
+            elif held.tag in gone or held.tag in others:
+                held.claim = ()
+                if held.lent is None:
+                    let_go.append(held)
+                else:
+                    worker_logger.warning("Task %s went back to its queue while it ran (out of touch with the "
+                                          "broker): it may run again", held.describe())
+            else:
+                held.claim = (now,)
+                if lost is not None:
+                    self.waiting.put_first([held])  # it never started: lend it again
+        if let_go:
+            worker_logger.warning("Out of touch with the broker for longer than the visibility timeout: "
+                                  "%d held message(s) went back to the queue; letting them go", len(let_go))
+            for held in let_go:
+                del self.held[held.tag]
 
-    def _handle_one(self, event):
-        if isinstance(event, Took):
-            return self._adopt(*event)
-        if isinstance(event, Back):
-            return self._got_back(event.tags)
-        tag = event.tag
-        message = self.active.get(tag)
-        if message is None:
+    def _tell_ends(self):
+        """Requeue and dead-letter what the pool finished so: broker operations of their own.
+        (Requeued last taken first: each goes to the head of its queue.) What has no claim
+        left needs nothing more from the broker."""
+        for held in reversed([held for held in self.held.values() if held.end]):
+            if held.end == "dead":
+                self.broker.dead_letter(held.delivery.raw, held.reason, held.delivery.queue)
+                held.end = "ack"
+            if held.end == "requeue" and held.claim:
+                self.broker.requeue({held.tag: held.claim})
+            if held.end == "requeue" or not held.claim:
+                del self.held[held.tag]
+
+    def _give_back(self):
+        """A stopping worker puts what waits back in its queue (what ends without running
+        stays: a pool process records it first)."""
+        waiting = [held for held in self.held.values() if held.lent is None and held.end is None
+                   and held.verdict is None and held.lost is None]
+        if waiting:
+            worker_logger.info("Restoring %d unacknowledged message(s)", len(waiting))
+        for held in waiting:
+            held.end = "requeue"
+
+    # -- lending, and what the pool says ---------------------------------------
+
+    def _lend(self, starting):
+        """Lend each job to a free pool process. Unless acks_late, it takes the message's claim
+        with it: its process acks the message just before the task starts (run_job())."""
+        for held in starting:
+            held.lent = time.time()
+            if held.verdict is None and held.message is not None and held.message.id in self.revoked:
+                held.verdict = TaskRevokedError("revoked")
+        self.pool.apply([Job(held.tag, held.delivery.raw, held.delivery.queue, () if held.late else held.claim,
+                             held.verdict, self._limits(held), self.events) for held in starting])
+
+    def _limits(self, held) -> tuple:
+        """(hard, soft) time limits in effect now (`control time_limit` changes them here)."""
+        task = self.app.tasks.get(held.message.task_name) if held.message is not None else None
+        try:
+            _check_timelimit(held.message.headers.get("timelimit"))
+            return time_limits(task, held.message)
+        except (AttributeError, DecodeError, TypeError):  # (a bad header: its pool process says so)
+            return None, None
+
+    def _learn(self, events):
+        unstarted = []
+        for event in events:
+            held = self.held.get(event.tag)
+            if held is None or held.lent is None:
+                continue
+            held.lent = None
+            if isinstance(event, Done):
+                self._done(held, event)
+            elif event.cause == "unstarted":
+                unstarted.append(held)
+            else:
+                self._lost(held, event)
+        self.waiting.put_first(unstarted)
+
+    def _done(self, held, event):
+        if event.state is None:  # its claim was no longer ours: let go, not run
+            del self.held[held.tag]
             return
-        late = self._acks_late(message)
-        if isinstance(event, Lost):
-            self._on_worker_lost(message, event.reason, event.cause)  # (raises while the broker is away: again later)
-            if self.takes and not late:
-                self._to_ack.append(tag)  # (its process acked it, unless that failed)
-        elif self.takes and late and event.state is None:
-            self._to_ack.append(tag)  # its process died before it said so: maybe not acked
-        elif self.takes:
-            self.broker.forget([tag])  # its process acked (or requeued) it
-        elif late and event.requeue:
-            self.broker.requeue([tag])
-        elif late:
-            self._to_ack.append(tag)
-        del self.active[tag]
-        self.started.pop(tag, None)
-        self.total[message.task_name] += 1
-
-    def _on_worker_lost(self, message, reason, cause=None, requeue=False):
-        """A child died under `message`: we killed it (time limit, revoke) or it crashed."""
-        task = self.app.tasks[message.task_name]
-        late = self._acks_late(message)
-        if cause and cause[0] == "timeout":
-            limit = time_limits(task, message)[0]
-            worker_logger.error("Hard time limit (%ss) exceeded for %s", limit, message.describe())
-            self._store_final(message, TimeLimitExceeded(limit), FAILURE)
-        elif cause and cause[0] == "revoked":
-            self._store_final(message, TaskRevokedError("terminated"), REVOKED)
-        elif late and (requeue or task.option("reject_on_worker_lost") or (cause and cause[0] == "shutdown")):
-            worker_logger.warning("Task %s: worker lost (%s); requeued", message.describe(), reason)
-            self.broker.requeue([message.delivery_tag])
-            return
+        if not held.late:
+            held.claim = ()  # its pool process acked it
+        if held.message is not None and held.verdict is None:
+            self.total[held.message.task_name] += 1
+        if event.dead_letter is not None:
+            held.end, held.reason = "dead", event.dead_letter
+        elif held.claim:  # (acks_late: still unacked, unless it went back while we were out of touch)
+            held.end = "requeue" if event.requeue else "ack"
         else:
-            exc = WorkerLostError(f"Worker exited prematurely: {reason} Job: {message.id}.")
-            worker_logger.error("Task handler raised error: %r", exc)
-            self._store_final(message, exc, FAILURE)
-        if late:
-            self._to_ack.append(message.delivery_tag)
+            del self.held[held.tag]
 
-    def _flush_acks(self):
-        if self._to_ack:
-            self.broker.ack(self._acks_due())
-            self._let_go.difference_update(self._to_ack)
-            self._to_ack = []
+    def _lost(self, held, event):
+        """The pool process of a job died. A task acked late is requeued at a cold shutdown,
+        or when it asks to be (reject_on_worker_lost); otherwise it ends with the loss,
+        recorded by a pool process (the main process runs no task code: errbacks)."""
+        if not held.late and held.claim and held.verdict is None:
+            held.lost = event  # did it ack it, so start it? The broker knows (_settle asks)
+            return
+        if held.verdict is not None:  # it died recording an end: give up, loudly
+            worker_logger.error("Task %s: the pool process recording its end died (%s)", held.describe(),
+                                event.reason)
+            return self._done(held, Done(held.tag, FAILURE, False, None))
+        task = self.app.tasks.get(held.message.task_name) if held.message is not None else None
+        if held.late and held.claim and (event.cause == "shutdown" or (
+                event.cause is None and task is not None and task.option("reject_on_worker_lost"))):
+            worker_logger.warning("Task %s: worker lost (%s); requeued", held.describe(), event.reason)
+            held.end = "requeue"
+            return
+        if event.cause == "timeout":
+            limit = self._limits(held)[0]
+            worker_logger.error("Hard time limit (%ss) exceeded for %s", limit, held.describe())
+            held.verdict = TimeLimitExceeded(limit)
+        elif event.cause == "revoked":
+            held.verdict = TaskRevokedError("terminated")
+        else:
+            held.verdict = WorkerLostError(f"Worker exited prematurely: {event.reason} Job: "
+                                           f"{held.message.id if held.message else held.tag}.")
+            worker_logger.error("Task handler raised error: %r", held.verdict)
+        self.waiting.put_first([held])
 
-    def _acks_due(self) -> list:
-        # A message we let go may be another worker's claim now: not ours to ack.
-        return [tag for tag in self._to_ack if tag not in self._let_go]
+    # -- waiting and housekeeping -----------------------------------------------
 
+    def _wait(self):
+        """Wait until something needs us: a pool process reports, dies or can take the rest of
+        its job; a command or a signal; a message, while there is room for one; or the next
+        ETA, rate limit, renewal or heartbeat."""
+        readable, writable = self.pool.handles()
+        commands = self.broker.control_handles()
+        at_hand = (self.waiting.ready and self.pool.free()) or self._more or self._orphans or any(
+            held.end or held.lost for held in self.held.values()) or (self.stopping and not self.held)
+        timeout = 0 if at_hand else self._timeout(polling=commands is None)
+        queues = self.queues if timeout and self._room() else ()
+        self._ready_handles = self.broker.wait(queues, timeout, readable + (commands or []), writable)
 
-    def held_tags(self):
-        """Delivery tags this worker holds unacked (running with acks_late, too)."""
-        return ([m.delivery_tag for m in self.ready] + [e[2].delivery_tag for e in self.scheduled]
-                + [tag for tag in self.active if self._unacked(tag)])
+    def _timeout(self, polling) -> float:
+        """Seconds until something is due here (at most MAX_WAIT; 0.1 where commands can't wake us)."""
+        now, due = time.time(), self.waiting.due()
+        wait = min(0.1 if polling else self.MAX_WAIT, self._next_renewal - now, self._next_heartbeat - time.monotonic())
+        return max(min(wait, due - now) if due else wait, 0.0)
 
-    def _unacked(self, tag):
-        # (a pool process acks a message it runs, before or after, as the task says)
-        return not self.takes or self.pool.waiting(tag) or self._acks_late(self.active[tag])
+    def _sweep(self):
+        """Now and then: give back what a take whose answer was lost took, bring back the
+        messages of dead workers, and reload the revocations."""
+        for claim in self._orphans:
+            self.broker.restore_claimed(claim, keep=set(self.held))
+        self._orphans = []
+        if time.monotonic() >= self._restore_after:
+            # After a broker error we wait two rounds first: the other workers were cut off
+            # too, and need a round to renew their claims before theirs look abandoned.
+            self._restore_after = time.monotonic() + self.maintain_every
+            restored = self.broker.restore_unacked()
+            if restored:
+                worker_logger.warning("Restored %d unacknowledged message(s) of lost workers", restored)
+        if time.monotonic() >= self._next_revoked_reload:
+            self._next_revoked_reload = time.monotonic() + self.REVOKED_RELOAD
+            self.revoked = dict.fromkeys(self.broker.revoked())
+            self._move_revoked_first()
 
-    #: seconds between worker-heartbeat events (Celery's freq; Flower counts a worker gone after a few missed)
-    HEARTBEAT = 2.0
+    def _renew_held(self):
+        """Renew every claim we hold (the solo pool's keepalive thread, while a job runs)."""
+        now, renewing = time.time(), [held for held in self.held.values() if held.claim]
+        if renewing:
+            gone, others = self.broker.touch({held.tag: held.claim for held in renewing}, now)
+            for held in renewing:
+                held.claim = () if held.tag in gone | others else (now,)
 
     def send_event(self, kind, **fields):
         try:  # a lost event changes nothing else: not worth a task, nor the loop
@@ -5998,186 +5895,38 @@ class Consumer:
     def _heartbeat(self, kind="worker-heartbeat"):
         if kind != "worker-heartbeat" or time.monotonic() >= self._next_heartbeat:
             self._next_heartbeat = time.monotonic() + self.HEARTBEAT
-            self.send_event(kind, freq=self.HEARTBEAT, active=len(self.active), processed=sum(self.total.values()),
-                            loadavg=[round(load, 2) for load in os.getloadavg()], sw_ident="py-celery",
-                            sw_ver=__version__, sw_sys=os.uname().sysname)
+            self.send_event(kind, freq=self.HEARTBEAT, active=sum(1 for held in self.held.values() if held.lent),
+                            processed=sum(self.total.values()), loadavg=[round(x, 2) for x in os.getloadavg()],
+                            sw_ident="py-celery", sw_ver=__version__, sw_sys=os.uname().sysname)
 
-    def _maintain(self):
-        """Keep our messages' leases fresh, bring back those of dead workers, reload revocations."""
-        self._heartbeat()
-        started = time.monotonic()
-        if started < self._next_maintenance:
-            return
-        late = started - self._next_maintenance > self.maintain_every
-        self._renew_claims()
-        if late or time.monotonic() - started > self.maintain_every:
-            self._after_outage()  # the broker stalled us (before or during this round), and the others too
-        self._next_maintenance = time.monotonic() + self.maintain_every
-        if self._lost_claims:
-            self._let_go_of(self._lost_claims)
-        if time.monotonic() >= self._restore_after:
-            restored = self.broker.restore_unacked()
-            if restored:
-                worker_logger.warning("Restored %d unacknowledged message(s) of lost workers", restored)
-        self._reload_revoked()
+    # -- revocation and leaving -----------------------------------------------
 
-    def _reload_revoked(self):
-        """Reload the durable revocations now and then: broadcasts bring new ones at once,
-        this catches what a reconnect missed and lets expired ones go."""
-        if time.monotonic() >= self._next_revoked_reload:
-            self._next_revoked_reload = time.monotonic() + self.REVOKED_RELOAD
-            self.revoked = self.broker.revoked()
-            self.relay(("revoked_all", list(self.revoked)))
-            self._drop_revoked()
+    def revoke(self, task_ids, terminate, signum):
+        worker_logger.info("Tasks flagged as revoked: %s", printable(", ".join(task_ids)))
+        self.revoked.update(dict.fromkeys(task_ids))
+        while len(self.revoked) > Broker.REVOKES_MAX:  # (a flood keeps the newest, as the broker does)
+            del self.revoked[next(iter(self.revoked))]
+        # Make revocations broadcast by real Celery durable too, for workers started later.
+        self.broker.revoke(task_ids, expires=self.app.revoke_expires, broadcast=False)
+        self._move_revoked_first()
+        for held in self.held.values():
+            if terminate and held.lent and held.message is not None and held.message.id in task_ids:
+                worker_logger.info("Terminating %s (%s)", printable(held.message.id), signum)
+                if not self.pool.terminate(held.tag, signum):
+                    worker_logger.warning("the %s pool can't terminate %s", self.pool.name, held.describe())
 
-    def _renew_claims(self):
-        """Touch what we hold; note what we lost (called by the solo keepalive thread too)."""
-        self._lost_claims.update(self.broker.touch(self.held_tags()))
+    def _move_revoked_first(self):
+        """Scheduled messages whose task was revoked go to the head of the line: to be recorded
+        as REVOKED now, not at their ETA."""
+        self.waiting.first(lambda held: held.message.id in self.revoked)
 
-    def _let_go_of(self, tags):
-        """Held messages went back to the queue while we were out of touch with the
-        broker for longer than the visibility timeout: another worker may run them
-        now, so we drop the ones we have not started."""
-        tags, self._lost_claims = set(tags), set()
-        if self.takes:  # (what a pool process acked meanwhile is not lost)
-            before = set(self.active)
-            self._handle(self.pool.collect(0))
-            ended = before - set(self.active) - {message.delivery_tag for message in self.ready}
-            tags = {tag for tag in tags - ended if tag not in self.active or self._unacked(tag)}
-            self._got_back(self.pool.take_back(tags=tags))
-            self.relay(("let_go", list(tags & set(self.active))))
-            if not tags:
-                return
-        worker_logger.warning("Out of touch with the broker for longer than the visibility timeout: "
-                              "%d held message(s) went back to the queue; letting them go", len(tags))
-        self._let_go_where(lambda message: message.delivery_tag in tags)
-        self._let_go.update(tags & set(self.active))
-
-    # -- shutdown -----------------------------------------------------------
-
-    def shutdown(self):
-        """Give back what we hold but haven't started; finish (warm) or kill (cold) the rest."""
+    def _leave(self):
         self._say_what_was_said()
         self._heartbeat("worker-offline")
-        self.pool.allow_taking(0)
-        self._while_shutting_down(self._give_back_waiting)
-        while self._still_running() and self.stopping != "cold":
-            events = self.pool.collect(self.MAX_WAIT)
-            self._say_what_was_said()
-            self._while_shutting_down(lambda: self._handle(events))
-            self._while_shutting_down(self._give_back_waiting)  # (what a process took meanwhile)
-        self._say_what_was_said()
-        for event in self.pool.stop(cold=bool(self._still_running())):
-            if isinstance(event, Lost) and event.tag in self.active:
-                # Killed by our own cold shutdown, not by the task: acks_late tasks go back.
-                event = Lost(event.tag, "cold shutdown", ("shutdown", None))
-            self._unhandled.append(event)  # (what a process took at the last moment comes back too)
-        self._while_shutting_down(lambda: self._handle([]))
-        self._while_shutting_down(self._give_back_waiting)
-        self._while_shutting_down(self._flush_acks)
-        unrecorded = [str(tag) for event in self._unhandled for tag in _tags_of(event)]
-        if unrecorded:
+        self.pool.stop()
+        if self.held:
             worker_logger.error("Leaving without recording what became of %d message(s) (the broker is away): %s",
-                                len(unrecorded), ", ".join(unrecorded))
-
-    def _still_running(self):
-        stuck = {event.tag for event in self._unhandled if isinstance(event, (Done, Lost))}
-        return [tag for tag in self.active if tag not in stuck]
-
-    def _while_shutting_down(self, work):
-        try:
-            work()
-        except Exception as exc:  # the broker away: say so, and go on leaving
-            worker_logger.error("While shutting down: %s: %s", type(exc).__name__, exc)
-
-    def _give_back_waiting(self):
-        """Requeue what we hold but haven't started (pool processes' waiting ones too)."""
-        if self.takes:
-            self._got_back(self.pool.take_back())
-        waiting = [message.delivery_tag for message in self._let_go_where(lambda message: True)]
-        if waiting:
-            worker_logger.info("Restoring %d unacknowledged message(s)", len(waiting))
-            try:
-                self.broker.requeue(reversed(waiting))  # requeue pushes to the consuming end
-            except self.broker.connection_errors as exc:
-                worker_logger.error("can't restore %d message(s) now (%r); they come back "
-                                    "after the visibility timeout", len(waiting), exc)
-
-
-class SoloConsumer(Consumer):
-    """The consumer of the solo pool: its one loop takes messages, holds them, and runs
-    them in this process (so the main process is the pool, and nothing supervises)."""
-
-    def run(self):
-        self._start_keepalive()
-        super().run()
-
-    def _start_keepalive(self):
-        """Solo pool: tasks run in this thread, so a helper thread keeps our messages' leases."""
-        def touch_held_messages():
-            while not self.stopping:
-                time.sleep(self.maintain_every)
-                try:
-                    self._renew_claims()
-                except Exception:  # a torn read of the lists, or the broker away: next time
-                    worker_logger.debug("keepalive touch failed", exc_info=True)
-        threading.Thread(target=touch_held_messages, name="keepalive", daemon=True).start()
-
-    def step(self):
-        """One turn: catch up, start what is due, and take more messages (waiting for them
-        when there is nothing else to do)."""
-        self._catch_up()
-        batch = self._next_batch()
-        room = self._room(batch)
-        wait, precise = self._wait_time()
-        received = self._receive(self._reserve_and_start(batch, room, self._reserve_wait(batch, wait, precise)))
-        if not received:
-            self._handle(self.pool.collect(self._pool_wait(precise, room)))
-        self._flush_acks()
-
-    def _room(self, batch) -> int:
-        """How many more messages to take. Everything held counts, waiting for an ETA or a
-        rate limit too: a worker holds at most prefetch_limit, and the rest stay for others.
-        With work at hand, none until there is room for half the prefetch (fewer round trips)."""
-        room = self.prefetch_limit - len(self.ready) - len(self.scheduled) - len(self.active) - len(batch)
-        return 0 if self.stopping or (self.ready and room < self.prefetch_limit / 2) else room
-
-    def _reserve_wait(self, batch, wait, precise) -> float:
-        """How long the reserve may wait for a message: not at all with work at hand; at
-        most COLLECT_EVERY while tasks run, to ack them promptly, unless something is due at
-        an exact time; else until the next thing is due (the broker's wait ends on time)."""
-        if batch or self.ready:
-            return 0
-        if self.active and not precise:
-            return min(wait, self.COLLECT_EVERY)
-        return wait
-
-    def _pool_wait(self, precise, room) -> float:
-        """After a reserve that brought nothing: how long to wait for the pool. A tenth of a
-        second at most while something is at hand, due, or blocked on room (commands and
-        freed room wait no longer); else not at all (the reserve waited already)."""
-        if self.ready or precise or room <= 0:
-            return min(self._wait_time()[0], self.COLLECT_EVERY)
-        return 0
-
-    def _reserve_and_start(self, batch, room, timeout) -> list:
-        """Ack `batch` and take up to `room` more messages in one round trip, then run the batch.
-
-        The batch's early acks (acked before it runs, so a crash can't run it
-        twice) and the late acks of tasks done go with the take.
-        """
-        early = [m.delivery_tag for m in batch if not self._acks_late(m)]
-        acks = early + self._acks_due()
-        try:
-            deliveries = self.broker.reserve(self.queues, room, timeout, ack=acks) if room > 0 or acks else []
-        except Exception:
-            self.ready.extendleft(reversed(batch))  # maybe acked, surely not run: still ours
-            raise
-        sent = set(acks)
-        self._to_ack = [tag for tag in self._to_ack if tag not in sent]
-        self._let_go.difference_update(sent)
-        self._start(batch)
-        return deliveries
+                                len(self.held), ", ".join(held.describe() for held in self.held.values()))
 
 
 def _ok(text):
@@ -6192,14 +5941,23 @@ class RemoteControl:
     def __init__(self, consumer):
         self.consumer, self.app, self.broker = consumer, consumer.app, consumer.broker
         self._heard = []  # commands heard before the first step (listen())
+        self._next_look = 0.0
 
     def listen(self):
         """Start hearing broadcasts before the worker says it is ready, so that a ping sent
         the moment it is ready is answered (the commands wait for the first step)."""
         self._heard = self.broker.control_messages()
 
-    def obey(self):
-        """Obey the commands broadcast since the last step; answer those that ask."""
+    def obey(self, ready=None):
+        """Obey the commands broadcast since the last step; answer those that ask. A broker
+        whose commands wake us is read when its handle is in `ready` (None: not known);
+        one without handles, ten times a second."""
+        handles = self.broker.control_handles()
+        if handles is None and time.monotonic() < self._next_look:
+            return
+        self._next_look = time.monotonic() + 0.1
+        if handles and ready is not None and not set(handles) & set(ready) and not self._heard:
+            return
         heard, self._heard = self._heard, []
         hostname = self.consumer.hostname
         for command in heard + self.broker.control_messages():
@@ -6219,16 +5977,26 @@ class RemoteControl:
             worker_logger.error("Control command error: %s: %s", command.method, exc)
             return {"error": f"{command.method}: {exc}"}
 
-    def info(self, message):
+    def info(self, held):
         """A held message as Celery's Request.info() shows it."""
-        tag = message.delivery_tag
-        pid = next((pid for pid, job in self.consumer.pool.processes().items() if job == tag), None)
+        message, consumer = held.message, self.consumer
+        with contextlib.suppress(DecodeError):  # (its arguments are read only when asked for)
+            message.decode_body(accepted_types(self.app.conf.accept_content), self.app.conf.worker_max_message_size)
+        pid = next((pid for pid, tag in consumer.pool.jobs().items() if tag == held.tag), None)
         return {"id": message.id, "name": message.task_name, "args": message.args, "kwargs": message.kwargs,
-                "type": message.task_name, "hostname": self.consumer.hostname,
-                "time_start": self.consumer.started.get(tag), "acknowledged": tag in self.consumer.started
-                and not self.consumer._acks_late(message), "worker_pid": pid,
+                "type": message.task_name, "hostname": consumer.hostname, "time_start": held.lent if pid else None,
+                "acknowledged": bool(pid) and not held.late, "worker_pid": pid,
                 "delivery_info": {"exchange": "", "routing_key": message.queue, "priority": message.priority,
                                   "redelivered": bool(message.properties.get("redelivered"))}}
+
+    def _held(self):
+        """("active" | "reserved" | "scheduled", Held) for each held message with readable headers:
+        active, running in a pool process; scheduled, waiting for its ETA or rate limit;
+        reserved, the others (waiting, or lent behind a task that runs)."""
+        consumer, running = self.consumer, set(self.consumer.pool.jobs().values())
+        scheduled = {id(entry[2]) for entry in consumer.waiting.scheduled}
+        return [("active" if held.tag in running else "scheduled" if id(held) in scheduled else "reserved", held)
+                for held in consumer.held.values() if held.message is not None and (held.lent or held.end is None)]
 
     # -- inspect ----------------------------------------------------------------
 
@@ -6236,15 +6004,15 @@ class RemoteControl:
         return _ok("pong")
 
     def do_active(self, safe=None, **_):
-        return [self.info(m) for tag, m in self.consumer.active.items() if not self.consumer.waiting_in_pool(tag)]
+        return [self.info(held) for state, held in self._held() if state == "active"]
 
     def do_reserved(self, **_):
-        return [self.info(message) for message in self.consumer.ready] + \
-            [self.info(m) for tag, m in self.consumer.active.items() if self.consumer.waiting_in_pool(tag)]
+        return [self.info(held) for state, held in self._held() if state == "reserved"]
 
     def do_scheduled(self, **_):
-        return [{"eta": message.eta.isoformat() if message.eta else None, "priority": message.priority,
-                 "request": self.info(message)} for _, _, message in sorted(self.consumer.scheduled)]
+        return [{"eta": held.message.eta.isoformat() if held.message.eta else None,
+                 "priority": held.message.priority, "request": self.info(held)}
+                for state, held in self._held() if state == "scheduled"]
 
     def do_registered(self, **_):
         return sorted(name for name in self.app.tasks if not name.startswith("celery."))
@@ -6254,9 +6022,7 @@ class RemoteControl:
 
     def do_query_task(self, ids=(), **_):
         ids = {ids} if isinstance(ids, str) else set(ids)
-        held = [("reserved" if self.consumer.waiting_in_pool(tag) else "active", m)
-                for tag, m in self.consumer.active.items()] + [("reserved", m) for m in self.consumer.ready] + [("scheduled", e[2]) for e in self.consumer.scheduled]
-        return {message.id: [state, self.info(message)] for state, message in held if message.id in ids}
+        return {held.message.id: [state, self.info(held)] for state, held in self._held() if held.message.id in ids}
 
     def do_active_queues(self, **_):
         return [{"name": queue, "exchange": {"name": queue, "type": "direct"}, "routing_key": queue,
@@ -6269,7 +6035,7 @@ class RemoteControl:
         return {"total": dict(consumer.total), "pid": os.getpid(), "clock": "0",
                 "uptime": int(time.monotonic() - consumer.born), "prefetch_count": consumer.prefetch_limit,
                 "pool": {"implementation": consumer.pool.name, "max-concurrency": consumer.pool.concurrency,
-                         "processes": sorted(consumer.pool.processes()),
+                         "processes": sorted(consumer.pool.jobs()),
                          "max-tasks-per-child": consumer.pool.max_tasks_per_child or "N/A"},
                 "broker": {"transport": self.app.broker_url.split("://")[0],
                            "hostname": _safe_url(self.app.broker_url)},
@@ -6293,9 +6059,7 @@ class RemoteControl:
         except ImproperlyConfigured as exc:
             return {"error": f"Invalid rate limit string: {exc!r}"}
         self.app.tasks[task_name].rate_limit = rate_limit
-        self.consumer.relay(("option", task_name, "rate_limit", rate_limit))
-        self.consumer.spacing.pop(task_name, None)  # worked out again at the next message,
-        self.consumer.next_start.pop(task_name, None)  # and a wait under the old one ends
+        self.consumer.waiting.rate_changed(task_name)
         return _ok("new rate limit set successfully" if rate_limit else "rate limit disabled successfully")
 
     def do_time_limit(self, task_name=None, hard=None, soft=None, **_):
@@ -6304,9 +6068,7 @@ class RemoteControl:
         if not all(limit is None or (_is_number(limit) and limit >= 0) for limit in (hard, soft)):
             return {"error": f"time limits are seconds >= 0 or null, not {hard!r} and {soft!r}"}
         task = self.app.tasks[task_name]
-        task.time_limit, task.soft_time_limit = hard, soft  # the consumer stamps them on each message
-        self.consumer.relay(("option", task_name, "time_limit", hard))
-        self.consumer.relay(("option", task_name, "soft_time_limit", soft))
+        task.time_limit, task.soft_time_limit = hard, soft  # the consumer stamps them on each job
         return _ok("time limits set successfully")
 
     def do_add_consumer(self, queue, **_):
@@ -6314,7 +6076,6 @@ class RemoteControl:
             return {"error": f"a queue is a name, not {_short_repr(queue, 80)}"}
         if queue not in self.consumer.queues:
             self.consumer.queues.append(queue)
-            self.consumer.relay(("queues", self.consumer.queues))
         return _ok(f"add consumer {queue}")
 
     def do_cancel_consumer(self, queue, **_):
@@ -6322,17 +6083,14 @@ class RemoteControl:
             return {"error": f"{queue} is the last queue this worker consumes"}
         if queue in self.consumer.queues:
             self.consumer.queues.remove(queue)
-            self.consumer.relay(("queues", self.consumer.queues))
         return _ok(f"no longer consuming from {queue}")
 
     def do_enable_events(self, **_):
         was, self.consumer.events = self.consumer.events, True
-        self.consumer.relay(("events", True))
         return _ok("task events already enabled" if was else "task events enabled")
 
     def do_disable_events(self, **_):
         was, self.consumer.events = self.consumer.events, False
-        self.consumer.relay(("events", False))
         return _ok("task events disabled" if was else "task events already disabled")
 
     def do_shutdown(self, **_):
@@ -6384,8 +6142,7 @@ class Worker:
     def start(self):
         self.app.finalize()
         pool = POOLS[self.pool_name](self.app, self.concurrency, self.hostname, self.max_tasks_per_child)
-        consumer = Consumer if pool.takes else SoloConsumer
-        self.consumer = consumer(self.app, pool, self.queues, self.hostname, self.prefetch_multiplier * pool.concurrency)
+        self.consumer = Consumer(self.app, pool, self.queues, self.hostname, self.prefetch_multiplier * pool.concurrency)
         print(self.banner(pool), file=sys.stderr, flush=True)
         beat_pid = self._start_beat() if self.embed_beat else None
         self.consumer.start_pool()
@@ -6444,7 +6201,7 @@ class Worker:
             self.restarting = False  # asked to stop: no restart after all
             self.stop(cold)
             self.consumer.say_soon(f"worker: {'Cold' if cold else 'Warm'} shutdown (MainProcess)")
-            if cold and isinstance(self.consumer.pool, SoloPool) and self.consumer.active:
+            if cold and isinstance(self.consumer.pool, SoloPool) and self.consumer.pool.running:
                 raise WorkerTerminate(1)  # interrupt the task running in this very process
 
         def on_hangup(signum, frame):
