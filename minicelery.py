@@ -5459,32 +5459,229 @@ class Waiting:
         return self.scheduled[0][0] if self.scheduled else None
 
 
-class Consumer:
-    """The worker's main process: it takes messages, holds them, lends them to the pool
-    as jobs and acks them, one step() at a time. The same loop serves every pool.
+class Book:
+    """The messages a worker holds, one record each, and the broker's word on them.
 
-    Who owns a message. A message is the broker's until this process takes it
-    (reserve() marks it held under our claim). From then until it leaves the
-    worker it is this process's, and its one record is `held[tag]`: waiting
-    (`waiting`: due now, or at its ETA or rate limit), lent to a pool process as
-    a job, or ended, its end (ack, requeue, dead letter) not yet confirmed by the
-    broker. A pool process owns nothing: it runs the jobs it was lent and says
-    how each ended; the one act it makes on a message is the ack of an early-ack
-    job, just before its task starts, with the claim the job carries (and this
-    process acts on no claim it lent). Every broker operation on a held message
-    acts only while the claim is still ours, and no task starts before the
-    broker confirmed that (by that ack, or, with acks_late, by a renewal in the
-    round trip before the job is lent). So a message that went back to its queue
-    while we were out of touch is let go: never run, acked or requeued by us. A
-    record leaves `held` once the broker confirmed its end, or said it is not
-    ours any more.
+    Who owns a message. A message is the broker's until the worker's main
+    process takes it (reserve() marks it held under the worker's claim). From
+    then until it leaves the worker it is the main process's, and its one
+    record is `held[tag]`: waiting (`waiting`: due now, or at its ETA or rate
+    limit), lent to a pool process as a job, or ended, its end (ack, requeue,
+    dead letter) not yet confirmed by the broker. A pool process owns nothing:
+    it runs the jobs it is lent and says how each ended; the one act it makes on
+    a message is the ack of an early-ack job, just before its task starts, with
+    the claim the job carries (and the main process acts on no claim it lent).
+    Every broker operation on a held message acts only while the claim is still
+    ours, and no task starts before the broker confirmed that (by that ack, or,
+    with acks_late, by a renewal in the round trip before the job is lent). So
+    a message that went back to its queue while we were out of touch is let go:
+    never run, acked or requeued by us. A record leaves `held` once the broker
+    confirmed its end, or said it is not ours any more.
+    """
+
+    #: ETA tasks due within this many seconds wait here; later ones are parked in the broker,
+    #: which moves them back to their queue Broker.ETA_MOVE_AHEAD seconds before they are due
+    ETA_HORIZON = 3.0
+
+    def __init__(self, app, queues, capacity):
+        self.app, self.broker, self.queues = app, app.broker, queues
+        #: the most messages held at a time: the prefetch limit, and one running in each pool process
+        self.capacity = capacity
+        self.held = {}                  # delivery tag -> Held: every message this worker holds
+        self.waiting = Waiting(app)     # those that wait to be lent
+        self.revoked = {}               # task ids revoked (from the broker, kept fresh), the newest last
+        self.renew_every = max(0.2, min(5.0, self.broker.visibility_timeout / 4))
+        self._next_renewal = 0.0
+        self.orphans = []               # claims of takes whose answer never came (see settle())
+        self.more = False               # the last take filled its room: there may be more
+
+    def holds(self, held) -> bool:
+        return self.held.get(held.tag) is held
+
+    def lendable(self, held) -> bool:
+        """Still held, and not given back by a stopping worker."""
+        return self.holds(held) and held.end is None
+
+    def room(self) -> int:
+        """How many more messages to take: a worker holds at most `capacity` (those waiting
+        for an ETA or a rate limit, and those lent ahead to a pool process, count), and takes
+        more once half of that is free (fewer round trips)."""
+        return 0 if len(self.held) > self.capacity / 2 else self.capacity - len(self.held)
+
+    def settle(self, taking=True) -> tuple:
+        """One round trip with the broker: ack what ended, renew the claims of the acks_late
+        messages ready to go (none starts on a claim not confirmed in the same step: just
+        taken, or renewed here), of every message now and then, and of the jobs whose
+        process died unheard (did it ack them?), and take new messages. Returns (the
+        messages received, the jobs whose process died after acking them: they started).
+
+        Should the answer be lost, what it asked may have been done: a renewal may have
+        moved a claim (both scores count as ours), and the take may have taken messages
+        we never heard of (restore_claimed() gives them back).
+        """
+        self.more = False
+        self._tell_ends()
+        now, ending = time.time(), [held for held in self.held.values() if held.end == "ack"]
+        renewing = {held.tag: held for held in self.waiting.ready if held.late and held.claim and self.holds(held)}
+        renewing.update((held.tag, held) for held in self.held.values() if held.lost is not None)
+        if now >= self._next_renewal:  # (a lent early-ack job's claim is its pool process's to ack)
+            self._next_renewal = now + self.renew_every
+            renewing.update((held.tag, held) for held in self.held.values()
+                            if held.claim and held.end is None and (held.late or held.lent is None))
+        room = self.room() if taking else 0
+        if not (ending or renewing or room):
+            return [], []
+        try:
+            deliveries, gone, others = self.broker.reserve(
+                self.queues, room, {h.tag: h.claim for h in ending}, {h.tag: h.claim for h in renewing.values()}, now)
+        except Exception:
+            for held in renewing.values():
+                held.claim = (held.claim[0], now)
+            self.orphans += [now] if room else []
+            raise
+        for held in ending:
+            if held.tag in others:
+                worker_logger.warning("Task %s went back to its queue while it ran (out of touch with the "
+                                      "broker for longer than the visibility timeout): it may run again",
+                                      held.describe())
+            del self.held[held.tag]
+        started = self._confirmed(renewing.values(), gone, others, now)
+        self.more = len(deliveries) >= room > 0
+        return self._receive(deliveries), started
+
+    def _confirmed(self, renewed, gone, others, now) -> list:
+        """Take the broker's word on the claims we renewed: those it confirmed stay ours, the
+        others we let go (a job already lent runs on). A job whose pool process died unheard
+        had started if its message is gone (its process acked it: returned), and goes out
+        again if it is still ours."""
+        let_go, started = [], []
+        for held in renewed:
+            if held.lost is not None and held.tag in gone:
+                held.claim = ()
+                started.append(held)
+            elif held.tag in gone or held.tag in others:
+                held.claim, held.lost = (), None
+                if held.lent is None:
+                    let_go.append(held)
+                else:
+                    worker_logger.warning("Task %s went back to its queue while it ran (out of touch with the "
+                                          "broker): it may run again", held.describe())
+            else:
+                held.claim = (now,)
+                if held.lost is not None:
+                    held.lost = None
+                    self.waiting.put_first([held])  # it never started: lend it again
+        if let_go:
+            worker_logger.warning("Out of touch with the broker for longer than the visibility timeout: "
+                                  "%d held message(s) went back to the queue; letting them go", len(let_go))
+            for held in let_go:
+                del self.held[held.tag]
+        return started
+
+    def _tell_ends(self):
+        """Requeue and dead-letter what the pool finished so: broker operations of their own.
+        (Requeued last taken first: each goes to the head of its queue.) What has no claim
+        left needs nothing more from the broker."""
+        for held in reversed([held for held in self.held.values() if held.end]):
+            if held.end == "dead":
+                self.broker.dead_letter(held.delivery.raw, held.reason, held.delivery.queue)
+                held.end = "ack"
+            if held.end == "requeue" and held.claim:
+                self.broker.requeue({held.tag: held.claim})
+            if held.end == "requeue" or not held.claim:
+                del self.held[held.tag]
+
+    def _receive(self, deliveries) -> list:
+        received, parked = [], []
+        for delivery in deliveries:
+            if delivery.tag in self.held:
+                # A copy of a message we hold, restored while we were out of touch and taken
+                # again by us: the new claim is ours; the copy we hold is the one that runs.
+                worker_logger.warning("Message %s came back while we hold it; running it once", delivery.tag)
+                self.held[delivery.tag].claim = (delivery.claim,)
+                continue
+            held = self.held[delivery.tag] = Held(delivery, (delivery.claim,))
+            try:
+                self._file(held, parked)
+                received += [held.message] if held.message is not None else []
+            except Exception as exc:  # one message must never take the worker down
+                worker_logger.exception("can't handle message %s", printable(delivery.tag))
+                held.end, held.reason = "dead", f"can't handle message: {exc!r}"
+        if parked:
+            self.broker.park([(held.delivery, held.claim, held.message.priority, due) for held, due in parked])
+            for held, _ in parked:
+                del self.held[held.tag]
+            worker_logger.info("Parked %d task(s) with a later ETA in the broker", len(parked))
+        return received
+
+    def _file(self, held, parked):
+        """File a new message as waiting (due now or soon), parked, or a dead letter."""
+        delivery = held.delivery
+        try:
+            held.message = message = decode_message(delivery.raw, delivery.queue, delivery.tag,
+                                                    self.app.conf.worker_max_message_size)
+        except DecodeError as exc:
+            if getattr(exc, "task_id", None) is not None:
+                self.waiting.put(held)  # its id is known: its pool process stores its FAILURE and says why
+            else:
+                worker_logger.error("can't decode message: %s", exc)
+                held.end, held.reason = "dead", f"can't decode message: {exc}"
+            return
+        task = self.app.tasks.get(message.task_name)
+        held.late = bool(task and task.option("acks_late"))
+        try:
+            due = message.eta.timestamp() if message.eta else 0
+        except (ValueError, TypeError, AttributeError):
+            due = 0  # (a bad eta: its pool process says so)
+        if message.id in self.revoked:
+            held.verdict, due = TaskRevokedError("revoked"), 0
+        if due > time.time() + self.ETA_HORIZON:
+            parked.append((held, due))
+        else:
+            self.waiting.put(held, due)
+
+    def give_back(self):
+        """Put what waits back in its queue (a stopping worker): what ends without running
+        stays, for a pool process to record."""
+        waiting = [held for held in self.held.values() if held.lent is None and held.end is None
+                   and held.verdict is None and held.lost is None]
+        if waiting:
+            worker_logger.info("Restoring %d unacknowledged message(s)", len(waiting))
+        for held in waiting:
+            held.end = "requeue"
+
+    def revoke(self, task_ids):
+        """Remember revoked ids (the newest REVOKES_MAX); held messages of theirs that wait for
+        their ETA go first, to be recorded as REVOKED now."""
+        self.revoked.update(dict.fromkeys(task_ids))
+        while len(self.revoked) > Broker.REVOKES_MAX:  # (a flood keeps the newest, as the broker does)
+            del self.revoked[next(iter(self.revoked))]
+        self.waiting.first(lambda held: held.message.id in self.revoked)
+
+    def renew_all(self):
+        """Renew every claim held (the solo pool's keepalive thread, while a job runs)."""
+        now, renewing = time.time(), [held for held in self.held.values() if held.claim]
+        if renewing:
+            gone, others = self.broker.touch({held.tag: held.claim for held in renewing}, now)
+            for held in renewing:
+                held.claim = () if held.tag in gone | others else (now,)
+
+    def restore_orphans(self):
+        """Give back what a take whose answer was lost took (not ours: we never heard of it)."""
+        while self.orphans:
+            self.broker.restore_claimed(self.orphans[0], keep=set(self.held))
+            self.orphans.pop(0)
+
+
+class Consumer:
+    """The worker's main process: it takes messages, holds them (its Book), lends them
+    to the pool as jobs, learns how each ended and settles it with the broker, one
+    step() at a time. The same loop serves every pool. It never waits for a pool
+    process, and runs no task code.
     """
 
     #: longest a step waits, so signals and housekeeping are never late by more
     MAX_WAIT = 1.0
-    #: ETA tasks due within this many seconds wait here; later ones are parked in the broker,
-    #: which moves them back to their queue Broker.ETA_MOVE_AHEAD seconds before they are due
-    ETA_HORIZON = 3.0
     #: seconds between reloads of every revoked id from the broker
     REVOKED_RELOAD = 30.0
     #: seconds a stopping worker tries to record and settle what is left once no task runs
@@ -5497,25 +5694,20 @@ class Consumer:
         self.app, self.pool, self.queues, self.hostname = app, pool, list(queues), hostname
         self.broker = app.broker
         self.prefetch_limit = max(1, prefetch_limit)
-        self.held = {}                  # delivery tag -> Held: every message this worker holds
-        self.waiting = Waiting(app)     # those that wait to be lent
-        self.revoked = {}               # task ids revoked (from the broker, kept fresh), the newest last
+        self.book = Book(app, self.queues, self.prefetch_limit + pool.concurrency)
         self.total = collections.Counter()  # task name -> how many ran here, for `inspect stats`
         self.remote = RemoteControl(self)
         self.born = time.monotonic()
         self.events = app.conf.worker_send_task_events  # task events (-E); worker events always
         self.stopping = None            # None while running; "warm" or "cold" once a shutdown was asked for
-        self.maintain_every = max(0.2, min(5.0, self.broker.visibility_timeout / 4))
-        self._next_heartbeat = self._next_renewal = self._restore_after = self._next_revoked_reload = 0.0
-        self._orphans = []              # claims of takes whose answer never came (see _settle)
-        self._more = False              # the last take filled its room: there may be more
+        self._next_heartbeat = self._restore_after = self._next_revoked_reload = 0.0
         self._ready_handles = None      # what the last wait found ready (None: look at everything)
         self._leave_by = None
         self._to_say = []               # warnings from signal handlers, for the loop to log
 
     def start_pool(self):
-        self.pool.start(depth=self.prefetch_limit // self.pool.concurrency, keep_alive=self._renew_held,
-                        every=self.maintain_every)
+        self.pool.start(depth=self.prefetch_limit // self.pool.concurrency, keep_alive=self.book.renew_all,
+                        every=self.book.renew_every)
 
     def stop(self, cold=False):
         self.stopping = "cold" if cold else (self.stopping or "warm")
@@ -5528,13 +5720,6 @@ class Consumer:
     def _say_what_was_said(self):
         while self._to_say:
             worker_logger.warning(self._to_say.pop(0))
-
-    def _holds(self, held) -> bool:
-        return self.held.get(held.tag) is held
-
-    def _lendable(self, held) -> bool:
-        """Still held, and not given back by a stopping worker."""
-        return self._holds(held) and held.end is None
 
     # -- the loop ---------------------------------------------------------
 
@@ -5560,7 +5745,7 @@ class Consumer:
                 worker_logger.error("%s: %s: %s; trying again in %.1fs", "Connection to broker lost" if lost
                                     else "Unexpected error in the worker loop", type(exc).__name__, exc,
                                     delay, exc_info=not lost)
-                self._restore_after = time.monotonic() + 2 * self.maintain_every  # see _sweep
+                self._restore_after = time.monotonic() + 2 * self.book.renew_every  # see _sweep
                 self._wait_out(delay)
         self._leave()
 
@@ -5574,10 +5759,14 @@ class Consumer:
         self._heartbeat()
         self._sweep()
         if self.stopping:
-            self._give_back()
-        self.waiting.release()
-        self._settle()
-        self._lend(self.waiting.take(self.pool.free(), self._lendable))
+            self.book.give_back()
+        self.book.waiting.release()
+        received, started = self.book.settle(taking=not self.stopping)
+        for message in received:
+            self._received(message)
+        for held in started:
+            self._lost(held, held.lost)
+        self._lend(self.book.waiting.take(self.pool.free(), self.book.lendable))
         self._wait()
 
     def _wait_out(self, delay):
@@ -5594,68 +5783,10 @@ class Consumer:
             return False
         if self.stopping == "cold":
             self.pool.kill_running()
-        elif any(held.lent for held in self.held.values()):
+        elif any(held.lent for held in self.book.held.values()):
             return False
         self._leave_by = self._leave_by or time.monotonic() + self.LEAVE_WITHIN
-        return not self.held or time.monotonic() > self._leave_by
-
-    # -- taking ---------------------------------------------------------------
-
-    def _room(self) -> int:
-        """How many more messages to take. A worker holds at most prefetch_limit messages (the
-        prefetch multiplier for each pool process) besides one running in each process, those
-        waiting for an ETA or a rate limit counted; it takes more once half of that is free
-        (fewer round trips)."""
-        capacity = self.prefetch_limit + self.pool.concurrency
-        return 0 if self.stopping or len(self.held) > capacity / 2 else capacity - len(self.held)
-
-    def _receive(self, deliveries):
-        parked = []
-        for delivery in deliveries:
-            if delivery.tag in self.held:
-                # A copy of a message we hold, restored while we were out of touch and taken
-                # again by us: the new claim is ours; the copy we hold is the one that runs.
-                worker_logger.warning("Message %s came back while we hold it; running it once", delivery.tag)
-                self.held[delivery.tag].claim = (delivery.claim,)
-                continue
-            held = self.held[delivery.tag] = Held(delivery, (delivery.claim,))
-            try:
-                self._file(held, parked)
-            except Exception as exc:  # one message must never take the worker down
-                worker_logger.exception("can't handle message %s", printable(delivery.tag))
-                held.end, held.reason = "dead", f"can't handle message: {exc!r}"
-        if parked:
-            self.broker.park([(held.delivery, held.claim, held.message.priority, due) for held, due in parked])
-            for held, _ in parked:
-                del self.held[held.tag]
-            worker_logger.info("Parked %d task(s) with a later ETA in the broker", len(parked))
-
-    def _file(self, held, parked):
-        """File a new message as waiting (due now or soon), parked, or a dead letter."""
-        delivery = held.delivery
-        try:
-            held.message = message = decode_message(delivery.raw, delivery.queue, delivery.tag,
-                                                    self.app.conf.worker_max_message_size)
-        except DecodeError as exc:
-            if getattr(exc, "task_id", None) is not None:
-                self.waiting.put(held)  # its id is known: its pool process stores its FAILURE and says why
-            else:
-                worker_logger.error("can't decode message: %s", exc)
-                held.end, held.reason = "dead", f"can't decode message: {exc}"
-            return
-        task = self.app.tasks.get(message.task_name)
-        held.late = bool(task and task.option("acks_late"))
-        self._received(message)
-        try:
-            due = message.eta.timestamp() if message.eta else 0
-        except (ValueError, TypeError, AttributeError):
-            due = 0  # (a bad eta: its pool process says so)
-        if message.id in self.revoked:
-            held.verdict, due = TaskRevokedError("revoked"), 0
-        if due > time.time() + self.ETA_HORIZON:
-            parked.append((held, due))
-        else:
-            self.waiting.put(held, due)
+        return not self.book.held or time.monotonic() > self._leave_by
 
     def _received(self, message):
         worker_logger.info("Task %s received", message.describe())
@@ -5667,99 +5798,6 @@ class Consumer:
                             parent_id=headers.get("parent_id"), retries=message.retries,
                             eta=headers.get("eta"), expires=headers.get("expires"))
 
-    # -- settling with the broker ---------------------------------------------
-
-    def _settle(self):
-        """One round trip with the broker: ack what ended, renew the claims of the acks_late
-        messages ready to go (none starts on a claim not confirmed in the same step: just
-        taken, or renewed here), of every message now and then, and of the jobs whose
-        process died unheard (did it ack them?), and take new messages.
-
-        Should the answer be lost, what it asked may have been done: a renewal may have
-        moved a claim (both scores count as ours), and the take may have taken messages
-        we never heard of (restore_claimed() gives them back).
-        """
-        self._more = False
-        self._tell_ends()
-        now, ending = time.time(), [held for held in self.held.values() if held.end == "ack"]
-        renewing = {held.tag: held for held in self.waiting.ready if held.late and held.claim and self._holds(held)}
-        renewing.update((held.tag, held) for held in self.held.values() if held.lost is not None)
-        if now >= self._next_renewal:  # (a lent early-ack job's claim is its pool process's to ack)
-            self._next_renewal = now + self.maintain_every
-            renewing.update((held.tag, held) for held in self.held.values()
-                            if held.claim and held.end is None and (held.late or held.lent is None))
-        room = self._room()
-        if not (ending or renewing or room):
-            return
-        try:
-            deliveries, gone, others = self.broker.reserve(
-                self.queues, room, {h.tag: h.claim for h in ending}, {h.tag: h.claim for h in renewing.values()}, now)
-        except Exception:
-            for held in renewing.values():
-                held.claim = (held.claim[0], now)
-            self._orphans += [now] if room else []
-            raise
-        for held in ending:
-            if held.tag in others:
-                worker_logger.warning("Task %s went back to its queue while it ran (out of touch with the "
-                                      "broker for longer than the visibility timeout): it may run again",
-                                      held.describe())
-            del self.held[held.tag]
-        self._confirmed(renewing.values(), gone, others, now)
-        self._more = len(deliveries) >= room > 0
-        self._receive(deliveries)
-
-    def _confirmed(self, renewed, gone, others, now):
-        """Take the broker's word on the claims we renewed: those it confirmed stay ours, the
-        others we let go (a job already lent runs on). A job whose pool process died unheard
-        had started if its message is gone (its process acked it), and goes out again if it
-        is still ours."""
-        let_go = []
-        for held in renewed:
-            lost, held.lost = held.lost, None
-            if lost is not None and held.tag in gone:  # its process acked it: it started
-                held.claim = ()
-                self._lost(held, lost)
-            elif held.tag in gone or held.tag in others:
-                held.claim = ()
-                if held.lent is None:
-                    let_go.append(held)
-                else:
-                    worker_logger.warning("Task %s went back to its queue while it ran (out of touch with the "
-                                          "broker): it may run again", held.describe())
-            else:
-                held.claim = (now,)
-                if lost is not None:
-                    self.waiting.put_first([held])  # it never started: lend it again
-        if let_go:
-            worker_logger.warning("Out of touch with the broker for longer than the visibility timeout: "
-                                  "%d held message(s) went back to the queue; letting them go", len(let_go))
-            for held in let_go:
-                del self.held[held.tag]
-
-    def _tell_ends(self):
-        """Requeue and dead-letter what the pool finished so: broker operations of their own.
-        (Requeued last taken first: each goes to the head of its queue.) What has no claim
-        left needs nothing more from the broker."""
-        for held in reversed([held for held in self.held.values() if held.end]):
-            if held.end == "dead":
-                self.broker.dead_letter(held.delivery.raw, held.reason, held.delivery.queue)
-                held.end = "ack"
-            if held.end == "requeue" and held.claim:
-                self.broker.requeue({held.tag: held.claim})
-            if held.end == "requeue" or not held.claim:
-                del self.held[held.tag]
-
-    def _give_back(self):
-        """A stopping worker puts what waits back in its queue (what ends without running
-        stays: a pool process records it first)."""
-        waiting = [held for held in self.held.values() if held.lent is None and held.end is None
-                   and held.verdict is None and held.lost is None]
-        if waiting:
-            worker_logger.info("Restoring %d unacknowledged message(s)", len(waiting))
-        for held in waiting:
-            held.end = "requeue"
-
     # -- lending, and what the pool says ---------------------------------------
 
     def _lend(self, starting):
@@ -5767,7 +5805,7 @@ class Consumer:
         with it: its process acks the message just before the task starts (run_job())."""
         for held in starting:
             held.lent = time.time()
-            if held.verdict is None and held.message is not None and held.message.id in self.revoked:
+            if held.verdict is None and held.message is not None and held.message.id in self.book.revoked:
                 held.verdict = TaskRevokedError("revoked")
         self.pool.apply([Job(held.tag, held.delivery.raw, held.delivery.queue, () if held.late else held.claim,
                              held.verdict, self._limits(held), self.events) for held in starting])
@@ -5784,7 +5822,7 @@ class Consumer:
     def _learn(self, events):
         unstarted = []
         for event in events:
-            held = self.held.get(event.tag)
+            held = self.book.held.get(event.tag)
             if held is None or held.lent is None:
                 continue
             held.lent = None
@@ -5794,11 +5832,11 @@ class Consumer:
                 unstarted.append(held)
             else:
                 self._lost(held, event)
-        self.waiting.put_first(unstarted)
+        self.book.waiting.put_first(unstarted)
 
     def _done(self, held, event):
         if event.state is None:  # its claim was no longer ours: let go, not run
-            del self.held[held.tag]
+            del self.book.held[held.tag]
             return
         if not held.late:
             held.claim = ()  # its pool process acked it
@@ -5809,14 +5847,15 @@ class Consumer:
         elif held.claim:  # (acks_late: still unacked, unless it went back while we were out of touch)
             held.end = "requeue" if event.requeue else "ack"
         else:
-            del self.held[held.tag]
+            del self.book.held[held.tag]
 
     def _lost(self, held, event):
         """The pool process of a job died. A task acked late is requeued at a cold shutdown,
         or when it asks to be (reject_on_worker_lost); otherwise it ends with the loss,
         recorded by a pool process (the main process runs no task code: errbacks)."""
+        held.lost = None
         if not held.late and held.claim and held.verdict is None:
-            held.lost = event  # did it ack it, so start it? The broker knows (_settle asks)
+            held.lost = event  # did it ack it, so start it? The broker knows (Book.settle asks)
             return
         if held.verdict is not None:  # it died recording an end: give up, loudly
             worker_logger.error("Task %s: the pool process recording its end died (%s)", held.describe(),
@@ -5838,7 +5877,7 @@ class Consumer:
             held.verdict = WorkerLostError(f"Worker exited prematurely: {event.reason} Job: "
                                            f"{held.message.id if held.message else held.tag}.")
             worker_logger.error("Task handler raised error: %r", held.verdict)
-        self.waiting.put_first([held])
+        self.book.waiting.put_first([held])
 
     # -- waiting and housekeeping -----------------------------------------------
 
@@ -5846,45 +5885,35 @@ class Consumer:
         """Wait until something needs us: a pool process reports, dies or can take the rest of
         its job; a command or a signal; a message, while there is room for one; or the next
         ETA, rate limit, renewal or heartbeat."""
-        readable, writable = self.pool.handles()
+        book, readable, writable = self.book, *self.pool.handles()
         commands = self.broker.control_handles()
-        at_hand = (self.waiting.ready and self.pool.free()) or self._more or self._orphans or any(
-            held.end or held.lost for held in self.held.values()) or (self.stopping and not self.held)
+        at_hand = (book.waiting.ready and self.pool.free()) or book.more or book.orphans or any(
+            held.end or held.lost for held in book.held.values()) or (self.stopping and not book.held)
         timeout = 0 if at_hand else self._timeout(polling=commands is None)
-        queues = self.queues if timeout and self._room() else ()
+        queues = self.queues if timeout and not self.stopping and book.room() else ()
         self._ready_handles = self.broker.wait(queues, timeout, readable + (commands or []), writable)
 
     def _timeout(self, polling) -> float:
         """Seconds until something is due here (at most MAX_WAIT; 0.1 where commands can't wake us)."""
-        now, due = time.time(), self.waiting.due()
-        wait = min(0.1 if polling else self.MAX_WAIT, self._next_renewal - now, self._next_heartbeat - time.monotonic())
+        now, due = time.time(), self.book.waiting.due()
+        wait = min(0.1 if polling else self.MAX_WAIT, self.book.renew_every, self._next_heartbeat - time.monotonic())
         return max(min(wait, due - now) if due else wait, 0.0)
 
     def _sweep(self):
         """Now and then: give back what a take whose answer was lost took, bring back the
         messages of dead workers, and reload the revocations."""
-        for claim in self._orphans:
-            self.broker.restore_claimed(claim, keep=set(self.held))
-        self._orphans = []
+        self.book.restore_orphans()
         if time.monotonic() >= self._restore_after:
             # After a broker error we wait two rounds first: the other workers were cut off
             # too, and need a round to renew their claims before theirs look abandoned.
-            self._restore_after = time.monotonic() + self.maintain_every
+            self._restore_after = time.monotonic() + self.book.renew_every
             restored = self.broker.restore_unacked()
             if restored:
                 worker_logger.warning("Restored %d unacknowledged message(s) of lost workers", restored)
         if time.monotonic() >= self._next_revoked_reload:
             self._next_revoked_reload = time.monotonic() + self.REVOKED_RELOAD
-            self.revoked = dict.fromkeys(self.broker.revoked())
-            self._move_revoked_first()
-
-    def _renew_held(self):
-        """Renew every claim we hold (the solo pool's keepalive thread, while a job runs)."""
-        now, renewing = time.time(), [held for held in self.held.values() if held.claim]
-        if renewing:
-            gone, others = self.broker.touch({held.tag: held.claim for held in renewing}, now)
-            for held in renewing:
-                held.claim = () if held.tag in gone | others else (now,)
+            self.book.revoked = {}
+            self.book.revoke(self.broker.revoked())
 
     def send_event(self, kind, **fields):
         try:  # a lost event changes nothing else: not worth a task, nor the loop
@@ -5895,38 +5924,32 @@ class Consumer:
     def _heartbeat(self, kind="worker-heartbeat"):
         if kind != "worker-heartbeat" or time.monotonic() >= self._next_heartbeat:
             self._next_heartbeat = time.monotonic() + self.HEARTBEAT
-            self.send_event(kind, freq=self.HEARTBEAT, active=sum(1 for held in self.held.values() if held.lent),
-                            processed=sum(self.total.values()), loadavg=[round(x, 2) for x in os.getloadavg()],
-                            sw_ident="py-celery", sw_ver=__version__, sw_sys=os.uname().sysname)
+            active = sum(1 for held in self.book.held.values() if held.lent)
+            self.send_event(kind, freq=self.HEARTBEAT, active=active, processed=sum(self.total.values()),
+                            loadavg=[round(x, 2) for x in os.getloadavg()], sw_ident="py-celery",
+                            sw_ver=__version__, sw_sys=os.uname().sysname)
 
     # -- revocation and leaving -----------------------------------------------
 
     def revoke(self, task_ids, terminate, signum):
         worker_logger.info("Tasks flagged as revoked: %s", printable(", ".join(task_ids)))
-        self.revoked.update(dict.fromkeys(task_ids))
-        while len(self.revoked) > Broker.REVOKES_MAX:  # (a flood keeps the newest, as the broker does)
-            del self.revoked[next(iter(self.revoked))]
+        self.book.revoke(task_ids)
         # Make revocations broadcast by real Celery durable too, for workers started later.
         self.broker.revoke(task_ids, expires=self.app.revoke_expires, broadcast=False)
-        self._move_revoked_first()
-        for held in self.held.values():
+        for held in self.book.held.values():
             if terminate and held.lent and held.message is not None and held.message.id in task_ids:
                 worker_logger.info("Terminating %s (%s)", printable(held.message.id), signum)
                 if not self.pool.terminate(held.tag, signum):
                     worker_logger.warning("the %s pool can't terminate %s", self.pool.name, held.describe())
 
-    def _move_revoked_first(self):
-        """Scheduled messages whose task was revoked go to the head of the line: to be recorded
-        as REVOKED now, not at their ETA."""
-        self.waiting.first(lambda held: held.message.id in self.revoked)
-
     def _leave(self):
         self._say_what_was_said()
         self._heartbeat("worker-offline")
         self.pool.stop()
-        if self.held:
+        held = self.book.held.values()
+        if held:
             worker_logger.error("Leaving without recording what became of %d message(s) (the broker is away): %s",
-                                len(self.held), ", ".join(held.describe() for held in self.held.values()))
+                                len(held), ", ".join(h.describe() for h in held))
 
 
 def _ok(text):
@@ -5994,9 +6017,9 @@ class RemoteControl:
         active, running in a pool process; scheduled, waiting for its ETA or rate limit;
         reserved, the others (waiting, or lent behind a task that runs)."""
         consumer, running = self.consumer, set(self.consumer.pool.jobs().values())
-        scheduled = {id(entry[2]) for entry in consumer.waiting.scheduled}
+        scheduled = {id(entry[2]) for entry in consumer.book.waiting.scheduled}
         return [("active" if held.tag in running else "scheduled" if id(held) in scheduled else "reserved", held)
-                for held in consumer.held.values() if held.message is not None and (held.lent or held.end is None)]
+                for held in consumer.book.held.values() if held.message is not None and (held.lent or held.end is None)]
 
     # -- inspect ----------------------------------------------------------------
 
@@ -6018,7 +6041,7 @@ class RemoteControl:
         return sorted(name for name in self.app.tasks if not name.startswith("celery."))
 
     def do_revoked(self, **_):
-        return sorted(self.consumer.revoked)
+        return sorted(self.consumer.book.revoked)
 
     def do_query_task(self, ids=(), **_):
         ids = {ids} if isinstance(ids, str) else set(ids)
@@ -6059,7 +6082,7 @@ class RemoteControl:
         except ImproperlyConfigured as exc:
             return {"error": f"Invalid rate limit string: {exc!r}"}
         self.app.tasks[task_name].rate_limit = rate_limit
-        self.consumer.waiting.rate_changed(task_name)
+        self.consumer.book.waiting.rate_changed(task_name)
         return _ok("new rate limit set successfully" if rate_limit else "rate limit disabled successfully")
 
     def do_time_limit(self, task_name=None, hard=None, soft=None, **_):

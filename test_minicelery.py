@@ -2168,7 +2168,7 @@ def test_regression_sqlite_revocations_are_not_rebroadcast(tmp_path):
     echo_ = app_.task(name="rev.echo")(lambda x: x)
     with app_.Worker(pool="solo") as w:
         app_.control.revoke("some-id")
-        wait_until(lambda: "some-id" in w.consumer.revoked, what="the revocation")
+        wait_until(lambda: "some-id" in w.consumer.book.revoked, what="the revocation")
         rows = app_.broker.store.read("SELECT COUNT(*) FROM revocations")[0][0]
         for i in range(5):  # each task takes the consumer through more steps
             assert echo_.delay(i).get(timeout=10) == i
