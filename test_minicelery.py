@@ -4702,19 +4702,21 @@ def _freeze(pids, seconds):
 
 
 FREEZES = {  # what is frozen: (the pids to stop, given the worker; seconds; how many times)
-    "main": (lambda w: [w.pid], 6.0, 1),
-    "worker": (lambda w: [w.pid, *w.children()], 5.0, 2),
-    "pool process": (lambda w: w.children()[:1], 5.0, 8),
+    "main": (lambda w: [w.pid], chaos_size(6.0, 3.0), 1),
+    "worker": (lambda w: [w.pid, *w.children()], chaos_size(5.0, 3.0), 2),
+    "pool process": (lambda w: w.children()[:1], chaos_size(5.0, 3.0), 8),
 }
+#: the visibility timeout of the freeze scenarios: shorter than each freeze
+FREEZE_VISIBILITY = chaos_size(3, 2)
 
 
 @pytest.mark.chaos
 @pytest.mark.parametrize("frozen", list(FREEZES))
 def test_chaos_frozen_past_the_visibility_timeout(app, tmp_path, frozen):
     """Worker A's main process, its whole process group (as `docker pause` does) or one of
-    its pool processes is SIGSTOPped past the 3 s visibility timeout while worker B runs:
-    B takes what A held, and A, woken, runs none of it again (early ack)."""
-    app.conf.broker_transport_options = {"visibility_timeout": 3}
+    its pool processes is SIGSTOPped past the visibility timeout while worker B runs: B
+    takes what A held, and A, woken, runs none of it again (early ack)."""
+    app.conf.broker_transport_options = {"visibility_timeout": FREEZE_VISIBILITY}
     pids_of, seconds, times = FREEZES[frozen]
     n, out, started = chaos_size(2000, 600), str(tmp_path / "runs"), time.monotonic()
     for i in range(n):
@@ -4727,8 +4729,8 @@ def test_chaos_frozen_past_the_visibility_timeout(app, tmp_path, frozen):
         everything_ran = _settle(lambda: _distinct_runs(out) >= n, chaos_size(300, 120))
         alive = a.alive() and b.alive()
         logs = _tail(a) + "\n---\n" + _tail(b)
-    row = chaos_report(f"13. {frozen} frozen {seconds:.0f}s x{chaos_size(times, 1)} (visibility 3 s, "
-                       "2 workers, early ack)", n, out, started)
+    row = chaos_report(f"13. {frozen} frozen {seconds:.0f}s x{chaos_size(times, 1)} (visibility "
+                       f"{FREEZE_VISIBILITY} s, 2 workers, early ack)", n, out, started)
     assert everything_ran and alive and row["lost"] == 0 and row["duplicates"] == 0, f"{row}\n{logs}"
 
 
@@ -4751,7 +4753,7 @@ def test_chaos_a_long_task_with_a_hard_limit_beside_a_stream(app, tmp_path):
     """A task spinning until its hard time limit kills it, beside a steady stream of short
     ones and then a flood of revoke() calls: the limit fires on time, the stream goes on,
     and the worker answers every ping meanwhile."""
-    limit, n = chaos_size(180, 8), chaos_size(1200, 50)
+    limit, n = chaos_size(180, 5), chaos_size(1200, 30)
     out, started, pings = str(tmp_path / "runs"), time.monotonic(), []
     with worker(app, tmp_path, concurrency=2, hostname="stream@%h") as w:
         node = minicelery._expand_hostname("stream@%h")
@@ -4791,15 +4793,16 @@ def reject_once(self, i, path):
 def test_chaos_reject_requeue_runs_each_task_once_more(app, tmp_path, redis_client):
     """acks_late with Reject(requeue=True): each rejection requeues the message once, and a
     task that succeeded is acked: nothing stays in unacked, nothing runs a third time."""
-    app.conf.broker_transport_options = {"visibility_timeout": 4}
+    visibility = chaos_size(4, 2)
+    app.conf.broker_transport_options = {"visibility_timeout": visibility}
     n, out, started = chaos_size(300, 60), str(tmp_path / "runs"), time.monotonic()
     results = [reject_once.delay(i, out) for i in range(n)]
     with worker(app, tmp_path, concurrency=1):
         assert [r.get(timeout=chaos_size(120, 60)) for r in results] == list(range(n))
         wait_until(lambda: redis_client.hlen("unacked") == 0, what="every message acked")
-        time.sleep(5)  # paces the check: past the visibility timeout, nothing comes back
+        time.sleep(visibility + 1)  # paces the check: past the visibility timeout, nothing comes back
         assert redis_client.hlen("unacked") == 0 and redis_client.llen("celery") == 0
-    row = chaos_report("13. Reject(requeue=True) once each (acks_late, visibility 4 s)", n, out, started)
+    row = chaos_report(f"13. Reject(requeue=True) once each (acks_late, visibility {visibility} s)", n, out, started)
     assert row["lost"] == 0 and row["duplicates"] == 0, row
 
 
@@ -4817,7 +4820,8 @@ def test_chaos_an_errback_that_sleeps_runs_in_a_pool_process(app, tmp_path):
     """A message whose arguments don't fit has its errback run where tasks run, not in the
     main process: while it sleeps, pings are answered, other tasks run, and another task's
     hard time limit fires on time."""
-    nap, out, started = chaos_size(20, 5), str(tmp_path / "runs"), time.monotonic()
+    nap, limit = chaos_size(20, 3), chaos_size(3, 1.5)
+    out, started = str(tmp_path / "runs"), time.monotonic()
     with worker(app, tmp_path, concurrency=2, hostname="nap@%h") as w:
         node = minicelery._expand_hostname("nap@%h")
         woke = tmp_path / "woke"
@@ -4825,7 +4829,7 @@ def test_chaos_an_errback_that_sleeps_runs_in_a_pool_process(app, tmp_path):
                             link_error=sleepy_errback.s())
         wait_until(lambda: bad.state == "FAILURE", what="the bad message failed")
         limited_at = time.monotonic()
-        limited = spin.apply_async((60,), time_limit=3)
+        limited = spin.apply_async((60,), time_limit=limit)
         done = [chaos_early.delay(i, out, 0) for i in range(20)]
         pings = [_ping(app, node) for _ in range(3)]
         with pytest.raises(minicelery.TimeLimitExceeded):
@@ -4835,9 +4839,10 @@ def test_chaos_an_errback_that_sleeps_runs_in_a_pool_process(app, tmp_path):
         assert w.alive() and not woke.exists()  # (all that while the errback slept)
         wait_until(woke.exists, timeout=nap + 15, what="the errback to wake")
         assert int(woke.read_text()) in w.children()  # it ran in a pool process
-    row = chaos_report(f"13. an errback sleeping {nap}s beside a 3 s hard limit and 20 tasks", 20, out, started)
+    row = chaos_report(f"13. an errback sleeping {nap}s beside a {limit:g} s hard limit and 20 tasks", 20, out,
+                       started)
     assert all(pings) and row["lost"] == 0 and row["duplicates"] == 0, (pings, row)
-    assert killed_after < 3 + 2.5, f"the 3 s limit fired after {killed_after:.1f}s"
+    assert killed_after < limit + 2.5, f"the {limit}s limit fired after {killed_after:.1f}s"
 
 
 # --- Celery projects run unchanged --------------------------------------------
