@@ -358,6 +358,36 @@ def wait_readable(handles, timeout, writable=()) -> list:
     return ready
 
 
+def _expand_hostname(name):
+    host = os.uname().nodename
+    return name.replace("%h", host).replace("%n", host.split(".")[0]).replace("%d", host.partition(".")[2])
+
+
+def _safe_url(url):
+    """The URL with its secrets masked, for banners, logs and errors.
+
+    Everything between the scheme and the last '@' before the query (user and
+    password, which may hold '@', '?' or '/') becomes `user:**`, and so does
+    the value of any query parameter whose name (percent-decoded) holds "password".
+    """
+    import urllib.parse
+    url = str(url or "")
+    scheme, colon, rest = url.partition(":")
+    location, question, query = rest.partition("?")
+    if "=" not in query:  # not a query: a '?' in the password
+        location, question, query = rest, "", ""
+    if "@" in location:
+        slashes = location[:len(location) - len(location.lstrip("/"))]
+        userinfo, _, host = location[len(slashes):].rpartition("@")
+        user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+        location = f"{slashes}{user}:**@{host}"
+
+    def hide(match):
+        secret = "password" in urllib.parse.unquote_plus(match.group(1)).lower()
+        return f"{match.group(1)}=**" if secret else match.group(0)
+    return scheme + colon + location + question + re.sub(r"([^&;=]+)=([^&;#]*)", hide, query)
+
+
 class _ProcessNameFilter(logging.Filter):
     """Stamps log records with Celery's process names (MainProcess, ForkPoolWorker-1)."""
 
@@ -4684,17 +4714,18 @@ class _SharedTaskProxy:
 # 10. Worker: the consumer and its pool
 # =============================================================================
 # A worker is a main process, the Consumer, and a pool. The consumer takes
-# messages from the broker, holds each until it may run (an ETA, a rate limit),
-# lends it to a pool process as a Job, and acks it: just before the job starts
-# (the default: at most once) or once it ended (acks_late: at least once). A
-# pool process only runs jobs: run_job() decodes the message and calls
+# messages from the broker, holds each (its Book has one record per message)
+# until it may run (an ETA, a rate limit), lends it to a pool process as a Job,
+# and sees it acked: by the pool process just before the task starts (the
+# default: at most once), or by itself once the task ended (acks_late: at least
+# once). A pool process only runs jobs: run_job() decodes the message and calls
 # run_task(), which runs the task and stores its outcome; then the process
 # reports how it ended. The main process never runs task code and never waits
 # for a pool process.
 #
-#     broker ──reserve()──► Consumer.held ──Job──► pool process: run_job() ──► result backend
-#        ▲                     │     ▲                    │
-#        └──ack, requeue───────┘     └───Done or Lost─────┘
+#     broker ──reserve()──► Book.held ──Job──► pool process: run_job() ──► result backend
+#        ▲                     │   ▲                    │
+#        └──ack, requeue───────┘   └───Done or Lost─────┘
 #
 # The solo pool runs each job in the main process instead, as Celery's does.
 
@@ -6270,36 +6301,6 @@ class Worker:
             queues, "", "[tasks]", tasks, "",
         ]
         return "\n".join(lines)
-
-
-def _expand_hostname(name):
-    host = os.uname().nodename
-    return name.replace("%h", host).replace("%n", host.split(".")[0]).replace("%d", host.partition(".")[2])
-
-
-def _safe_url(url):
-    """The URL with its secrets masked, for banners, logs and errors.
-
-    Everything between the scheme and the last '@' before the query (user and
-    password, which may hold '@', '?' or '/') becomes `user:**`, and so does
-    the value of any query parameter whose name (percent-decoded) holds "password".
-    """
-    import urllib.parse
-    url = str(url or "")
-    scheme, colon, rest = url.partition(":")
-    location, question, query = rest.partition("?")
-    if "=" not in query:  # not a query: a '?' in the password
-        location, question, query = rest, "", ""
-    if "@" in location:
-        slashes = location[:len(location) - len(location.lstrip("/"))]
-        userinfo, _, host = location[len(slashes):].rpartition("@")
-        user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
-        location = f"{slashes}{user}:**@{host}"
-
-    def hide(match):
-        secret = "password" in urllib.parse.unquote_plus(match.group(1)).lower()
-        return f"{match.group(1)}=**" if secret else match.group(0)
-    return scheme + colon + location + question + re.sub(r"([^&;=]+)=([^&;#]*)", hide, query)
 
 
 # =============================================================================
