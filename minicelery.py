@@ -5038,10 +5038,11 @@ class _Deadlines:
         self.locks = [multiprocessing.Lock() for _ in range(size)]
         self.pids, self.killed = [0] * size, set()  # pid of each slot's process; pids killed for their limit
 
-    def renew(self, slot, pid):
-        """(main process) A new process in `slot`: a new lock (one killed holding the old keeps it)."""
+    def renew(self, slot):
+        """(main process, before it forks a process for `slot`) A new lock: one killed
+        holding the old one keeps it."""
         import multiprocessing
-        self.locks[slot], self.values[slot], self.pids[slot] = multiprocessing.Lock(), 0, pid
+        self.locks[slot], self.values[slot], self.pids[slot] = multiprocessing.Lock(), 0, 0
 
     @contextlib.contextmanager
     def running(self, slot, seconds):
@@ -5058,14 +5059,14 @@ class _Deadlines:
         """(a thread of the main process) Kill each process past its deadline."""
         while True:
             time.sleep(every)
-            for slot, pid in enumerate(self.pids):
-                if 0 < self.values[slot] <= time.monotonic() and self.locks[slot].acquire(timeout=every):
+            for slot, (pid, lock) in enumerate(zip(self.pids, self.locks)):
+                if pid > 0 and 0 < self.values[slot] <= time.monotonic() and lock.acquire(timeout=every):
                     try:
                         if 0 < self.values[slot] <= time.monotonic() and pid == self.pids[slot]:
                             self.killed.add(pid)
                             _kill(pid)
                     finally:
-                        self.locks[slot].release()
+                        lock.release()
 
 
 class _PoolProcess:
@@ -5127,10 +5128,11 @@ class PreforkPool(Pool):
             pool_process(self.app, theirs, index, self.hostname, self.max_tasks_per_child, self.deadlines)
 
         _close_django_connections(forking=True)
+        self.deadlines.renew(index - 1)
         pid = fork_child(run_child)
+        self.deadlines.pids[index - 1] = pid
         theirs.close()
         ours.setblocking(False)
-        self.deadlines.renew(index - 1, pid)
         return _PoolProcess(index, pid, _Link(ours, limit=1024 * 1024))
 
     def _room_in(self, process, now) -> int:
@@ -5690,8 +5692,10 @@ class Book:
         self.waiting.first(lambda held: held.message.id in self.revoked)
 
     def renew_all(self):
-        """Renew every claim held (the solo pool's keepalive thread, while a job runs)."""
-        now, renewing = time.time(), [held for held in self.held.values() if held.claim]
+        """Renew every claim held (the solo pool's keepalive thread, while a job runs), but
+        those lent to be acked as they start."""
+        now = time.time()
+        renewing = [held for held in self.held.values() if held.claim and (held.late or held.lent is None)]
         if renewing:
             gone, others = self.broker.touch({held.tag: held.claim for held in renewing}, now)
             for held in renewing:
