@@ -1701,6 +1701,56 @@ def test_regression_solo_worker_keeps_its_long_task_leased(app, tmp_path, redis_
     assert "Restored" not in other.log() + solo.log()
 
 
+def test_worker_main_process_is_never_blocked_by_its_pool_processes(app, tmp_path, monkeypatch):
+    """Both pool processes frozen, a job too big for a socket's buffer lent to one: the main
+    process goes on answering pings; the process that can't take its job is killed after
+    SEND_WITHIN seconds, and the job goes to another (it had never started)."""
+    monkeypatch.setattr(minicelery.PreforkPool, "SEND_WITHIN", 1.0)
+    with worker(app, tmp_path, concurrency=2, hostname="frozen@%h") as w:
+        node = minicelery._expand_hostname("frozen@%h")
+        children = wait_until(lambda: len(w.children()) == 2 and w.children(), what="two pool processes")
+        for child in children:
+            os.kill(child, signal.SIGSTOP)
+        try:
+            big = echo.delay("x" * 5_000_000)
+            pings = [_ping(app, node) for _ in range(3)]
+            assert big.get(timeout=30) == "x" * 5_000_000
+        finally:
+            for child in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGCONT)
+        w.wait_for_log("took no job for 1.0s: killed")
+    assert all(pings)
+
+
+def test_worker_hard_time_limit_fires_while_the_broker_stalls(app, tmp_path, private_redis):
+    """redis-server SIGSTOPped while a task spins past its hard time limit: the main thread
+    is stuck in a broker command, and the limit still kills the task on time."""
+    sock, procs, _ = private_redis
+    _use_private_redis(app, sock)
+    with worker(app, tmp_path, concurrency=1) as w:
+        started = str(tmp_path / "started")
+        result = counted_sleep.apply_async((started, 60), time_limit=2)
+        wait_until(lambda: lines_in(started) == 1, what="the task to start")
+        [child] = w.children()
+        os.kill(procs[0].pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            wait_until(lambda: _gone(child), timeout=10, what="the pool process killed at its limit")
+            killed_after = time.monotonic() - began
+        finally:
+            os.kill(procs[0].pid, signal.SIGCONT)
+        with pytest.raises(minicelery.TimeLimitExceeded):
+            result.get(timeout=30)
+    assert killed_after < 2.5, f"killed {killed_after:.1f}s into the stall"
+
+
+def test_worker_keeps_at_most_the_newest_revocations(app):
+    book = minicelery.Book(app, ["celery"], 4)
+    book.revoke([f"id-{i}" for i in range(minicelery.Broker.REVOKES_MAX + 10)])
+    assert len(book.revoked) == minicelery.Broker.REVOKES_MAX and "id-10" in book.revoked and "id-9" not in book.revoked
+
+
 @pytest.fixture
 def private_redis(tmp_path):
     """A redis-server of this test's own, which the test may stop and restart."""
