@@ -1254,6 +1254,73 @@ def _queue_of_key(key: str):
     return queue if sep and step.isdigit() else key
 
 
+class QueueWatch:
+    """How an idle worker on Redis waits for a message: a ListWatcher on each list of its
+    queues, armed until it answers, and what this Redis allows (BLMOVE; before 6.2,
+    BRPOPLPUSH; neither: a look every 0.1 s). A key found holding something else than a
+    list is not watched (`not_lists`: the reserve script finds those, and logs them once)."""
+
+    def __init__(self, broker):
+        self.broker, self.watchers, self.not_lists, self.blmove = broker, {}, set(), True
+
+    def wait(self, keys, timeout, also=(), writable=()) -> list:
+        """Wait until a list of `keys` has a message, a handle of `also` is readable (or of
+        `writable` writable), or `timeout` passed: the ready handles. Without keys, the
+        watchers stay as they are, unwatched."""
+        watchers = []
+        if keys:
+            keys = [key for key in keys if key not in self.not_lists]
+            for key in set(self.watchers) - set(keys):  # a queue no longer consumed (or a broken key)
+                self.watchers.pop(key).close()
+            watchers = [self.watchers.setdefault(key, ListWatcher(self.broker.client, key)) for key in keys]
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.blmove is None:  # no blocking command allowed here: look again in a tenth of a second
+                watchers, deadline = [], min(deadline, time.monotonic() + 0.1)
+            for watcher in watchers:
+                if self.broker.explaining and not watcher.armed and self.blmove:
+                    self.broker.explain("watch", key=watcher.key)
+                watcher.arm(self.blmove)
+            answered = wait_readable(watchers + list(also), deadline - time.monotonic(), writable)
+            ready = [handle for handle in answered if handle not in watchers]
+            if ready or not answered or self._read_answers([w for w in answered if w in watchers]) \
+                    or time.monotonic() >= deadline:
+                return ready  # (a handle, a message, a signal, or the time is up)
+
+    def _read_answers(self, watchers) -> bool:
+        """Whether one of the watchers' answers says a message came. Every answer is read
+        (a dead connection is closed, to connect again next time) before an error is raised."""
+        came, error = False, None
+        for watcher in watchers:
+            try:
+                answer = watcher.answer()
+                if isinstance(answer, Exception) and str(answer).startswith("WRONGTYPE"):
+                    self.not_lists.add(watcher.key)  # (the next take says which queue, once)
+                    continue
+                came = self._came(answer) or came
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return came
+
+    def _came(self, answer) -> bool:
+        """Whether a watcher's answer says a message came (else: its time ran out)."""
+        if not isinstance(answer, Exception):
+            return answer is not None
+        text = str(answer).lower()
+        if "blmove" in text and ("unknown command" in text or "permission" in text) and self.blmove:
+            logger.info("Redis has no BLMOVE (before 6.2, or not allowed): watching queues with BRPOPLPUSH")
+            self.blmove = False
+        elif "brpoplpush" in text and ("unknown command" in text or "permission" in text):
+            logger.error("Redis allows neither BLMOVE nor BRPOPLPUSH (%s): an idle worker looks at its "
+                         "queues every 0.1 s instead of waiting for them", answer)
+            self.blmove = None
+        elif not ("blmove" in text and not self.blmove):  # (a late answer to BLMOVE, already known)
+            raise answer
+        return False
+
+
 # Celery: atomic-take: kombu BRPOPs, then records; here one script takes.
 # One round trip of a worker's loop (RedisBroker.reserve). The essential part:
 # ack the held messages named (ZREM unacked_index, HDEL unacked), renew the
@@ -1494,13 +1561,11 @@ class RedisBroker(Broker):
         self._producer = HeldPerThread(self.client)
         #: the consumer's loop (reserve, ack) runs its commands on a connection of its own
         self.held = HeldConnection(self.client)
-        self._watchers, self._blmove = {}, True  # list key -> its ListWatcher; Redis has BLMOVE
-        self._not_lists = set()  # queue keys found holding something else: not watched, said once
+        self._watch = QueueWatch(self)
         self._restore_script = self.client.register_script(_RESTORE_LUA)
         self._park_script = self.client.register_script(_PARK_LUA)
         self._lease_script = self.client.register_script(_LEASE_LUA)
-        self._declared = set()
-        self._rotation = 0
+        self._declared, self._rotation = set(), 0
         self._pubsub = self._events = None
         db = self.client.connection_pool.connection_kwargs.get("db", 0)
         #: Celery's broadcast channel for remote control, per database
@@ -1554,14 +1619,13 @@ class RedisBroker(Broker):
         return {tag.decode() for tag in gone}, {tag.decode() for tag in others}
 
     def _deliveries(self, found, now) -> list:
-        """The reserve script's takes as Delivery tuples; what it buried, and keys that are
-        not lists, logged."""
+        """The reserve script's takes as Delivery tuples (what it buried, and broken keys: logged)."""
         deliveries, not_lists = [], set()
         for i in range(0, len(found), 3):
             key, tag = found[i].decode(), found[i + 1].decode()
             queue = _queue_of_key(key)
             if tag == "!":  # a queue's key holds something else than a list: said once
-                if key not in self._not_lists:
+                if key not in self._watch.not_lists:
                     logger.error("Queue %r is skipped while its key %r is not a list (%s)",
                                  queue, key, found[i + 2].decode())
                 not_lists.add(key)
@@ -1573,65 +1637,15 @@ class RedisBroker(Broker):
                 logger.error("A message of %s bytes in queue %r is over worker_max_message_size: "
                              "kept (cut) in the dead letters", found[i + 2].decode(), queue)
         # A take that found nothing looked at every list: what it found broken is all there is.
-        self._not_lists = not_lists if not deliveries else self._not_lists | not_lists
+        self._watch.not_lists = not_lists if not deliveries else self._watch.not_lists | not_lists
         return deliveries
 
     def wait(self, queues, timeout, also=(), writable=()):
-        """Watch each list of `queues` with a ListWatcher (it stays armed until it answers);
-        without queues, the watchers stay as they are, unwatched."""
-        watchers = []
+        """Watch each list of `queues` (see QueueWatch); without queues, the lists watched stay
+        as they are, unwatched."""
         if queues:
             self._declare(queues)
-            keys = [key for queue in queues for key in _queue_keys(queue) if key not in self._not_lists]
-            for key in set(self._watchers) - set(keys):  # a queue no longer consumed (or a broken key)
-                self._watchers.pop(key).close()
-            watchers = [self._watchers.setdefault(key, ListWatcher(self.client, key)) for key in keys]
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._blmove is None:  # no blocking command allowed here: look again in a tenth of a second
-                watchers, deadline = [], min(deadline, time.monotonic() + 0.1)
-            for watcher in watchers:
-                if self.explaining and not watcher.armed and self._blmove:
-                    self.explain("watch", key=watcher.key)
-                watcher.arm(self._blmove)
-            answered = wait_readable(watchers + list(also), deadline - time.monotonic(), writable)
-            ready = [handle for handle in answered if handle not in watchers]
-            if ready or not answered or self._read_answers([w for w in answered if w in watchers]) \
-                    or time.monotonic() >= deadline:
-                return ready  # (a handle, a message, a signal, or the time is up)
-
-    def _read_answers(self, watchers) -> bool:
-        """Whether one of the watchers' answers says a message came. Every answer is read
-        (a dead connection is closed, to connect again next time) before an error is raised."""
-        came, error = False, None
-        for watcher in watchers:
-            try:
-                answer = watcher.answer()
-                if isinstance(answer, Exception) and str(answer).startswith("WRONGTYPE"):
-                    self._not_lists.add(watcher.key)  # (the next take says which queue, once)
-                    continue
-                came = self._came(answer) or came
-            except Exception as exc:
-                error = error or exc
-        if error is not None:
-            raise error
-        return came
-
-    def _came(self, answer) -> bool:
-        """Whether a watcher's answer says a message came (else: its time ran out)."""
-        if not isinstance(answer, Exception):
-            return answer is not None
-        text = str(answer).lower()
-        if "blmove" in text and ("unknown command" in text or "permission" in text) and self._blmove:
-            logger.info("Redis has no BLMOVE (before 6.2, or not allowed): watching queues with BRPOPLPUSH")
-            self._blmove = False
-        elif "brpoplpush" in text and ("unknown command" in text or "permission" in text):
-            logger.error("Redis allows neither BLMOVE nor BRPOPLPUSH (%s): an idle worker looks at its "
-                         "queues every 0.1 s instead of waiting for them", answer)
-            self._blmove = None
-        elif not ("blmove" in text and not self._blmove):  # (a late answer to BLMOVE, already known)
-            raise answer
-        return False
+        return self._watch.wait([key for queue in queues for key in _queue_keys(queue)], timeout, also, writable)
 
     def requeue(self, claims):
         for tag, claim in claims.items():
@@ -1826,7 +1840,7 @@ class RedisBroker(Broker):
     def close(self):
         if self._pubsub is not None:
             self._pubsub.close()
-        for watcher in [self.held, self._producer.connection, *self._watchers.values()]:
+        for watcher in [self.held, self._producer.connection, *self._watch.watchers.values()]:
             watcher.close()
         self.client.close()
 

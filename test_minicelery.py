@@ -724,14 +724,14 @@ def test_broker_wakes_for_a_message_on_any_queue_and_priority(app, tmp_path, ser
         broker = app.broker
         for queue, priority in [("second", 9), ("first", 5), ("second", 0), ("first", 0)]:
             thread, box = _in_background(take, broker, ["first", "second"], 1, 30.0)
-            wait_until(lambda: len(broker._watchers) == 8 and all(w.armed for w in broker._watchers.values()),
+            wait_until(lambda: len(broker._watch.watchers) == 8 and all(w.armed for w in broker._watch.watchers.values()),
                        what="a wait on every list of both queues")
             add.apply_async((1, 2), queue=queue, priority=priority)
             thread.join(15)
             [delivery] = box["outcome"]
             assert delivery.queue == queue and box["seconds"] < 15  # the message woke it, not its 30 s
             broker.ack(claims(delivery))
-        assert broker._blmove is (server == "redis")
+        assert broker._watch.blmove is (server == "redis")
     finally:
         if proc is not None:
             proc.kill()
@@ -762,12 +762,12 @@ def test_broker_reads_every_redis_wording_of_a_missing_blocking_command(app):
     for wording in ["unknown command `BLMOVE`, with args beginning with: `celery`, ",
                     "unknown command 'BLMOVE', with args beginning with: 'celery' ",
                     "this user has no permissions to run the 'blmove' command"]:
-        broker._blmove = True
-        assert broker._came(error(wording)) is False and broker._blmove is False
-    assert broker._came(error("unknown command `BRPOPLPUSH`, with args beginning with: ")) is False
-    assert broker._blmove is None
+        broker._watch.blmove = True
+        assert broker._watch._came(error(wording)) is False and broker._watch.blmove is False
+    assert broker._watch._came(error("unknown command `BRPOPLPUSH`, with args beginning with: ")) is False
+    assert broker._watch.blmove is None
     with pytest.raises(error):
-        broker._came(error("ERR something else"))
+        broker._watch._came(error("ERR something else"))
 
 
 def test_broker_without_any_blocking_command_still_serves(app, tmp_path):
@@ -775,7 +775,7 @@ def test_broker_without_any_blocking_command_still_serves(app, tmp_path):
     try:
         _use_private_redis(app, sock)
         thread, box = _in_background(take, app.broker, ["celery"], 1, 20.0)
-        wait_until(lambda: app.broker._blmove is None, what="the broker giving up blocking commands")
+        wait_until(lambda: app.broker._watch.blmove is None, what="the broker giving up blocking commands")
         add.delay(1, 1)
         thread.join(15)
         assert len(box["outcome"]) == 1 and box["seconds"] < 15
