@@ -819,7 +819,8 @@ def decode_message(raw, queue="", delivery_tag="", max_size=None) -> Message:
         headers = envelope["headers"]
         task_id, task_name = headers["id"], headers["task"]
     except (ValueError, TypeError, KeyError) as exc:
-        raise DecodeError(f"not a protocol 2 task message: {exc!r}") from exc
+        # (str(), not repr(): a UnicodeDecodeError's repr holds the whole message)
+        raise DecodeError(f"not a protocol 2 task message: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if not isinstance(task_id, str) or not isinstance(task_name, str):
         raise DecodeError("headers 'id' and 'task' must be strings")
     try:
@@ -1335,8 +1336,9 @@ class QueueWatch:
 # due_parked() first moves parked ETA messages due soon back to their lists;
 # bury() keeps a message too big to hand out in the dead letters, cut to 64
 # KiB and never parsed, so no worker's memory pays for it; tag_of() makes up a
-# tag for a message without one (kombu would lose it) or with one already held
-# or parked; a queue key that isn't a list is skipped (pcall) and answered with
+# tag for a message without one (kombu would lose it), with one that isn't a
+# short plain word (it becomes a key, a log word, a marker here), or with one
+# already held or parked; a queue key that isn't a list is skipped (pcall) and answered with
 # the tag "!". Returns {gone, others, {list key, tag, message, ...}}.
 _RESERVE_LUA = r"""
 local now, limit, max_size = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -1351,7 +1353,9 @@ local function held(i)
 end
 
 local function due_parked()  -- back to the consuming end of their lists, due before ARGV[7]
-  for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[7], 'LIMIT', 0, 100)) do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[7], 'LIMIT', 0, 100)
+  for n = #due, 1, -1 do  -- (the earliest pushed last: taken first)
+    local tag = due[n]
     local entry = redis.call('HGET', KEYS[4], tag) or ''
     local length = string.match(entry, '^(%d+):')
     if length then  -- "<length>:<queue list key><envelope>"
@@ -1373,8 +1377,8 @@ local function bury(key, raw)
 end
 
 local function tag_of(tag)
-  if type(tag) ~= 'string' or redis.call('HEXISTS', KEYS[1], tag) == 1
-      or redis.call('HEXISTS', KEYS[4], tag) == 1 then
+  if type(tag) ~= 'string' or #tag > 200 or not string.match(tag, '^[%w%-%.:_@]+$')
+      or redis.call('HEXISTS', KEYS[1], tag) == 1 or redis.call('HEXISTS', KEYS[4], tag) == 1 then
     return 'minicelery-' .. redis.call('INCR', 'minicelery:tag-seq')
   end
   return tag
@@ -1653,13 +1657,13 @@ class RedisBroker(Broker):
 
     def restore_claimed(self, claim, keep=()):
         for tag in self.client.zrangebyscore(self.UNACKED_INDEX, claim, claim):
-            if tag.decode() not in keep:
-                self._restore(tag.decode(), (claim,))
+            if tag.decode(errors="replace") not in keep:  # (a tag is any bytes kombu or an old version left)
+                self._restore(tag, (claim,))
 
     def restore_unacked(self, now=None):
         deadline = (now or time.time()) - self.visibility_timeout
         stale = self.client.zrangebyscore(self.UNACKED_INDEX, "-inf", deadline, start=0, num=1000)
-        return sum(self._restore(tag.decode(), stale_before=deadline) for tag in stale)
+        return sum(self._restore(tag, stale_before=deadline) for tag in stale)
 
     def _restore(self, tag, claim=(-1,), stale_before=-1) -> int:
         """Put one held message back at the consuming end of its list, marked redelivered, if
