@@ -1777,7 +1777,7 @@ class RedisBroker(Broker):
         with self.client.pipeline() as pipe:
             pipe.zremrangebyscore(self.REVOKED, "-inf", now)
             pipe.zrangebyscore(self.REVOKED, now, "+inf")
-            return {i.decode() for i in pipe.execute()[1]}
+            return {i.decode(errors="replace") for i in pipe.execute()[1] if len(i) <= MAX_TASK_ID}
 
     def control_messages(self):
         if self._pubsub is None:
@@ -1957,6 +1957,10 @@ def _parse_reply(raw, ticket):
         return None
 
 
+#: the longest task id a revocation may name (a uuid has 36 characters): every worker keeps them
+MAX_TASK_ID = 255
+
+
 def _revoke_body(task_ids, terminate, signal, destination=None):
     return {"method": "revoke", "arguments": {"task_id": task_ids[0] if len(task_ids) == 1 else task_ids,
                                               "terminate": terminate, "signal": signal},
@@ -1969,6 +1973,8 @@ def revoke_command(task_ids, terminate=False, signum=None, destination=None):
     ids = [task_ids] if isinstance(task_ids, str) else task_ids
     if not isinstance(ids, (list, tuple, set, frozenset)) or not all(isinstance(i, str) for i in ids):
         raise TypeError(f"task_id must be an id or a list of ids, not {_short_repr(task_ids, 80)}")
+    if any(len(task_id) > MAX_TASK_ID for task_id in ids):
+        raise ValueError(f"a task id is at most {MAX_TASK_ID} characters, not {max(map(len, ids))}")
     if destination is not None and not (isinstance(destination, (list, tuple))
                                         and all(isinstance(d, str) for d in destination)):
         raise TypeError(f"destination must be a list of node names, not {_short_repr(destination, 80)}")
@@ -5893,7 +5899,7 @@ class Consumer:
             return
         if not held.late:
             held.claim = ()  # its pool process acked it
-        if held.message is not None and held.verdict is None:
+        if held.message is not None and held.verdict is None and held.message.task_name in self.app.tasks:
             self.total[held.message.task_name] += 1
         if event.dead_letter is not None:
             held.end, held.reason = "dead", event.dead_letter
@@ -6053,13 +6059,25 @@ class RemoteControl:
             worker_logger.error("Control command error: %s: %s", command.method, exc)
             return {"error": f"{command.method}: {exc}"}
 
+    #: a held message's body is read for `inspect` up to this size; a bigger one is shown
+    #: by the sender's argsrepr and kwargsrepr (the main process reads no big bodies)
+    INFO_BODY_MAX = 8192
+
     def info(self, held):
-        """A held message as Celery's Request.info() shows it."""
-        message, consumer = held.message, self.consumer
+        """A held message as Celery's Request.info() shows it.
+
+        Celery: inspect-args: a task's arguments over INFO_BODY_MAX bytes show as their
+        sender's repr (argsrepr, kwargsrepr: 1 KiB at most), as `safe=True` shows them.
+        """
+        message, consumer, args, kwargs = held.message, self.consumer, None, None
         with contextlib.suppress(DecodeError):  # (its arguments are read only when asked for)
-            message.decode_body(accepted_types(self.app.conf.accept_content), self.app.conf.worker_max_message_size)
+            if len(message.body) <= self.INFO_BODY_MAX:
+                message.decode_body(accepted_types(self.app.conf.accept_content), self.INFO_BODY_MAX)
+                args, kwargs = message.args, message.kwargs
+        if args is None:
+            args, kwargs = (str(message.headers.get(key) or "")[:1024] for key in ("argsrepr", "kwargsrepr"))
         pid = next((pid for pid, tag in consumer.pool.jobs().items() if tag == held.tag), None)
-        return {"id": message.id, "name": message.task_name, "args": message.args, "kwargs": message.kwargs,
+        return {"id": message.id, "name": message.task_name, "args": args, "kwargs": kwargs,
                 "type": message.task_name, "hostname": consumer.hostname, "time_start": held.lent if pid else None,
                 "acknowledged": bool(pid) and not held.late, "worker_pid": pid,
                 "delivery_info": {"exchange": "", "routing_key": message.queue, "priority": message.priority,

@@ -6335,8 +6335,9 @@ def test_remote_inspect_answers_in_celerys_form(any_app, tmp_path):
     # first, hands the one with an ETA to the main process, and gives back the one waiting
     # behind the long task (reserved by the main process, for the next free process).
     running = sleep_then.delay(5, "slept")
-    waiting = add.delay(1, 2)
+    waiting, big = add.delay(1, 2), echo.delay("b" * 20_000)  # (a big one shows its argsrepr)
     later = add.apply_async((2, 3), countdown=2.5)  # held by the worker (not parked) for a while
+    unknown = any_app.send_task("no.such.task")  # (not counted in its stats)
     with worker(any_app, tmp_path, concurrency=1, hostname="inspected@%h") as w:
         node = minicelery._expand_hostname("inspected@%h")
         inspect = any_app.control.inspect(destination=[node], timeout=5.0)  # back at its one answer
@@ -6351,7 +6352,10 @@ def test_remote_inspect_answers_in_celerys_form(any_app, tmp_path):
                                                                       [5, "slept"])]
         assert active[0]["worker_pid"] in w.children() and active[0]["time_start"] > 0
         assert active[0]["delivery_info"]["routing_key"] == "celery"
-        assert [r["id"] for r in inspect.reserved()[node]] == [waiting.id]
+        reserved = inspect.reserved()[node]
+        assert [(r["id"], r["args"]) for r in reserved[:1]] == [(waiting.id, [1, 2])]
+        assert reserved[1]["id"] == big.id and reserved[1]["args"].startswith("('bbbb")
+        assert len(reserved[1]["args"]) <= 1024
         assert inspect.query_task(running.id, waiting.id)[node] == {
             running.id: ["active", active[0]], waiting.id: ["reserved", inspect.reserved()[node][0]]}
         assert "test_minicelery.add" in inspect.registered()[node]
@@ -6365,9 +6369,14 @@ def test_remote_inspect_answers_in_celerys_form(any_app, tmp_path):
         any_app.control.revoke(later.id)
         wait_until(lambda: later.id in (inspect.revoked() or {}).get(node, []), what="the revoke")
         assert running.get(timeout=10) == "slept" and waiting.get(timeout=10) == 3
+        with pytest.raises(minicelery.NotRegistered):
+            unknown.get(timeout=10)
         # (counted when the pool process's report is read, which may come after get() returns)
         wait_until(lambda: inspect.stats()[node]["total"] == {"test_minicelery.sleep_then": 1,
-                                                              "test_minicelery.add": 1}, what="both counted")
+                                                              "test_minicelery.add": 1,
+                                                              "test_minicelery.echo": 1}, what="all counted")
+        with pytest.raises(ValueError, match="at most 255"):  # (every worker would keep it)
+            any_app.control.revoke("x" * 256)
     assert any_app.control.inspect(timeout=0.5).ping() is None  # nobody left to answer
 
 
