@@ -5176,7 +5176,9 @@ class PreforkPool(Pool):
     def apply(self, jobs):
         now, lent = time.monotonic(), set()
         for job in jobs:
-            process = min((p for p in self.processes if self._room_in(p, now)), key=lambda p: len(p.jobs))
+            # A process may have run out of room since free() was asked (its task passed
+            # TAKE_BACK_AFTER): a job lent to it anyway comes back, given back or unstarted.
+            process = min(self.processes, key=lambda p: (not self._room_in(p, now), len(p.jobs)))
             if not process.jobs:
                 process.since, process.cause = now, None
             process.jobs.append(job)

@@ -205,7 +205,7 @@ class WorkerProcess:
             time.sleep(0.02)
         os.kill(self.pid, signal.SIGKILL)
         os.waitpid(self.pid, 0)
-        pytest.fail(f"worker did not stop within {timeout}s after {sig!r}")
+        pytest.fail(f"worker did not stop within {timeout}s after {sig!r}; its log ends:\n{self.log()[-3000:]}")
 
 
 _worker_count = 0
@@ -1721,6 +1721,35 @@ def test_worker_main_process_is_never_blocked_by_its_pool_processes(app, tmp_pat
                     os.kill(child, signal.SIGCONT)
         w.wait_for_log("took no job for 1.0s: killed")
     assert all(pings)
+
+
+def test_pool_takes_a_job_for_a_process_that_ran_out_of_room_since_free_was_asked(app, tmp_path):
+    """free() said a process had room; its task then passed TAKE_BACK_AFTER before the job
+    was lent. apply() still takes the job (it once raised, leaving the job marked lent for
+    ever and the worker unable to stop), and the job comes back, given back."""
+    started = str(tmp_path / "started")
+    counted_sleep.delay(started, 2)
+    add.delay(1, 2)
+    long_one, short_one = take(app.broker, ["celery"], 2, timeout=5)
+    pool = minicelery.PreforkPool(app, 1, "room@x")
+    pool.start(depth=2)
+    try:
+        as_job = lambda d: minicelery.Job(d.tag, d.raw, d.queue, (), None, (None, None), False)
+        pool.apply([as_job(long_one)])
+        wait_until(lambda: lines_in(started) == 1 and pool.free() == 0, what="the long task past TAKE_BACK_AFTER")
+        pool.apply([as_job(short_one)])
+        events = []
+        wait_until(lambda: events.extend(pool.collect(wait_readable_pool(pool))) or len(events) >= 2,
+                   timeout=15, what="both jobs back from the pool")
+        assert {(type(e).__name__, e.tag) for e in events} == {("Done", long_one.tag), ("Lost", short_one.tag)}
+        assert [e.reason for e in events if isinstance(e, minicelery.Lost)] == ["given back"]
+    finally:
+        pool.stop()
+
+
+def wait_readable_pool(pool, timeout=0.1):
+    readable, writable = pool.handles()
+    return minicelery.wait_readable(readable, timeout, writable)
 
 
 def test_worker_hard_time_limit_fires_while_the_broker_stalls(app, tmp_path, private_redis):
