@@ -1330,9 +1330,10 @@ class QueueWatch:
 # one step, so a worker dying between "pop" and "remember" can't lose one.
 # ARGV: now, limit, the largest message handed out (0: any), how many acks,
 # renewals and queues, the time before which parked ones are due, then (tag,
-# claim, claim) for each ack and renewal, then the queue names. The guards, each named below: held() lets an ack or a
-# renewal act only on a message still held under one of our claim's scores,
-# and answers the others as gone (not held) or others' (held by another);
+# claim, claim) for each ack and renewal, then the queue names. The guards,
+# each named below: held() lets an ack or a renewal act only on a message still
+# held under one of our claim's scores, and answers the others as others' (held
+# by another, or given back since our claim: KEYS[6] says) or gone (acked);
 # due_parked() first moves parked ETA messages due soon back to their lists;
 # bury() keeps a message too big to hand out in the dead letters, cut to 64
 # KiB and never parsed, so no worker's memory pays for it; tag_of() makes up a
@@ -1346,9 +1347,15 @@ local gone, others, taken = {}, {}, {}
 
 local function held(i)
   local score = redis.call('ZSCORE', KEYS[2], ARGV[i])
-  if not score then table.insert(gone, ARGV[i]) return false end
-  if tonumber(score) == tonumber(ARGV[i + 1]) or tonumber(score) == tonumber(ARGV[i + 2]) then return true end
-  table.insert(others, ARGV[i])
+  if score and (tonumber(score) == tonumber(ARGV[i + 1]) or tonumber(score) == tonumber(ARGV[i + 2])) then
+    return true
+  end
+  local restored = tonumber(redis.call('ZSCORE', KEYS[6], ARGV[i]) or '-1')
+  if score or restored >= math.min(tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])) then
+    table.insert(others, ARGV[i])
+  else
+    table.insert(gone, ARGV[i])
+  end
   return false
 end
 
@@ -1440,20 +1447,22 @@ return 1
 """
 
 # Acks held messages (ARGV: tag, claim, claim, for each), each only while it is held
-# under one of its claim's scores; answers {gone, others} as the reserve script does.
+# under one of its claim's scores; answers {gone, others} as the reserve script does
+# (KEYS[3]: the given-back ones).
 # (The reserve script acks too; this is the same, alone: a pool process's one round trip
 # before an early-ack task starts.)
 _ACK_LUA = r"""
 local gone, others = {}, {}
 for i = 1, #ARGV, 3 do
   local score = redis.call('ZSCORE', KEYS[2], ARGV[i])
-  if not score then
-    table.insert(gone, ARGV[i])
-  elseif tonumber(score) == tonumber(ARGV[i + 1]) or tonumber(score) == tonumber(ARGV[i + 2]) then
+  if score and (tonumber(score) == tonumber(ARGV[i + 1]) or tonumber(score) == tonumber(ARGV[i + 2])) then
     redis.call('ZREM', KEYS[2], ARGV[i])
     redis.call('HDEL', KEYS[1], ARGV[i])
-  else
+  elseif score or tonumber(redis.call('ZSCORE', KEYS[3], ARGV[i]) or '-1')
+      >= math.min(tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])) then
     table.insert(others, ARGV[i])
+  else
+    table.insert(gone, ARGV[i])
   end
 end
 return {gone, others}
@@ -1490,6 +1499,7 @@ return 1
 # scores (ARGV[4], ARGV[5]; a requeue) or was last renewed before ARGV[6] (a
 # restore of an abandoned one): if another worker restored or acked it first, or
 # restored it and took it again, nothing happens. (kombu's WATCH/MULTI fails under load.)
+# What it gives back it notes in KEYS[4], with the claim it had (see RedisBroker.RESTORED).
 _RESTORE_LUA = r"""
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
@@ -1497,6 +1507,8 @@ if score ~= tonumber(ARGV[4]) and score ~= tonumber(ARGV[5]) and score > tonumbe
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[4], score, ARGV[1])  -- given back from the claim `score` (see RESTORED)
+redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -100001)
 return 1
 """
 
@@ -1508,6 +1520,9 @@ class RedisBroker(Broker):
     DEAD_LETTERS = "minicelery:dead-letters"
     ETA, ETA_MESSAGES = "minicelery:eta", "minicelery:eta-messages"
     REVOKED = "minicelery:revoked"
+    #: the newest 100,000 messages given back, scored by the claim they had: whether a message
+    #: gone went back to its queue (not ours: an ack asked again learns it) or was acked
+    RESTORED = "minicelery:restored"
     #: seconds a publish marker lives: longer than any retried publish takes
     SENT_MARKER_TTL = 60
 
@@ -1612,12 +1627,12 @@ class RedisBroker(Broker):
 
     def _reserve_args(self, now, limit, ack, renew, queues) -> tuple:
         """(keys, arguments) of the reserve script."""
-        keys = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES, self.DEAD_LETTERS]
+        keys = [self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES, self.DEAD_LETTERS, self.RESTORED]
         return keys, [now, limit, _envelope_limit(self.app.conf.worker_max_message_size), len(ack), len(renew),
                       len(queues), now + self.ETA_MOVE_AHEAD, *_claim_args(ack), *_claim_args(renew), *queues]
 
     def ack(self, claims):
-        gone, others = self.held.script(_ACK_LUA, [self.UNACKED, self.UNACKED_INDEX], _claim_args(claims))
+        gone, others = self.held.script(_ACK_LUA, [self.UNACKED, self.UNACKED_INDEX, self.RESTORED], _claim_args(claims))
         if self.explaining:
             self.explain("ack", tags=" ".join(claims))
         return {tag.decode() for tag in gone}, {tag.decode() for tag in others}
@@ -1694,8 +1709,9 @@ class RedisBroker(Broker):
         if exchange:
             queue = self._route_by_binding(exchange, routing_key) or queue
         if self.explaining:
-            self.explain("restore", tag=tag, key=_queue_key(queue, priority))
-        return self._restore_script(keys=[self.UNACKED, self.UNACKED_INDEX, _queue_key(queue, priority)],
+            self.explain("restore", tag=printable(tag if isinstance(tag, str) else tag.decode(errors="replace")),
+                         key=_queue_key(queue, priority))
+        return self._restore_script(keys=[self.UNACKED, self.UNACKED_INDEX, _queue_key(queue, priority), self.RESTORED],
                                     args=[tag, entry, raw, claim[0], claim[-1], stale_before])
 
     def park(self, parked):
@@ -4820,7 +4836,7 @@ def run_job(app, job, hostname) -> Done:
         outcome = run_task(app, message, hostname=hostname, verdict=job.verdict)
         return Done(job.tag, outcome.state, outcome.requeue, None)
     except Exception:
-        worker_logger.exception("Task %s could not be run", message.describe())
+        worker_logger.exception("Task %s: its outcome could not be stored (it may have run)", message.describe())
         return Done(job.tag, FAILURE, False, None)
     finally:
         _close_django_connections()
@@ -4831,32 +4847,37 @@ def _acked(app, job) -> bool:
     whether the task may run. This is the default, at most once: whatever happens next, the
     broker can't hand the message out again.
 
-    An ack whose answer was lost is asked again (while the broker is away, for as long as the
-    claim stays fresh). Finding the message gone then means the first one went through: no
-    worker restores a message held for less than the visibility timeout, and the consumer
-    acts on no claim it lent.
+    An ack whose answer was lost is asked again, until the broker answers (a stopping
+    worker ends the wait). Finding the message gone then means the first one went through:
+    had the message gone back to its queue meanwhile (held too long unrenewed), the broker
+    would say it is not ours (see RedisBroker.RESTORED); and the consumer acts on no claim
+    it lent.
 
     Celery: early-ack: Celery's worker acks once the pool process accepted the job, after
     the task started: a worker lost in between runs it again.
     """
     broker, asked, pause = app.broker, False, 0.1
-    fresh_until = max(job.claim) + 0.9 * broker.visibility_timeout
     while True:
         try:
             gone, others = broker.ack({job.tag: job.claim})
-            if others or (gone and not asked):
-                worker_logger.warning("Task %s was given back to its queue (we were out of touch with the broker "
-                                      "longer than the visibility timeout): not run here", printable(job.tag))
-            return not others and (asked or not gone)
+            break
         except broker.connection_errors as exc:
             asked = True
-            if time.time() + pause > fresh_until:
-                worker_logger.error("Task %s: its ack was not confirmed before its claim went stale (%r): "
-                                    "not run (at most once)", printable(job.tag), exc)
-                return False
-            worker_logger.warning("Can't ack %s yet (%r); trying again in %.1fs", printable(job.tag), exc, pause)
+            worker_logger.warning("Can't ack task %s yet (%r); asking again in %.1fs", _job_name(job), exc, pause)
             time.sleep(pause)
             pause = min(pause * 2, 5.0)
+    if others or (gone and not asked):
+        worker_logger.warning("Task %s was given back to its queue (we were out of touch with the broker "
+                              "longer than the visibility timeout): not run here", _job_name(job))
+    return not others and (asked or not gone)
+
+
+def _job_name(job) -> str:
+    """`name[id]` of a job's task for a log line, read from its message (or its delivery tag)."""
+    try:
+        return decode_message(job.raw, job.queue, job.tag).describe()
+    except DecodeError:
+        return f"in message {printable(job.tag)}"
 
 
 def _record_unrunnable(app, bad, hostname):
@@ -5435,8 +5456,10 @@ class Held:
     #: once the pool is done with it: "ack", "requeue", or "dead" (dead-letter it, for `reason`)
     end: str = None
     reason: str = None
-    #: its pool process died before it said whether it acked it (the broker knows: _settle)
+    #: its pool process died before it said whether it acked it, or it found the claim
+    #: not ours as it was to start (the broker knows which of these is still ours: settle())
     lost: "Lost" = None
+    recordings: int = 0         # how often a pool process died recording its verdict
 
     tag = property(lambda self: self.delivery.tag)
 
@@ -5615,7 +5638,7 @@ class Book:
         again if it is still ours."""
         let_go, started = [], []
         for held in renewed:
-            if held.lost is not None and held.tag in gone:
+            if held.lost is not None and held.tag in gone and held.lost.cause != "unstarted":
                 held.claim = ()
                 started.append(held)
             elif held.tag in gone or held.tag in others:
@@ -5656,7 +5679,8 @@ class Book:
             if delivery.tag in self.held:
                 # A copy of a message we hold, restored while we were out of touch and taken
                 # again by us: the new claim is ours; the copy we hold is the one that runs.
-                worker_logger.warning("Message %s came back while we hold it; running it once", delivery.tag)
+                worker_logger.warning("Task %s came back while we hold it; running it once",
+                                      self.held[delivery.tag].describe())
                 self.held[delivery.tag].claim = (delivery.claim,)
                 continue
             held = self.held[delivery.tag] = Held(delivery, (delivery.claim,))
@@ -5896,8 +5920,8 @@ class Consumer:
         self.book.waiting.put_first(unstarted)
 
     def _done(self, held, event):
-        if event.state is None:  # its claim was no longer ours: let go, not run
-            del self.book.held[held.tag]
+        if event.state is None:  # its claim was not ours as it was to start: not run. (Unless we
+            held.lost = Lost(held.tag, "not ours", "unstarted")  # took it again since: settle() asks)
             return
         if not held.late:
             held.claim = ()  # its pool process acked it
@@ -5915,12 +5939,17 @@ class Consumer:
         or when it asks to be (reject_on_worker_lost); otherwise it ends with the loss,
         recorded by a pool process (the main process runs no task code: errbacks)."""
         held.lost = None
-        if not held.late and held.claim and held.verdict is None:
+        if not held.late and held.claim:
             held.lost = event  # did it ack it, so start it? The broker knows (Book.settle asks)
             return
-        if held.verdict is not None:  # it died recording an end: give up, loudly
-            worker_logger.error("Task %s: the pool process recording its end died (%s)", held.describe(),
-                                event.reason)
+        if held.verdict is not None:  # it died recording an end: again, twice at most
+            held.recordings += 1
+            if held.recordings < 3 and event.cause != "timeout":
+                worker_logger.warning("Task %s: the pool process recording its end died (%s); recording it "
+                                      "again", held.describe(), event.reason)
+                return self.book.waiting.put_first([held])
+            worker_logger.error("Task %s: the pool process recording its end died (%s): its end is not "
+                                "recorded", held.describe(), event.reason)
             return self._done(held, Done(held.tag, FAILURE, False, None))
         task = self.app.tasks.get(held.message.task_name) if held.message is not None else None
         if held.late and held.claim and (event.cause == "shutdown" or (

@@ -1324,6 +1324,26 @@ def test_worker_early_ack_child_killed_is_worker_lost(app, tmp_path, redis_clien
         assert child not in w.children()
 
 
+@APP.task
+def dies_the_first_time(request, exc, traceback_):
+    """An errback (Celery 5's form) whose pool process dies the first time it runs."""
+    if APP.broker.client.incr("errback-runs") == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_worker_a_pool_process_dying_as_it_records_a_loss_is_followed_by_another(app, tmp_path, redis_client):
+    """The loss of a task is recorded (FAILURE, its errbacks) by a pool process; should that
+    one die too, another records it."""
+    with worker(app, tmp_path, concurrency=1) as w:
+        result = sleep_then.apply_async((30,), link_error=dies_the_first_time.s())
+        wait_until(lambda: redis_client.hlen("unacked") == 0 and w.children(), what="the task to start")
+        os.kill(w.children()[0], signal.SIGKILL)
+        with pytest.raises(WorkerLostError, match="signal 9"):
+            result.get(timeout=10)
+        wait_until(lambda: redis_client.get("errback-runs") == b"2", what="the errback's second run")
+        assert "recording it again" in w.log()
+
+
 def test_worker_acks_late_child_killed_is_redelivered(app, tmp_path, redis_client):
     with worker(app, tmp_path, concurrency=1) as w:
         result = late_reject_sleep.delay(1.0, "runs")
@@ -1844,11 +1864,13 @@ def test_contract_broker_primitives(any_app):
 
 def test_contract_claims_guard_every_operation_on_a_held_message(any_app):
     """A message restored and taken again is the new holder's: the old claim neither acks,
-    renews, requeues nor parks it; an ack asked again after it went through finds it gone."""
+    renews, requeues nor parks it; an ack asked again after it went through finds it gone.
+    Restored and not taken again yet, it is not ours either (not gone: it was not acked)."""
     broker = any_app.broker
     echo.delay("held")
     [first] = take(broker, ["celery"], 1)
     assert broker.restore_unacked(now=time.time() + broker.visibility_timeout + 1) == 1
+    assert broker.ack(claims(first)) == (set(), {first.tag}) and broker.size("celery") == 1
     [second] = broker.reserve(["celery"], 1, now=first.claim + 1)[0]  # another worker's take
     assert second.tag == first.tag and second.claim != first.claim
     mine = claims(first)
@@ -2031,6 +2053,52 @@ def test_contract_an_early_ack_whose_answer_is_lost_runs_its_task_once(any_app, 
         result = chaos_early.delay(7, path, 0)
         assert result.get(timeout=10) == 7 and lost.exists()
         w.wait_for_log("Can't ack")
+    assert lines_in(path) == 1
+
+
+def _ack_lost_once(monkeypatch, marker, broker_class, before_losing):
+    """Make the broker's first ack lose its answer: `before_losing(broker, ack)` runs first
+    (ack runs the real one), then a connection error is raised."""
+    real = broker_class.ack
+
+    def lose_the_answer(broker, claims_):
+        if not marker.exists():
+            marker.touch()
+            before_losing(broker, lambda: real(broker, claims_))
+            raise broker.connection_errors[0]("the answer was lost")
+        return real(broker, claims_)
+
+    monkeypatch.setattr(broker_class, "ack", lose_the_answer)
+
+
+@pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)
+def test_contract_an_early_ack_lost_while_its_claim_went_stale_still_runs_its_task_once(any_app, tmp_path,
+                                                                                       monkeypatch):
+    """The ack went through, and its claim went stale before it was asked again: the message
+    is gone, and not given back meanwhile, so the ack was ours: it runs (not lost)."""
+    any_app.conf.broker_transport_options = {"visibility_timeout": 1}
+    lost, path = tmp_path / "lost", str(tmp_path / "runs")
+    _ack_lost_once(monkeypatch, lost, type(any_app.broker), lambda broker, ack: (ack(), time.sleep(1.5)))
+    with worker(any_app, tmp_path, concurrency=1):
+        assert chaos_early.delay(7, path, 0).get(timeout=10) == 7 and lost.exists()
+    assert lines_in(path) == 1
+
+
+@pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)
+def test_contract_an_early_ack_lost_while_its_message_went_back_runs_its_task_once(any_app, tmp_path,
+                                                                                  monkeypatch):
+    """The ack never arrived, and meanwhile the message went back to its queue (as when
+    another worker finds the claim stale): asked again, the broker says it's not ours. It
+    runs once, taken again."""
+    lost, path = tmp_path / "lost", str(tmp_path / "runs")
+
+    def give_it_back(broker, ack):
+        assert broker.restore_unacked(now=time.time() + broker.visibility_timeout + 1) == 1
+
+    _ack_lost_once(monkeypatch, lost, type(any_app.broker), give_it_back)
+    with worker(any_app, tmp_path, concurrency=1) as w:
+        assert chaos_early.delay(7, path, 0).get(timeout=10) == 7 and lost.exists()
+        assert "given back to its queue" in w.log() and "chaos_early[" in w.log()
     assert lines_in(path) == 1
 
 
@@ -3220,7 +3288,9 @@ def test_hostile_rate_limited_messages_count_against_prefetch(app, tmp_path, red
         with worker(app, tmp_path, concurrency=1, prefetch_multiplier=4) as second:
             second.wait_for_log("received", count=5)  # the rest were left for other workers
             assert first.log().count("received") == 5
-            assert redis_client.hlen("unacked") <= 8 and app.broker.size("celery") >= 50
+            # (each holds 4 waiting, once the second one's first task is acked)
+            wait_until(lambda: redis_client.hlen("unacked") <= 8, what="4 held by each")
+            assert app.broker.size("celery") >= 50
 
 
 def test_hostile_many_threads_wait_in_get_on_one_connection(app, tmp_path):
