@@ -742,8 +742,11 @@ class Message:
         self.args, self.kwargs, self.embed = list(args), kwargs, embed or {}
 
     def describe(self):
-        """`name[id]` for log lines; what a sender wrote there can't start a line of its own."""
-        return printable(f"{self.task_name}[{self.id}]")
+        """`name[id]` for log lines; what a sender wrote there can't start a line of its own,
+        nor make it long."""
+        def cut(text):
+            return text if len(text) <= 200 else text[:200] + "..."
+        return printable(f"{cut(self.task_name)}[{cut(self.id)}]")
 
 
 #: what each header a worker reads must be, when present and not null; checked on
@@ -4805,11 +4808,12 @@ def runnable_message(app, raw, queue="", tag="") -> Message:
     except DecodeError as exc:
         raise Unrunnable(f"can't decode message: {exc}", exc) from None
     if message.task_name not in app.tasks:
-        close = difflib.get_close_matches(message.task_name, list(app.tasks), 3)
+        close = difflib.get_close_matches(message.task_name, list(app.tasks), 3) if len(message.task_name) < 200 else []
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise Unrunnable(f"Received unregistered task of type {message.task_name!r}. The message has been "
+        name = _short_repr(message.task_name, 200)  # (a name is what a sender wrote: any size)
+        raise Unrunnable(f"Received unregistered task of type {name}. The message has been "
                          f"ignored and discarded.{hint}",
-                         NotRegistered(f"Task of kind {message.task_name!r} never registered.{hint}"), message)
+                         NotRegistered(f"Task of kind {name} never registered.{hint}"), message)
     try:
         message.decode_body(accepted_types(app.conf.accept_content), max_size)
         app.tasks[message.task_name].check_arguments(message.args, message.kwargs)
@@ -4836,7 +4840,7 @@ def run_job(app, job, hostname) -> Done:
         outcome = run_task(app, message, hostname=hostname, verdict=job.verdict)
         return Done(job.tag, outcome.state, outcome.requeue, None)
     except Exception:
-        worker_logger.exception("Task %s: its outcome could not be stored (it may have run)", message.describe())
+        worker_logger.exception("Task %s: its outcome may not be stored (it may have run)", message.describe())
         return Done(job.tag, FAILURE, False, None)
     finally:
         _close_django_connections()
@@ -5443,7 +5447,7 @@ POOLS = {"prefork": PreforkPool, "solo": SoloPool}
 
 @dataclasses.dataclass(eq=False)
 class Held:
-    """The consumer's record of one message it holds (see Consumer: who owns a message)."""
+    """The consumer's record of one message it holds (see Book: who owns a message)."""
     delivery: Delivery
     #: the scores our claim may have in the broker: one, or two after a renewal whose
     #: answer never came; () once acked (or no longer ours)

@@ -1264,9 +1264,13 @@ def test_worker_unknown_task_is_failed_logged_and_dead_lettered(app, tmp_path, r
             result.get(timeout=10)
         w.wait_for_log("Received unregistered task of type 'test_minicelery.ad'")
         assert "Did you mean: test_minicelery.add" in w.log()
+        huge = app.send_task("x" * 100_000)  # (its log line and its error are cut)
+        with pytest.raises(NotRegistered) as error:
+            huge.get(timeout=10)
+        assert len(str(error.value)) < 300 and "xxx..." in w.log() and "x" * 300 not in w.log()
         assert add.delay(1, 2).get(timeout=10) == 3
-    [dead] = app.broker.dead_letters()
-    assert "unregistered" in dead["reason"] and json.loads(dead["raw"])["headers"]["id"] == result.id
+    dead = app.broker.dead_letters()
+    assert "unregistered" in dead[-1]["reason"] and json.loads(dead[-1]["raw"])["headers"]["id"] == result.id
 
 
 def test_worker_survives_undecodable_messages(app, tmp_path, redis_client):
