@@ -5482,13 +5482,15 @@ class Waiting:
 
     def __init__(self, app):
         self.app, self.ready, self.scheduled = app, deque(), []
+        self.for_eta = 0  # how many of the scheduled wait for their ETA (not a rate limit)
         self._sequence = itertools.count()  # breaks ties between equal due times
         self.spacing = {}     # task name -> seconds between starts under its rate limit (0: none)
         self.next_start = {}  # task name -> time.monotonic() before which no more may start
 
-    def put(self, held, due=0.0):
+    def put(self, held, due=0.0, eta=False):
         if due > time.time():
-            heapq.heappush(self.scheduled, (due, next(self._sequence), held))
+            heapq.heappush(self.scheduled, (due, next(self._sequence), held, eta))
+            self.for_eta += eta
         else:
             self.ready.append(held)
 
@@ -5499,7 +5501,9 @@ class Waiting:
     def release(self):
         """Make ready what came due."""
         while self.scheduled and self.scheduled[0][0] <= time.time():
-            self.ready.append(heapq.heappop(self.scheduled)[2])
+            _, _, held, eta = heapq.heappop(self.scheduled)
+            self.ready.append(held)
+            self.for_eta -= eta
 
     def take(self, count, lendable) -> list:
         """Up to `count` messages to lend now, in order, past their rate limits; one that is
@@ -5538,6 +5542,7 @@ class Waiting:
         if moving:
             self.scheduled = [entry for entry in self.scheduled if entry[2] not in moving]
             heapq.heapify(self.scheduled)
+            self.for_eta = sum(entry[3] for entry in self.scheduled)
             self.put_first(moving)
 
     def due(self):
@@ -5590,9 +5595,11 @@ class Book:
 
     def room(self) -> int:
         """How many more messages to take: a worker holds at most `capacity` (those waiting
-        for an ETA or a rate limit, and those lent ahead to a pool process, count), and takes
-        more once half of that is free (fewer round trips)."""
-        return 0 if len(self.held) > self.capacity / 2 else self.capacity - len(self.held)
+        for a rate limit, and those lent ahead to a pool process, count), and takes more once
+        half of that is free (fewer round trips). Up to `capacity` more may wait for their
+        ETA: as in Celery, they don't count, so they hold no room from messages due now."""
+        counted = len(self.held) - min(self.waiting.for_eta, self.capacity)
+        return 0 if counted > self.capacity / 2 else self.capacity - counted
 
     def settle(self, taking=True) -> tuple:
         """One round trip with the broker: ack what ended, renew the claims of the acks_late
@@ -5725,7 +5732,7 @@ class Book:
         if due > time.time() + self.ETA_HORIZON:
             parked.append((held, due))
         else:
-            self.waiting.put(held, due)
+            self.waiting.put(held, due, eta=True)
 
     def give_back(self):
         """Put what waits back in its queue (a stopping worker): what ends without running

@@ -1553,6 +1553,22 @@ def test_eta_far_is_parked_in_redis_not_held(app, tmp_path, redis_client):
     assert (w.log() + w2.log()).count(f"when_run[{result.id}] succeeded") == 1
 
 
+def test_eta_tasks_held_for_later_leave_room_for_tasks_due_now(app, tmp_path, monkeypatch):
+    """A worker full of ETA tasks not yet due still takes a task due now, and runs it at
+    once (as Celery: ETA tasks don't count against the prefetch limit); up to its capacity
+    of them: more wait in the queue."""
+    monkeypatch.setattr(minicelery.Book, "ETA_HORIZON", 120.0)  # (held, not parked)
+    started = str(tmp_path / "started")
+    with worker(app, tmp_path, concurrency=1, prefetch_multiplier=1) as w:  # capacity: 2
+        later = [counted_sleep.apply_async((started, 0), countdown=60) for _ in range(2)]
+        wait_until(lambda: w.log().count("received") == 2, what="the worker full of ETA tasks")
+        assert add.delay(2, 3).get(timeout=15) == 5
+        later += [counted_sleep.apply_async((started, 0), countdown=60) for _ in range(3)]
+        wait_until(lambda: w.log().count("received") == 5, what="two more ETA tasks held")
+        assert app.broker.size("celery") == 1 and lines_in(started) == 0  # (none of them ran)
+        app.control.revoke([r.id for r in later])
+
+
 def test_expires_before_eta_is_revoked(app, tmp_path):
     with worker(app, tmp_path) as w:
         result = echo.apply_async((1,), countdown=1, expires=0.5)
