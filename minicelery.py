@@ -432,6 +432,10 @@ def _short_repr(value, limit=1024):
         text = repr(value)
     except Exception as exc:  # a user's __repr__ can raise, or recurse too deep
         text = f"<{type(value).__name__} object: repr() raised {type(exc).__name__}>"
+    return _cut(text, limit)
+
+
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -744,9 +748,7 @@ class Message:
     def describe(self):
         """`name[id]` for log lines; what a sender wrote there can't start a line of its own,
         nor make it long."""
-        def cut(text):
-            return text if len(text) <= 200 else text[:200] + "..."
-        return printable(f"{cut(self.task_name)}[{cut(self.id)}]")
+        return printable(f"{_cut(self.task_name, 200)}[{_cut(self.id, 200)}]")
 
 
 #: what each header a worker reads must be, when present and not null; checked on
