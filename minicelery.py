@@ -5575,6 +5575,8 @@ class Book:
     #: ETA tasks due within this many seconds wait here; later ones are parked in the broker,
     #: which moves them back to their queue Broker.ETA_MOVE_AHEAD seconds before they are due
     ETA_HORIZON = 3.0
+    #: how many of those may wait here besides `capacity` (see room())
+    ETA_ROOM = 100
 
     def __init__(self, app, queues, capacity):
         self.app, self.broker, self.queues = app, app.broker, queues
@@ -5598,9 +5600,10 @@ class Book:
     def room(self) -> int:
         """How many more messages to take: a worker holds at most `capacity` (those waiting
         for a rate limit, and those lent ahead to a pool process, count), and takes more once
-        half of that is free (fewer round trips). Up to `capacity` more may wait for their
-        ETA: as in Celery, they don't count, so they hold no room from messages due now."""
-        counted = len(self.held) - min(self.waiting.for_eta, self.capacity)
+        half of that is free (fewer round trips). Up to ETA_ROOM more may wait out the last
+        seconds of their ETA: as in Celery, they don't count, so they hold no room from the
+        messages due now, which the broker may have put behind them."""
+        counted = len(self.held) - min(self.waiting.for_eta, self.ETA_ROOM)
         return 0 if counted > self.capacity / 2 else self.capacity - counted
 
     def settle(self, taking=True) -> tuple:

@@ -1555,9 +1555,10 @@ def test_eta_far_is_parked_in_redis_not_held(app, tmp_path, redis_client):
 
 def test_eta_tasks_held_for_later_leave_room_for_tasks_due_now(app, tmp_path, monkeypatch):
     """A worker full of ETA tasks not yet due still takes a task due now, and runs it at
-    once (as Celery: ETA tasks don't count against the prefetch limit); up to its capacity
-    of them: more wait in the queue."""
+    once (as Celery: ETA tasks don't count against the prefetch limit); up to ETA_ROOM of
+    them: more wait in the queue."""
     monkeypatch.setattr(minicelery.Book, "ETA_HORIZON", 120.0)  # (held, not parked)
+    monkeypatch.setattr(minicelery.Book, "ETA_ROOM", 2)
     started = str(tmp_path / "started")
     with worker(app, tmp_path, concurrency=1, prefetch_multiplier=1) as w:  # capacity: 2
         later = [counted_sleep.apply_async((started, 0), countdown=60) for _ in range(2)]
