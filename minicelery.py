@@ -4853,8 +4853,8 @@ def _acked(app, job) -> bool:
     whether the task may run. This is the default, at most once: whatever happens next, the
     broker can't hand the message out again.
 
-    An ack whose answer was lost is asked again, until the broker answers (a stopping
-    worker ends the wait). Finding the message gone then means the first one went through:
+    An ack whose answer was lost is asked again, until the broker answers (a cold
+    shutdown ends the wait). Finding the message gone then means the first one went through:
     had the message gone back to its queue meanwhile (held too long unrenewed), the broker
     would say it is not ours (see RedisBroker.RESTORED); and the consumer acts on no claim
     it lent.
