@@ -1327,6 +1327,26 @@ class QueueWatch:
         return False
 
 
+# The guard of every ack and renewal, shared by the scripts below: held(i) says whether
+# the message ARGV[i] is still held (KEYS[2], unacked_index) under one of its claim's
+# scores (ARGV[i + 1], ARGV[i + 2]); if not, it notes it in `others` (held by another, or
+# given back since our claim: `restored_key` says) or in `gone` (acked).
+_HELD_LUA = r"""
+local function held(i)
+  local score = redis.call('ZSCORE', KEYS[2], ARGV[i])
+  if score and (tonumber(score) == tonumber(ARGV[i + 1]) or tonumber(score) == tonumber(ARGV[i + 2])) then
+    return true
+  end
+  local restored = tonumber(redis.call('ZSCORE', restored_key, ARGV[i]) or '-1')
+  if score or restored >= math.min(tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])) then
+    table.insert(others, ARGV[i])
+  else
+    table.insert(gone, ARGV[i])
+  end
+  return false
+end
+"""
+
 # Celery: atomic-take: kombu BRPOPs, then records; here one script takes.
 # One round trip of a worker's loop (RedisBroker.reserve). The essential part:
 # ack the held messages named (ZREM unacked_index, HDEL unacked), renew the
@@ -1336,9 +1356,8 @@ class QueueWatch:
 # ARGV: now, limit, the largest message handed out (0: any), how many acks,
 # renewals and queues, the time before which parked ones are due, then (tag,
 # claim, claim) for each ack and renewal, then the queue names. The guards,
-# each named below: held() lets an ack or a renewal act only on a message still
-# held under one of our claim's scores, and answers the others as others' (held
-# by another, or given back since our claim: KEYS[6] says) or gone (acked);
+# each named below: held() (above) lets an ack or a renewal act only on a
+# message still held under one of our claim's scores (KEYS[6]: the given back);
 # due_parked() first moves parked ETA messages due soon back to their lists;
 # bury() keeps a message too big to hand out in the dead letters, cut to 64
 # KiB and never parsed, so no worker's memory pays for it; tag_of() makes up a
@@ -1348,22 +1367,8 @@ class QueueWatch:
 # the tag "!". Returns {gone, others, {list key, tag, message, ...}}.
 _RESERVE_LUA = r"""
 local now, limit, max_size = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local gone, others, taken = {}, {}, {}
-
-local function held(i)
-  local score = redis.call('ZSCORE', KEYS[2], ARGV[i])
-  if score and (tonumber(score) == tonumber(ARGV[i + 1]) or tonumber(score) == tonumber(ARGV[i + 2])) then
-    return true
-  end
-  local restored = tonumber(redis.call('ZSCORE', KEYS[6], ARGV[i]) or '-1')
-  if score or restored >= math.min(tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])) then
-    table.insert(others, ARGV[i])
-  else
-    table.insert(gone, ARGV[i])
-  end
-  return false
-end
-
+local gone, others, taken, restored_key = {}, {}, {}, KEYS[6]
+""" + _HELD_LUA + r"""
 local function due_parked()  -- back to the consuming end of their lists, due before ARGV[7]
   local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[7], 'LIMIT', 0, 100)
   for n = #due, 1, -1 do  -- (the earliest pushed last: taken first)
@@ -1452,23 +1457,15 @@ return 1
 """
 
 # Acks held messages (ARGV: tag, claim, claim, for each), each only while it is held
-# under one of its claim's scores; answers {gone, others} as the reserve script does
-# (KEYS[3]: the given-back ones).
+# under one of its claim's scores (held(); KEYS[3]: the given back); answers {gone,
+# others} as the reserve script does.
 # (The reserve script acks too; this is the same, alone: a pool process's one round trip
 # before an early-ack task starts.)
 _ACK_LUA = r"""
-local gone, others = {}, {}
+local gone, others, restored_key = {}, {}, KEYS[3]
+""" + _HELD_LUA + r"""
 for i = 1, #ARGV, 3 do
-  local score = redis.call('ZSCORE', KEYS[2], ARGV[i])
-  if score and (tonumber(score) == tonumber(ARGV[i + 1]) or tonumber(score) == tonumber(ARGV[i + 2])) then
-    redis.call('ZREM', KEYS[2], ARGV[i])
-    redis.call('HDEL', KEYS[1], ARGV[i])
-  elseif score or tonumber(redis.call('ZSCORE', KEYS[3], ARGV[i]) or '-1')
-      >= math.min(tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])) then
-    table.insert(others, ARGV[i])
-  else
-    table.insert(gone, ARGV[i])
-  end
+  if held(i) then redis.call('ZREM', KEYS[2], ARGV[i]); redis.call('HDEL', KEYS[1], ARGV[i]) end
 end
 return {gone, others}
 """
