@@ -4807,9 +4807,10 @@ def runnable_message(app, raw, queue="", tag="") -> Message:
     except DecodeError as exc:
         raise Unrunnable(f"can't decode message: {exc}", exc) from None
     if message.task_name not in app.tasks:
-        close = difflib.get_close_matches(message.task_name, list(app.tasks), 3) if len(message.task_name) < 200 else []
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
         name = _short_repr(message.task_name, 200)  # (a name is what a sender wrote: any size)
+        short = len(message.task_name) < 200  # (close matches of a long one cost too much)
+        close = difflib.get_close_matches(message.task_name, list(app.tasks), 3) if short else []
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise Unrunnable(f"Received unregistered task of type {name}. The message has been "
                          f"ignored and discarded.{hint}",
                          NotRegistered(f"Task of kind {name} never registered.{hint}"), message)
@@ -5933,8 +5934,10 @@ class Consumer:
         self.book.waiting.put_first(unstarted)
 
     def _done(self, held, event):
-        if event.state is None:  # its claim was not ours as it was to start: not run. (Unless we
-            held.lost = Lost(held.tag, "not ours", "unstarted")  # took it again since: settle() asks)
+        if event.state is None:
+            # Not run: its claim was not ours as it was to start. Unless we took it again
+            # since, it is not ours any more: settle() asks the broker.
+            held.lost = Lost(held.tag, "not ours", "unstarted")
             return
         if not held.late:
             held.claim = ()  # its pool process acked it
@@ -6039,6 +6042,7 @@ class Consumer:
         self.book.revoke(task_ids)
         # Make revocations broadcast by real Celery durable too, for workers started later.
         self.broker.revoke(task_ids, expires=self.app.revoke_expires, broadcast=False)
+        task_ids = set(task_ids)  # (a broadcast may name thousands: looked up once per held message)
         for held in self.book.held.values():
             if terminate and held.lent and held.message is not None and held.message.id in task_ids:
                 worker_logger.info("Terminating %s (%s)", printable(held.message.id), signum)
