@@ -1148,7 +1148,11 @@ class HeldConnection:
         if self.connection is not None and self.connection.pid != os.getpid():
             self.close()  # (redis-py only closes the descriptor here, it doesn't shut the socket down)
         if self.connection is None:
-            self.connection = self.client.connection_pool.make_connection()
+            # Made directly, not by the pool's make_connection(): the pool counts what that
+            # makes and never counts down, so a process whose threads come and go (each with
+            # its own connection) would reach max_connections and fail for ever.
+            pool = self.client.connection_pool
+            self.connection = pool.connection_class(**pool.connection_kwargs)
         return self.connection
 
     def close(self):

@@ -6906,6 +6906,22 @@ def test_cli_dead_reads_entries_it_did_not_write(app, redis_client):
     assert redis_client.llen("minicelery:dead-letters") == 0
 
 
+# --- Outside the worker loop: the clients and tools under hostile use ------------------
+
+def test_threads_that_come_and_go_never_exhaust_connections(app, redis_client):
+    """Each thread's held connection is made outside the pool's count and closed with its
+    thread: after 65,536 short-lived threads, every delay() used to raise MaxConnectionsError."""
+    for client in (app.broker.client, app.backend.client):
+        client.connection_pool.max_connections = 10  # the limit, reached after 10 threads, not 65,536
+    for i in range(40):
+        thread = threading.Thread(target=lambda i=i: add.delay(i, 0).forget())
+        thread.start()
+        thread.join()
+    add.delay(0, 0)
+    assert redis_client.llen("celery") == 41
+    assert len(redis_client.client_list()) < 10  # the dead threads' connections were closed
+
+
 # --- examples/benchmarks.py: its smoke run (the full runs are in the README) ------------
 
 def test_benchmarks_compare_smoke():
