@@ -427,12 +427,57 @@ def printable(text: str) -> str:
 
 
 def _short_repr(value, limit=1024):
-    """repr() for logs and argsrepr; an object whose repr raises gets a placeholder."""
+    """repr() for logs and argsrepr, cut at `limit` characters.
+
+    Lists, tuples and dicts are written piece by piece, and the writing stops at
+    the limit: a structure whose parts are shared can be small in memory and
+    vast written out, and its repr must cost what it shows, not what it names.
+    """
+    if type(value) not in _CONTAINERS or _flat(value):
+        return _cut(_plain_repr(value), limit)  # (the common case, and the quick one)
+    pieces, size = [], 0
+    for piece in _repr_pieces(value, depth=0):
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit:
+            break
+    return _cut("".join(pieces), limit)
+
+
+_CONTAINERS = (list, tuple, dict)
+
+
+def _plain_repr(value) -> str:
     try:
-        text = repr(value)
+        return repr(value)
     except Exception as exc:  # a user's __repr__ can raise, or recurse too deep
-        text = f"<{type(value).__name__} object: repr() raised {type(exc).__name__}>"
-    return _cut(text, limit)
+        return f"<{type(value).__name__} object: repr() raised {type(exc).__name__}>"
+
+
+def _flat(value) -> bool:
+    """A list, tuple or dict with none of them inside: its repr costs what it holds."""
+    parts = value if type(value) is not dict else itertools.chain(value.keys(), value.values())
+    return not any(type(part) in _CONTAINERS for part in parts)
+
+
+def _repr_pieces(value, depth):
+    kind = type(value)
+    if kind not in _CONTAINERS or _flat(value):
+        yield _plain_repr(value)
+        return
+    if depth > 100:  # (a list inside itself, say)
+        yield "..."
+        return
+    yield "[" if kind is list else "(" if kind is tuple else "{"
+    for i, item in enumerate(value.items() if kind is dict else value):
+        yield ", " if i else ""
+        if kind is dict:
+            yield from _repr_pieces(item[0], depth + 1)
+            yield ": "
+            item = item[1]
+        yield from _repr_pieces(item, depth + 1)
+    yield "," if kind is tuple and len(value) == 1 else ""
+    yield "]" if kind is list else ")" if kind is tuple else "}"
 
 
 def _cut(text: str, limit: int) -> str:
@@ -507,9 +552,40 @@ _SERIALIZERS = {
     PICKLE_TYPE: (lambda obj: pickle.dumps(obj, protocol=4), pickle.loads),
     MSGPACK_TYPE: (lambda obj: _optional_library("msgpack").packb(obj, use_bin_type=True),
                    lambda data: _optional_library("msgpack").unpackb(data, raw=False)),
-    YAML_TYPE: (lambda obj: _optional_library("yaml").safe_dump(obj).encode("utf-8"),
-                lambda data: _optional_library("yaml").safe_load(data)),
+    YAML_TYPE: (lambda obj: _optional_library("yaml").safe_dump(obj).encode("utf-8"), lambda data: _yaml_load(data)),
 }
+
+
+def _yaml_load(data: bytes):
+    """YAML's safe_load, refusing a document that names more elements than it has bytes.
+
+    An alias (*a) repeats what its anchor names, so 300 bytes can name billions of
+    elements (an alias bomb): small in memory, but whatever walks it (a repr, a JSON
+    result, an error text) would pay for all of them. Each element takes at least a
+    byte when written out without aliases, so a document that uses them only to save
+    typing passes.
+    """
+    value = _optional_library("yaml").safe_load(data)
+    if _expanded_size(value, {}, len(data)) > len(data):
+        raise DecodeError(f"the YAML document of {len(data)} bytes names more elements than that "
+                          f"through its aliases (an alias bomb?)")
+    return value
+
+
+def _expanded_size(value, sizes, limit) -> int:
+    """How many elements `value` has, a shared part counted each time it appears (each
+    part is walked once: `sizes` remembers them by id); stops counting past `limit`."""
+    if type(value) not in (list, dict):
+        return 1
+    if id(value) not in sizes:
+        sizes[id(value)] = 1  # (a part inside itself, `&a [*a]`, counts once)
+        total = 1
+        for item in (value if type(value) is list else [*value.keys(), *value.values()]):
+            total += _expanded_size(item, sizes, limit)
+            if total > limit:
+                break
+        sizes[id(value)] = total
+    return sizes[id(value)]
 
 
 def content_type_for(serializer: str) -> str:
@@ -558,8 +634,10 @@ def loads(data: bytes, content_type: str, accept, compression=None, max_size=Non
         data = _inflate(data, compression, max_size)
     try:
         return _SERIALIZERS[content_type][1](data)
+    except DecodeError:
+        raise
     except Exception as exc:  # (a serializer's library missing too: this body can't be read)
-        raise DecodeError(f"can't decode {content_type} body: {exc!r}") from exc
+        raise DecodeError(f"can't decode {content_type} body: {_short_repr(exc, 200)}") from exc
 
 
 def _inflate(data: bytes, compression: str, max_size=None) -> bytes:

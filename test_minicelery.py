@@ -6922,6 +6922,48 @@ def test_threads_that_come_and_go_never_exhaust_connections(app, redis_client):
     assert len(redis_client.client_list()) < 10  # the dead threads' connections were closed
 
 
+def _yaml_alias_bomb(levels=9):  # (9 at most)
+    """A YAML list of 300 bytes that names 9 ** levels elements through its aliases."""
+    anchors = ["&a [x, x, x, x, x, x, x, x, x]"] + [
+        f"&{name} [{', '.join([f'*{below}'] * 9)}]" for below, name in zip("abcdefgh"[:levels - 1], "bcdefghi")]
+    return f"[{', '.join(anchors)}]"
+
+
+def test_a_yaml_alias_bomb_is_refused_where_it_enters(app, tmp_path, redis_client):
+    """300 bytes of YAML naming 387 million elements: the worker refuses the message as
+    it decodes it (it cost a pool process 12 s and 750 MB, then the main process more)."""
+    app.conf.update(accept_content=["json", "yaml"])
+    bomb = minicelery.signature("test_minicelery.echo", (1,), app=app).apply_async(serializer="yaml")
+    raw = json.loads(redis_client.lpop("celery"))
+    raw["body"] = base64.b64encode(f"[[{_yaml_alias_bomb()}], {{}}, {{}}]".encode()).decode()
+    redis_client.lpush("celery", json.dumps(raw))
+    with worker(app, tmp_path) as w:
+        w.wait_for_log("alias bomb")
+        assert add.delay(1, 2).get(timeout=10) == 3
+        assert app.control.ping(timeout=5)
+    assert f"{bomb.id}" in w.log() and "MemoryError" not in w.log()
+    used_aliases = minicelery.loads(b"a: &x [1, 2]\nb: *x\n", minicelery.YAML_TYPE, {minicelery.YAML_TYPE})
+    assert used_aliases == {"a": [1, 2], "b": [1, 2]}  # aliases that only save typing pass
+
+
+class _CountedRepr:
+    calls = 0
+
+    def __repr__(self):
+        _CountedRepr.calls += 1
+        return "x"
+
+
+def test_short_repr_costs_what_it_shows_not_what_it_names():
+    shared = [_CountedRepr()] * 9
+    for _ in range(6):
+        shared = [shared] * 9  # 4.8 million elements, 70 objects
+    text = minicelery._short_repr(shared, limit=200)
+    assert text.startswith("[[[[[[[x, x, x") and text.endswith("...") and len(text) == 203
+    assert _CountedRepr.calls < 200
+    assert minicelery._short_repr(({"a": [1, (2,)]}, (3,))) == repr(({"a": [1, (2,)]}, (3,)))
+
+
 # --- examples/benchmarks.py: its smoke run (the full runs are in the README) ------------
 
 def test_benchmarks_compare_smoke():
