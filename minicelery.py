@@ -1100,9 +1100,12 @@ class Broker(Explains):
     def send_event(self, event: dict):
         """Publish an event (make_event()) to whoever listens: Flower, `events`; none is kept."""
 
+    #: events() returns at most this many at once: under a flood, a reader gets on with them
+    EVENTS_AT_ONCE = 1000
+
     def events(self, timeout: float) -> list:
         """The events sent since the last call (the first call starts listening), waiting
-        up to `timeout` seconds for one."""
+        up to `timeout` seconds for one; at most EVENTS_AT_ONCE, the rest at the next call."""
 
     def ask(self, body: dict, timeout: float, limit=None) -> list:
         """Broadcast a command that wants answers; the answers ({node name: value}) that
@@ -1835,13 +1838,30 @@ class RedisBroker(Broker):
 
     def events(self, timeout):
         if self._events is None:
-            self._events = self.client.pubsub(ignore_subscribe_messages=True)
-            self._events.psubscribe(f"{self.pidbox.split('.')[0]}.celeryev/*")
+            self._events = self._subscribed(pattern=f"{self.pidbox.split('.')[0]}.celeryev/*")
         found, deadline = [], time.monotonic() + timeout
-        while (message := next_pubsub_message(self._events, max(deadline - time.monotonic(), 0))) is not None:
-            found += _parse_events(message["data"])
-            deadline = 0  # then only what is there already
+        try:
+            while len(found) < self.EVENTS_AT_ONCE and (message := next_pubsub_message(
+                    self._events, max(deadline - time.monotonic(), 0))) is not None:
+                found += _parse_events(message["data"])
+                deadline = 0  # then only what is there already
+        except self.connection_errors:
+            self._events.close()
+            self._events = None  # the next call listens again
+            if not found:
+                raise
         return found
+
+    def _subscribed(self, channel=None, pattern=None):
+        """A pub/sub connection that listens: one whose subscription failed is closed, not
+        kept (it would be read as a quiet channel for ever)."""
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.psubscribe(pattern) if pattern else pubsub.subscribe(channel)
+        except BaseException:
+            pubsub.close()
+            raise
+        return pubsub
 
     def reply(self, reply_to, ticket, body):
         # Straight to the list kombu's clients wait on, `<oid>.reply.celery.pidbox`: the binding
@@ -1881,8 +1901,7 @@ class RedisBroker(Broker):
 
     def control_messages(self):
         if self._pubsub is None:
-            self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-            self._pubsub.subscribe(self.pidbox)
+            self._pubsub = self._subscribed(channel=self.pidbox)
         commands = []
         while (message := next_pubsub_message(self._pubsub, 0)) is not None:
             commands.append(_parse_control(message["data"]))
@@ -2446,10 +2465,11 @@ class SQLiteBroker(Broker):
     def events(self, timeout):
         if self._last_event is None:
             self._last_event = self.store.read("SELECT COALESCE(MAX(id), 0) FROM events")[0][0]
-        rows = self.store.read("SELECT id, raw FROM events WHERE id > ? ORDER BY id", (self._last_event,))
+        query = f"SELECT id, raw FROM events WHERE id > ? ORDER BY id LIMIT {self.EVENTS_AT_ONCE}"
+        rows = self.store.read(query, (self._last_event,))
         if not rows:
             self.store.wait_for_change(timeout)
-            rows = self.store.read("SELECT id, raw FROM events WHERE id > ? ORDER BY id", (self._last_event,))
+            rows = self.store.read(query, (self._last_event,))
         self._last_event = rows[-1][0] if rows else self._last_event
         return [event for _, raw in rows for event in _parse_events(raw)]
 
@@ -5927,7 +5947,7 @@ class Consumer:
                                     else "Unexpected error in the worker loop", type(exc).__name__, exc,
                                     delay, exc_info=not lost)
                 self._restore_after = time.monotonic() + 2 * self.book.renew_every  # see _sweep
-                self._wait_out(delay)
+                self.wait_out(delay)
         self._leave()
 
     def step(self):
@@ -5950,7 +5970,7 @@ class Consumer:
         self._lend(self.book.waiting.take(self.pool.free(), self.book.lendable))
         self._wait()
 
-    def _wait_out(self, delay):
+    def wait_out(self, delay):
         """Back off from a broker error while learning what the pool does."""
         deadline = time.monotonic() + delay
         while (left := deadline - time.monotonic()) > 0 and not self._finished():
@@ -6371,10 +6391,10 @@ class Worker:
         beat_pid = self._start_beat() if self.embed_beat else None
         self.consumer.start_pool()
         self._install_signal_handlers()
-        self.consumer.remote.listen()
-        worker_logger.info("Connected to %s", _safe_url(self.app.broker_url))
-        worker_logger.info("%s ready.", self.hostname)
-        self.ready.set()
+        if self._connect():
+            worker_logger.info("Connected to %s", _safe_url(self.app.broker_url))
+            worker_logger.info("%s ready.", self.hostname)
+            self.ready.set()
         try:
             self.consumer.run()
         finally:
@@ -6384,6 +6404,23 @@ class Worker:
             self.app.close()
         if self.restarting:
             self._restart()
+
+    def _connect(self) -> bool:
+        """Reach the broker, waiting for it as long as it takes: a worker started before it
+        (a container start order, a reboot) says why it waits and works once it can. False
+        if the worker was stopped while it waited."""
+        failures = 0
+        while not self.consumer.stopping:
+            try:
+                self.consumer.remote.listen()
+                return True
+            except self.app.broker.connection_errors as exc:
+                failures += 1
+                delay = min(2 ** failures * 0.1, 10.0)
+                worker_logger.error("Cannot connect to %s: %s: %s; trying again in %.1fs", _safe_url(self.app.broker_url),
+                                    type(exc).__name__, exc, delay)
+                self.consumer.wait_out(delay)
+        return False
 
     def _restart(self):
         """SIGHUP: after a warm shutdown, run this program again as it was started (as Celery does)."""
@@ -7132,19 +7169,31 @@ def _cli_events(app, args, queues):
     """`events --dump`: the raw events; `events`: a view of the workers, redrawn every second."""
     seen, workers, finished, failures = 0, {}, deque(maxlen=1000), deque(maxlen=5)
     queues = queues or queue_names(app.conf.task_queues or [app.conf.task_default_queue])
+    away = None  # the broker's error while it is away: said once, and once more when it is back
     while not args.count or seen < args.count:
-        for event in app.broker.events(1.0):
-            seen += 1
-            if args.dump:
-                print(json.dumps(event, default=str), flush=True)
-            elif event["type"].startswith("worker-"):
-                workers[event["hostname"]] = event
-            elif event["type"] in ("task-succeeded", "task-failed"):
-                finished.append(event["timestamp"])
-                if event["type"] == "task-failed":
-                    failures.append(f"{event.get('uuid')}: {event.get('exception')}")
-        if not args.dump:
-            _draw_events_view(app, queues, workers, finished, failures)
+        try:
+            events = app.broker.events(1.0)[:args.count - seen if args.count else None]
+            for event in events:
+                if args.dump:
+                    print(json.dumps(event, default=str), flush=True)
+                elif event["type"].startswith("worker-"):
+                    workers[event["hostname"]] = event
+                elif event["type"] in ("task-succeeded", "task-failed"):
+                    finished.append(event["timestamp"])
+                    if event["type"] == "task-failed":
+                        failures.append(f"{event.get('uuid')}: {event.get('exception')}")
+            seen += len(events)
+            if not args.dump:
+                _draw_events_view(app, queues, workers, finished, failures)
+        except app.broker.connection_errors as exc:
+            if away is None:
+                print(f"events: the broker is away ({type(exc).__name__}: {exc}); waiting for it", file=sys.stderr)
+            away = exc
+            time.sleep(1.0)
+            continue
+        if away is not None:
+            print("events: the broker is back", file=sys.stderr, flush=True)
+            away = None
     return 0
 
 

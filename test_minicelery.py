@@ -6922,6 +6922,73 @@ def test_threads_that_come_and_go_never_exhaust_connections(app, redis_client):
     assert len(redis_client.client_list()) < 10  # the dead threads' connections were closed
 
 
+def test_a_worker_started_before_redis_waits_for_it_then_works(app, tmp_path):
+    """A container start order, a reboot: the worker says why it waits, and works once
+    Redis is there (it used to exit with a traceback from its SUBSCRIBE)."""
+    sock = str(tmp_path / "later.sock")
+    _use_private_redis(app, sock)
+    proc = None
+    try:
+        with worker(app, tmp_path, wait_ready=False) as w:
+            w.wait_for_log("Cannot connect to unix://", count=2)
+            assert w.alive() and "Traceback" not in w.log()
+            sock, proc = _start_redis(tmp_path, "later")
+            w.wait_for_log("ready.")
+            assert add.delay(2, 3).get(timeout=15) == 5
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+
+def _cli_to_files(tmp_path, name, env, *argv):
+    """`python -m minicelery -A test_minicelery *argv` in the background, its output in
+    two files; returns (process, read) where read('out' | 'err') is what it wrote so far."""
+    out, err = open(tmp_path / f"{name}.out", "w"), open(tmp_path / f"{name}.err", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "minicelery", "-A", "test_minicelery", *argv], cwd=HERE,
+                            env=dict(os.environ, PYTHONPATH=HERE, **env), stdout=out, stderr=err, text=True)
+    return proc, lambda which: (tmp_path / f"{name}.{which}").read_text()
+
+
+def test_events_survives_redis_restarting_and_counts_under_a_flood(app, tmp_path):
+    """`events` says in one line that the broker is away and once more that it is back, and
+    goes on; under a flood `--dump -n 5` prints five events, where it printed none (its
+    gathering had no end) or more than five."""
+    sock, server = _start_redis(tmp_path, "events")
+    _use_private_redis(app, sock)
+    client = redis.Redis(unix_socket_path=sock)
+    watcher, read = _cli_to_files(tmp_path, "watch", {"MINICELERY_BROKER_URL": f"unix://{sock}"}, "events", "--dump")
+    counter = None
+    try:
+        wait_until(lambda: client.pubsub_numpat() == 1, what="events listening")
+        server.kill()
+        server.wait()
+        wait_until(lambda: "events: the broker is away" in read("err"), what="the line saying the broker is away")
+        sock, server = _start_redis(tmp_path, "events")
+        client = redis.Redis(unix_socket_path=sock)
+        wait_until(lambda: client.pubsub_numpat() == 1, what="events listening again")
+        app.broker.send_event(minicelery.make_event("worker-heartbeat", "back@host", freq=2.0))
+        wait_until(lambda: "back@host" in read("out"), what="an event after the restart")
+        assert read("err").count("\n") == 2 and "events: the broker is back" in read("err")
+        assert watcher.poll() is None
+        counter, counted = _cli_to_files(tmp_path, "count", {"MINICELERY_BROKER_URL": f"unix://{sock}"},
+                                         "events", "--dump", "-n", "5")
+        wait_until(lambda: sum(int(c["psub"]) for c in client.client_list()) == 2, what="the second events listening")
+        flood = minicelery.event_envelope(minicelery.make_event("worker-heartbeat", "flood@host", freq=2.0))[1]
+        for _ in range(20):
+            with client.pipeline(transaction=False) as pipe:
+                for _ in range(1000):
+                    pipe.publish("/0.celeryev/worker.heartbeat", flood)
+                pipe.execute()
+        assert counter.wait(30) == 0
+        assert counted("out").count("flood@host") == 5 and counted("out").count("\n") == 5
+    finally:
+        for proc in (watcher, counter, server):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
 def _yaml_alias_bomb(levels=9):  # (9 at most)
     """A YAML list of 300 bytes that names 9 ** levels elements through its aliases."""
     anchors = ["&a [x, x, x, x, x, x, x, x, x]"] + [
