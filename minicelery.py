@@ -2595,6 +2595,8 @@ class ResultBackend(Explains):
 
     KEY_PREFIX = "celery-task-meta-"
     TASKSET_PREFIX = "celery-taskset-meta-"
+    #: exceptions meaning "the backend can't serve us right now", as the broker's
+    connection_errors = ()
 
     def __init__(self, app, url):
         self.app, self.url = app, url
@@ -2975,6 +2977,8 @@ class SQLiteBackend(ResultBackend):
 
     def __init__(self, app, url):
         super().__init__(app, url)
+        import sqlite3
+        self.connection_errors = (sqlite3.DatabaseError,)  # locked, full, vanished, unreadable
         self.store = SQLiteStore.for_url(url)
 
     def _set(self, key, data, ready=True):
@@ -6946,8 +6950,15 @@ class Beat:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self.stop())
         print(self.banner(), file=sys.stderr, flush=True)
+        failures = 0
         while not self.stopping:
-            wait = self.tick()
+            try:
+                wait, failures = self.tick(), 0
+            except self.app.broker.connection_errors as exc:  # wait for it: beat goes on once it is back
+                failures += 1
+                wait = min(2 ** failures * 0.1, 10.0)
+                beat_logger.error("beat: the broker did not answer (%s: %s); trying again in %.1fs",
+                                  type(exc).__name__, exc, wait)
             deadline = time.monotonic() + wait
             while not self.stopping and time.monotonic() < deadline:
                 time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
@@ -7124,14 +7135,6 @@ def _cli_ask_workers(app, args):
     reply = args.what != "shutdown"  # (a worker leaves without answering that one)
     answers = app.control.broadcast(args.what, arguments, destination, reply, args.timeout)
     return _print_answers(answers, args.json) if reply else 0
-
-
-def _cli_ask(app, args):
-    try:
-        return _cli_ask_workers(app, args)
-    except app.broker.connection_errors as exc:
-        print(f"Error: the broker did not answer ({type(exc).__name__}: {exc})", file=sys.stderr)
-        return EX_UNAVAILABLE
 
 
 def _cli_dead(app, args):
@@ -7358,6 +7361,7 @@ def main(argv=None):
         return multi(args.action, args.names, spec, args.pidfile, args.logfile, extra)
     logfile = getattr(args, "logfile", None)
     setup_logging(getattr(args, "loglevel", "INFO"), open(logfile, "a", buffering=1) if logfile else None)
+    app = None
     try:
         app = find_app(spec)
         queues = args.queues.split(",") if getattr(args, "queues", None) else None
@@ -7386,7 +7390,7 @@ def main(argv=None):
             count = sum(app.broker.purge(q) for q in queues)
             print(f"Purged {count} message(s) from {len(queues)} queue(s).")
         elif args.command in ("status", "inspect", "control"):
-            return _cli_ask(app, args)
+            return _cli_ask_workers(app, args)
         elif args.command == "dead":
             return _cli_dead(app, args)
         elif args.command == "events":
@@ -7401,6 +7405,12 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:  # Ctrl-C leaving `events` (or a question)
         return 130
+    except Exception as exc:  # a one-shot command whose broker or backend is away: one line
+        if app is None or not isinstance(exc, (OperationalError, *app.broker.connection_errors,
+                                               *app.backend.connection_errors)):
+            raise
+        print(f"Error: the broker did not answer ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return EX_UNAVAILABLE
     return 0
 
 

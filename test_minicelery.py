@@ -6989,6 +6989,40 @@ def test_events_survives_redis_restarting_and_counts_under_a_flood(app, tmp_path
                 proc.wait()
 
 
+def test_one_shot_commands_say_in_one_line_that_the_broker_is_away(tmp_path):
+    env = {"MINICELERY_BROKER_URL": f"unix://{tmp_path}/nobody.sock",
+           "MINICELERY_RESULT_BACKEND": f"unix://{tmp_path}/nobody.sock?db=1"}
+    for argv in (["purge", "-f"], ["dead"], ["status", "-t", "0.5"],
+                 ["call", "test_minicelery.add", "--args", "[1, 2]"]):
+        proc = subprocess.run([sys.executable, "-m", "minicelery", "-A", "test_minicelery", *argv], cwd=HERE,
+                              env=dict(os.environ, PYTHONPATH=HERE, **env), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 69, (argv, proc.stderr)
+        assert proc.stderr.startswith("Error: the broker did not answer") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_beat_waits_out_the_broker_going_away(app, tmp_path, caplog):
+    sock, server = _start_redis(tmp_path, "beat")
+    _use_private_redis(app, sock)
+    app.conf.update(beat_schedule={"often": {"task": "test_minicelery.add", "schedule": 0.2, "args": (1, 1)}})
+    beat = minicelery.Beat(app, schedule_filename=str(tmp_path / "beat-state"), lease_ttl=3)
+    thread, box = _in_background(beat.run)
+    try:
+        client = redis.Redis(unix_socket_path=sock)
+        wait_until(lambda: client.llen("celery") > 0, what="a periodic task")
+        server.kill()
+        server.wait()
+        wait_until(lambda: "beat: the broker did not answer (ConnectionError" in caplog.text, what="beat's line")
+        sock, server = _start_redis(tmp_path, "beat")
+        client = redis.Redis(unix_socket_path=sock)
+        wait_until(lambda: client.llen("celery") > 0, what="a periodic task once Redis is back")
+        assert thread.is_alive(), box
+    finally:
+        beat.stop()
+        thread.join(10)
+        server.kill()
+        server.wait()
+
+
 def _yaml_alias_bomb(levels=9):  # (9 at most)
     """A YAML list of 300 bytes that names 9 ** levels elements through its aliases."""
     anchors = ["&a [x, x, x, x, x, x, x, x, x]"] + [
