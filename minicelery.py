@@ -1157,6 +1157,7 @@ def redis_client(url: str, decode_responses=False, socket_timeout=5.0):
     for prefix in ("redis+socket://", "socket://"):
         if url.startswith(prefix):
             url = "unix://" + url[len(prefix):].replace("virtual_host=", "db=")
+    url = _cap_url_timeouts(url, socket_timeout)
     for level in ("REQUIRED", "OPTIONAL", "NONE"):  # Celery's CERT_REQUIRED is redis-py's required
         url = url.replace(f"ssl_cert_reqs=CERT_{level}", f"ssl_cert_reqs={level.lower()}")
     from redis.backoff import NoBackoff
@@ -1166,6 +1167,26 @@ def redis_client(url: str, decode_responses=False, socket_timeout=5.0):
     return redis.Redis.from_url(url, decode_responses=decode_responses, health_check_interval=30,
                                 socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
                                 retry=Retry(NoBackoff(), 0), max_connections=2 ** 16, **protocol)
+
+
+def _cap_url_timeouts(url: str, most: float) -> str:
+    """The URL with its socket_timeout and socket_connect_timeout options cut to `most`.
+
+    Celery: url-timeouts: Celery honours any. Here the deadlines of get(), of a
+    publish and of the worker's steps hold while Redis stalls because no command
+    waits longer than `most` (redis-py's URL options win over its arguments).
+    """
+    import urllib.parse
+    base, _, query = url.partition("?")
+    options = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    capped = [(name, value) for name, value in options if name in ("socket_timeout", "socket_connect_timeout")
+              and re.fullmatch(r"[0-9.]+", value) and float(value) > most]
+    if not capped:
+        return url
+    logger.warning("%s in the Redis URL cut to %gs: minicelery's deadlines hold only if no command waits longer",
+                   ", ".join(f"{name}={value}" for name, value in capped), most)
+    options = [(name, str(most) if (name, value) in capped else value) for name, value in options]
+    return f"{base}?{urllib.parse.urlencode(options)}"
 
 
 class HeldConnection:

@@ -7023,6 +7023,26 @@ def test_beat_waits_out_the_broker_going_away(app, tmp_path, caplog):
         server.wait()
 
 
+def test_a_url_socket_timeout_does_not_outlast_a_get_deadline(app, tmp_path, caplog):
+    """With socket_timeout=30 in the backend URL, get(timeout=2) during a Redis stall took
+    30 s: the URL's timeouts are cut to minicelery's, with a warning that says so."""
+    sock, server = _start_redis(tmp_path, "stall")
+    app.conf.update(broker_url=f"unix://{sock}", result_backend=f"unix://{sock}?db=1&socket_timeout=30")
+    app.close()
+    try:
+        assert app.backend.get_meta("nothing-yet")["status"] == "PENDING"  # connected before the stall
+        assert "socket_timeout=30 in the Redis URL cut to 1s" in caplog.text
+        os.kill(server.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(minicelery.ResultTimeout):
+            AsyncResult("nothing-yet", app=app).get(timeout=GET_TIMEOUT)
+        assert time.monotonic() - started < GET_TIMEOUT + GET_SLACK
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        server.kill()
+        server.wait()
+
+
 def _yaml_alias_bomb(levels=9):  # (9 at most)
     """A YAML list of 300 bytes that names 9 ** levels elements through its aliases."""
     anchors = ["&a [x, x, x, x, x, x, x, x, x]"] + [
