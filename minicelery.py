@@ -1845,7 +1845,8 @@ class RedisBroker(Broker):
         if self.explaining:
             self.explain("revoke", ids=" ".join(task_ids), then="; then the broadcast below" if broadcast else "")
         if broadcast:
-            self.broadcast(_revoke_body(task_ids, terminate, signal))
+            for body in _revoke_bodies(task_ids, terminate, signal):
+                self.broadcast(body)
 
     def broadcast(self, body):
         self.client.publish(self.pidbox, control_envelope(body, {"clock": 1, "expires": time.time() + 1.0},
@@ -2105,6 +2106,25 @@ def _revoke_body(task_ids, terminate, signal, destination=None):
     return {"method": "revoke", "arguments": {"task_id": task_ids[0] if len(task_ids) == 1 else task_ids,
                                               "terminate": terminate, "signal": signal},
             "destination": destination, "pattern": None, "matcher": None}
+
+
+#: the most a broadcast's body may take: base64 makes 4 bytes of 3, and the envelope adds the rest
+CONTROL_BODY_LIMIT = (CONTROL_MESSAGE_LIMIT - 4096) * 3 // 4
+
+
+def _revoke_bodies(task_ids, terminate, signal):
+    """The revoke broadcasts for `task_ids`: as many as it takes for each to stay within
+    the size every worker reads (20,000 ids need two)."""
+    batch, size = [], 0
+    for task_id in task_ids:
+        cost = len(json.dumps(task_id)) + 2
+        if batch and size + cost > CONTROL_BODY_LIMIT - 1024:
+            yield _revoke_body(batch, terminate, signal)
+            batch, size = [], 0
+        batch.append(task_id)
+        size += cost
+    if batch:
+        yield _revoke_body(batch, terminate, signal)
 
 
 def revoke_command(task_ids, terminate=False, signum=None, destination=None):
@@ -2465,7 +2485,8 @@ class SQLiteBroker(Broker):
         if self.explaining:
             self.explain("revoke", ids=" ".join(task_ids), then="; then the broadcast below" if broadcast else "")
         if broadcast:
-            self.broadcast(_revoke_body(task_ids, terminate, signal))
+            for body in _revoke_bodies(task_ids, terminate, signal):
+                self.broadcast(body)
 
     def broadcast(self, body):
         # A row per broadcast: each process reads those added since it last looked.
@@ -4742,6 +4763,9 @@ class Control:
     def broadcast(self, command, arguments=None, destination=None, reply=False, timeout=1.0, limit=None):
         body = {"method": command, "arguments": arguments or {}, "destination": destination,
                 "pattern": None, "matcher": None}
+        if len(json_dumps(body)) > CONTROL_BODY_LIMIT:  # workers would refuse it, and nobody would know
+            raise ValueError(f"the {command} command is over the {CONTROL_MESSAGE_LIMIT} bytes a worker reads"
+                             + ("; app.control.revoke() sends a long list of ids in parts" if command == "revoke" else ""))
         if not reply:
             return self.app.broker.broadcast(body)
         return self.app.broker.ask(body, timeout, limit or (len(destination) if destination else None))
@@ -4783,7 +4807,8 @@ class Control:
         self.app.broker.revoke(ids, terminate=terminate, signal=signal, expires=self.app.revoke_expires,
                                broadcast=not reply)
         if reply:  # (broadcast here instead, asking for answers)
-            return self.app.broker.ask(_revoke_body(ids, terminate, signal), timeout)
+            return [answer for body in _revoke_bodies(ids, terminate, signal)
+                    for answer in self.app.broker.ask(body, timeout)]
 
 
 class Inspect:
@@ -7154,7 +7179,10 @@ def _cli_ask_workers(app, args):
             raise ImproperlyConfigured(f"control {args.what} takes: {' '.join(names)}")
         arguments = dict(zip(names, values))
     reply = args.what != "shutdown"  # (a worker leaves without answering that one)
-    answers = app.control.broadcast(args.what, arguments, destination, reply, args.timeout)
+    if args.what == "revoke" and not destination:  # stored for workers started later; a long list in parts
+        answers = app.control.revoke(args.arguments, reply=True, timeout=args.timeout)
+    else:
+        answers = app.control.broadcast(args.what, arguments, destination, reply, args.timeout)
     return _print_answers(answers, args.json) if reply else 0
 
 

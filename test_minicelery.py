@@ -7043,6 +7043,23 @@ def test_a_url_socket_timeout_does_not_outlast_a_get_deadline(app, tmp_path, cap
         server.wait()
 
 
+def test_a_revoke_of_20000_ids_reaches_the_workers_in_parts(app, tmp_path):
+    """20,000 ids are over the 1 MiB a worker reads: every worker refused the broadcast and
+    `terminate` was lost, with no error for the client. Now the client sends it in parts."""
+    many = [minicelery.uuid() for _ in range(20_000)]
+    with worker(app, tmp_path, concurrency=1) as w:
+        started = str(tmp_path / "started")
+        result = counted_sleep.delay(started, 30)
+        wait_until(lambda: lines_in(started) == 1, what="the task to start")
+        app.control.revoke(many + [result.id], terminate=True)  # (its id in the second part)
+        with pytest.raises(minicelery.TaskRevokedError, match="terminated"):
+            result.get(timeout=10)
+        assert "Control command error" not in w.log()
+    assert all(app.broker.client.zscore("minicelery:revoked", i) for i in (many[0], many[-1]))
+    with pytest.raises(ValueError, match="over the 1048576 bytes a worker reads"):
+        app.control.broadcast("rate_limit", {"task_name": "x" * 2_000_000, "rate_limit": "1/s"})
+
+
 def _yaml_alias_bomb(levels=9):  # (9 at most)
     """A YAML list of 300 bytes that names 9 ** levels elements through its aliases."""
     anchors = ["&a [x, x, x, x, x, x, x, x, x]"] + [
