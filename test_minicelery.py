@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -7058,6 +7059,31 @@ def test_a_revoke_of_20000_ids_reaches_the_workers_in_parts(app, tmp_path):
     assert all(app.broker.client.zscore("minicelery:revoked", i) for i in (many[0], many[-1]))
     with pytest.raises(ValueError, match="over the 1048576 bytes a worker reads"):
         app.control.broadcast("rate_limit", {"task_name": "x" * 2_000_000, "rate_limit": "1/s"})
+
+
+@pytest.mark.parametrize("any_app", ["sqlite"], indirect=True)
+def test_sqlite_over_its_file_size_limit_backs_off_then_drains(any_app, tmp_path):
+    """A worker whose SQLite file may not grow (ulimit -f) logs its failures with backoff,
+    not a thousand lines a second, and runs every task once the limit is lifted."""
+    sent = [add.delay(i, 1) for i in range(300)]
+    database = any_app.broker_url[len("sqlite:///"):]
+    env = project_env(tmp_path, MINICELERY_BROKER_URL=any_app.broker_url)
+    limit = os.path.getsize(database)
+    log = open(tmp_path / "limited.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "minicelery", "-A", "test_minicelery", "worker", "-c", "2"],
+                            cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY)))
+    try:
+        read = lambda: (tmp_path / "limited.log").read_text()
+        wait_until(lambda: "trying again in 3.2s" in read(), timeout=30, what="the worker backing off")
+        failing = read()
+        assert len(re.findall(r"(WARNING|ERROR)/", failing)) < 60, failing[-3000:]
+        for pid_ in [proc.pid] + WorkerProcess(proc.pid, None).children():  # (each pool process has its own)
+            resource.prlimit(pid_, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        assert [result.get(timeout=60) for result in sent] == [i + 1 for i in range(300)]
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def _yaml_alias_bomb(levels=9):  # (9 at most)
