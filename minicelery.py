@@ -7283,38 +7283,72 @@ def _ask_user(question):
 
 @contextlib.contextmanager
 def _pidfile(path):
-    """The worker's pid in `path` while it runs (`multi` finds it there); one running already refuses."""
+    """The worker's pid in `path` while it runs (`multi` finds it there); one running already refuses.
+
+    The file is locked (flock) for as long as the worker runs: of two started at once
+    with the same pidfile, one gets it and the other refuses, where a look then a write
+    let both in. A lock dies with its process, so a file left by a crash doesn't count.
+    """
     if not path:
         yield
         return
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        if _alive(int(open(path).read().strip() or 0)):
-            raise ImproperlyConfigured(f"pidfile {path} names a running process: is the worker running already?")
-    with open(path, "w") as f:
-        f.write(f"{os.getpid()}\n")
+    import fcntl
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ImproperlyConfigured(f"pidfile {path} is held by a running worker: is it running already?") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        os.close(fd)  # removed (as stale) between our open and our lock: open it again
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
     try:
         yield
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
+        os.close(fd)
+
+
+def _pid_in(pidfile):
+    with contextlib.suppress(OSError, ValueError):
+        with open(pidfile) as f:
+            return int(f.read().strip())
+    return None
 
 
 def _worker_pid(pidfile, node):
     """The pid in `pidfile` if it is that node's worker, running; a stale file (a dead pid,
-    or one the system gave to another program since) is removed, and never signalled."""
+    or one the system gave to another program since) is removed, and never signalled. A
+    file a worker holds (see _pidfile) is not stale, even while it writes its pid there."""
+    pid = _pid_in(pidfile)
     try:
-        with open(pidfile) as f:
-            pid = int(f.read().strip())
         with open(f"/proc/{pid}/cmdline", "rb") as f:  # (what multi started: ... minicelery ... -n <node>)
             command = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
         ours = pid > 0 and "minicelery" in command and f" {node} " in f"{command} "
-    except (OSError, ValueError, OverflowError):
+    except (OSError, ValueError, OverflowError, TypeError):
         ours = False
-    if not ours:
+    if not ours and not _held(pidfile):
         with contextlib.suppress(OSError):
             os.unlink(pidfile)
-        return None
-    return pid
+    return pid if ours else None
+
+
+def _held(pidfile) -> bool:
+    """Whether a running worker holds `pidfile` locked."""
+    import fcntl
+    try:
+        with open(pidfile) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (let go as the file closes)
+    except BlockingIOError:
+        return True
+    except OSError:
+        pass
+    return False
 
 
 def _alive(pid) -> bool:
@@ -7357,9 +7391,9 @@ def _start_node(node, files, app_spec, worker_options, wait):
         proc = _popen_detached([sys.executable, "-m", __name__, "-A", app_spec, "worker", "-n", node,
                                  "--pidfile", pidfile, *worker_options], stdout=log, stderr=log)
     deadline = time.monotonic() + wait
-    while not os.path.exists(pidfile) and proc.poll() is None and time.monotonic() < deadline:
+    while not (mine := _pid_in(pidfile) == proc.pid) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    ok = proc.poll() is None and os.path.exists(pidfile)
+    ok = mine and proc.poll() is None  # (a worker started at the same time by another `multi` may hold it)
     print(f"> Starting node {node}: {'OK' if ok else f'FAILED (see {logfile})'}")
     return ok
 

@@ -7086,6 +7086,30 @@ def test_sqlite_over_its_file_size_limit_backs_off_then_drains(any_app, tmp_path
         proc.wait(30)
 
 
+def test_two_multi_starts_of_one_node_at_once_start_one_worker(tmp_path):
+    write_tree(tmp_path, {"raceproj.py": """
+        from minicelery import Celery
+        app = Celery("raceproj", broker="sqlite:///race.db")
+        """})
+    env = project_env(tmp_path)
+    argv = [sys.executable, "-m", "minicelery", "multi", "start", "w1", "-A", "raceproj", "-c", "1"]
+    racers = [subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for _ in range(2)]
+    outputs = [racer.communicate(timeout=90)[0] for racer in racers]
+    try:
+        assert sum(": OK" in output for output in outputs) == 1, outputs
+        assert sorted(racer.returncode for racer in racers) == [0, 1], outputs
+        pid_ = int((tmp_path / "w1.pid").read_text())
+        assert "held by a running worker" in (tmp_path / "w1.log").read_text()
+    finally:
+        stopped = run_cli(tmp_path, env, "multi", "stopwait", "w1", "-A", "raceproj", timeout=90)
+    assert stopped.returncode == 0 and not _alive_pid(pid_), stopped
+
+
+def _alive_pid(pid_):
+    return os.path.exists(f"/proc/{pid_}") and "zombie" not in open(f"/proc/{pid_}/status").read().lower()
+
+
 def _yaml_alias_bomb(levels=9):  # (9 at most)
     """A YAML list of 300 bytes that names 9 ** levels elements through its aliases."""
     anchors = ["&a [x, x, x, x, x, x, x, x, x]"] + [
