@@ -6443,6 +6443,7 @@ class Worker:
         self._install_signal_handlers()
         if self._connect():
             worker_logger.info("Connected to %s", _safe_url(self.app.broker_url))
+            self._warn_what_loses_tasks()
             worker_logger.info("%s ready.", self.hostname)
             self.ready.set()
         try:
@@ -6471,6 +6472,18 @@ class Worker:
                                     type(exc).__name__, exc, delay)
                 self.consumer.wait_out(delay)
         return False
+
+    def _warn_what_loses_tasks(self):
+        """What `doctor` finds would lose or repeat tasks, each as a warning: the worker starts anyway."""
+        try:
+            findings = doctor(self.app)
+        except Exception as exc:  # (a check is advice: it never keeps a worker from its work)
+            worker_logger.debug("doctor's checks failed: %r", exc)
+            return
+        for finding in findings:
+            if finding.level == "LOSES":
+                worker_logger.warning("%s: %s: %s (fix: %s; `doctor` says more)", finding.check, finding.found,
+                                      finding.why, finding.fix)
 
     def _restart(self):
         """SIGHUP: after a warm shutdown, run this program again as it was started (as Celery does)."""
@@ -7066,6 +7079,186 @@ def _app_in_module(module):
     return apps[0]
 
 
+# -- doctor: what would lose or repeat tasks without an error ------------------
+# A queue can be configured to lose tasks without one error line: Redis evicting
+# keys, or restarting empty; a clock far off; a SQLite file two machines share.
+# `doctor` checks each and says what it found, why it matters and the fix; the
+# worker logs at start, as warnings, what would lose tasks (it starts anyway).
+
+@dataclasses.dataclass
+class Finding:
+    check: str
+    level: str  # "ok", "warn" or "LOSES" (loses or repeats tasks without an error)
+    found: str
+    why: str = ""
+    fix: str = ""
+
+
+def doctor(app) -> list:
+    """Every check that applies to the app's broker, backend and tasks, as Findings."""
+    findings = []
+    for client, roles in _redis_servers(app):
+        for check in (_check_eviction, _check_persistence, _check_redis_commands, _check_clock):
+            try:
+                findings += check(app, client, roles)
+            except _redis_transient_errors() + (_import_redis().exceptions.ResponseError,) as exc:
+                findings.append(Finding(f"{check.__name__[7:]} ({roles})", "warn", f"could not check: {exc}",
+                                        "the server refused or didn't answer the command", "check it by hand"))
+    return findings + [*_check_default_broker(app), *_check_sqlite_file(app), *_check_acks_late_limits(app),
+                       *_check_result_expiry(app)]
+
+
+def _redis_servers(app) -> list:
+    """(client, "broker" | "result backend" | "broker and result backend") for each Redis server."""
+    servers = {}
+    for role, part in (("broker", app.broker), ("result backend", app.backend)):
+        if isinstance(part, (RedisBroker, RedisBackend)):
+            run_id = part.client.info("server")["run_id"]  # (the same server by two URLs is one)
+            client, roles = servers.get(run_id, (part.client, []))
+            servers[run_id] = (client, roles + [role])
+    return [(client, " and ".join(roles)) for client, roles in servers.values()]
+
+
+def _check_eviction(app, client, roles):
+    memory = client.info("memory")
+    policy, limit = memory["maxmemory_policy"], memory["maxmemory"]
+    check = f"Redis maxmemory-policy ({roles})"
+    if policy == "noeviction":
+        return [Finding(check, "ok", "noeviction: a full Redis refuses writes (delay() raises), it drops nothing")]
+    what = "queued messages, claims, " if "broker" in roles else ""
+    return [Finding(check, "LOSES" if limit else "warn", f"{policy}, maxmemory {limit / 2**20:g} MiB" if limit else
+                    f"{policy}, no maxmemory",
+                    f"at maxmemory Redis deletes keys to make room: {what}revocations and results vanish "
+                    f"without an error" + ("" if limit else " (once a maxmemory is set)"),
+                    "CONFIG SET maxmemory-policy noeviction, and the same in redis.conf")]
+
+
+def _check_persistence(app, client, roles):
+    if "broker" not in roles:
+        return []
+    aof = client.config_get("appendonly").get("appendonly") == "yes"
+    snapshots = bool(client.config_get("save").get("save"))
+    check = "Redis persistence (broker)"
+    if aof:
+        return [Finding(check, "ok", "appendonly yes: a restart keeps the queues")]
+    if snapshots:
+        return [Finding(check, "warn", "RDB snapshots only", "a crash loses what was queued or acked since the "
+                        "last snapshot: tasks lost, or run again", "CONFIG SET appendonly yes (and in redis.conf)")]
+    return [Finding(check, "LOSES", "no AOF, no RDB snapshots", "a restart of Redis empties every queue",
+                    "CONFIG SET appendonly yes (and in redis.conf)")]
+
+
+#: commands the broker and backend send (their Lua scripts call others, which Redis always has)
+_REDIS_COMMANDS = ("eval", "evalsha", "publish", "subscribe", "psubscribe", "lpush", "brpop", "zadd",
+                   "zrangebyscore", "zremrangebyscore", "sadd", "expire", "get", "set", "del", "time")
+
+
+def _check_redis_commands(app, client, roles):
+    version = client.info("server")["redis_version"]
+    raw = HeldConnection(client)  # (redis-py can't parse COMMAND INFO's answer for a command not there)
+    try:
+        [known] = raw.run(("COMMAND", "INFO", *_REDIS_COMMANDS))
+    finally:
+        raw.close()
+    missing = [name for name, info in zip(_REDIS_COMMANDS, known) if not info]
+    check = f"Redis version and commands ({roles})"
+    if tuple(int(part) for part in version.split(".")[:2]) < (5, 0) or missing:
+        return [Finding(check, "LOSES", f"Redis {version}" + (f", without {', '.join(missing)}" if missing else ""),
+                        "minicelery needs Redis 5.0 or later and these commands (renamed or disabled ones fail "
+                        "every task that needs them)", "upgrade Redis, or drop the rename-command lines")]
+    return [Finding(check, "ok", f"Redis {version}, every command minicelery sends")]
+
+
+def _check_clock(app, client, roles):
+    if "broker" not in roles:
+        return []
+    before = time.time()
+    seconds, micros = client.time()
+    skew = seconds + micros / 1e6 - (before + time.time()) / 2
+    check, limit = "clock against the Redis server's", app.broker.visibility_timeout / 2
+    if abs(skew) <= 1:
+        return [Finding(check, "ok", f"{round(skew, 3) + 0.0:+.3f} s")]
+    return [Finding(check, "LOSES" if abs(skew) >= limit else "warn", f"this host is {-skew:+.1f} s off",
+                    "ETAs, expiries and claims are times of the host that sets them: a skew runs ETAs early or "
+                    "late, expires tasks early" + (", and hands out messages other workers still run"
+                                                   if abs(skew) >= limit else ""), "run NTP (chrony, systemd-timesyncd)")]
+
+
+def _check_default_broker(app):
+    if app.broker_url != Config.DEFAULT_URL:
+        return []
+    return [Finding("broker", "warn", f"none configured: the zero-setup default, {os.path.abspath('minicelery.db')}",
+                    "a worker or client started in another directory uses another file, and its tasks wait "
+                    "there for ever", "set broker_url (or $MINICELERY_BROKER_URL)")]
+
+
+#: filesystems whose locks SQLite can't trust (https://www.sqlite.org/faq.html#q5)
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre",
+                       "fuse.sshfs", "fuse.s3fs", "fuse.glusterfs")
+MOUNTS = "/proc/self/mounts"
+
+
+def _check_sqlite_file(app):
+    if not isinstance(app.broker, SQLiteBroker) or app.broker.store.memory:
+        return []
+    path = os.path.realpath(app.broker.store.path)
+    fstype = _filesystem_of(path)
+    if fstype in NETWORK_FILESYSTEMS:
+        return [Finding("SQLite file", "LOSES", f"{path} is on {fstype}", "SQLite's locks don't hold on a network "
+                        "filesystem: two workers can take one message, or corrupt the file",
+                        "keep the file on a local disk, or use Redis to share a queue between machines")]
+    return [Finding("SQLite file", "ok", f"{path} ({fstype or 'filesystem unknown'})")]
+
+
+def _filesystem_of(path) -> str:
+    """The type of the filesystem holding `path`: that of its longest mount point."""
+    best, fstype = "", ""
+    with contextlib.suppress(OSError), open(MOUNTS) as mounts:
+        for line in mounts:
+            point, kind = line.split()[1:3]
+            point = point.replace("\\040", " ")
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                best, fstype = point, kind
+    return fstype
+
+
+def _check_acks_late_limits(app):
+    timeout = app.broker.visibility_timeout
+    late = [task for task in app.tasks.values() if task.option("acks_late")]
+    unbounded = [task.name for task in late if not task.option("time_limit") or task.option("time_limit") > timeout]
+    check = "acks_late tasks against the visibility timeout"
+    if not unbounded:
+        return [Finding(check, "ok", f"{len(late)} acks_late task(s), each with a hard limit under {timeout:g} s")]
+    return [Finding(check, "warn", f"{', '.join(sorted(unbounded)[:5])}{' ...' if len(unbounded) > 5 else ''}: "
+                    f"no hard time limit under the visibility timeout ({timeout:g} s)",
+                    "minicelery's workers renew the claims of what they run, but a Celery worker on the same "
+                    "queues doesn't: it would hand such a task out again while it runs",
+                    "set time_limit below visibility_timeout (broker_transport_options), or raise the timeout")]
+
+
+def _check_result_expiry(app):
+    if isinstance(app.backend, DisabledBackend):
+        return []
+    expires = app.conf.result_expires_seconds
+    if not expires:
+        return [Finding("result_expires", "warn", "results are kept for ever", "the backend grows with every task; "
+                        "a full Redis (noeviction) then refuses new tasks", "set result_expires (Celery's: 1 day)")]
+    return [Finding("result_expires", "ok", f"results kept {expires:g} s")]
+
+
+def _cli_doctor(app):
+    findings = doctor(app)
+    print(f"minicelery doctor: broker {_safe_url(app.broker_url)}, results {_safe_url(app.backend_url or 'disabled')}\n")
+    for finding in findings:
+        print(f"[{finding.level}] {finding.check}: {finding.found}")
+        for label, text in (("why", finding.why), ("fix", finding.fix)):
+            if text and finding.level != "ok":
+                print(f"    {label}: {text}")
+    losing, warnings = (sum(f.level == level for f in findings) for level in ("LOSES", "warn"))
+    print(f"\n{losing} finding(s) that lose or repeat tasks, {warnings} warning(s).")
+    return 1 if losing else 0
+
+
 def _parser():
     import argparse
     # -A also after the command (-A APP worker, or worker -A APP): given there, it wins.
@@ -7134,6 +7327,8 @@ def _parser():
     multi.add_argument("names", nargs="+", help="node names (w1 w2, or a count: 3)")
     multi.add_argument("--pidfile", default="%n.pid", help="%%n: node name, %%h: host name (default %%n.pid)")
     multi.add_argument("--logfile", default="%n%I.log", help="%%n, %%h, %%I as Celery's (default %%n%%I.log)")
+    commands.add_parser("doctor", help="check for what would lose or repeat tasks without an error",
+                        parents=[app_option])
     result = commands.add_parser("result", help="show a task's result", parents=[app_option])
     result.add_argument("id")
     result.add_argument("--traceback", action="store_true", help="its traceback instead")
@@ -7478,6 +7673,8 @@ def main(argv=None):
             return _cli_dead(app, args)
         elif args.command == "events":
             return _cli_events(app, args, queues)
+        elif args.command == "doctor":
+            return _cli_doctor(app)
         elif args.command == "result":
             result = app.AsyncResult(args.id)
             value = result.traceback if args.traceback else \

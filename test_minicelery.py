@@ -7110,6 +7110,118 @@ def _alive_pid(pid_):
     return os.path.exists(f"/proc/{pid_}") and "zombie" not in open(f"/proc/{pid_}/status").read().lower()
 
 
+# --- doctor: each check against a real redis-server set up to fail it, and a clean one ---
+
+DOCTOR_PROJECT = """
+    from minicelery import Celery
+    app = Celery("docproj", broker="unix://{sock}", backend="unix://{sock}?db=1")
+
+    @app.task(acks_late=True, time_limit=60)
+    def add(x, y):
+        return x + y
+    """
+
+
+def _doctor(tmp_path, sock):
+    write_tree(tmp_path, {"docproj.py": DOCTOR_PROJECT.format(sock=sock)})
+    proc = subprocess.run([sys.executable, "-m", "minicelery", "-A", "docproj", "doctor"], cwd=tmp_path,
+                          env=project_env(tmp_path), capture_output=True, text=True, timeout=60)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_doctor_passes_a_redis_set_up_not_to_lose_tasks(tmp_path):
+    sock, server = _start_redis(tmp_path, "clean", "--appendonly", "yes", "--maxmemory", "64mb",
+                                "--maxmemory-policy", "noeviction")
+    try:
+        code, out = _doctor(tmp_path, sock)
+    finally:
+        server.kill()
+    assert code == 0 and "0 finding(s) that lose or repeat tasks, 0 warning(s)." in out, out
+    for check in ("maxmemory-policy (broker and result backend)", "persistence (broker)", "Redis version",
+                  "clock", "acks_late tasks", "result_expires"):
+        assert re.search(rf"^\[ok\] .*{re.escape(check)}", out, re.M), (check, out)
+
+
+def test_doctor_finds_eviction_no_persistence_and_a_missing_command(tmp_path):
+    sock, server = _start_redis(tmp_path, "lossy", "--maxmemory", "16mb", "--maxmemory-policy", "allkeys-lru",
+                                "--rename-command", "EVALSHA", "")
+    try:
+        code, out = _doctor(tmp_path, sock)
+    finally:
+        server.kill()
+    assert code == 1 and "3 finding(s) that lose or repeat tasks" in out, out
+    assert "[LOSES] Redis maxmemory-policy (broker and result backend): allkeys-lru, maxmemory 16 MiB" in out
+    assert "[LOSES] Redis persistence (broker): no AOF, no RDB snapshots" in out
+    assert re.search(r"\[LOSES\] Redis version and commands .*: Redis [0-9.]+, without evalsha", out), out
+    assert "fix: CONFIG SET maxmemory-policy noeviction" in out
+
+
+def test_doctor_volatile_eviction_snapshots_only_and_results_kept_for_ever(tmp_path):
+    sock, server = _start_redis(tmp_path, "volatile", "--maxmemory", "16mb", "--maxmemory-policy", "volatile-lru",
+                                "--save", "900 1")
+    try:
+        write_tree(tmp_path, {"docproj.py": DOCTOR_PROJECT.format(sock=sock) + "app.conf.result_expires = None\n"})
+        proc = subprocess.run([sys.executable, "-m", "minicelery", "-A", "docproj", "doctor"], cwd=tmp_path,
+                              env=project_env(tmp_path), capture_output=True, text=True, timeout=60)
+    finally:
+        server.kill()
+    out = proc.stdout
+    assert proc.returncode == 1 and "revocations and results vanish" in out, out
+    assert "[warn] Redis persistence (broker): RDB snapshots only" in out
+    assert "[warn] result_expires: results are kept for ever" in out
+
+
+def test_doctor_clock_skew_against_redis_time(app):
+    with freeze_time(dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=90)):
+        findings = minicelery.doctor(app)
+    [clock] = [f for f in findings if f.check.startswith("clock")]
+    assert clock.level == "warn" and clock.found.startswith("this host is +9") and "NTP" in clock.fix
+    app.conf.broker_transport_options = {"visibility_timeout": 100}
+    app.close()
+    with freeze_time(dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=90)):
+        [clock] = [f for f in minicelery.doctor(app) if f.check.startswith("clock")]
+    assert clock.level == "LOSES" and "hands out messages other workers still run" in clock.why
+    [clock] = [f for f in minicelery.doctor(app) if f.check.startswith("clock")]
+    assert clock.level == "ok"
+
+
+def test_doctor_acks_late_limits_against_the_visibility_timeout(app):
+    app.conf.broker_transport_options = {"visibility_timeout": 30}
+    app.close()
+    [late] = [f for f in minicelery.doctor(app) if f.check.startswith("acks_late")]
+    assert late.level == "warn" and "test_minicelery." in late.found and "(30 s)" in late.found
+
+
+def test_doctor_sqlite_default_and_network_filesystems(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    default = Celery("nobroker", set_as_current=False)
+    [broker] = [f for f in minicelery.doctor(default) if f.check == "broker"]
+    assert broker.level == "warn" and str(tmp_path / "minicelery.db") in broker.found
+    shared = Celery("shared", broker=f"sqlite:///{tmp_path}/q.db", set_as_current=False)
+    [local] = [f for f in minicelery.doctor(shared) if f.check == "SQLite file"]
+    assert local.level == "ok"
+    mounts = tmp_path / "mounts"  # (no NFS server here: the mount table says where the file is)
+    mounts.write_text(f"/dev/root / ext4 rw 0 0\nserver:/export {tmp_path} nfs4 rw 0 0\n")
+    monkeypatch.setattr(minicelery, "MOUNTS", str(mounts))
+    [remote] = [f for f in minicelery.doctor(shared) if f.check == "SQLite file"]
+    assert remote.level == "LOSES" and "nfs4" in remote.found and "locks" in remote.why
+    default.close()
+    shared.close()
+
+
+def test_a_worker_warns_at_start_of_what_would_lose_tasks_and_works(app, tmp_path):
+    sock, server = _start_redis(tmp_path, "evicting", "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+    _use_private_redis(app, sock)
+    try:
+        with worker(app, tmp_path) as w:
+            assert add.delay(1, 2).get(timeout=10) == 3
+        log = w.log()
+        assert "WARNING/MainProcess] Redis maxmemory-policy (broker and result backend): allkeys-lru" in log
+        assert "WARNING/MainProcess] Redis persistence (broker): no AOF" in log
+    finally:
+        server.kill()
+
+
 def _yaml_alias_bomb(levels=9):  # (9 at most)
     """A YAML list of 300 bytes that names 9 ** levels elements through its aliases."""
     anchors = ["&a [x, x, x, x, x, x, x, x, x]"] + [
