@@ -7047,6 +7047,7 @@ class Beat:
 # python -m minicelery -A APP call NAME --args '[2, 2]'
 # python -m minicelery -A APP purge [-Q queue,...]
 # python -m minicelery beat APP [-s FILE] [--max-interval S]   (or: worker APP -B)
+# python -m minicelery -A APP doctor             (what would lose tasks: exit 1 if anything)
 
 def find_app(spec: str) -> Celery:
     """The app `-A spec` names, found in Celery's order: 'module:attr' as named; for a
