@@ -2175,6 +2175,11 @@ CREATE TABLE IF NOT EXISTS chord_parts (
 """
 
 
+def sqlite_path(url) -> str:
+    """The file a sqlite:// URL names: sqlite:///relative.db, sqlite:////absolute.db."""
+    return url.split("://", 1)[1][1:] or "minicelery.db"
+
+
 class SQLiteStore:
     """One SQLite database, shared by the threads of a process and by processes.
 
@@ -2202,7 +2207,7 @@ class SQLiteStore:
 
     def __init__(self, url):
         self.memory = url.startswith("memory://")
-        self.path = ":memory:" if self.memory else url.split("://", 1)[1][1:] or "minicelery.db"
+        self.path = ":memory:" if self.memory else sqlite_path(url)
         self.lock = threading.RLock()  # the writing connection's
         # memory:// is one database per connection, so it reads through the writer.
         self.read_lock = self.lock if self.memory else threading.Lock()
@@ -6478,10 +6483,10 @@ class Worker:
         try:
             findings = doctor(self.app)
         except Exception as exc:  # (a check is advice: it never keeps a worker from its work)
-            worker_logger.debug("doctor's checks failed: %r", exc)
+            worker_logger.warning("doctor's checks could not be made: %s: %s", type(exc).__name__, exc)
             return
         for finding in findings:
-            if finding.level == "LOSES":
+            if finding.level in ("LOSES", "unknown"):
                 worker_logger.warning("%s: %s: %s (fix: %s; `doctor` says more)", finding.check, finding.found,
                                       finding.why, finding.fix)
 
@@ -7088,107 +7093,123 @@ def _app_in_module(module):
 
 @dataclasses.dataclass
 class Finding:
-    check: str
-    level: str  # "ok", "warn" or "LOSES" (loses or repeats tasks without an error)
+    level: str  # "ok", "warn", "unknown" (could not check) or "LOSES" (loses or repeats tasks without an error)
     found: str
     why: str = ""
     fix: str = ""
+    check: str = ""  # what was checked: the check's docstring, and where
 
 
 def doctor(app) -> list:
-    """Every check that applies to the app's broker, backend and tasks, as Findings."""
+    """Every check that applies to the app's broker, backend and tasks, as Findings. A check
+    that can't be made (a command refused, a setting of the wrong type) is "unknown"."""
+    checks = [(check, (client,), f" ({roles})") for client, roles in _redis_servers(app)
+              for check in (_check_eviction, _check_persistence, _check_redis_commands, _check_clock)
+              if check is not _check_persistence or "broker" in roles]
+    checks += [(check, (), "") for check in (_check_default_broker, _check_sqlite_files,
+                                            _check_acks_late_limits, _check_result_expiry)]
     findings = []
-    for client, roles in _redis_servers(app):
-        for check in (_check_eviction, _check_persistence, _check_redis_commands, _check_clock):
-            try:
-                findings += check(app, client, roles)
-            except _redis_transient_errors() + (_import_redis().exceptions.ResponseError,) as exc:
-                findings.append(Finding(f"{check.__name__[7:]} ({roles})", "warn", f"could not check: {exc}",
-                                        "the server refused or didn't answer the command", "check it by hand"))
-    return findings + [*_check_default_broker(app), *_check_sqlite_file(app), *_check_acks_late_limits(app),
-                       *_check_result_expiry(app)]
+    for check, arguments, where in checks:
+        try:
+            found = check(app, *arguments)
+        except Exception as exc:
+            found = [Finding("unknown", f"could not check: {type(exc).__name__}: {_short_repr(str(exc), 200)}",
+                             "a command refused (rename-command, an ACL), or a setting of the wrong type",
+                             "check it by hand")]
+        findings += [dataclasses.replace(finding, check=check.__doc__ + where) for finding in found]
+    return findings
 
 
 def _redis_servers(app) -> list:
-    """(client, "broker" | "result backend" | "broker and result backend") for each Redis server."""
+    """(client, "broker" | "result backend" | "broker and result backend") for each Redis server
+    (one reached by two URLs counts once, when INFO says so)."""
     servers = {}
-    for role, part in (("broker", app.broker), ("result backend", app.backend)):
-        if isinstance(part, (RedisBroker, RedisBackend)):
-            run_id = part.client.info("server")["run_id"]  # (the same server by two URLs is one)
-            client, roles = servers.get(run_id, (part.client, []))
-            servers[run_id] = (client, roles + [role])
+    for role, url, kinds in (("broker", app.broker_url, BROKERS), ("result backend", app.backend_url, BACKENDS)):
+        if url and _pick_by_scheme(kinds, url, role) in (RedisBroker, RedisBackend):
+            client = (app.broker if role == "broker" else app.backend).client
+            try:
+                server = client.info("server")["run_id"]
+            except _import_redis().exceptions.ResponseError:  # INFO refused: each is its own
+                server = role
+            servers.setdefault(server, (client, []))[1].append(role)
     return [(client, " and ".join(roles)) for client, roles in servers.values()]
 
 
-def _check_eviction(app, client, roles):
+def _check_eviction(app, client):
+    """Redis maxmemory-policy"""
     memory = client.info("memory")
     policy, limit = memory["maxmemory_policy"], memory["maxmemory"]
-    check = f"Redis maxmemory-policy ({roles})"
     if policy == "noeviction":
-        return [Finding(check, "ok", "noeviction: a full Redis refuses writes (delay() raises), it drops nothing")]
-    what = "queued messages, claims, " if "broker" in roles else ""
-    return [Finding(check, "LOSES" if limit else "warn", f"{policy}, maxmemory {limit / 2**20:g} MiB" if limit else
-                    f"{policy}, no maxmemory",
-                    f"at maxmemory Redis deletes keys to make room: {what}revocations and results vanish "
-                    f"without an error" + ("" if limit else " (once a maxmemory is set)"),
+        return [Finding("ok", "noeviction: a full Redis refuses writes (delay() raises), it drops nothing")]
+    return [Finding("LOSES" if limit else "warn",
+                    f"{policy}, maxmemory {limit / 2**20:g} MiB" if limit else f"{policy}, no maxmemory",
+                    "at maxmemory Redis deletes keys to make room: queued messages, claims, revocations and results "
+                    "vanish without an error" + ("" if limit else " (once a maxmemory is set)"),
                     "CONFIG SET maxmemory-policy noeviction, and the same in redis.conf")]
 
 
-def _check_persistence(app, client, roles):
-    if "broker" not in roles:
-        return []
-    aof = client.config_get("appendonly").get("appendonly") == "yes"
-    snapshots = bool(client.config_get("save").get("save"))
-    check = "Redis persistence (broker)"
-    if aof:
-        return [Finding(check, "ok", "appendonly yes: a restart keeps the queues")]
-    if snapshots:
-        return [Finding(check, "warn", "RDB snapshots only", "a crash loses what was queued or acked since the "
-                        "last snapshot: tasks lost, or run again", "CONFIG SET appendonly yes (and in redis.conf)")]
-    return [Finding(check, "LOSES", "no AOF, no RDB snapshots", "a restart of Redis empties every queue",
+def _check_persistence(app, client):
+    """Redis persistence"""
+    if client.config_get("appendonly").get("appendonly") == "yes":
+        return [Finding("ok", "appendonly yes: a restart keeps the queues")]
+    if client.config_get("save").get("save"):
+        return [Finding("warn", "RDB snapshots only", "a crash loses what was queued or acked since the last "
+                        "snapshot: tasks lost, or run again", "CONFIG SET appendonly yes (and in redis.conf)")]
+    return [Finding("LOSES", "no AOF, no RDB snapshots", "a restart of Redis empties every queue",
                     "CONFIG SET appendonly yes (and in redis.conf)")]
 
 
-#: commands the broker and backend send (their Lua scripts call others, which Redis always has)
-_REDIS_COMMANDS = ("eval", "evalsha", "publish", "subscribe", "psubscribe", "lpush", "brpop", "zadd",
-                   "zrangebyscore", "zremrangebyscore", "sadd", "expire", "get", "set", "del", "time")
+#: the commands minicelery sends itself; its Lua scripts call others (a rename hides them there too)
+_REDIS_COMMANDS = ("eval", "evalsha", "publish", "subscribe", "psubscribe", "lpush", "brpop", "llen", "lrange",
+                   "lrem", "ltrim", "hget", "hdel", "zadd", "zrem", "zrangebyscore", "zremrangebyscore",
+                   "zremrangebyrank", "sadd", "srem", "smembers", "expire", "get", "set", "del", "time", "info")
 
 
-def _check_redis_commands(app, client, roles):
+def _redis_commands_needed() -> list:
+    """The commands of _REDIS_COMMANDS and those the Lua scripts call, read from the scripts."""
+    scripts = [source for name, source in globals().items() if name.endswith("_LUA")]
+    called = {name.lower() for source in scripts for name in re.findall(r"redis\.p?call\('(\w+)'", source)}
+    return sorted(called.union(_REDIS_COMMANDS))
+
+
+def _check_redis_commands(app, client):
+    """Redis version and commands"""
     version = client.info("server")["redis_version"]
+    needed = _redis_commands_needed() + ["blmove", "brpoplpush"]
     raw = HeldConnection(client)  # (redis-py can't parse COMMAND INFO's answer for a command not there)
     try:
-        [known] = raw.run(("COMMAND", "INFO", *_REDIS_COMMANDS))
+        [known] = raw.run(("COMMAND", "INFO", *needed))
     finally:
         raw.close()
-    missing = [name for name, info in zip(_REDIS_COMMANDS, known) if not info]
-    check = f"Redis version and commands ({roles})"
+    there = {name for name, info in zip(needed, known) if info}
+    missing = [name for name in needed[:-2] if name not in there]
+    missing += [] if there & {"blmove", "brpoplpush"} else ["blmove (or brpoplpush)"]
     if tuple(int(part) for part in version.split(".")[:2]) < (5, 0) or missing:
-        return [Finding(check, "LOSES", f"Redis {version}" + (f", without {', '.join(missing)}" if missing else ""),
+        return [Finding("LOSES", f"Redis {version}" + (f", without {', '.join(missing)}" if missing else ""),
                         "minicelery needs Redis 5.0 or later and these commands (renamed or disabled ones fail "
                         "every task that needs them)", "upgrade Redis, or drop the rename-command lines")]
-    return [Finding(check, "ok", f"Redis {version}, every command minicelery sends")]
+    return [Finding("ok", f"Redis {version}, every command minicelery sends")]
 
 
-def _check_clock(app, client, roles):
-    if "broker" not in roles:
-        return []
+def _check_clock(app, client):
+    """clock against the Redis server's"""
     before = time.time()
     seconds, micros = client.time()
     skew = seconds + micros / 1e6 - (before + time.time()) / 2
-    check, limit = "clock against the Redis server's", app.broker.visibility_timeout / 2
+    limit = app.broker.visibility_timeout / 2
     if abs(skew) <= 1:
-        return [Finding(check, "ok", f"{round(skew, 3) + 0.0:+.3f} s")]
-    return [Finding(check, "LOSES" if abs(skew) >= limit else "warn", f"this host is {-skew:+.1f} s off",
+        return [Finding("ok", f"{round(skew, 3) + 0.0:+.3f} s")]
+    return [Finding("LOSES" if abs(skew) >= limit else "warn", f"this host is {-skew:+.1f} s off",
                     "ETAs, expiries and claims are times of the host that sets them: a skew runs ETAs early or "
                     "late, expires tasks early" + (", and hands out messages other workers still run"
                                                    if abs(skew) >= limit else ""), "run NTP (chrony, systemd-timesyncd)")]
 
 
 def _check_default_broker(app):
+    """broker"""
     if app.broker_url != Config.DEFAULT_URL:
         return []
-    return [Finding("broker", "warn", f"none configured: the zero-setup default, {os.path.abspath('minicelery.db')}",
+    return [Finding("warn", f"none configured: the zero-setup default, {os.path.abspath('minicelery.db')}",
                     "a worker or client started in another directory uses another file, and its tasks wait "
                     "there for ever", "set broker_url (or $MINICELERY_BROKER_URL)")]
 
@@ -7199,16 +7220,22 @@ NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "cep
 MOUNTS = "/proc/self/mounts"
 
 
-def _check_sqlite_file(app):
-    if not isinstance(app.broker, SQLiteBroker) or app.broker.store.memory:
-        return []
-    path = os.path.realpath(app.broker.store.path)
+def _check_sqlite_files(app):
+    """SQLite file"""
+    paths = {sqlite_path(url) for url in (app.broker_url, app.backend_url or "") if url.startswith("sqlite://")}
+    return [_check_sqlite_file(os.path.realpath(path)) for path in sorted(paths)]  # (named by URL: none opened)
+
+
+def _check_sqlite_file(path):
     fstype = _filesystem_of(path)
     if fstype in NETWORK_FILESYSTEMS:
-        return [Finding("SQLite file", "LOSES", f"{path} is on {fstype}", "SQLite's locks don't hold on a network "
-                        "filesystem: two workers can take one message, or corrupt the file",
-                        "keep the file on a local disk, or use Redis to share a queue between machines")]
-    return [Finding("SQLite file", "ok", f"{path} ({fstype or 'filesystem unknown'})")]
+        return Finding("LOSES", f"{path} is on {fstype}", "SQLite's locks don't hold on a network filesystem: two "
+                       "workers can take one message, or corrupt the file",
+                       "keep the file on a local disk, or use Redis to share a queue between machines")
+    if fstype in ("tmpfs", "ramfs"):
+        return Finding("warn", f"{path} is on {fstype}", "a reboot empties it, and the queue with it",
+                       "keep the file on a disk")
+    return Finding("ok", f"{path} ({fstype or 'filesystem unknown'})")
 
 
 def _filesystem_of(path) -> str:
@@ -7224,13 +7251,13 @@ def _filesystem_of(path) -> str:
 
 
 def _check_acks_late_limits(app):
-    timeout = app.broker.visibility_timeout
+    """acks_late tasks against the visibility timeout"""
+    timeout = (app.conf.broker_transport_options or {}).get("visibility_timeout", 3600)
     late = [task for task in app.tasks.values() if task.option("acks_late")]
-    unbounded = [task.name for task in late if not task.option("time_limit") or task.option("time_limit") > timeout]
-    check = "acks_late tasks against the visibility timeout"
+    unbounded = [task.name for task in late if not task.option("time_limit") or task.option("time_limit") >= timeout]
     if not unbounded:
-        return [Finding(check, "ok", f"{len(late)} acks_late task(s), each with a hard limit under {timeout:g} s")]
-    return [Finding(check, "warn", f"{', '.join(sorted(unbounded)[:5])}{' ...' if len(unbounded) > 5 else ''}: "
+        return [Finding("ok", f"{len(late)} acks_late task(s), each with a hard limit under {timeout:g} s")]
+    return [Finding("warn", f"{', '.join(sorted(unbounded)[:5])}{' ...' if len(unbounded) > 5 else ''}: "
                     f"no hard time limit under the visibility timeout ({timeout:g} s)",
                     "minicelery's workers renew the claims of what they run, but a Celery worker on the same "
                     "queues doesn't: it would hand such a task out again while it runs",
@@ -7238,13 +7265,14 @@ def _check_acks_late_limits(app):
 
 
 def _check_result_expiry(app):
-    if isinstance(app.backend, DisabledBackend):
+    """result_expires"""
+    if not app.backend_url:
         return []
     expires = app.conf.result_expires_seconds
     if not expires:
-        return [Finding("result_expires", "warn", "results are kept for ever", "the backend grows with every task; "
-                        "a full Redis (noeviction) then refuses new tasks", "set result_expires (Celery's: 1 day)")]
-    return [Finding("result_expires", "ok", f"results kept {expires:g} s")]
+        return [Finding("warn", "results are kept for ever", "the backend grows with every task; a full Redis "
+                        "(noeviction) then refuses new tasks", "set result_expires (Celery's: 1 day)")]
+    return [Finding("ok", f"results kept {expires:g} s")]
 
 
 def _cli_doctor(app):
@@ -7255,7 +7283,7 @@ def _cli_doctor(app):
         for label, text in (("why", finding.why), ("fix", finding.fix)):
             if text and finding.level != "ok":
                 print(f"    {label}: {text}")
-    losing, warnings = (sum(f.level == level for f in findings) for level in ("LOSES", "warn"))
+    losing, warnings = sum(f.level == "LOSES" for f in findings), sum(f.level in ("warn", "unknown") for f in findings)
     print(f"\n{losing} finding(s) that lose or repeat tasks, {warnings} warning(s).")
     return 1 if losing else 0
 

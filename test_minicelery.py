@@ -7137,22 +7137,22 @@ def test_doctor_passes_a_redis_set_up_not_to_lose_tasks(tmp_path):
     finally:
         server.kill()
     assert code == 0 and "0 finding(s) that lose or repeat tasks, 0 warning(s)." in out, out
-    for check in ("maxmemory-policy (broker and result backend)", "persistence (broker)", "Redis version",
+    for check in ("maxmemory-policy (broker and result backend)", "persistence (broker and", "Redis version",
                   "clock", "acks_late tasks", "result_expires"):
         assert re.search(rf"^\[ok\] .*{re.escape(check)}", out, re.M), (check, out)
 
 
 def test_doctor_finds_eviction_no_persistence_and_a_missing_command(tmp_path):
     sock, server = _start_redis(tmp_path, "lossy", "--maxmemory", "16mb", "--maxmemory-policy", "allkeys-lru",
-                                "--rename-command", "EVALSHA", "")
+                                "--rename-command", "EVALSHA", "", "--rename-command", "HSET", "")
     try:
         code, out = _doctor(tmp_path, sock)
     finally:
         server.kill()
     assert code == 1 and "3 finding(s) that lose or repeat tasks" in out, out
     assert "[LOSES] Redis maxmemory-policy (broker and result backend): allkeys-lru, maxmemory 16 MiB" in out
-    assert "[LOSES] Redis persistence (broker): no AOF, no RDB snapshots" in out
-    assert re.search(r"\[LOSES\] Redis version and commands .*: Redis [0-9.]+, without evalsha", out), out
+    assert "[LOSES] Redis persistence (broker and result backend): no AOF, no RDB snapshots" in out
+    assert re.search(r"\[LOSES\] Redis version and commands .*: Redis [0-9.]+, without evalsha, hset", out), out
     assert "fix: CONFIG SET maxmemory-policy noeviction" in out
 
 
@@ -7167,15 +7167,38 @@ def test_doctor_volatile_eviction_snapshots_only_and_results_kept_for_ever(tmp_p
         server.kill()
     out = proc.stdout
     assert proc.returncode == 1 and "revocations and results vanish" in out, out
-    assert "[warn] Redis persistence (broker): RDB snapshots only" in out
+    assert "[warn] Redis persistence (broker and result backend): RDB snapshots only" in out
     assert "[warn] result_expires: results are kept for ever" in out
+
+
+def test_doctor_says_what_it_could_not_check_and_a_worker_starts_anyway(app, tmp_path):
+    """INFO renamed away (a managed Redis, an ACL): no traceback, each check it needs is
+    `[unknown]`, the others are made; the worker logs the unknown ones and works."""
+    sock, server = _start_redis(tmp_path, "noinfo", "--rename-command", "INFO", "")
+    try:
+        code, out = _doctor(tmp_path, sock)
+        assert code == 1 and "Traceback" not in out, out
+        assert "[unknown] Redis maxmemory-policy (broker): could not check: ResponseError" in out, out
+        assert "[LOSES] Redis persistence (broker and result backend)" not in out  # (INFO can't tell them apart)
+        assert "[LOSES] Redis persistence (broker)" in out
+        _use_private_redis(app, sock)
+        app.conf.task_annotations = {"*": {"time_limit": "soon"}}  # of the wrong type: that check can't be made
+        [late] = [f for f in minicelery.doctor(app) if f.check.startswith("acks_late")]
+        assert late.level == "unknown" and "TypeError" in late.found
+        app.conf.task_annotations = None
+        with worker(app, tmp_path) as w:
+            assert add.delay(1, 2).get(timeout=10) == 3
+        assert "WARNING/MainProcess] Redis maxmemory-policy (broker): could not check" in w.log()
+    finally:
+        server.kill()
 
 
 def test_doctor_clock_skew_against_redis_time(app):
     with freeze_time(dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=90)):
         findings = minicelery.doctor(app)
     [clock] = [f for f in findings if f.check.startswith("clock")]
-    assert clock.level == "warn" and clock.found.startswith("this host is +9") and "NTP" in clock.fix
+    off = float(clock.found.split()[3])  # "this host is +89.9 s off": frozen here, while Redis's clock runs on
+    assert clock.level == "warn" and 85 < off <= 90 and "NTP" in clock.fix
     app.conf.broker_transport_options = {"visibility_timeout": 100}
     app.close()
     with freeze_time(dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=90)):
@@ -7205,6 +7228,11 @@ def test_doctor_sqlite_default_and_network_filesystems(tmp_path, monkeypatch):
     monkeypatch.setattr(minicelery, "MOUNTS", str(mounts))
     [remote] = [f for f in minicelery.doctor(shared) if f.check == "SQLite file"]
     assert remote.level == "LOSES" and "nfs4" in remote.found and "locks" in remote.why
+    results_only = Celery("results", broker="memory://x", backend=f"sqlite:///{tmp_path}/r.db", set_as_current=False)
+    [remote] = [f for f in minicelery.doctor(results_only) if f.check == "SQLite file"]
+    assert remote.level == "LOSES" and remote.found.startswith(f"{tmp_path}/r.db")
+    assert not os.path.exists(tmp_path / "r.db")  # (looked at, not made)
+    results_only.close()
     default.close()
     shared.close()
 
@@ -7217,7 +7245,7 @@ def test_a_worker_warns_at_start_of_what_would_lose_tasks_and_works(app, tmp_pat
             assert add.delay(1, 2).get(timeout=10) == 3
         log = w.log()
         assert "WARNING/MainProcess] Redis maxmemory-policy (broker and result backend): allkeys-lru" in log
-        assert "WARNING/MainProcess] Redis persistence (broker): no AOF" in log
+        assert "WARNING/MainProcess] Redis persistence (broker and result backend): no AOF" in log
     finally:
         server.kill()
 
