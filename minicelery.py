@@ -559,33 +559,40 @@ _SERIALIZERS = {
 def _yaml_load(data: bytes):
     """YAML's safe_load, refusing a document that names more elements than it has bytes.
 
-    An alias (*a) repeats what its anchor names, so 300 bytes can name billions of
-    elements (an alias bomb): small in memory, but whatever walks it (a repr, a JSON
-    result, an error text) would pay for all of them. Each element takes at least a
-    byte when written out without aliases, so a document that uses them only to save
-    typing passes.
+    An alias (*a) repeats what its anchor names, and a merge key (<<: *a) copies it,
+    so 300 bytes can name billions of elements (a bomb): small in memory, but whatever
+    walks it (a repr, a JSON result, an error text) would pay for all of them. The
+    document is counted as parsed nodes, before anything is built from them. Each
+    element takes at least a byte when written out without aliases, so a document that
+    uses them only to save typing passes.
     """
-    value = _optional_library("yaml").safe_load(data)
-    if _expanded_size(value, {}, len(data)) > len(data):
-        raise DecodeError(f"the YAML document of {len(data)} bytes names more elements than that "
-                          f"through its aliases (an alias bomb?)")
-    return value
+    yaml = _optional_library("yaml")
+    loader = yaml.SafeLoader(data)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}, len(data)) > len(data):
+            raise DecodeError(f"the YAML document of {len(data)} bytes names more elements than that "
+                              f"through its aliases and merge keys (a YAML bomb?)")
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
-def _expanded_size(value, sizes, limit) -> int:
-    """How many elements `value` has, a shared part counted each time it appears (each
-    part is walked once: `sizes` remembers them by id); stops counting past `limit`."""
-    if type(value) not in (list, dict):
+def _expanded_size(node, sizes, limit) -> int:
+    """How many elements a parsed YAML node names, a shared node counted each time it
+    appears (each is walked once: `sizes` remembers them by id); stops past `limit`."""
+    if not isinstance(node.value, list):  # (a scalar)
         return 1
-    if id(value) not in sizes:
-        sizes[id(value)] = 1  # (a part inside itself, `&a [*a]`, counts once)
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # (a node inside itself, `&a [*a]`, counts once)
         total = 1
-        for item in (value if type(value) is list else [*value.keys(), *value.values()]):
-            total += _expanded_size(item, sizes, limit)
+        for item in node.value:  # (a mapping's items are (key, value) pairs of nodes)
+            for part in (item if isinstance(item, tuple) else (item,)):
+                total += _expanded_size(part, sizes, limit)
             if total > limit:
                 break
-        sizes[id(value)] = total
-    return sizes[id(value)]
+        sizes[id(node)] = total
+    return sizes[id(node)]
 
 
 def content_type_for(serializer: str) -> str:
