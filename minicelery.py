@@ -429,11 +429,11 @@ def printable(text: str) -> str:
 def _short_repr(value, limit=1024):
     """repr() for logs and argsrepr, cut at `limit` characters.
 
-    Lists, tuples and dicts are written piece by piece, and the writing stops at
-    the limit: a structure whose parts are shared can be small in memory and
-    vast written out, and its repr must cost what it shows, not what it names.
+    Lists, tuples, dicts and sets are written piece by piece, and the writing stops
+    at the limit: a structure whose parts are shared can be small in memory and vast
+    written out, and its repr must cost what it shows, not what it names.
     """
-    if type(value) not in _CONTAINERS or _flat(value):
+    if _flat(value):
         return _cut(_plain_repr(value), limit)  # (the common case, and the quick one)
     pieces, size = [], 0
     for piece in _repr_pieces(value, depth=0):
@@ -444,7 +444,9 @@ def _short_repr(value, limit=1024):
     return _cut("".join(pieces), limit)
 
 
-_CONTAINERS = (list, tuple, dict)
+#: the containers written piece by piece, with their brackets
+_BRACKETS = {list: ("[", "]"), tuple: ("(", ")"), dict: ("{", "}"), set: ("{", "}"), frozenset: ("frozenset({", "})")}
+_CONTAINERS = tuple(_BRACKETS)
 
 
 def _plain_repr(value) -> str:
@@ -455,20 +457,24 @@ def _plain_repr(value) -> str:
 
 
 def _flat(value) -> bool:
-    """A list, tuple or dict with none of them inside: its repr costs what it holds."""
-    parts = value if type(value) is not dict else itertools.chain(value.keys(), value.values())
-    return not any(type(part) in _CONTAINERS for part in parts)
+    """Not a container, or one with no container inside: its repr costs what it holds."""
+    if not isinstance(value, _CONTAINERS):
+        return True
+    parts = itertools.chain(value.keys(), value.values()) if isinstance(value, dict) else value
+    return not any(isinstance(part, _CONTAINERS) for part in parts)
 
 
 def _repr_pieces(value, depth):
-    kind = type(value)
-    if kind not in _CONTAINERS or _flat(value):
+    if _flat(value):
         yield _plain_repr(value)
         return
     if depth > 100:  # (a list inside itself, say)
         yield "..."
         return
-    yield "[" if kind is list else "(" if kind is tuple else "{"
+    kind = next(kind for kind in _CONTAINERS if isinstance(value, kind))
+    opening, closing = _BRACKETS[kind]
+    named = type(value) is not kind  # (a subclass, a namedtuple say, is written as Name([...]))
+    yield f"{type(value).__name__}({opening}" if named else opening
     for i, item in enumerate(value.items() if kind is dict else value):
         yield ", " if i else ""
         if kind is dict:
@@ -477,7 +483,7 @@ def _repr_pieces(value, depth):
             item = item[1]
         yield from _repr_pieces(item, depth + 1)
     yield "," if kind is tuple and len(value) == 1 else ""
-    yield "]" if kind is list else ")" if kind is tuple else "}"
+    yield f"{closing})" if named else closing
 
 
 def _cut(text: str, limit: int) -> str:

@@ -7,6 +7,7 @@ is mocked. Interop tests run the real `celery` package when it is installed.
 """
 
 import base64
+import collections
 import contextlib
 import datetime as dt
 import errno
@@ -7304,6 +7305,33 @@ def test_short_repr_costs_what_it_shows_not_what_it_names():
     assert text.startswith("[[[[[[[x, x, x") and text.endswith("...") and len(text) == 203
     assert _CountedRepr.calls < 200
     assert minicelery._short_repr(({"a": [1, (2,)]}, (3,))) == repr(({"a": [1, (2,)]}, (3,)))
+    assert minicelery._short_repr([{1}, frozenset({(2,)})]) == repr([{1}, frozenset({(2,)})])
+
+
+def _frozenset_bomb(depth):
+    """541 pickled bytes at depth 40, whose repr() would be 2 ** 40 pieces long."""
+    value = ("a",)
+    for _ in range(depth):
+        value = frozenset([(value, 1), (value, 2)])
+    return value
+
+
+def test_a_set_bomb_costs_its_repr_what_it_shows(app, tmp_path):
+    """Sets, frozensets and subclasses of the containers are written piece by piece
+    too: delay() of a shared frozenset never returned (argsrepr ran repr() on it),
+    and a pool process that returned one spun on its 'succeeded' line for ever."""
+    Point = collections.namedtuple("Point", "x y")
+    assert minicelery._short_repr(Point([1], 2)) == "Point(([1], 2))"
+    text = minicelery._short_repr([Point(_frozenset_bomb(40), 0)], limit=100)
+    assert text.startswith("[Point((frozenset({(frozenset({") and len(text) == 103
+    app.conf.update(accept_content=["json", "pickle"], result_accept_content=["json", "pickle"],
+                    result_serializer="pickle")
+    bomb = _frozenset_bomb(40)
+    with worker(app, tmp_path) as w:
+        result = echo.apply_async((bomb,), serializer="pickle")  # returned at once, its argsrepr cut
+        assert len(result.get(timeout=10)) == 2  # (== would compare all 2 ** 40 paths)
+        w.wait_for_log("succeeded in")
+        assert add.delay(1, 2).get(timeout=10) == 3
 
 
 # --- examples/benchmarks.py: its smoke run (the full runs are in the README) ------------
