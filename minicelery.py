@@ -1193,13 +1193,22 @@ def _cap_url_timeouts(url: str, most: float) -> str:
     base, _, query = url.partition("?")
     options = urllib.parse.parse_qsl(query, keep_blank_values=True)
     capped = [(name, value) for name, value in options if name in ("socket_timeout", "socket_connect_timeout")
-              and re.fullmatch(r"[0-9.]+", value) and float(value) > most]
+              and not _seconds_within(value, most)]
     if not capped:
         return url
     logger.warning("%s in the Redis URL cut to %gs: minicelery's deadlines hold only if no command waits longer",
                    ", ".join(f"{name}={value}" for name, value in capped), most)
     options = [(name, str(most) if (name, value) in capped else value) for name, value in options]
     return f"{base}?{urllib.parse.urlencode(options)}"
+
+
+def _seconds_within(text: str, most: float) -> bool:
+    """Whether `text` reads (as redis-py reads it, with float()) as a time in (0, most]:
+    not 1e3, inf, nan, -1 or 0 (a socket that never waits)."""
+    try:
+        return 0 < float(text) <= most
+    except ValueError:
+        return False
 
 
 class HeldConnection:

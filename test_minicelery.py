@@ -7043,6 +7043,9 @@ def test_a_url_socket_timeout_does_not_outlast_a_get_deadline(app, tmp_path, cap
         os.kill(server.pid, signal.SIGCONT)
         server.kill()
         server.wait()
+    for value in ("1e3", "inf", "nan", "-1", "0", "+60", "soon"):  # (float() reads each; none may pass)
+        url = minicelery._cap_url_timeouts(f"unix:///r.sock?socket_timeout=1&socket_connect_timeout={value}", 5)
+        assert url == "unix:///r.sock?socket_timeout=1&socket_connect_timeout=5", value
 
 
 def test_a_revoke_of_20000_ids_reaches_the_workers_in_parts(app, tmp_path):
