@@ -7249,6 +7249,9 @@ def _check_sqlite_files(app):
 
 
 def _check_sqlite_file(path):
+    if not os.path.isdir(os.path.dirname(path)):
+        return Finding("warn", f"{path}: no such directory", "nothing can open the file: every send and every "
+                       "worker fails", "make the directory, or fix the URL (sqlite:///relative, sqlite:////absolute)")
     fstype = _filesystem_of(path)
     if fstype in NETWORK_FILESYSTEMS:
         return Finding("LOSES", f"{path} is on {fstype}", "SQLite's locks don't hold on a network filesystem: two "

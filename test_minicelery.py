@@ -7236,6 +7236,10 @@ def test_doctor_sqlite_default_and_network_filesystems(tmp_path, monkeypatch):
     [remote] = [f for f in minicelery.doctor(results_only) if f.check == "SQLite file"]
     assert remote.level == "LOSES" and remote.found.startswith(f"{tmp_path}/r.db")
     assert not os.path.exists(tmp_path / "r.db")  # (looked at, not made)
+    nowhere = Celery("nowhere", broker="sqlite:///no/such/dir/q.db", set_as_current=False)  # (relative: 3 slashes)
+    [missing] = [f for f in minicelery.doctor(nowhere) if f.check == "SQLite file"]
+    assert missing.level == "warn" and missing.found == f"{tmp_path}/no/such/dir/q.db: no such directory"
+    nowhere.close()
     results_only.close()
     default.close()
     shared.close()
