@@ -6498,6 +6498,9 @@ class Worker:
                 worker_logger.error("Cannot connect to %s: %s: %s; trying again in %.1fs", _safe_url(self.app.broker_url),
                                     type(exc).__name__, exc, delay)
                 self.consumer.wait_out(delay)
+            except Exception as exc:  # (it answers, but not as Redis does: no use waiting)
+                raise ImproperlyConfigured(f"can't use the broker at {_safe_url(self.app.broker_url)}: "
+                                           f"{type(exc).__name__}: {_cut(str(exc), 200)}") from exc
         return False
 
     def _warn_what_loses_tasks(self):
@@ -7039,12 +7042,16 @@ class Beat:
         failures = 0
         while not self.stopping:
             try:
-                wait, failures = self.tick(), 0
+                wait = self.tick()
+                if failures:
+                    beat_logger.warning("beat: the broker is back")
+                failures = 0
             except self.app.broker.connection_errors as exc:  # wait for it: beat goes on once it is back
                 failures += 1
                 wait = min(2 ** failures * 0.1, 10.0)
-                beat_logger.error("beat: the broker did not answer (%s: %s); trying again in %.1fs",
-                                  type(exc).__name__, exc, wait)
+                if failures == 1:  # (one line for an outage, however long, and one when it ends)
+                    beat_logger.error("beat: the broker did not answer (%s: %s); trying again until it does",
+                                      type(exc).__name__, exc)
             deadline = time.monotonic() + wait
             while not self.stopping and time.monotonic() < deadline:
                 time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
@@ -7743,7 +7750,7 @@ def main(argv=None):
         if app is None or not isinstance(exc, (OperationalError, *app.broker.connection_errors,
                                                *app.backend.connection_errors)):
             raise
-        print(f"Error: the broker did not answer ({type(exc).__name__}: {exc})", file=sys.stderr)
+        print(f"Error: the broker or the result backend did not answer ({type(exc).__name__}: {exc})", file=sys.stderr)
         return EX_UNAVAILABLE
     return 0
 

@@ -6999,7 +6999,35 @@ def test_one_shot_commands_say_in_one_line_that_the_broker_is_away(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "minicelery", "-A", "test_minicelery", *argv], cwd=HERE,
                               env=dict(os.environ, PYTHONPATH=HERE, **env), capture_output=True, text=True, timeout=60)
         assert proc.returncode == 69, (argv, proc.stderr)
-        assert proc.stderr.startswith("Error: the broker did not answer") and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith("Error: the broker or the result backend did not answer") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_a_worker_at_a_socket_that_is_not_redis_says_so_in_one_line(tmp_path):
+    """A broker URL naming a socket where something else answers (a web server here):
+    the worker ended with a traceback. No use waiting for it: one line, exit 1."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "web.sock"))
+    listener.listen(16)
+
+    def answer_http():
+        with contextlib.suppress(OSError):
+            while True:
+                peer, _ = listener.accept()
+                with peer:
+                    peer.recv(4096)
+                    peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    threading.Thread(target=answer_http, daemon=True).start()
+    try:
+        env = {"MINICELERY_BROKER_URL": f"unix://{tmp_path}/web.sock",
+               "MINICELERY_RESULT_BACKEND": f"sqlite:///{tmp_path}/r.db"}
+        proc = subprocess.run([sys.executable, "-m", "minicelery", "-A", "test_minicelery", "worker", "-c", "1"],
+                              cwd=HERE, env=dict(os.environ, PYTHONPATH=HERE, **env), capture_output=True,
+                              text=True, timeout=60)
+    finally:
+        listener.close()
+    assert proc.returncode == 1, proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if "can't use the broker" in line]
+    assert f"can't use the broker at unix://{tmp_path}/web.sock: " in line and "Traceback" not in proc.stderr
 
 
 def test_beat_waits_out_the_broker_going_away(app, tmp_path, caplog):
@@ -7018,6 +7046,8 @@ def test_beat_waits_out_the_broker_going_away(app, tmp_path, caplog):
         client = redis.Redis(unix_socket_path=sock)
         wait_until(lambda: client.llen("celery") > 0, what="a periodic task once Redis is back")
         assert thread.is_alive(), box
+        wait_until(lambda: "beat: the broker is back" in caplog.text, what="beat's line")
+        assert caplog.text.count("beat: the broker did not answer") == 1  # (one for the outage, not one a retry)
     finally:
         beat.stop()
         thread.join(10)
