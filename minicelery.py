@@ -7550,7 +7550,10 @@ def _pidfile(path):
         return
     import fcntl
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # (a directory, a missing one, no permission)
+            raise ImproperlyConfigured(f"can't write the pidfile {path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -7649,7 +7652,10 @@ def _start_node(node, files, app_spec, worker_options, wait):
     deadline = time.monotonic() + wait
     while not (mine := _pid_in(pidfile) == proc.pid) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    ok = mine and proc.poll() is None  # (a worker started at the same time by another `multi` may hold it)
+    ok = mine and proc.poll() is None
+    if not ok and _worker_pid(pidfile, node) not in (None, proc.pid):  # (started at once by another `multi`)
+        print(f"> {node}: already running (pidfile {pidfile})")
+        return True
     print(f"> Starting node {node}: {'OK' if ok else f'FAILED (see {logfile})'}")
     return ok
 

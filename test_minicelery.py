@@ -7132,12 +7132,16 @@ def test_two_multi_starts_of_one_node_at_once_start_one_worker(tmp_path):
     outputs = [racer.communicate(timeout=90)[0] for racer in racers]
     try:
         assert sum(": OK" in output for output in outputs) == 1, outputs
-        assert sorted(racer.returncode for racer in racers) == [0, 1], outputs
+        assert sum(": already running (pidfile w1.pid)" in output for output in outputs) == 1, outputs
+        assert [racer.returncode for racer in racers] == [0, 0], outputs
         pid_ = int((tmp_path / "w1.pid").read_text())
-        assert "held by a running worker" in (tmp_path / "w1.log").read_text()
     finally:
         stopped = run_cli(tmp_path, env, "multi", "stopwait", "w1", "-A", "raceproj", timeout=90)
     assert stopped.returncode == 0 and not _alive_pid(pid_), stopped
+    (tmp_path / "w2.pid").mkdir()  # (a pidfile that can't be one: its worker says why in one line)
+    failed = run_cli(tmp_path, env, "worker", "-A", "raceproj", "--pidfile", "w2.pid", timeout=60)
+    assert failed.returncode == 1 and "can't write the pidfile w2.pid: Is a directory" in failed.stderr
+    assert "Traceback" not in failed.stderr
 
 
 def _alive_pid(pid_):
