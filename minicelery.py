@@ -6217,7 +6217,8 @@ class Consumer:
     # -- revocation and leaving -----------------------------------------------
 
     def revoke(self, task_ids, terminate, signum):
-        worker_logger.info("Tasks flagged as revoked: %s", printable(", ".join(task_ids)))
+        worker_logger.info("Tasks flagged as revoked: %s", _cut(printable(", ".join(task_ids[:20])), 1000) +
+                           (f" and {len(task_ids) - 20} more" if len(task_ids) > 20 else ""))  # (a line, not 700 KB)
         self.book.revoke(task_ids)
         # Make revocations broadcast by real Celery durable too, for workers started later.
         self.broker.revoke(task_ids, expires=self.app.revoke_expires, broadcast=False)
