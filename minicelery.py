@@ -2014,6 +2014,9 @@ class RedisBroker(Broker):
 
 #: a control broadcast larger than this is not read: revoke needs a few ids
 CONTROL_MESSAGE_LIMIT = 1024 * 1024
+#: a reply larger than this is not read (`inspect revoked` of 50,000 uuids takes 3 MB): its
+#: worker answers an error instead, so that a live worker never looks dead
+CONTROL_REPLY_LIMIT = 16 * 1024 * 1024
 
 
 #: a remote-control command as Celery's pidbox carries it (`celery inspect`, app.control)
@@ -2046,10 +2049,10 @@ def event_envelope(event: dict) -> tuple:
     return routing_key, control_envelope(body, {"hostname": event["hostname"]}, "celeryev", routing_key, 1)
 
 
-def _control_body(raw) -> tuple:
+def _control_body(raw, limit=CONTROL_MESSAGE_LIMIT) -> tuple:
     """(body, headers) of a pidbox envelope; its size is bounded before it is parsed."""
-    if len(raw) > CONTROL_MESSAGE_LIMIT:
-        raise ValueError(f"{len(raw)} bytes, over {CONTROL_MESSAGE_LIMIT}")
+    if len(raw) > limit:
+        raise ValueError(f"{len(raw)} bytes, over {limit}")
     envelope = json.loads(raw)
     body = json.loads(base64.b64decode(envelope["body"]))
     if not isinstance(body, dict) or not isinstance(envelope.get("headers") or {}, dict):
@@ -2113,7 +2116,7 @@ def _parse_control(raw):
 def _parse_reply(raw, ticket):
     """A reply's body ({node name: answer}) if it answers `ticket`, else None."""
     try:
-        body, headers = _control_body(raw)
+        body, headers = _control_body(raw, CONTROL_REPLY_LIMIT)
         return body if headers.get("ticket") == ticket else None
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, DecodeError) as exc:
         logger.error("Control reply error: %s", _short_repr(exc, 200))
@@ -6243,6 +6246,14 @@ def _ok(text):
     return {"ok": text}
 
 
+def _within_reply_limit(answer):
+    """The answer, or an error if it is more than a client reads (its base64 is 4/3 of it)."""
+    size = len(json_dumps(answer))
+    if size * 4 // 3 + 4096 <= CONTROL_REPLY_LIMIT:
+        return answer
+    return {"error": f"the reply of {size} bytes is over the {CONTROL_REPLY_LIMIT} bytes a client reads"}
+
+
 class RemoteControl:
     """A worker's answers to Celery's remote-control commands (`celery inspect ...`,
     `celery control ...`, app.control): do_<command>(**arguments) returns the reply,
@@ -6275,7 +6286,7 @@ class RemoteControl:
                 continue
             answer = self.handle(command)
             if command.reply_to and answer is not None:
-                self.broker.reply(command.reply_to, command.ticket, {hostname: answer})
+                self.broker.reply(command.reply_to, command.ticket, {hostname: _within_reply_limit(answer)})
 
     def handle(self, command):
         handler = getattr(self, f"do_{command.method}", None)

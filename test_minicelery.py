@@ -7091,6 +7091,10 @@ def test_a_revoke_of_20000_ids_reaches_the_workers_in_parts(app, tmp_path):
             result.get(timeout=10)
         assert "Control command error" not in w.log()
         assert re.search(r"and \d+ more", w.log()) and max(map(len, w.log().splitlines())) < 3000  # (was 700 KB)
+        [revoked] = app.control.inspect(timeout=5).revoked().values()  # (a reply over 1 MiB: "No nodes replied")
+        assert len(revoked) == 20_001 and {many[0], many[-1]} <= set(revoked)
+    too_long = minicelery._within_reply_limit(["€" * 255] * 50_000)  # (the most a worker keeps, 76 MB of JSON)
+    assert "bytes is over the 16777216 bytes a client reads" in too_long["error"]
     assert all(app.broker.client.zscore("minicelery:revoked", i) for i in (many[0], many[-1]))
     with pytest.raises(ValueError, match="over the 1048576 bytes a worker reads"):
         app.control.broadcast("rate_limit", {"task_name": "x" * 2_000_000, "rate_limit": "1/s"})
