@@ -1146,6 +1146,10 @@ class Broker(Explains):
     def close(self):
         """Release connections (also called in a freshly forked child)."""
 
+    def forget_connections(self):
+        """After a connection error, drop the connections kept open: each would fail once
+        after a restart of the broker, each failure doubling the wait before the next try."""
+
 
 def _import_redis():
     try:
@@ -2010,6 +2014,13 @@ class RedisBroker(Broker):
         for watcher in [self.held, self._producer.connection, *self._watch.watchers.values()]:
             watcher.close()
         self.client.close()
+
+    def forget_connections(self):
+        for watcher in [self.held, self._producer.connection, *self._watch.watchers.values()]:
+            watcher.close()  # (each connects again when next used)
+        self.client.connection_pool.disconnect(inuse_connections=False)
+        if self._pubsub is not None and self._pubsub.connection is not None:
+            self._pubsub.connection.disconnect()  # (it connects again, and subscribes, when next read)
 
 
 #: a control broadcast larger than this is not read: revoke needs a few ids
@@ -6027,6 +6038,8 @@ class Consumer:
                                     else "Unexpected error in the worker loop", type(exc).__name__, exc,
                                     delay, exc_info=not lost)
                 self._restore_after = time.monotonic() + 2 * self.book.renew_every  # see _sweep
+                if lost:
+                    self.broker.forget_connections()
                 self.wait_out(delay)
         self._leave()
 
