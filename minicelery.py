@@ -433,7 +433,7 @@ def _short_repr(value, limit=1024):
     at the limit: a structure whose parts are shared can be small in memory and vast
     written out, and its repr must cost what it shows, not what it names.
     """
-    if _flat(value):
+    if _parts_within(value, limit):
         return _cut(_plain_repr(value), limit)  # (the common case, and the quick one)
     pieces, size = [], 0
     for piece in _repr_pieces(value, depth=0):
@@ -456,16 +456,24 @@ def _plain_repr(value) -> str:
         return f"<{type(value).__name__} object: repr() raised {type(exc).__name__}>"
 
 
-def _flat(value) -> bool:
-    """Not a container, or one with no container inside: its repr costs what it holds."""
-    if not isinstance(value, _CONTAINERS):
-        return True
-    parts = itertools.chain(value.keys(), value.values()) if isinstance(value, dict) else value
-    return not any(isinstance(part, _CONTAINERS) for part in parts)
+def _parts_within(value, most) -> bool:
+    """Whether `value` has at most `most` parts, counted through its containers (a shared
+    part each time it appears): then its repr costs what it holds."""
+    waiting, count = [value], 0
+    while waiting:
+        part = waiting.pop()
+        if not isinstance(part, _CONTAINERS):
+            continue
+        count += len(part)
+        if count > most:
+            return False
+        parts = itertools.chain(part.keys(), part.values()) if isinstance(part, dict) else part
+        waiting += [inner for inner in parts if isinstance(inner, _CONTAINERS)]
+    return True
 
 
 def _repr_pieces(value, depth):
-    if _flat(value):
+    if not isinstance(value, _CONTAINERS):
         yield _plain_repr(value)
         return
     if depth > 100:  # (a list inside itself, say)
