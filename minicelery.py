@@ -4728,11 +4728,11 @@ class Celery:
 
     def _when(self, now, countdown, eta, expires):
         """(eta, expires) as aware datetimes or None, from Celery's options: a countdown or
-        an eta; expires in seconds from now, or a time."""
-        eta = now + dt.timedelta(seconds=countdown) if countdown is not None else \
-            to_datetime(eta, self.tz) if eta is not None else None
+        an eta; expires in seconds from now, or a time. A naive time is UTC, whatever the
+        app's timezone and enable_utc (as Celery reads one: utcnow() + ... is right)."""
+        eta = now + dt.timedelta(seconds=countdown) if countdown is not None else to_datetime(eta)
         expires = now + dt.timedelta(seconds=expires) if isinstance(expires, (int, float)) \
-            else to_datetime(expires, self.tz) if expires is not None else None
+            else to_datetime(expires)
         return eta, expires
 
     def _queue_for(self, name, queue, routing_key, route) -> str:
@@ -4784,12 +4784,6 @@ class Celery:
                         f"retries ({exc!r}). If it only stalled, it may still queue it, once.") from exc
                 time.sleep(1.0 if patient_until else min(policy["interval_start"] + attempt * policy["interval_step"],
                                                          policy["interval_max"]))
-
-    @property
-    def tz(self):
-        """The zone naive eta/expires datetimes are read in: UTC with enable_utc (as
-        Celery's worker reads them), else the app's timezone or the local one."""
-        return dt.timezone.utc if self.conf.enable_utc else self.timezone
 
     def route_for(self, name, args=(), kwargs=None) -> dict:
         """The first task_routes entry matching `name`, as {'queue': ..., ...}."""

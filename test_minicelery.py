@@ -29,6 +29,7 @@ import threading
 import time
 import traceback
 import zlib
+import zoneinfo
 from decimal import Decimal
 
 import pytest
@@ -1517,18 +1518,32 @@ def test_retry_state_and_on_retry_hook(app, tmp_path, redis_client):
         "retry:OSError('again')", "after_return:RETRY", "success:retried", "after_return:SUCCESS"]
 
 
-def test_eta_naive_and_aware_follow_enable_utc_and_timezone(app, redis_client):
+def test_eta_naive_is_utc_whatever_the_timezone(app, redis_client):
     from freezegun import freeze_time
     with freeze_time("2026-07-01 10:00:00"):
         add.apply_async((1, 1), countdown=30)
-        add.apply_async((1, 1), eta=dt.datetime(2026, 7, 1, 12, 0))  # naive: UTC with enable_utc
+        add.apply_async((1, 1), eta=dt.datetime(2026, 7, 1, 12, 0))  # naive: UTC
         app.conf.update(enable_utc=False, timezone="Europe/Berlin")
-        add.apply_async((1, 1), eta=dt.datetime(2026, 7, 1, 12, 0))  # naive: Berlin, UTC+2 in July
-        add.apply_async((1, 1), eta=dt.datetime(2026, 7, 1, 12, 0, tzinfo=dt.timezone.utc), expires=60)
+        add.apply_async((1, 1), eta=dt.datetime(2026, 7, 1, 12, 0))  # still UTC, as Celery reads it
+        add.apply_async((1, 1), eta=dt.datetime(2026, 7, 1, 14, 0, tzinfo=zoneinfo.ZoneInfo("Europe/Berlin")),
+                        expires=60)
     etas = [dt.datetime.fromisoformat(e["headers"]["eta"]) for e in reversed(_queued(redis_client))]
     assert [e.astimezone(dt.timezone.utc).strftime("%H:%M:%S") for e in etas] == [
-        "10:00:30", "12:00:00", "10:00:00", "12:00:00"]
+        "10:00:30", "12:00:00", "12:00:00", "12:00:00"]
     assert _queued(redis_client)[0]["headers"]["expires"] == "2026-07-01T10:01:00+00:00"
+
+
+def test_naive_utc_eta_and_expires_with_enable_utc_off(app, tmp_path):
+    """The tutorials build times with utcnow() and elsewhere set a timezone with
+    enable_utc=False: together, an eta 3 s ahead ran at once and an expiry a minute
+    ahead was stored REVOKED, read as Shanghai times (Celery reads naive times as UTC)."""
+    app.conf.update(timezone="Asia/Shanghai", enable_utc=False)
+    naive_now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    eta = naive_now + dt.timedelta(seconds=2)
+    with worker(app, tmp_path):
+        later = when_run.apply_async(eta=eta, expires=naive_now + dt.timedelta(seconds=60))
+        info = later.get(timeout=15)
+    assert info["at"] >= eta.replace(tzinfo=dt.timezone.utc).timestamp() and later.state == "SUCCESS"
 
 
 def test_eta_near_runs_on_time_and_carries_request_fields(app, tmp_path):
