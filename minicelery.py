@@ -56,6 +56,7 @@ import datetime as dt
 import decimal
 import difflib
 import fnmatch
+import functools
 import heapq
 import importlib.util
 import inspect
@@ -269,6 +270,14 @@ def to_datetime(value, tz=dt.timezone.utc):
     if value.tzinfo is None:
         value = value.replace(tzinfo=tz)
     return value
+
+
+@functools.lru_cache(maxsize=None)
+def _say_which_default(path):
+    """Once per process and file: a second app with no broker (a tasks module's own
+    Celery('proj'), say) would otherwise queue quietly into a file no worker reads."""
+    logger.warning("no broker configured: the zero-setup default, sqlite:///%s; a worker or client started in "
+                   "another directory uses another file (set broker_url, or $MINICELERY_BROKER_URL)", path)
 
 
 def import_string(path: str):
@@ -4625,6 +4634,8 @@ class Celery:
     @property
     def broker(self) -> Broker:
         if self._broker is None:
+            if self.broker_url == Config.DEFAULT_URL:
+                _say_which_default(os.path.abspath("minicelery.db"))
             self._broker = _connect(BROKERS, self, self.broker_url, "broker")
         return self._broker
 

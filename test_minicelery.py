@@ -7278,6 +7278,26 @@ def test_doctor_acks_late_limits_against_the_visibility_timeout(app):
     assert late.level == "warn" and "test_minicelery." in late.found and "(30 s)" in late.found
 
 
+def test_the_first_send_through_the_implicit_default_says_which_file(tmp_path):
+    """A second Celery('proj') in a tasks module, with no broker, queued quietly into a file
+    no worker reads. The default stays, but the first use says, once, which file."""
+    script = textwrap.dedent("""
+        import minicelery
+        app = minicelery.Celery("proj")
+        app.send_task("proj.add", (1, 2))
+        app.send_task("proj.add", (3, 4))
+        minicelery.Celery("other").send_task("proj.add", (5, 6))
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=HERE),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    [said] = proc.stderr.splitlines()
+    assert f"no broker configured: the zero-setup default, sqlite:///{tmp_path}/minicelery.db" in said
+    assert "set broker_url" in said
+    queued = sqlite3.connect(tmp_path / "minicelery.db").execute("SELECT COUNT(*) FROM messages").fetchone()
+    assert queued == (3,)
+
+
 def test_doctor_sqlite_default_and_network_filesystems(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     default = Celery("nobroker", set_as_current=False)
