@@ -3349,6 +3349,9 @@ class Task:
     retry_jitter = True
     #: bound tasks receive the task as first argument
     _bound = False
+    #: options a remote-control command set (rate_limit, time limits): they win over
+    #: task_annotations, as in Celery, which writes annotations onto the task at start
+    _set_by_control = {}
 
     def run(self, *args, **kwargs):
         raise NotImplementedError(f"task {self.name!r} defines no run()")
@@ -3377,17 +3380,21 @@ class Task:
     backend = property(lambda self: self.app.backend)
 
     def option(self, name):
-        """A task option: from task_annotations, else the task, else the app's task_<name>."""
-        annotations = self.app.conf.task_annotations or ()
+        """A task option: as a control command set it, else from task_annotations, else the
+        task, else the app's task_<name>."""
+        annotations = () if name in self._set_by_control else self.app.conf.task_annotations or ()
         for annotation in [annotations] if isinstance(annotations, dict) else annotations:
             for key in (self.name, "*"):
                 if name in annotation.get(key, ()):
                     return annotation[key][name]
-        value = getattr(self, name)
+        value = self._set_by_control.get(name, getattr(self, name))
         if value is None:  # the app's task_<name> setting (for rate_limit: task_default_rate_limit)
             setting = "task_default_rate_limit" if name == "rate_limit" else f"task_{name}"
             value = getattr(self.app.conf, setting, None)
         return value
+
+    def set_by_control(self, **options):
+        self._set_by_control = {**self._set_by_control, **options}
 
     def backoff_countdown(self, retries):
         """Seconds before autoretry number `retries` + 1: exponential, capped, maybe jittered."""
@@ -6417,7 +6424,7 @@ class RemoteControl:
             parse_rate(rate_limit)
         except ImproperlyConfigured as exc:
             return {"error": f"Invalid rate limit string: {exc!r}"}
-        self.app.tasks[task_name].rate_limit = rate_limit
+        self.app.tasks[task_name].set_by_control(rate_limit=rate_limit)
         self.consumer.book.waiting.rate_changed(task_name)
         return _ok("new rate limit set successfully" if rate_limit else "rate limit disabled successfully")
 
@@ -6426,8 +6433,7 @@ class RemoteControl:
             return {"error": "unknown task"}
         if not all(limit is None or (_is_number(limit) and limit >= 0) for limit in (hard, soft)):
             return {"error": f"time limits are seconds >= 0 or null, not {hard!r} and {soft!r}"}
-        task = self.app.tasks[task_name]
-        task.time_limit, task.soft_time_limit = hard, soft  # the consumer stamps them on each job
+        self.app.tasks[task_name].set_by_control(time_limit=hard, soft_time_limit=soft)  # (stamped on each job)
         return _ok("time limits set successfully")
 
     def do_add_consumer(self, queue, **_):

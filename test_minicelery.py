@@ -1643,6 +1643,20 @@ def test_rate_limit_from_annotations(app, tmp_path):
         minicelery.parse_rate("3/d")
 
 
+def test_control_rate_limit_and_time_limit_win_over_annotations(app, tmp_path):
+    """With the limits in task_annotations, `control rate_limit` and `time_limit` replied
+    ok and changed nothing (tasks ran 6 s apart after 10/m was raised to 600/m): the
+    annotations were read before what the command set. In Celery the command wins."""
+    app.conf.task_annotations = {"test_minicelery.when_run": {"rate_limit": "10/m"},
+                                 "test_minicelery.sleep_then": {"time_limit": 0.5}}
+    with worker(app, tmp_path):
+        assert app.control.rate_limit("test_minicelery.when_run", "600/s", reply=True, timeout=5)[0]
+        runs = [when_run.delay() for _ in range(4)]
+        assert all(run.get(timeout=10) for run in runs)  # (at 10/m: 18 s)
+        assert app.control.time_limit("test_minicelery.sleep_then", hard=30, reply=True, timeout=5)[0]
+        assert sleep_then.delay(1, "ran").get(timeout=10) == "ran"  # (killed at 0.5 s before)
+
+
 def test_revoke_before_it_runs(app, tmp_path, redis_client):
     with worker(app, tmp_path) as w:
         held = echo.apply_async(("held",), countdown=2)
