@@ -3567,8 +3567,12 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None, verdic
     task = app.tasks[message.task_name]
     request = Request.from_message(message, hostname=hostname, is_eager=eager)
     ignore = message.headers.get("ignore_result") or task.option("ignore_result")
-    store = (lambda *a, **k: None) if ignore or (eager and not app.conf.task_store_eager_result) \
-        else task.backend.store_result
+    keep = not ignore and (not eager or app.conf.task_store_eager_result)
+    errors_too = ignore and not eager and app.conf.task_store_errors_even_if_ignored
+
+    def store(task_id, result, state, **options):
+        if keep or (errors_too and state == FAILURE):
+            task.backend.store_result(task_id, result, state, **options)
     expires = message.expires
     if verdict is None and expires is not None and expires <= (now or utcnow()):
         verdict = TaskRevokedError("expired")
@@ -4197,6 +4201,7 @@ class Config:
     task_routes: dict | list | tuple | None = None
     task_ignore_result: bool = False
     task_store_eager_result: bool = False
+    task_store_errors_even_if_ignored: bool = False
     #: ack after the task ran (at-least-once) instead of before (at-most-once)
     task_acks_late: bool = False
     #: with acks_late: requeue a task whose child died instead of failing it
@@ -4224,6 +4229,7 @@ class Config:
     worker_max_tasks_per_child: int | None = None
     #: task events (-E): received, started, succeeded, failed, retried, rejected, revoked
     worker_send_task_events: bool = False
+    worker_disable_rate_limits: bool = False
     #: clients send a task-sent event for each task they send
     task_send_sent_event: bool = False
     #: 'prefork' or 'solo' (Celery's threads, eventlet and gevent pools are not here)
@@ -4384,7 +4390,7 @@ _OLD_PREFIXES = (("CELERYD_", "worker_"), ("CELERYBEAT_", "beat_"), ("CELERY_RES
 _OLD_RENAMES = {"CELERYD_TASK_TIME_LIMIT": "task_time_limit", "CELERYD_TASK_SOFT_TIME_LIMIT": "task_soft_time_limit",
                 "CELERY_EAGER_PROPAGATES_EXCEPTIONS": "task_eager_propagates",
                 "CELERY_MESSAGE_COMPRESSION": "task_compression", "CELERY_TASK_RESULT_EXPIRES": "result_expires",
-                "CELERY_SEND_EVENTS": "worker_send_task_events",
+                "CELERY_SEND_EVENTS": "worker_send_task_events", "CELERY_DISABLE_RATE_LIMITS": "worker_disable_rate_limits",
                 "CELERY_SEND_TASK_SENT_EVENT": "task_send_sent_event"}
 
 
@@ -4575,8 +4581,8 @@ class Celery:
             if setting:
                 setattr(self.conf, setting, value)
             elif (prefix or key.islower() or key.startswith(("CELERY", "BROKER"))) \
-                    and not (callable(value) or isinstance(value, type(sys))):
-                unused.append(key)  # a config module's imports (modules, classes, functions) are not settings
+                    and not (callable(value) or isinstance(value, (type(sys), Celery))):
+                unused.append(key)  # a config module's imports (modules, classes, functions, apps) are not settings
         if unused:
             _warn_unused_settings(unused, prefix)
 
@@ -5734,7 +5740,8 @@ class Waiting:
         if held.verdict is not None or name not in self.app.tasks:
             return False
         if name not in self.spacing:
-            rate = parse_rate(self.app.tasks[name].option("rate_limit"))
+            rate = None if self.app.conf.worker_disable_rate_limits else \
+                parse_rate(self.app.tasks[name].option("rate_limit"))
             self.spacing[name] = 1 / rate if rate else 0
         wait = self.next_start.get(name, now) - now
         if wait > 0:

@@ -3912,6 +3912,25 @@ def celery_worker(redis_server, tmp_path):
             proc.wait()
 
 
+def test_celery_3_settings_disable_rate_limits_and_store_errors_are_honoured(app, tmp_path, caplog):
+    """CELERY_DISABLE_RATE_LIMITS and CELERY_STORE_ERRORS_EVEN_IF_IGNORED were warned
+    about and dropped; the config module's own `app` object was listed as a setting."""
+    config = type("celeryconfig", (), {"CELERY_DISABLE_RATE_LIMITS": True, "app": app,
+                                       "CELERY_STORE_ERRORS_EVEN_IF_IGNORED": True})
+    with caplog.at_level(logging.WARNING, logger="minicelery"):
+        app.config_from_object(config)
+    assert not [r for r in caplog.records if "ignores these settings" in r.getMessage()]
+    app.conf.task_annotations = {"test_minicelery.when_run": {"rate_limit": "6/m"}}
+    with worker(app, tmp_path) as w:
+        assert all(run.get(timeout=10) for run in [when_run.delay() for _ in range(3)])  # (at 6/m: 20 s)
+        failed = fail.apply_async(("kept",), ignore_result=True)
+        wait_until(lambda: AsyncResult(failed.id, app=app).state == "FAILURE", what="the failure stored")
+        ignored = add.apply_async((1, 2), ignore_result=True)
+        w.wait_for_log(f"[{ignored.id}] succeeded")
+    assert AsyncResult(failed.id, app=app).result.args == ("kept",)
+    assert AsyncResult(ignored.id, app=app).state == "PENDING"  # (a success is still not stored)
+
+
 @pytest.mark.interop
 def test_interop_minicelery_sends_real_celery_runs(app, celery_app, redis_server, tmp_path):
     with celery_worker(redis_server, tmp_path):
