@@ -442,6 +442,8 @@ def _short_repr(value, limit=1024):
     at the limit: a structure whose parts are shared can be small in memory and vast
     written out, and its repr must cost what it shows, not what it names.
     """
+    if isinstance(value, BaseException) and not _parts_within(value.args, limit):
+        return _cut(type(value).__name__ + _short_repr(value.args, limit), limit)
     if _parts_within(value, limit):
         return _cut(_plain_repr(value), limit)  # (the common case, and the quick one)
     pieces, size = [], 0
@@ -456,6 +458,16 @@ def _short_repr(value, limit=1024):
 #: the containers written piece by piece, with their brackets
 _BRACKETS = {list: ("[", "]"), tuple: ("(", ")"), dict: ("{", "}"), set: ("{", "}"), frozenset: ("frozenset({", "})")}
 _CONTAINERS = tuple(_BRACKETS)
+
+
+def _format_exc() -> str:
+    """traceback.format_exc(), the exception's own text bounded as _short_repr bounds a
+    repr: str() of an exception whose arguments share parts would never end."""
+    exc = sys.exc_info()[1]
+    if exc is None or _parts_within(exc.args, 1024):
+        return traceback.format_exc()
+    return "Traceback (most recent call last):\n" + "".join(traceback.format_tb(exc.__traceback__)) + \
+        f"{type(exc).__qualname__}: {_short_repr(exc.args)}\n"
 
 
 def _plain_repr(value) -> str:
@@ -572,7 +584,7 @@ def json_loads(text):
 #: content type -> (object to bytes, bytes to object); msgpack and yaml are imported on first use
 _SERIALIZERS = {
     JSON_TYPE: (lambda obj: json_dumps(obj).encode("utf-8"), lambda data: json_loads(data.decode("utf-8"))),
-    PICKLE_TYPE: (lambda obj: pickle.dumps(obj, protocol=4), pickle.loads),
+    PICKLE_TYPE: (lambda obj: pickle.dumps(obj, protocol=4), lambda data: _pickle_load(data)),
     MSGPACK_TYPE: (lambda obj: _optional_library("msgpack").packb(obj, use_bin_type=True),
                    lambda data: _optional_library("msgpack").unpackb(data, raw=False)),
     YAML_TYPE: (lambda obj: _optional_library("yaml").safe_dump(obj).encode("utf-8"), lambda data: _yaml_load(data)),
@@ -593,7 +605,7 @@ def _yaml_load(data: bytes):
     loader = yaml.SafeLoader(data)
     try:
         node = loader.get_single_node()
-        if node is not None and _expanded_size(node, {}, len(data)) > len(data):
+        if node is not None and isinstance(node.value, list) and _expanded_size(node, _yaml_parts, len(data)) > len(data):
             raise DecodeError(f"the YAML document of {len(data)} bytes names more elements than that "
                               f"through its aliases and merge keys (a YAML bomb?)")
         return None if node is None else loader.construct_document(node)
@@ -601,21 +613,52 @@ def _yaml_load(data: bytes):
         loader.dispose()
 
 
-def _expanded_size(node, sizes, limit) -> int:
-    """How many elements a parsed YAML node names, a shared node counted each time it
-    appears (each is walked once: `sizes` remembers them by id); stops past `limit`."""
-    if not isinstance(node.value, list):  # (a scalar)
-        return 1
-    if id(node) not in sizes:
-        sizes[id(node)] = 1  # (a node inside itself, `&a [*a]`, counts once)
-        total = 1
-        for item in node.value:  # (a mapping's items are (key, value) pairs of nodes)
-            for part in (item if isinstance(item, tuple) else (item,)):
-                total += _expanded_size(part, sizes, limit)
-            if total > limit:
-                break
-        sizes[id(node)] = total
-    return sizes[id(node)]
+def _pickle_load(data: bytes):
+    """pickle.loads, refusing a value that names more elements than the data has bytes.
+
+    Pickle writes a part held twice only once, so 541 bytes can name 2 ** 60 elements:
+    whatever writes it out (a JSON result, a log line, an error text) would never end.
+    Each element takes an opcode, a byte at least, unless it is such a shared part.
+    """
+    value = pickle.loads(data)
+    if not _parts_within(value, len(data)) and _expanded_size(value, _python_parts, len(data)) > len(data):
+        raise DecodeError(f"the pickle of {len(data)} bytes names more elements than that through parts "
+                          f"it holds more than once (a bomb?)")
+    return value
+
+
+def _expanded_size(root, parts_of, limit) -> int:
+    """How many elements `root` names written out, a shared part counted each time it
+    appears; stops counting past `limit`. Each part is walked once (remembered by id),
+    so this costs what the value holds, not what it names. `parts_of(part)` gives
+    (how many leaves it holds, the parts inside it that hold more)."""
+    sizes = {}
+
+    def size(part):
+        if id(part) not in sizes:
+            sizes[id(part)] = 1  # (a part inside itself, `&a [*a]`, counts once)
+            leaves, inner = parts_of(part)
+            total = 1 + leaves
+            for item in inner:
+                if total > limit:
+                    break
+                total += size(item)
+            sizes[id(part)] = total
+        return sizes[id(part)]
+    return size(root)
+
+
+def _yaml_parts(node):
+    """A YAML node's parts (a mapping's items are (key, value) pairs of nodes)."""
+    nodes = [part for item in node.value for part in (item if isinstance(item, tuple) else (item,))]
+    inner = [part for part in nodes if isinstance(part.value, list)]
+    return len(nodes) - len(inner), inner
+
+
+def _python_parts(value):
+    parts = itertools.chain(value.keys(), value.values()) if isinstance(value, dict) else value
+    inner = [part for part in parts if isinstance(part, _CONTAINERS)]
+    return len(value) * (2 if isinstance(value, dict) else 1) - len(inner), inner
 
 
 def content_type_for(serializer: str) -> str:
@@ -706,6 +749,8 @@ def exception_to_dict(exc: BaseException) -> dict:
 
 
 def _jsonable(value):
+    if not _parts_within(value, 1024) and _expanded_size(value, _python_parts, 2 ** 20) > 2 ** 20:
+        return _short_repr(value)  # (parts held many times over: written out, it would never end)
     try:
         json_dumps(value)
         return value
@@ -3645,20 +3690,20 @@ def _call_task(task, request, message, soft_time_limit=None) -> Outcome:
         with _soft_time_limit(soft_time_limit, request):
             retval = task(*message.args, **message.kwargs)
     except Retry as exc:
-        return Outcome(RETRY, exc, traceback.format_exc())
+        return Outcome(RETRY, exc, _format_exc())
     except Ignore:
         return Outcome(IGNORED)
     except Reject as exc:
         return Outcome(REJECTED, exc, requeue=exc.requeue)
     except Exception as exc:
         if task.autoretry_for and isinstance(exc, tuple(task.autoretry_for)):
-            return _autoretry(task, request, exc, traceback.format_exc())
-        return Outcome(FAILURE, exc, traceback.format_exc())
+            return _autoretry(task, request, exc, _format_exc())
+        return Outcome(FAILURE, exc, _format_exc())
     except (SystemExit, KeyboardInterrupt) as exc:
         if isinstance(exc, WorkerTerminate):
             raise  # our own cold shutdown, interrupting a task in the solo pool
         # sys.exit() in a task ends the task, not the process running it.
-        return Outcome(FAILURE, exc, traceback.format_exc())
+        return Outcome(FAILURE, exc, _format_exc())
     return Outcome(SUCCESS, retval)
 
 
@@ -3725,7 +3770,7 @@ def _store_outcome(task, request, outcome, store):
             store(request.id, outcome.retval, SUCCESS, request=request)
         except EncodeError as exc:
             outcome.state, outcome.retval = FAILURE, exc
-            outcome.traceback = traceback.format_exc()
+            outcome.traceback = _format_exc()
         else:
             task_logger.info("Task %s succeeded in %ss: %s", name, outcome.runtime,
                              _short_repr(outcome.retval))
@@ -3743,7 +3788,7 @@ def _store_outcome(task, request, outcome, store):
         _call_hook(task.on_retry, retry.exc or retry, request.id, args, kwargs, outcome.traceback)
     elif outcome.state == FAILURE:
         exc = outcome.retval
-        task_logger.error("Task %s raised unexpected: %r\n%s", name, exc, outcome.traceback.rstrip())
+        task_logger.error("Task %s raised unexpected: %s\n%s", name, _short_repr(exc), outcome.traceback.rstrip())
         store(request.id, exc, FAILURE, traceback=outcome.traceback, request=request)
         _call_hook(task.on_failure, exc, request.id, args, kwargs, outcome.traceback)
         if not request.is_eager:
@@ -4109,11 +4154,11 @@ def _send_next(app, sig, args, **options):
     except (TypeError, EncodeError, NotRegistered) as exc:
         task_logger.error("Can't send %r: %r", sig, exc)
         for task_id in _result_ids(sig):
-            app.backend.store_result(task_id, exc, FAILURE, traceback=traceback.format_exc())
+            app.backend.store_result(task_id, exc, FAILURE, traceback=_format_exc())
         step = Request(id=sig.id, task=sig.task, root_id=options.get("root_id"), chain=options.get("chain"),
                        errbacks=_signature_list(sig.options.get("link_error")), chord=sig.options.get("chord"),
                        group=sig.options.get("group_id"), group_index=sig.options.get("group_index"))
-        _after_failure(app, step, exc, traceback.format_exc())
+        _after_failure(app, step, exc, _format_exc())
 
 
 def _after_failure(app, request, exc, exc_traceback):

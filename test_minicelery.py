@@ -319,6 +319,15 @@ def echo(value):
 
 
 @APP.task
+def raise_shared(depth):
+    """Raises an exception holding a list that names 2 ** depth elements through shared parts."""
+    value = 1
+    for _ in range(depth):
+        value = [value, value]
+    raise ValueError(value)
+
+
+@APP.task
 def pid():
     return os.getpid()
 
@@ -7435,6 +7444,30 @@ def _frozenset_bomb(depth):
     return value
 
 
+@APP.task
+def frozenset_bomb(depth):
+    return _frozenset_bomb(depth)
+
+
+def test_shared_parts_can_not_wedge_a_worker(app, tmp_path):
+    """A list that holds its part twice, 60 times over: 382 bytes of pickle naming 2 ** 60
+    elements. Sent with pickle, a pool process wrote its JSON result or its error text
+    for ever (8 GB in 3 minutes): such a pickle is refused where it enters. Raised by
+    the task itself, its error text and stored exception are cut to what they show."""
+    app.conf.update(accept_content=["json", "pickle"])
+    bomb = 1
+    for _ in range(60):
+        bomb = [bomb, bomb]
+    with worker(app, tmp_path) as w:
+        refused = echo.apply_async((bomb,), serializer="pickle")
+        w.wait_for_log(f"names more elements than that through parts it holds more than once")
+        with pytest.raises(ValueError) as raised:
+            raise_shared.delay(60).get(timeout=15)
+        assert add.delay(1, 2).get(timeout=10) == 3
+    assert str(raised.value).startswith("[[[[") and len(str(raised.value)) < 2000
+    assert refused.id in w.log() and "raised unexpected: ValueError([[[[" in w.log()
+
+
 def test_a_set_bomb_costs_its_repr_what_it_shows(app, tmp_path):
     """Sets, frozensets and subclasses of the containers are written piece by piece
     too: delay() of a shared frozenset never returned (argsrepr ran repr() on it),
@@ -7443,13 +7476,12 @@ def test_a_set_bomb_costs_its_repr_what_it_shows(app, tmp_path):
     assert minicelery._short_repr(Point([1], 2)) == "Point(x=[1], y=2)"  # (small: its own repr)
     text = minicelery._short_repr([Point(_frozenset_bomb(40), 0)], limit=100)
     assert text.startswith("[Point((frozenset({(frozenset({") and len(text) == 103
-    app.conf.update(accept_content=["json", "pickle"], result_accept_content=["json", "pickle"],
-                    result_serializer="pickle")
-    bomb = _frozenset_bomb(40)
+    app.conf.update(result_accept_content=["json", "pickle"], result_serializer="pickle")
     with worker(app, tmp_path) as w:
-        result = echo.apply_async((bomb,), serializer="pickle")  # returned at once, its argsrepr cut
-        assert len(result.get(timeout=10)) == 2  # (== would compare all 2 ** 40 paths)
-        w.wait_for_log("succeeded in")
+        result = frozenset_bomb.delay(40)
+        w.wait_for_log(f"frozenset_bomb[{result.id}] succeeded in")
+        with pytest.raises(minicelery.DecodeError, match="a bomb"):  # (and the client refuses it)
+            result.get(timeout=10)
         assert add.delay(1, 2).get(timeout=10) == 3
 
 
