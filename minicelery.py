@@ -7254,8 +7254,10 @@ def _redis_servers(app) -> list:
             client = (app.broker if role == "broker" else app.backend).client
             try:
                 server = client.info("server")["run_id"]
-            except _import_redis().exceptions.ResponseError:  # INFO refused: each is its own
-                server = role
+            except Exception as exc:  # INFO refused, or answered by something else than Redis
+                if isinstance(exc, _redis_transient_errors()):
+                    raise  # (unreachable: one line, exit 69)
+                server = role  # (each is its own; its checks say what they can't find)
             servers.setdefault(server, (client, []))[1].append(role)
     return [(client, " and ".join(roles)) for client, roles in servers.values()]
 

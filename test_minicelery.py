@@ -7064,29 +7064,40 @@ def test_one_shot_commands_say_in_one_line_that_the_broker_is_away(tmp_path):
         assert proc.stderr.startswith("Error: the broker or the result backend did not answer") and proc.stderr.count("\n") == 1, proc.stderr
 
 
+@contextlib.contextmanager
+def _answering_socket(path, reply: bytes, close=True):
+    """A unix socket where something else than Redis answers `reply` to whatever it reads."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(16)
+
+    def answer(peer):
+        with peer, contextlib.suppress(OSError):
+            while peer.recv(65536):
+                peer.sendall(reply)
+                if close:
+                    return
+
+    def serve():
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=answer, args=(listener.accept()[0],), daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"unix://{path}"
+    finally:
+        listener.close()
+
+
 def test_a_worker_at_a_socket_that_is_not_redis_says_so_in_one_line(tmp_path):
     """A broker URL naming a socket where something else answers (a web server here):
     the worker ended with a traceback. No use waiting for it: one line, exit 1."""
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(tmp_path / "web.sock"))
-    listener.listen(16)
-
-    def answer_http():
-        with contextlib.suppress(OSError):
-            while True:
-                peer, _ = listener.accept()
-                with peer:
-                    peer.recv(4096)
-                    peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-    threading.Thread(target=answer_http, daemon=True).start()
-    try:
+    with _answering_socket(tmp_path / "web.sock", b"HTTP/1.1 400 Bad Request\r\n\r\n"):
         env = {"MINICELERY_BROKER_URL": f"unix://{tmp_path}/web.sock",
                "MINICELERY_RESULT_BACKEND": f"sqlite:///{tmp_path}/r.db"}
         proc = subprocess.run([sys.executable, "-m", "minicelery", "-A", "test_minicelery", "worker", "-c", "1"],
                               cwd=HERE, env=dict(os.environ, PYTHONPATH=HERE, **env), capture_output=True,
                               text=True, timeout=60)
-    finally:
-        listener.close()
     assert proc.returncode == 1, proc.stderr
     [line] = [line for line in proc.stderr.splitlines() if "can't use the broker" in line]
     assert f"can't use the broker at unix://{tmp_path}/web.sock: " in line and "Traceback" not in proc.stderr
@@ -7296,6 +7307,10 @@ def test_doctor_says_what_it_could_not_check_and_a_worker_starts_anyway(app, tmp
         assert "WARNING/MainProcess] Redis maxmemory-policy (broker): could not check" in w.log()
     finally:
         server.kill()
+    with _answering_socket(tmp_path / "ok.sock", b"+OK\r\n", close=False) as url:  # (not Redis, but RESP)
+        write_tree(tmp_path, {"fakeproj.py": f"from minicelery import Celery\napp = Celery('f', broker='{url}')\n"})
+        proc = run_cli(tmp_path, project_env(tmp_path), "-A", "fakeproj", "doctor", timeout=60)
+    assert "Traceback" not in proc.stdout + proc.stderr and "[unknown] Redis maxmemory-policy" in proc.stdout
 
 
 def test_doctor_clock_skew_against_redis_time(app):
