@@ -61,6 +61,7 @@ import heapq
 import importlib.util
 import inspect
 import itertools
+import math
 import json
 import logging
 import os
@@ -941,7 +942,9 @@ def _check_timelimit(value):
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """An int or a finite float, not a bool: NaN and infinity compare as no number does
+    (a NaN visibility timeout restored nothing, and said nothing)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def clamp_priority(value) -> int:
@@ -4346,6 +4349,8 @@ class Config:
             names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
             raise ImproperlyConfigured(
                 f"setting {name} must be {names}, not {type(value).__name__}: {_mask_secrets(name, value)!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ImproperlyConfigured(f"setting {name} must be a finite number, not {value!r}")
         if _is_number(value) and value < 0:
             raise ImproperlyConfigured(f"setting {name} can't be negative: {value!r}")
         if name == "task_queues" and value:

@@ -3527,6 +3527,12 @@ def test_hostile_config_values_and_urls_are_clear_errors():
                set_as_current=False).broker
     with pytest.raises(ImproperlyConfigured, match="negative"):
         Celery("c", result_expires=-5, set_as_current=False)
+    for odd in (float("nan"), float("inf")):  # (a NaN visibility timeout restored nothing, and said nothing)
+        with pytest.raises(ImproperlyConfigured, match="visibility_timeout must be a number"):
+            Celery("c", broker="redis://h/0", broker_transport_options={"visibility_timeout": odd},
+                   set_as_current=False).broker
+        with pytest.raises(ImproperlyConfigured, match="result_expires must be a finite number"):
+            Celery("c", result_expires=odd, set_as_current=False)
     with pytest.raises(ImproperlyConfigured, match="must be str") as raised:
         Celery("c", set_as_current=False).conf.update(broker_url=b"redis://:hunter2@h/0")
     assert "hunter2" not in str(raised.value)
