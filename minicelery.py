@@ -2278,7 +2278,11 @@ CREATE TABLE IF NOT EXISTS chord_parts (
 
 def sqlite_path(url) -> str:
     """The file a sqlite:// URL names: sqlite:///relative.db, sqlite:////absolute.db."""
-    return url.split("://", 1)[1][1:] or "minicelery.db"
+    rest = url.split("://", 1)[1]
+    if (rest and not rest.startswith("/")) or "?" in rest:  # (sqlite://tasks.db used the file asks.db)
+        raise ImproperlyConfigured(f"{_safe_url(url)}: a SQLite URL names a file, and nothing else: "
+                                   f"sqlite:///relative.db or sqlite:////absolute.db")
+    return rest[1:] or "minicelery.db"
 
 
 class SQLiteStore:

@@ -3527,6 +3527,9 @@ def test_hostile_config_values_and_urls_are_clear_errors():
                set_as_current=False).broker
     with pytest.raises(ImproperlyConfigured, match="negative"):
         Celery("c", result_expires=-5, set_as_current=False)
+    for url in ("sqlite://tasks.db", "sqlite:///x.db?mode=ro"):  # (the first used the file asks.db)
+        with pytest.raises(ImproperlyConfigured, match="sqlite:///relative.db or sqlite:////absolute.db"):
+            Celery("c", broker=url, set_as_current=False).broker
     for odd in (float("nan"), float("inf")):  # (a NaN visibility timeout restored nothing, and said nothing)
         with pytest.raises(ImproperlyConfigured, match="visibility_timeout must be a number"):
             Celery("c", broker="redis://h/0", broker_transport_options={"visibility_timeout": odd},
