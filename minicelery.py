@@ -7733,6 +7733,8 @@ def multi(action, names, app_spec, pidfile, logfile, worker_options, wait=60.0) 
     main process). start, stop (SIGTERM), stopwait (and wait), restart, kill (SIGKILL)."""
     if len(names) == 1 and names[0].isdigit():
         names = [f"celery{i}" for i in range(1, int(names[0]) + 1)]  # `multi start 3`, as Celery's
+    if not pidfile or not logfile:  # (a worker started without one can't be found again)
+        raise ImproperlyConfigured("multi needs a --pidfile and a --logfile pattern (default %n.pid, %n.log)")
     failed = 0
     for name in names:
         if "/" in name or "\0" in name or name.startswith("."):  # names become file names

@@ -7225,6 +7225,8 @@ def test_two_multi_starts_of_one_node_at_once_start_one_worker(tmp_path):
     finally:
         stopped = run_cli(tmp_path, env, "multi", "stopwait", "w1", "-A", "raceproj", timeout=90)
     assert stopped.returncode == 0 and not _alive_pid(pid_), stopped
+    empty = run_cli(tmp_path, env, "multi", "start", "w2", "-A", "raceproj", "--pidfile", "", timeout=60)
+    assert empty.returncode == 1 and "multi needs a --pidfile" in empty.stderr  # (it waited, and left a worker)
     (tmp_path / "w2.pid").mkdir()  # (a pidfile that can't be one: its worker says why in one line)
     failed = run_cli(tmp_path, env, "worker", "-A", "raceproj", "--pidfile", "w2.pid", timeout=60)
     assert failed.returncode == 1 and "can't write the pidfile w2.pid: Is a directory" in failed.stderr
