@@ -2765,7 +2765,7 @@ class ResultBackend(Explains):
         if state in EXCEPTION_STATES and isinstance(result, BaseException):
             result = exception_to_dict(result)
         meta = {"status": state, "result": result, "traceback": traceback,
-                "children": list(getattr(request, "children", None) or []),
+                "children": [getattr(c, "as_tuple", lambda: c)() for c in getattr(request, "children", None) or []],
                 "date_done": utcnow().isoformat() if state in READY_STATES else None}
         for field in ("group_id", "parent_id"):
             value = getattr(request, field, None)
@@ -3218,6 +3218,12 @@ class AsyncResult:
 
     state = status = property(lambda self: self._get_meta()["status"])
     traceback = property(lambda self: self._get_meta().get("traceback"))
+
+    @property
+    def children(self) -> list:
+        """The results of the tasks this one sent while it ran (Celery's trail), as stored."""
+        return [child for value in self._get_meta().get("children") or []
+                if (child := result_from_tuple(value, self.app)) is not None]
     date_done = property(lambda self: to_datetime(self._get_meta().get("date_done")))
 
     @property
@@ -3373,6 +3379,15 @@ def current_task():
     """The task running in this thread, or None."""
     stack = _request_stack()
     return stack[-1][0] if stack else None
+
+
+def _trail(result, add_to_parent=True):
+    """Celery's trail: what a running task sends is one of its children (a group counts
+    once), stored with its result: `AsyncResult(id).children`."""
+    parent = current_task()
+    if add_to_parent and parent is not None and not parent.request.called_directly:
+        parent.request.children.append(result)
+    return result
 
 
 class Task:
@@ -4009,9 +4024,10 @@ class group(Signature):
             return self.apply(args, kwargs)
         group_id = options.pop("group_id", None) or self.options.get("task_id") or uuid()
         options.pop("task_id", None)
-        results = [task.clone().apply_async(args, kwargs, group_id=group_id, group_index=i, **options)
-                   for i, task in enumerate(self.tasks)]
-        return GroupResult(group_id, results, app=app)
+        add_to_parent = options.pop("add_to_parent", True)
+        results = [task.clone().apply_async(args, kwargs, group_id=group_id, group_index=i, add_to_parent=False,
+                                            **options) for i, task in enumerate(self.tasks)]
+        return _trail(GroupResult(group_id, results, app=app), add_to_parent)
 
     def __call__(self, *partial_args, **options):
         return self.apply_async(partial_args, **options)
@@ -4058,7 +4074,7 @@ class chord(Signature):
         app, header = self._app(), self.header
         if app.conf.task_always_eager:
             return self.apply(args, kwargs)
-        for outer in ("group_id", "group_index", "chord"):  # a chord inside a group counts on its own
+        for outer in ("group_id", "group_index", "chord", "add_to_parent"):  # (a chord in a group: on its own)
             options.pop(outer, None)
         group_id = self.options.get("group_id") or uuid()
         body = self.body.clone(group_id=group_id)
@@ -4068,14 +4084,29 @@ class chord(Signature):
             return result
         # The size must be stored before any header task can finish.
         app.backend.chord_start(group_id, len(header.tasks))
-        parts = [task.clone().apply_async(args, kwargs, group_id=group_id, group_index=i, chord=body, **options)
-                 for i, task in enumerate(header.tasks)]
+        parts = [task.clone().apply_async(args, kwargs, group_id=group_id, group_index=i, chord=body,
+                                          add_to_parent=False, **options) for i, task in enumerate(header.tasks)]
         result.parent = GroupResult(group_id, parts, app=app)
-        return result
+        return _trail(result)
 
     def apply(self, args=(), kwargs=None, **options):
         values = self.header.apply(args, kwargs).get()
         return self.body.apply((values,))
+
+
+def result_from_tuple(value, app=None):
+    """A result from Celery's nested-list form: [[id, parent], None] for a task's,
+    [[id, None], [results...]] for a group's; None for anything else (it was stored
+    by someone: a malformed one is left out, not raised)."""
+    try:
+        (result_id, parent), children = value
+        if not isinstance(result_id, str):
+            return None
+        if isinstance(children, list):
+            return GroupResult(result_id, [r for c in children if (r := result_from_tuple(c, app))], app=app)
+        return AsyncResult(result_id, app=app, parent=result_from_tuple(parent, app) if parent else None)
+    except (TypeError, ValueError, RecursionError):
+        return None
 
 
 class GroupResult:
@@ -4802,7 +4833,8 @@ class Celery:
                 kwargs=message_headers["kwargsrepr"], retries=retries, eta=message_headers["eta"],
                 expires=message_headers["expires"], queue=queue, exchange="", routing_key=queue,
                 root_id=message_headers["root_id"], parent_id=parent_id))
-        return AsyncResult(task_id, app=self, task_name=name, ignored=message_headers["ignore_result"])
+        result = AsyncResult(task_id, app=self, task_name=name, ignored=message_headers["ignore_result"])
+        return _trail(result, options.get("add_to_parent", True))
 
     def _when(self, now, countdown, eta, expires):
         """(eta, expires) as aware datetimes or None, from Celery's options: a countdown or
@@ -6182,6 +6214,9 @@ class Consumer:
             held.lent = time.time()
             if held.verdict is None and held.message is not None and held.message.id in self.book.revoked:
                 held.verdict = TaskRevokedError("revoked")
+            worker_logger.debug("TaskPool: Apply %s (ack %s%s)", held.message.describe() if held.message else held.tag,
+                                "late" if held.late else "as it starts",
+                                f"; not run: {held.verdict!r}" if held.verdict is not None else "")
         self.pool.apply([Job(held.tag, held.delivery.raw, held.delivery.queue, () if held.late else held.claim,
                              held.verdict, self._limits(held), self.events) for held in starting])
 
@@ -7549,6 +7584,18 @@ def _cli_ask_workers(app, args):
     return _print_answers(answers, args.json) if reply else 0
 
 
+def _cli_result(result, args):
+    """A task's result (or traceback); a failure or revocation says its state, exit 1."""
+    value = result.traceback if args.traceback else \
+        result.get(timeout=args.timeout, propagate=False) if args.timeout else result.result
+    state = result.state
+    if state in (FAILURE, REVOKED) and not args.traceback:
+        print(f"{state}: {_short_repr(value)}")
+    else:
+        print(value if value is not None else f"(none: state {state})")
+    return 1 if state in (FAILURE, REVOKED) else 0
+
+
 def _cli_dead(app, args):
     letters = app.broker.dead_letters()
     if args.action == "list":
@@ -7558,6 +7605,9 @@ def _cli_dead(app, args):
         print(f"{len(letters)} dead letter(s).")
         return 0
     wanted = {letter["id"] for letter in letters} if args.all else set(args.ids)
+    if args.all and not wanted:
+        print("No dead letters.")
+        return 0
     if not wanted:
         raise ImproperlyConfigured(f"dead {args.action}: name the ids (as `dead list` shows them), or --all")
     asked = set(wanted)
@@ -7806,7 +7856,8 @@ def main(argv=None):
     if extra and args.command != "multi":  # (multi hands them to its workers)
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     spec = getattr(args, "app_positional", None) or args.app
-    if not spec:
+    stopping = args.command == "multi" and args.action in ("stop", "stopwait", "kill")  # (from the pidfiles)
+    if not spec and not stopping:
         print("minicelery: name the app with -A module (or module:app)", file=sys.stderr)
         return 2
     if args.quiet:
@@ -7822,7 +7873,7 @@ def main(argv=None):
         if args.command == "worker":
             if args.task_events:
                 app.conf.worker_send_task_events = True
-            if args.explain:
+            if args.explain or args.loglevel.upper() == "DEBUG":  # (debug: each broker step, and why)
                 app.conf.explain = True
             with _pidfile(args.pidfile):
                 Worker(app, concurrency=args.concurrency, pool=args.pool, queues=queues,
@@ -7852,10 +7903,7 @@ def main(argv=None):
         elif args.command == "doctor":
             return _cli_doctor(app)
         elif args.command == "result":
-            result = app.AsyncResult(args.id)
-            value = result.traceback if args.traceback else \
-                result.get(timeout=args.timeout, propagate=False) if args.timeout else result.result
-            print(value if value is not None else f"(none: state {result.state})")
+            return _cli_result(app.AsyncResult(args.id), args)
     except ImproperlyConfigured as exc:
         print(f"minicelery: {exc}", file=sys.stderr)
         return 1
@@ -7872,7 +7920,7 @@ def main(argv=None):
 
 # Celery's import paths, so code written for Celery imports unchanged: `from
 # minicelery.schedules import crontab` finds this same module (it stays one file).
-CELERY_MODULE_PATHS = ("app", "app.task", "canvas", "exceptions", "result", "schedules", "states",
+CELERY_MODULE_PATHS = ("app", "app.task", "beat", "canvas", "exceptions", "result", "schedules", "states",
                        "utils", "utils.log")
 
 

@@ -319,6 +319,12 @@ def echo(value):
 
 
 @APP.task
+def send_two():
+    """Sends two tasks while it runs: its result lists them as its children."""
+    return [add.delay(1, 1).id, group(add.s(2, 2), add.s(3, 3)).delay().id]
+
+
+@APP.task
 def raise_shared(depth):
     """Raises an exception holding a list that names 2 ** depth elements through shared parts."""
     value = 1
@@ -1553,6 +1559,19 @@ def test_naive_utc_eta_and_expires_with_enable_utc_off(app, tmp_path):
         later = when_run.apply_async(eta=eta, expires=naive_now + dt.timedelta(seconds=60))
         info = later.get(timeout=15)
     assert info["at"] >= eta.replace(tzinfo=dt.timezone.utc).timestamp() and later.state == "SUCCESS"
+
+
+def test_a_result_lists_the_tasks_it_sent_as_its_children(app, tmp_path):
+    with worker(app, tmp_path):
+        result = send_two.delay()
+        task_id, group_id = result.get(timeout=10)
+        single, grouped = result.children
+    assert isinstance(single, AsyncResult) and single.id == task_id and single.get(timeout=10) == 2
+    assert isinstance(grouped, minicelery.GroupResult) and grouped.id == group_id
+    assert grouped.get(timeout=10) == [4, 6]
+    raw = json.loads(app.backend.client.get(f"celery-task-meta-{result.id}"))
+    assert raw["children"][0] == [[task_id, None], None]  # (Celery's form, as a Celery client reads it)
+    assert add.delay(1, 2).children == []  # (nothing stored yet: PENDING)
 
 
 def test_eta_near_runs_on_time_and_carries_request_fields(app, tmp_path):
@@ -3149,7 +3168,8 @@ def _cli(*args, env=None, **kwargs):
 
 
 @pytest.mark.parametrize("argv", [["worker", "test_minicelery", "-l", "info", "-c", "1"],
-                                  ["-A", "test_minicelery", "worker", "--loglevel=info", "-P", "solo"]])
+                                  ["-A", "test_minicelery", "worker", "--loglevel=info", "-P", "solo"],
+                                  ["-A", "test_minicelery", "worker", "-l", "debug", "-c", "1"]])
 def test_cli_worker_runs_tasks(app, redis_server, argv):
     env = {"MINICELERY_BROKER_URL": app.conf.broker_url,
            "MINICELERY_RESULT_BACKEND": app.conf.result_backend}
@@ -3161,6 +3181,9 @@ def test_cli_worker_runs_tasks(app, redis_server, argv):
         output = proc.communicate(timeout=15)[0]
     assert proc.returncode == 0, output
     assert "[tasks]" in output and ". test_minicelery.add" in output and "ready." in output
+    debug = "debug" in argv  # (-l debug printed no debug lines): each task lent, each broker step
+    assert ("DEBUG/MainProcess] TaskPool: Apply test_minicelery.add[" in output) == debug, output
+    assert ("] explain take: " in output) == debug, output
 
 
 def test_cli_call_and_purge(app, redis_client):
@@ -5724,10 +5747,11 @@ def test_celerys_import_paths_in_a_fresh_interpreter(tmp_path):
         from minicelery.utils.log import get_task_logger
         from minicelery.canvas import chain, group, chord, signature
         from minicelery.app.task import Task
+        from minicelery.beat import crontab as crontab_too, schedule
         import minicelery.result, minicelery
         import builtins
 
-        assert crontab is minicelery.crontab and AsyncResult is minicelery.result.AsyncResult
+        assert crontab is minicelery.crontab is crontab_too and AsyncResult is minicelery.result.AsyncResult
         assert SoftTimeLimitExceeded is minicelery.SoftTimeLimitExceeded
         assert TimeoutError is minicelery.ResultTimeout and builtins.TimeoutError is not minicelery.ResultTimeout
         assert (chain, group, chord, signature, Task) == (minicelery.chain, minicelery.group,
@@ -6769,6 +6793,8 @@ def test_cli_status_inspect_control_result_and_purge(any_app, tmp_path):
             failed.get(timeout=10)
         assert cli("result", done.id).stdout.strip() == "7"
         assert "ValueError: from the cli" in cli("result", failed.id, "--traceback").stdout
+        shown = cli("result", failed.id)  # (printed like a return value, exit 0)
+        assert shown.returncode == 1 and shown.stdout.strip() == "FAILURE: ValueError('from the cli')", shown
     for i in range(3):
         echo.delay(i)
     aborted = cli("purge", answer="n\n")
@@ -6915,7 +6941,7 @@ def test_cli_multi_starts_stops_restarts_and_kills_workers(tmp_path):
     assert "already running" in multi("start", "w1").stdout
     restarted = multi("restart", "w1", "-l", "INFO")
     assert restarted.returncode == 0 and pid_of("w1") not in (None, first), restarted
-    stopped = multi("stopwait", "w1", "w2")
+    stopped = run_cli(tmp_path, env, "multi", "stopwait", "w1", "w2", timeout=90)  # (no -A: from the pidfiles)
     assert stopped.returncode == 0 and pid_of("w1") is None and pid_of("w2") is None, stopped
     assert "Warm shutdown" in (tmp_path / "w2.log").read_text()
     assert multi("start", "w3").returncode == 0
@@ -6977,6 +7003,8 @@ def test_cli_dead_reads_entries_it_did_not_write(app, redis_client):
     dropped = _cli("-A", "test_minicelery", "dead", "drop", "--all", env=env)
     assert "Dropped 3 dead letter(s)." in dropped.communicate(timeout=30)[0]
     assert redis_client.llen("minicelery:dead-letters") == 0
+    again = _cli("-A", "test_minicelery", "dead", "drop", "--all", env=env)  # (said "name the ids ... or --all")
+    assert again.communicate(timeout=30)[0].strip() == "No dead letters." and again.returncode == 0
 
 
 # --- Outside the worker loop: the clients and tools under hostile use ------------------
