@@ -6560,6 +6560,18 @@ class RemoteControl:
         return None  # Celery's worker leaves without a reply
 
 
+def _check_privileges(app):
+    """As Celery: run as root, a worker that accepts pickle (any message could run any
+    code, as root) refuses to start unless C_FORCE_ROOT is set; any other, a warning."""
+    if os.getuid() != 0 and os.geteuid() != 0:
+        return
+    if PICKLE_TYPE in accepted_types(app.conf.accept_content) and not os.environ.get("C_FORCE_ROOT"):
+        raise ImproperlyConfigured("Running a worker with superuser privileges when the worker accepts messages "
+                                   "serialized with pickle is a very bad idea! If you really want to continue "
+                                   "then you have to set the C_FORCE_ROOT environment variable.")
+    worker_logger.warning("You're running the worker with superuser privileges: this is absolutely not recommended!")
+
+
 class Worker:
     """A whole worker: banner, pool, consumer and signal handling.
 
@@ -6602,6 +6614,7 @@ class Worker:
 
     def start(self):
         self.app.finalize()
+        _check_privileges(self.app)
         pool = POOLS[self.pool_name](self.app, self.concurrency, self.hostname, self.max_tasks_per_child)
         self.consumer = Consumer(self.app, pool, self.queues, self.hostname, self.prefetch_multiplier * pool.concurrency)
         print(self.banner(pool), file=sys.stderr, flush=True)

@@ -46,6 +46,9 @@ from minicelery import (Celery, Config, AsyncResult, EagerResult, ImproperlyConf
 from minicelery import maybe_schedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# This suite runs as root on CI, and some of its workers accept pickle: Celery's escape
+# hatch lets them start (test_a_root_worker_that_accepts_pickle_refuses_to_start unsets it).
+os.environ.setdefault("C_FORCE_ROOT", "1")
 
 # Real Celery 5.7 traffic, captured into shared/spec/samples/ and kept here so the
 # suite runs from any checkout: a_add_delay.json (an LPUSHed message),
@@ -3184,6 +3187,22 @@ def test_cli_worker_runs_tasks(app, redis_server, argv):
     debug = "debug" in argv  # (-l debug printed no debug lines): each task lent, each broker step
     assert ("DEBUG/MainProcess] TaskPool: Apply test_minicelery.add[" in output) == debug, output
     assert ("] explain take: " in output) == debug, output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the check is for a worker run as root")
+def test_a_root_worker_that_accepts_pickle_refuses_to_start(tmp_path):
+    """As Celery: any message could run any code, as root. C_FORCE_ROOT lets it start."""
+    write_tree(tmp_path, {"rootproj.py": f"""
+        from minicelery import Celery
+        app = Celery("rootproj", broker="sqlite:///{tmp_path}/q.db", accept_content=["json", "pickle"])
+        """})
+    env = {k: v for k, v in project_env(tmp_path).items() if k != "C_FORCE_ROOT"}
+    refused = run_cli(tmp_path, env, "-A", "rootproj", "worker", "-c", "1", timeout=60)
+    assert refused.returncode == 1 and "superuser privileges when the worker accepts messages serialized " \
+        "with pickle" in refused.stderr and "C_FORCE_ROOT" in refused.stderr, refused.stderr
+    with cli_worker(tmp_path, dict(env, C_FORCE_ROOT="1"), "-A", "rootproj", "worker", "-c", "1") as forced:
+        forced.wait_for_log("ready.")
+    assert "superuser privileges: this is absolutely not recommended" in forced.log()
 
 
 def test_cli_call_and_purge(app, redis_client):
