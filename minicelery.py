@@ -828,8 +828,8 @@ def build_headers(task_name, task_id, args, kwargs, extra=None, **fields) -> dic
     }
 
 
-def build_envelope(headers, body: bytes, content_type, queue, *, priority=0,
-                   compression=None, expires_in=None, reply_to=None, delivery_tag=None) -> str:
+def build_envelope(headers, body: bytes, content_type, queue, *, priority=0, compression=None,
+                   expires_in=None, reply_to=None, delivery_tag=None, more_properties=None) -> str:
     """The JSON string kombu's Redis transport LPUSHes for one message."""
     if compression:
         headers = dict(headers, compression=compression)
@@ -841,6 +841,7 @@ def build_envelope(headers, body: bytes, content_type, queue, *, priority=0,
     }
     if expires_in is not None:
         properties["expiration"] = str(int(max(expires_in, 0) * 1000))
+    properties.update(more_properties or {})
     return json.dumps({
         "body": base64.b64encode(body).decode("ascii"),
         "content-encoding": "utf-8" if content_type in (JSON_TYPE, YAML_TYPE) else "binary",
@@ -3332,7 +3333,9 @@ class Request:
     is_eager = False
     called_directly = True
     timelimit = (None, None)
+    time_limit = soft_time_limit = None  # (in effect: per call, else the task's, else the app's)
     callbacks = errbacks = chain = chord = None
+    replaced_task_nesting = 0
 
     def __init__(self, **fields):
         self.args, self.kwargs, self.delivery_info, self.headers = (), {}, {}, {}
@@ -3352,6 +3355,7 @@ class Request:
                    id=message.id, task=message.task_name, args=message.args, kwargs=message.kwargs,
                    retries=message.retries, timelimit=headers.get("timelimit") or (None, None),
                    reply_to=properties.get("reply_to"), correlation_id=properties.get("correlation_id"),
+                   properties=dict(properties), replaced_task_nesting=headers.get("replaced_task_nesting") or 0,
                    delivery_info=dict(properties.get("delivery_info") or {}, priority=message.priority),
                    headers=headers, hostname=hostname, is_eager=is_eager, called_directly=False)
 
@@ -3491,6 +3495,9 @@ class Task:
         for name in ("queue", "priority", "serializer", "compression", "expires"):
             if options.get(name) is None and getattr(self, name) is not None:
                 options[name] = getattr(self, name)
+        hard, soft = (options.get(name) or self.option(name) for name in ("time_limit", "soft_time_limit"))
+        if hard and soft and soft > hard:  # (as Celery: at the call site)
+            raise ValueError("soft_time_limit must be less than or equal to time_limit")
         if options.get("ignore_result") is None:
             options["ignore_result"] = self.option("ignore_result")
         return self.app.send_task(self.name, args, kwargs, **options)
@@ -3633,6 +3640,7 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None, verdic
     """
     task = app.tasks[message.task_name]
     request = Request.from_message(message, hostname=hostname, is_eager=eager)
+    request.time_limit, request.soft_time_limit = time_limits(task, message)
     ignore = message.headers.get("ignore_result") or task.option("ignore_result")
     keep = not ignore and (not eager or app.conf.task_store_eager_result)
     errors_too = ignore and not eager and app.conf.task_store_errors_even_if_ignored
@@ -4777,6 +4785,8 @@ class Celery:
     # -- sending ----------------------------------------------------------
 
     #: apply_async options Celery accepts that mean nothing for Redis; ignored.
+    #: apply_async options that go into the message's properties as they are (kombu's)
+    PROPERTY_OPTIONS = ("app_id", "user_id", "type", "timestamp")
     IGNORED_OPTIONS = frozenset({"exchange", "routing_key", "retry", "retry_policy",
                                  "reply_to", "add_to_parent", "mandatory", "delivery_mode",
                                  "declare", "producer", "connection", "publisher",
@@ -4793,7 +4803,7 @@ class Celery:
 
         Nothing is published if the arguments can't be serialized (EncodeError).
         """
-        unknown = set(options) - self.IGNORED_OPTIONS
+        unknown = set(options) - self.IGNORED_OPTIONS - set(self.PROPERTY_OPTIONS)
         if unknown:
             close = {k: difflib.get_close_matches(k, _SEND_OPTIONS, 1) for k in unknown}
             hints = "; ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "")
@@ -4825,7 +4835,8 @@ class Celery:
         envelope = build_envelope(
             message_headers, body, content_type, queue, priority=clamp_priority(priority or 0),
             compression=compression_header, delivery_tag=tag,
-            expires_in=(expires_at - now).total_seconds() if expires_at else None)
+            expires_in=(expires_at - now).total_seconds() if expires_at else None,
+            more_properties={name: options[name] for name in self.PROPERTY_OPTIONS if name in options})
         self._publish(queue, envelope, clamp_priority(priority or 0), f"{name}[{task_id}]", tag)
         if self.conf.task_send_sent_event:
             self.broker.send_event(make_event(

@@ -572,6 +572,23 @@ def when_run(self):
     return {"at": time.time(), "eta": self.request.eta, "expires": self.request.expires}
 
 
+@APP.task(bind=True)
+def request_fields(self):
+    request = self.request
+    return [request.time_limit, request.soft_time_limit, request.properties.get("app_id"),
+            request.replaced_task_nesting]
+
+
+@APP.task(bind=True, time_limit=60, soft_time_limit=45)
+def declared_limits(self):
+    return [self.request.time_limit, self.request.soft_time_limit]
+
+
+@APP.task(time_limit=1, soft_time_limit=2)
+def soft_over_hard():
+    pass
+
+
 if os.environ.get("TEST_BEAT_STAMPS"):  # the CLI beat test configures the subprocess's app
     APP.conf.beat_schedule = {"stamp": {"task": "test_minicelery.stamp", "schedule": 0.5,
                                         "args": (os.environ["TEST_BEAT_STAMPS"],)}}
@@ -1562,6 +1579,21 @@ def test_naive_utc_eta_and_expires_with_enable_utc_off(app, tmp_path):
         later = when_run.apply_async(eta=eta, expires=naive_now + dt.timedelta(seconds=60))
         info = later.get(timeout=15)
     assert info["at"] >= eta.replace(tzinfo=dt.timezone.utc).timestamp() and later.state == "SUCCESS"
+
+
+def test_request_time_limits_properties_and_nesting(app, tmp_path):
+    """From Celery's integration tests: self.request.time_limit and soft_time_limit are
+    those in effect (the call's, else the task's, else the app's), request.properties
+    the message's (apply_async(app_id=...) among them), replaced_task_nesting 0."""
+    with pytest.raises(ValueError, match="soft_time_limit must be less than or equal to time_limit"):
+        soft_over_hard.delay()
+    app.conf.task_soft_time_limit = 100
+    with worker(app, tmp_path):
+        assert request_fields.apply_async(time_limit=30, soft_time_limit=20, app_id="1234").get(timeout=10) == \
+            [30, 20, "1234", 0]
+        assert request_fields.delay().get(timeout=10) == [None, 100, None, 0]
+        assert declared_limits.delay().get(timeout=10) == [60, 45]
+        assert declared_limits.apply_async(time_limit=10, soft_time_limit=5).get(timeout=10) == [10, 5]
 
 
 def test_a_result_lists_the_tasks_it_sent_as_its_children(app, tmp_path):
