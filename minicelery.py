@@ -3568,29 +3568,49 @@ class Task:
                 raise exc
             raise MaxRetriesExceededError(
                 f"Can't retry {self.name}[{request.id}] args:{request.args} kwargs:{request.kwargs}")
-        args = request.args if args is None else args
-        kwargs = request.kwargs if kwargs is None else kwargs
+        args, kwargs = self._retry_arguments(request, args, kwargs)
         if countdown is None and eta is None:
             countdown = self.default_retry_delay
         if not request.is_eager:
             delivery_info = request.delivery_info or {}
             custom = {k: v for k, v in (request.headers or {}).items() if k not in PROTOCOL_HEADERS}
             # The retried message carries the rest of the workflow: callbacks, chain, chord.
+            # Options given to retry() (expires=, queue=, ...) win over the request's.
             options = {"queue": delivery_info.get("routing_key"), "priority": delivery_info.get("priority"),
                        "link": request.callbacks, "link_error": request.errbacks,
-                       "chain": request.chain, "chord": request.chord, **options}
-            self.app.send_task(
-                self.name, args, kwargs, task_id=request.id, retries=request.retries + 1,
-                countdown=countdown, eta=eta, root_id=request.root_id, parent_id=request.id,
-                group_id=request.group, group_index=request.group_index,
-                expires=request.expires, timelimit=request.timelimit, shadow=request.shadow,
-                ignore_result=(request.headers or {}).get("ignore_result"),
-                headers=custom or None, **options)
+                       "chain": request.chain, "chord": request.chord, "task_id": request.id,
+                       "retries": request.retries + 1, "root_id": request.root_id, "parent_id": request.id,
+                       "group_id": request.group, "group_index": request.group_index, "expires": request.expires,
+                       "timelimit": request.timelimit, "shadow": request.shadow, "headers": custom or None,
+                       "ignore_result": (request.headers or {}).get("ignore_result"), **options}
+            self.app.send_task(self.name, args, kwargs, countdown=countdown, eta=eta, **options)
         ret = Retry(exc=exc, when=eta or countdown)
         ret.sig = (args, kwargs) if request.is_eager else None
         if throw:
             raise ret
         return ret
+
+    def _retry_arguments(self, request, args, kwargs):
+        """A retry's arguments: those given, else the request's. Given only args, or only
+        kwargs, the request's others are kept where they name no parameter twice, as in
+        Celery: foo(1, 2) retried with kwargs={'foo': 2} runs foo(foo=2, bar=2)."""
+        signature = self._run_signature()
+        if (args is None) == (kwargs is None) or signature is None:
+            return (request.args if args is None else args), (request.kwargs if kwargs is None else kwargs)
+        by_position = [p.name for p in signature.parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+        if args is not None:  # the request's kwargs that the new args don't cover
+            return args, {k: v for k, v in request.kwargs.items() if k not in by_position[:len(args)]}
+        try:
+            bound = signature.bind_partial(*request.args)
+        except TypeError:  # (the worker says what doesn't fit)
+            return request.args, kwargs
+        rest = {}
+        for name, value in kwargs.items():
+            if name in bound.arguments and name in by_position:
+                bound.arguments[name] = value
+            else:
+                rest[name] = value
+        return bound.args, {**bound.kwargs, **rest}
 
     # -- hooks: override in a base class ------------------------------------
 

@@ -381,6 +381,22 @@ def always_retry(self):
     raise self.retry(countdown=0)
 
 
+@APP.task(bind=True)
+def retry_switching(self, foo, bar):
+    """Retried once with only kwargs (or only args): what the second run is given."""
+    if not self.request.retries:
+        raise self.retry(kwargs={"foo": foo + 1}, countdown=0) if isinstance(foo, int) \
+            else self.retry(args=("again",), countdown=0)
+    return {"foo": foo, "bar": bar, "retries": self.request.retries}
+
+
+@APP.task(bind=True, expires=120.0, max_retries=1)
+def retry_once_expiring(self, expires=None):
+    if self.request.retries:
+        return self.request.retries
+    raise self.retry(countdown=0.1, expires=expires, max_retries=1)
+
+
 @APP.task
 def unserializable_result():
     return object()
@@ -1579,6 +1595,18 @@ def test_naive_utc_eta_and_expires_with_enable_utc_off(app, tmp_path):
         later = when_run.apply_async(eta=eta, expires=naive_now + dt.timedelta(seconds=60))
         info = later.get(timeout=15)
     assert info["at"] >= eta.replace(tzinfo=dt.timezone.utc).timestamp() and later.state == "SUCCESS"
+
+
+def test_retry_switching_between_args_and_kwargs_and_with_expires(app, tmp_path):
+    """From Celery's integration tests: retry(kwargs=...) of a call made with args raised
+    'multiple values for argument'; retry(expires=...) of a task sent with expires
+    raised 'got multiple values for keyword argument'."""
+    with worker(app, tmp_path):
+        assert retry_switching.apply_async(args=(1, 2)).get(timeout=10) == {"foo": 2, "bar": 2, "retries": 1}
+        assert retry_switching.apply_async(kwargs={"foo": "x", "bar": 3}).get(timeout=10) == \
+            {"foo": "again", "bar": 3, "retries": 1}
+        assert retry_once_expiring.delay(expires=60).get(timeout=10) == 1
+        assert retry_once_expiring.delay().get(timeout=10) == 1
 
 
 def test_request_time_limits_properties_and_nesting(app, tmp_path):
