@@ -3731,6 +3731,8 @@ def _outcome_event(app, message, hostname, outcome):
         _task_event(app, message, hostname, "task-failed" if outcome.state == FAILURE else "task-retried",
                     exception=_short_repr(outcome.retval), traceback=outcome.traceback)
     elif outcome.state == REJECTED:
+        if not outcome.requeue:
+            _task_event(app, message, hostname, "task-failed", exception=_short_repr(outcome.retval), traceback=None)
         _task_event(app, message, hostname, "task-rejected", requeue=outcome.requeue)
 
 
@@ -3845,6 +3847,10 @@ def _store_outcome(task, request, outcome, store):
             _after_failure(task.app, request, exc, outcome.traceback)
     elif outcome.state == REJECTED:
         task_logger.info("Task %s rejected: %s", name, outcome.retval.reason)
+        if not outcome.requeue:  # it will never run again: a FAILURE, or it reads PENDING for ever (as Celery)
+            store(request.id, outcome.retval, FAILURE, request=request)
+            if not request.is_eager:
+                _after_failure(task.app, request, outcome.retval, None)
 
 
 def _call_hook(hook, *args):

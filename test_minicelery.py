@@ -1597,6 +1597,18 @@ def test_naive_utc_eta_and_expires_with_enable_utc_off(app, tmp_path):
     assert info["at"] >= eta.replace(tzinfo=dt.timezone.utc).timestamp() and later.state == "SUCCESS"
 
 
+def test_a_reject_without_requeue_is_stored_as_a_failure(app, tmp_path, redis_client):
+    """From Celery's integration tests: the message of Reject(requeue=False) never runs
+    again, so its result is a FAILURE (it read PENDING, and get() timed out)."""
+    with worker(app, tmp_path) as w:
+        rejected = rejecter.delay()
+        with pytest.raises(Reject):
+            rejected.get(timeout=10)
+        w.wait_for_log(f"[{rejected.id}] rejected: not today")
+    assert rejected.state == "FAILURE" and rejected.failed() and not rejected.successful()
+    assert redis_client.llen("celery") == 0  # (and not requeued)
+
+
 def test_retry_switching_between_args_and_kwargs_and_with_expires(app, tmp_path):
     """From Celery's integration tests: retry(kwargs=...) of a call made with args raised
     'multiple values for argument'; retry(expires=...) of a task sent with expires
