@@ -6391,12 +6391,31 @@ class Consumer:
         self.book.revoke(task_ids)
         # Make revocations broadcast by real Celery durable too, for workers started later.
         self.broker.revoke(task_ids, expires=self.app.revoke_expires, broadcast=False)
+        running = {held.message.id for held in self.book.held.values() if held.lent and held.message is not None}
+        self._mark_revoked([task_id for task_id in task_ids[:self.REVOKES_MARKED] if task_id not in running])
         task_ids = set(task_ids)  # (a broadcast may name thousands: looked up once per held message)
         for held in self.book.held.values():
             if terminate and held.lent and held.message is not None and held.message.id in task_ids:
                 worker_logger.info("Terminating %s (%s)", printable(held.message.id), signum)
                 if not self.pool.terminate(held.tag, signum):
                     worker_logger.warning("the %s pool can't terminate %s", self.pool.name, held.describe())
+
+    #: the most ids of one broadcast whose stored state a worker looks at (a read each)
+    REVOKES_MARKED = 1000
+
+    def _mark_revoked(self, task_ids):
+        """As Celery 5.7: a revoked task nobody has started is stored REVOKED at once (it
+        read PENDING until a worker met its message); one that another worker started
+        (STARTED, or a state of its own) or that ended is left as it is."""
+        if isinstance(self.app.backend, DisabledBackend):
+            return
+        for task_id in task_ids:
+            try:
+                if self.app.backend.get_meta(task_id)["status"] in (PENDING, RECEIVED, RETRY, REJECTED):
+                    self.app.backend.store_result(task_id, TaskRevokedError("revoked"), REVOKED)
+            except Exception as exc:  # (the revocation itself holds: the message won't run here)
+                worker_logger.warning("Could not store %s as revoked: %s: %s", printable(task_id),
+                                      type(exc).__name__, exc)
 
     def _leave(self):
         self._say_what_was_said()

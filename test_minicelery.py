@@ -1775,6 +1775,18 @@ def test_revoke_before_it_runs(app, tmp_path, redis_client):
     assert redis_client.zscore("minicelery:revoked", parked.id) > time.time() + 10000
 
 
+@pytest.mark.parametrize("started_state", ["STARTED", "PROGRESS"])
+def test_a_revoke_stores_revoked_unless_another_worker_started_it(app, tmp_path, started_state):
+    """From Celery's integration tests: a worker that gets a revoke stores REVOKED for a
+    task nobody started (it read PENDING), and leaves one that another worker started."""
+    started, not_started = minicelery.uuid(), minicelery.uuid()
+    app.backend.store_result(started, {"hostname": "other@host"}, started_state)  # (playing another worker)
+    with worker(app, tmp_path):
+        assert app.control.revoke([started, not_started], reply=True, timeout=10)
+    assert AsyncResult(started, app=app).state == started_state
+    assert AsyncResult(not_started, app=app).state == "REVOKED"
+
+
 def test_revoke_reaches_workers_started_later(app, tmp_path):
     result = echo.delay("never")
     result.revoke()
