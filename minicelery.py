@@ -5024,8 +5024,16 @@ class Inspect:
     def scheduled(self):
         return self._ask("scheduled")
 
-    def registered(self):
-        return self._ask("registered")
+    def registered(self, *taskinfoitems):
+        return self._ask("registered", taskinfoitems=taskinfoitems)
+
+    registered_tasks = registered
+
+    def clock(self):
+        return self._ask("clock")
+
+    def report(self):
+        return self._ask("report")
 
     def stats(self):
         return self._ask("stats")
@@ -6448,6 +6456,7 @@ class RemoteControl:
         self.consumer, self.app, self.broker = consumer, consumer.app, consumer.broker
         self._heard = []  # commands heard before the first step (listen())
         self._next_look = 0.0
+        self.clock = 0  # Celery's logical clock: here, the commands this worker has handled
 
     def listen(self):
         """Start hearing broadcasts before the worker says it is ready, so that a ping sent
@@ -6474,6 +6483,7 @@ class RemoteControl:
                 self.broker.reply(command.reply_to, command.ticket, {hostname: _within_reply_limit(answer)})
 
     def handle(self, command):
+        self.clock += 1
         handler = getattr(self, f"do_{command.method}", None)
         if handler is None:
             return {"error": f"unknown command {command.method!r}"}
@@ -6532,8 +6542,27 @@ class RemoteControl:
                  "priority": held.message.priority, "request": self.info(held)}
                 for state, held in self._held() if state == "scheduled"]
 
-    def do_registered(self, **_):
-        return sorted(name for name in self.app.tasks if not name.startswith("celery."))
+    def do_registered(self, taskinfoitems=None, builtins=False, **_):
+        """Task names; with taskinfoitems (Celery's default: rate_limit), `name [item=value ...]`."""
+        items = taskinfoitems or ("exchange", "routing_key", "rate_limit")
+        names = sorted(name for name in self.app.tasks if builtins or not name.startswith("celery."))
+        described = {name: " ".join(f"{item}={getattr(self.app.tasks[name], item)}" for item in items
+                                    if getattr(self.app.tasks[name], item, None) is not None) for name in names}
+        return [f"{name} [{described[name]}]" if described[name] else name for name in names]
+
+    def do_clock(self, **_):
+        return {"clock": self.clock}
+
+    def do_report(self, **_):
+        """Celery's bug report: the software, the platform, the settings (secrets masked)."""
+        import platform
+        settings = "\n".join(f"{name}: {_short_repr(_mask_secrets(name, getattr(self.app.conf, name)), 200)}"
+                             for name in _CONFIG_TYPES)
+        return _ok(f"software -> celery:minicelery-{__version__} py:{platform.python_version()}\n"
+                   f"platform -> system:{platform.system()} arch:{platform.machine()} "
+                   f"imp:{platform.python_implementation()}\n"
+                   f"settings -> transport:{self.app.broker_url.split(':')[0]} "
+                   f"results:{_safe_url(self.app.backend_url or 'disabled')}\n\n{settings}")
 
     def do_revoked(self, **_):
         return sorted(self.consumer.book.revoked)
@@ -6543,24 +6572,43 @@ class RemoteControl:
         return {held.message.id: [state, self.info(held)] for state, held in self._held() if held.message.id in ids}
 
     def do_active_queues(self, **_):
-        return [{"name": queue, "exchange": {"name": queue, "type": "direct"}, "routing_key": queue,
-                 "durable": True, "exclusive": False, "auto_delete": False, "no_ack": False, "alias": None}
-                for queue in self.consumer.queues]
+        """Each queue as kombu describes a Queue (Flower's worker page reads every field)."""
+        return [{"name": queue, "exchange": {"name": queue, "type": "direct", "arguments": None, "auto_delete": False,
+                                             "delivery_mode": None, "durable": True, "no_declare": False,
+                                             "passive": False},
+                 "routing_key": queue, "durable": True, "exclusive": False, "auto_delete": False, "no_ack": False,
+                 "alias": None, "bindings": [], "binding_arguments": None, "consumer_arguments": None,
+                 "expires": None, "max_length": None, "max_length_bytes": None, "max_priority": None,
+                 "message_ttl": None, "no_declare": None, "queue_arguments": None} for queue in self.consumer.queues]
 
     def do_stats(self, **_):
         consumer = self.consumer
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        return {"total": dict(consumer.total), "pid": os.getpid(), "clock": "0",
+        return {"total": dict(consumer.total), "pid": os.getpid(), "clock": str(self.clock),
                 "uptime": int(time.monotonic() - consumer.born), "prefetch_count": consumer.prefetch_limit,
                 "pool": {"implementation": consumer.pool.name, "max-concurrency": consumer.pool.concurrency,
                          "processes": sorted(consumer.pool.jobs()),
-                         "max-tasks-per-child": consumer.pool.max_tasks_per_child or "N/A"},
-                "broker": {"transport": self.app.broker_url.split("://")[0],
-                           "hostname": _safe_url(self.app.broker_url)},
-                "rusage": {"utime": usage.ru_utime, "stime": usage.ru_stime, "maxrss": usage.ru_maxrss}}
+                         "max-tasks-per-child": consumer.pool.max_tasks_per_child or "N/A",
+                         "put-guarded-by-semaphore": False, "timeouts": [self.app.conf.task_soft_time_limit or 0,
+                                                                         self.app.conf.task_time_limit or 0],
+                         "writes": {"total": sum(consumer.total.values()), "avg": "0.00", "all": "", "raw": "",
+                                    "strategy": "fair", "inqueues": {"total": consumer.pool.concurrency,
+                                                                     "active": len(consumer.pool.jobs())}}},
+                "broker": {"hostname": _safe_url(self.app.broker_url), "userid": None, "virtual_host": "/",
+                           "port": None, "insist": False, "ssl": self.app.broker_url.startswith("rediss"),
+                           "transport": self.app.broker_url.split("://")[0], "connect_timeout": RedisBackend.SOCKET_TIMEOUT,
+                           "transport_options": _jsonable(dict(self.app.conf.broker_transport_options or {})),
+                           "login_method": None, "uri_prefix": None, "heartbeat": None,
+                           "failover_strategy": None, "alternates": [], "credential_provider": None},
+                "rusage": {name[3:]: getattr(usage, name) for name in dir(usage) if name.startswith("ru_")}}
+
+    #: Celery's settings that mean nothing here, as `inspect conf` shows them (what minicelery does)
+    CELERY_ONLY_CONF = {"worker_hijack_root_logger": False, "worker_log_color": False, "broker_heartbeat": None,
+                        "deprecated_settings": None, "worker_redirect_stdouts": False, "worker_disable_prefetch": False}
 
     def do_conf(self, with_defaults=False, **_):
-        return {name: _jsonable(_mask_secrets(name, getattr(self.app.conf, name))) for name in _CONFIG_TYPES}
+        conf = {name: _jsonable(_mask_secrets(name, getattr(self.app.conf, name))) for name in _CONFIG_TYPES}
+        return {**self.CELERY_ONLY_CONF, **conf}
 
     # -- control ----------------------------------------------------------------
 

@@ -6775,6 +6775,16 @@ def test_interop_celerys_inspect_and_status_list_a_minicelery_worker(app, tmp_pa
                        timeout=30, what="both workers answering a ping")
             assert app.control.inspect(destination=[real_node], timeout=5).active_queues()[real_node][0][
                 "name"] == "elsewhere"
+            # Each answer of ours has the fields of a real worker's (Flower's worker page read
+            # active_queues' queue_arguments, and failed), asked by the real Celery client.
+            both_inspect = real.control.inspect(destination=[node, real_node], timeout=5)
+            for command in ("ping", "clock", "registered", "active_queues", "stats", "report", "revoked",
+                            "scheduled", "active", "reserved"):
+                answers = getattr(both_inspect, command)()
+                assert _same_fields(answers[node], answers[real_node]), (command, answers)
+            confs = both_inspect.conf()
+            assert set(confs[real_node]) <= set(confs[node])
+            assert both_inspect.clock()[node]["clock"] > 0 and "software -> celery:" in both_inspect.report()[node]["ok"]
             # A revoke and a rate_limit cross both ways, with Celery's replies.
             revoked = app.control.revoke("rev-1", reply=True, timeout=3)
             assert sorted(revoked, key=str) == sorted([{node: {"ok": "tasks {'rev-1'} flagged as revoked"}},
@@ -6788,6 +6798,16 @@ def test_interop_celerys_inspect_and_status_list_a_minicelery_worker(app, tmp_pa
             proc.terminate()
             proc.wait(20)
             log.close()
+
+
+def _same_fields(ours, theirs) -> bool:
+    """Whether two answers have the same keys all the way down (lists by their first
+    items; an empty list or dict, or a value, stands for any)."""
+    if isinstance(ours, dict) and isinstance(theirs, dict) and ours and theirs:
+        return ours.keys() == theirs.keys() and all(_same_fields(ours[k], theirs[k]) for k in ours)
+    if isinstance(ours, list) and isinstance(theirs, list) and ours and theirs:
+        return _same_fields(ours[0], theirs[0])
+    return isinstance(ours, dict) == isinstance(theirs, dict)
 
 
 # --- Operations: events in Celery's form ----------------------------------------------
