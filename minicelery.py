@@ -406,14 +406,102 @@ class _ProcessNameFilter(logging.Filter):
         return True
 
 
-def setup_logging(loglevel="INFO", stream=None):
-    """Send minicelery's and the tasks' logs to stderr in Celery's format."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.addFilter(_ProcessNameFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(loglevel.upper() if isinstance(loglevel, str) else loglevel)
+def configure_logging(loglevel="INFO", stream=None, logfile=None):
+    """Send minicelery's and the tasks' logs to stderr in Celery's format, unless a
+    receiver of the setup_logging signal does it (as in Celery); then tell
+    after_setup_logger and after_setup_task_logger."""
+    level = loglevel.upper() if isinstance(loglevel, str) else loglevel
+    options = {"loglevel": level, "logfile": logfile, "format": LOG_FORMAT, "colorize": False}
+    if not setup_logging.send(sender=None, **options):
+        handler = logging.StreamHandler(stream or sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.addFilter(_ProcessNameFilter())
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(level)
+    after_setup_logger.send(sender=None, logger=logging.getLogger(), **options)
+    after_setup_task_logger.send(sender=None, logger=task_logger, **options)
+
+
+class Signal:
+    """Celery's signals: `@task_failure.connect` (or `.connect(fun, sender=...)`), and
+    each `send(sender, **arguments)` calls the receivers connected for that sender or for
+    any, with signal= and sender=. A receiver's error is logged, never raised into the
+    code that sent. Receivers are held weakly unless weak=False: one whose object is
+    gone (a bound method's instance, say) is dropped; `dispatch_uid` names one for good."""
+
+    def __init__(self, name):
+        self.name, self.receivers, self.lock = name, [], threading.Lock()
+
+    def connect(self, receiver=None, sender=None, weak=True, dispatch_uid=None):
+        if receiver is None:  # (as a decorator with options: @signal.connect(sender=...))
+            return lambda fun: self.connect(fun, sender, weak, dispatch_uid)
+        key = (dispatch_uid or _receiver_id(receiver), _receiver_id(sender))
+        reference = (weakref.WeakMethod if hasattr(receiver, "__func__") else weakref.ref)(receiver) if weak \
+            else (lambda: receiver)
+        with self.lock:
+            if all(known != key for known, _ in self.receivers):
+                self.receivers.append((key, reference))
+        return receiver
+
+    def disconnect(self, receiver=None, sender=None, dispatch_uid=None) -> bool:
+        key = (dispatch_uid or _receiver_id(receiver), _receiver_id(sender))
+        with self.lock:
+            kept = [(known, reference) for known, reference in self.receivers if known != key]
+            found, self.receivers = len(kept) < len(self.receivers), kept
+        return found
+
+    def has_listeners(self, sender=None) -> bool:
+        return bool(self._live(sender))
+
+    def send(self, sender, **arguments) -> list:
+        """[(receiver, what it returned or raised), ...]"""
+        responses = []
+        for receiver in self._live(sender):
+            try:
+                responses.append((receiver, receiver(signal=self, sender=sender, **arguments)))
+            except Exception as exc:
+                logger.exception("Signal handler %r raised: %r", receiver, exc)
+                responses.append((receiver, exc))
+        return responses
+
+    send_robust = send
+
+    def _live(self, sender) -> list:
+        with self.lock:
+            self.receivers = [(key, reference) for key, reference in self.receivers if reference() is not None]
+            wanted = (_receiver_id(None), _receiver_id(sender))
+            return [receiver for (_, for_sender), reference in self.receivers
+                    if for_sender in wanted and (receiver := reference()) is not None]
+
+    def __repr__(self):
+        return f"<Signal: {self.name}>"
+
+
+def _receiver_id(target):
+    """How a receiver or sender is told apart: a name by itself, a bound method by its
+    instance and function (two instances' methods are two receivers), else by identity."""
+    if isinstance(target, (str, bytes)):
+        return target
+    if hasattr(target, "__func__"):
+        return id(getattr(target, "__self__", None)), id(target.__func__)
+    return id(target)
+
+
+# Celery's signals (celery.signals), each sent where, and in the process where, Celery's is.
+# Celery: signals: those not here (task_unknown, task_rejected, worker_shutting_down, ...)
+# fail to import, rather than never being sent.
+(before_task_publish, after_task_publish, task_received, task_prerun, task_postrun, task_success,
+ task_retry, task_failure, task_revoked) = (
+    Signal(name) for name in ("before_task_publish", "after_task_publish", "task_received", "task_prerun",
+                              "task_postrun", "task_success", "task_retry", "task_failure", "task_revoked"))
+(celeryd_init, celeryd_after_setup, worker_init, worker_before_create_process, worker_process_init,
+ worker_process_shutdown, worker_ready, worker_shutdown, beat_init, beat_embedded_init, setup_logging,
+ after_setup_logger, after_setup_task_logger) = (
+    Signal(name) for name in ("celeryd_init", "celeryd_after_setup", "worker_init", "worker_before_create_process",
+                              "worker_process_init", "worker_process_shutdown", "worker_ready",
+                              "worker_shutdown", "beat_init", "beat_embedded_init", "setup_logging",
+                              "after_setup_logger", "after_setup_task_logger"))
 
 
 def get_task_logger(name):
@@ -3679,6 +3767,7 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None, verdic
     task.push_request(request)
     started, pid = time.perf_counter(), os.getpid()
     try:
+        task_prerun.send(sender=task, task_id=message.id, task=task, args=message.args, kwargs=message.kwargs)
         outcome = _call_task(task, request, message, None if eager else time_limits(task, message)[1])
         if pid != os.getpid() and not eager:
             os._exit(0)  # the task forked, and its child returned: it must not go on as a worker
@@ -3689,6 +3778,8 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None, verdic
     _outcome_event(app, message, hostname, outcome)
     _call_hook(task.after_return, outcome.state, outcome.retval, message.id,
                message.args, message.kwargs, outcome.traceback)
+    task_postrun.send(sender=task, task_id=message.id, task=task, args=message.args, kwargs=message.kwargs,
+                      retval=outcome.retval, state=outcome.state)
     return outcome
 
 
@@ -3827,6 +3918,7 @@ def _store_outcome(task, request, outcome, store):
             task_logger.info("Task %s succeeded in %ss: %s", name, outcome.runtime,
                              _short_repr(outcome.retval))
             _call_hook(task.on_success, outcome.retval, request.id, args, kwargs)
+            task_success.send(sender=task, result=outcome.retval)
             if not request.is_eager:
                 _after_success(task.app, request, outcome.retval)
             return
@@ -3837,12 +3929,17 @@ def _store_outcome(task, request, outcome, store):
         store(request.id, retry.exc if retry.exc is not None else retry, RETRY,
               traceback=outcome.traceback, request=request)
         request.children = []
-        _call_hook(task.on_retry, retry.exc or retry, request.id, args, kwargs, outcome.traceback)
+        einfo = ExceptionInfo(retry, outcome.traceback)
+        _call_hook(task.on_retry, retry.exc or retry, request.id, args, kwargs, einfo)
+        task_retry.send(sender=task, request=request, reason=retry, einfo=einfo)
     elif outcome.state == FAILURE:
         exc = outcome.retval
         task_logger.error("Task %s raised unexpected: %s\n%s", name, _short_repr(exc), outcome.traceback.rstrip())
         store(request.id, exc, FAILURE, traceback=outcome.traceback, request=request)
-        _call_hook(task.on_failure, exc, request.id, args, kwargs, outcome.traceback)
+        einfo = ExceptionInfo(exc, outcome.traceback)
+        _call_hook(task.on_failure, exc, request.id, args, kwargs, einfo)
+        task_failure.send(sender=task, task_id=request.id, exception=exc, args=args, kwargs=kwargs,
+                          traceback=exc.__traceback__, einfo=einfo)
         if not request.is_eager:
             _after_failure(task.app, request, exc, outcome.traceback)
     elif outcome.state == REJECTED:
@@ -3851,6 +3948,17 @@ def _store_outcome(task, request, outcome, store):
             store(request.id, outcome.retval, FAILURE, request=request)
             if not request.is_eager:
                 _after_failure(task.app, request, outcome.retval, None)
+
+
+class ExceptionInfo(str):
+    """Celery's `einfo`: the traceback text (a str, as before), with the exception, its
+    type and traceback object as attributes."""
+
+    def __new__(cls, exception, text):
+        einfo = super().__new__(cls, text or "")
+        einfo.exception, einfo.type, einfo.tb, einfo.traceback = exception, type(exception), \
+            exception.__traceback__, text or ""
+        return einfo
 
 
 def _call_hook(hook, *args):
@@ -4596,23 +4704,6 @@ def current_app():
     return _current_app
 
 
-class Signal:
-    """`app.on_after_configure` and `app.on_after_finalize`: receivers run once, with sender=app."""
-
-    def __init__(self):
-        self.receivers = []
-
-    def connect(self, receiver=None, **options):
-        if receiver is None:  # @signal.connect(weak=False)
-            return self.connect
-        self.receivers.append(receiver)
-        return receiver
-
-    def send(self, sender, **kwargs):
-        for receiver in self.receivers:
-            receiver(sender=sender, **kwargs)
-
-
 class Celery:
     """The application: settings, tasks, broker and backend.
 
@@ -4635,7 +4726,7 @@ class Celery:
         self._broker = self._backend = None
         #: entries from add_periodic_task(), beside conf.beat_schedule
         self.periodic_tasks = {}
-        self.on_after_configure, self.on_after_finalize = Signal(), Signal()
+        self.on_after_configure, self.on_after_finalize = Signal("on_after_configure"), Signal("on_after_finalize")
         self._finalized, self._autodiscover = False, []
         for fun, options in _shared_tasks:
             self._task_from_fun(fun, **options)
@@ -4854,6 +4945,9 @@ class Celery:
             ignore_result=bool(self.conf.task_ignore_result if ignore_result is None else ignore_result))
         embed = {"callbacks": _signature_list(link), "errbacks": _signature_list(link_error),
                  "chain": [dict(s) for s in chain] if chain else None, "chord": chord}
+        published = {"body": (args, kwargs, embed), "exchange": "", "routing_key": queue,
+                     "headers": message_headers}  # (a receiver may add headers)
+        before_task_publish.send(sender=name, properties={}, declare=[], retry_policy=None, **published)
         body, content_type, compression_header = dumps(
             [args, kwargs, embed],
             serializer or self.conf.task_serializer, compression or self.conf.task_compression)
@@ -4864,6 +4958,7 @@ class Celery:
             expires_in=(expires_at - now).total_seconds() if expires_at else None,
             more_properties={name: options[name] for name in self.PROPERTY_OPTIONS if name in options})
         self._publish(queue, envelope, clamp_priority(priority or 0), f"{name}[{task_id}]", tag)
+        after_task_publish.send(sender=name, **published)
         if self.conf.task_send_sent_event:
             self.broker.send_event(make_event(
                 "task-sent", message_headers["origin"], uuid=task_id, name=name, args=message_headers["argsrepr"],
@@ -5144,6 +5239,13 @@ class Unrunnable(Exception):
         super().__init__(reason)
         self.reason, self.exc, self.message = reason, exc, message
         self.task_id = message.id if message is not None else getattr(exc, "task_id", None)
+
+
+def _expired(message) -> bool:
+    try:
+        return message.expires is not None and message.expires <= utcnow()
+    except (ValueError, TypeError, AttributeError):
+        return False  # (a bad header: its pool process says so)
 
 
 def runnable_message(app, raw, queue="", tag="") -> Message:
@@ -5528,6 +5630,7 @@ class PreforkPool(Pool):
 
         _close_django_connections(forking=True)
         self.deadlines.renew(index - 1)
+        worker_before_create_process.send(sender=self)
         pid = fork_child(run_child)
         self.deadlines.pids[index - 1] = pid
         theirs.close()
@@ -5702,6 +5805,7 @@ def pool_process(app, sock, index, hostname, max_tasks=None, deadlines=None):
     _process_name = f"ForkPoolWorker-{index}"
     _local.in_worker = True
     app.after_fork()
+    worker_process_init.send(sender=None)
     link = _Link(sock)
     jobs, done = _GiveBack(link, PreforkPool.TAKE_BACK_AFTER), 0
     while (not max_tasks or done < max_tasks) and (job := jobs.next()) is not None:
@@ -5709,6 +5813,7 @@ def pool_process(app, sock, index, hostname, max_tasks=None, deadlines=None):
             report = run_job(app, job, hostname)
         link.put(report)
         done += 1
+    worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
 
 
 def _kill(pid, sig=signal.SIGKILL):
@@ -6242,6 +6347,7 @@ class Consumer:
 
     def _received(self, message):
         worker_logger.info("Task %s received", message.describe())
+        task_received.send(sender=self, request=Request.from_message(message, hostname=self.hostname))
         if self.events:
             headers = message.headers
             self.send_event("task-received", uuid=message.id, name=message.task_name,
@@ -6257,13 +6363,24 @@ class Consumer:
         with it: its process acks the message just before the task starts (run_job())."""
         for held in starting:
             held.lent = time.time()
-            if held.verdict is None and held.message is not None and held.message.id in self.book.revoked:
+            message = held.message
+            if held.verdict is None and message is not None and message.id in self.book.revoked:
                 held.verdict = TaskRevokedError("revoked")
+            elif held.verdict is None and message is not None and _expired(message):
+                held.verdict = TaskRevokedError("expired")
+            if isinstance(held.verdict, TaskRevokedError) and message is not None:
+                self._tell_revoked(message, expired=str(held.verdict) == "expired")
             worker_logger.debug("TaskPool: Apply %s (ack %s%s)", held.message.describe() if held.message else held.tag,
                                 "late" if held.late else "as it starts",
                                 f"; not run: {held.verdict!r}" if held.verdict is not None else "")
         self.pool.apply([Job(held.tag, held.delivery.raw, held.delivery.queue, () if held.late else held.claim,
                              held.verdict, self._limits(held), self.events) for held in starting])
+
+    def _tell_revoked(self, message, terminated=False, signum=None, expired=False):
+        """The task_revoked signal, from this process, as Celery's worker sends it."""
+        if message.task_name in self.app.tasks:
+            task_revoked.send(sender=self.app.tasks[message.task_name], terminated=terminated, signum=signum,
+                              expired=expired, request=Request.from_message(message, hostname=self.hostname))
 
     def _limits(self, held) -> tuple:
         """(hard, soft) time limits in effect now (`control time_limit` changes them here)."""
@@ -6405,6 +6522,7 @@ class Consumer:
         for held in self.book.held.values():
             if terminate and held.lent and held.message is not None and held.message.id in task_ids:
                 worker_logger.info("Terminating %s (%s)", printable(held.message.id), signum)
+                self._tell_revoked(held.message, terminated=True, signum=signum)
                 if not self.pool.terminate(held.tag, signum):
                     worker_logger.warning("the %s pool can't terminate %s", self.pool.name, held.describe())
 
@@ -6717,11 +6835,14 @@ class Worker:
         self.ready = threading.Event()  # set once the worker consumes
 
     def start(self):
+        celeryd_init.send(sender=self.hostname, instance=self, conf=self.app.conf, options={})
         self.app.finalize()
         _check_privileges(self.app)
         pool = POOLS[self.pool_name](self.app, self.concurrency, self.hostname, self.max_tasks_per_child)
         self.consumer = Consumer(self.app, pool, self.queues, self.hostname, self.prefetch_multiplier * pool.concurrency)
+        worker_init.send(sender=self)
         print(self.banner(pool), file=sys.stderr, flush=True)
+        celeryd_after_setup.send(sender=self.hostname, instance=self, conf=self.app.conf)
         beat_pid = self._start_beat() if self.embed_beat else None
         self.consumer.start_pool()
         self._install_signal_handlers()
@@ -6729,6 +6850,7 @@ class Worker:
             worker_logger.info("Connected to %s", _safe_url(self.app.broker_url))
             self._warn_what_loses_tasks()
             worker_logger.info("%s ready.", self.hostname)
+            worker_ready.send(sender=self.consumer)
             self.ready.set()
         try:
             self.consumer.run()
@@ -6736,6 +6858,7 @@ class Worker:
             if beat_pid:
                 _kill(beat_pid, signal.SIGTERM)
                 _reap(beat_pid)
+            worker_shutdown.send(sender=self)
             self.app.close()
         if self.restarting:
             self._restart()
@@ -6785,7 +6908,9 @@ class Worker:
             global _process_name
             _process_name = "Beat"
             self.app.after_fork()
-            Beat(self.app).run()
+            beat = Beat(self.app)
+            beat_embedded_init.send(sender=beat)
+            beat.run()
         return fork_child(run_beat)
 
     def stop(self, cold=False):
@@ -7292,6 +7417,7 @@ class Beat:
     def run(self):
         """Tick until stop() (SIGTERM/SIGINT in the main thread)."""
         self.setup()
+        beat_init.send(sender=self)
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self.stop())
@@ -7982,10 +8108,11 @@ def main(argv=None):
     if args.command == "multi":
         return multi(args.action, args.names, spec, args.pidfile, args.logfile, extra)
     logfile = getattr(args, "logfile", None)
-    setup_logging(getattr(args, "loglevel", "INFO"), open(logfile, "a", buffering=1) if logfile else None)
     app = None
     try:
-        app = find_app(spec)
+        app = find_app(spec)  # (first: its receivers of setup_logging may configure logging themselves)
+        configure_logging(getattr(args, "loglevel", "INFO"), open(logfile, "a", buffering=1) if logfile else None,
+                          logfile)
         queues = args.queues.split(",") if getattr(args, "queues", None) else None
         if args.command == "worker":
             if args.task_events:
@@ -8037,7 +8164,7 @@ def main(argv=None):
 
 # Celery's import paths, so code written for Celery imports unchanged: `from
 # minicelery.schedules import crontab` finds this same module (it stays one file).
-CELERY_MODULE_PATHS = ("app", "app.task", "beat", "canvas", "exceptions", "result", "schedules", "states",
+CELERY_MODULE_PATHS = ("app", "app.task", "beat", "canvas", "exceptions", "result", "schedules", "signals", "states",
                        "utils", "utils.log")
 
 

@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import errno
 import functools
+import gc
 import json
 import logging
 import os
@@ -274,7 +275,7 @@ def worker(app, tmp_path, wait_ready=True, **options):
             # pytest swaps sys.stdout/err for its own capture objects; use the file.
             sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
             app.after_fork()
-            minicelery.setup_logging("INFO")
+            minicelery.configure_logging("INFO")
             minicelery.Worker(app, **options).start()
             code = 0
         except BaseException:
@@ -3148,7 +3149,7 @@ def beat_process(app, tmp_path, name="beat", **options):
             os.dup2(fd, 2)
             sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
             app.after_fork()
-            minicelery.setup_logging("INFO")
+            minicelery.configure_logging("INFO")
             Beat(app, **options).run()
             code = 0
         finally:
@@ -6643,6 +6644,158 @@ def test_django_example_real_celery_worker_processes_minicelerys_order(redis_ser
     with contextlib.closing(sqlite3.connect(tmp_path / "shared.sqlite3")) as db:
         assert db.execute("SELECT status FROM orders_order WHERE id = ?", (pk,)).fetchone() == ("processed",)
     assert f"Task orders.tasks.process_order[{task_id}] received" in worker.log()
+
+
+# --- Celery's signals: who sends them, with what, and in which process --------------
+
+SIGNALS_PROJECT = """
+    import gc, json, logging, os
+    from minicelery import Celery
+    from minicelery import signals
+
+    app = Celery("sigproj", broker="{broker}", backend="{backend}")
+    app.conf.beat_schedule = {{"tick": {{"task": "sigproj.add", "schedule": 3600, "args": (0, 0)}}}}
+
+    def record(name, sender, **info):
+        sender = sender if isinstance(sender, (str, type(None))) else getattr(sender, "name", type(sender).__name__)
+        with open(os.environ["SIGNALS_OUT"], "a") as out:
+            out.write(json.dumps(dict(signal=name, sender=sender, pid=os.getpid(), **info)) + "\\n")
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    @app.task
+    def boom():
+        raise ValueError("boom")
+
+    @app.task(bind=True)
+    def again(self):
+        if not self.request.retries:
+            raise self.retry(countdown=0)
+        return "retried"
+
+    def each(name, *fields):
+        def receiver(sender=None, signal=None, **arguments):
+            assert signal is getattr(signals, name)
+            record(name, sender, **{{f: repr(arguments[f]) for f in fields}})
+        getattr(signals, name).connect(receiver, weak=False)
+
+    for name, fields in {{"before_task_publish": ("body", "headers", "routing_key"),
+                         "after_task_publish": ("body", "routing_key"), "task_received": ("request",),
+                         "task_prerun": ("task_id", "args"), "task_postrun": ("retval", "state"),
+                         "task_success": ("result",), "task_failure": ("exception", "einfo"),
+                         "task_retry": ("reason",), "task_revoked": ("terminated", "expired"),
+                         "celeryd_init": ("conf",), "celeryd_after_setup": (), "worker_init": (),
+                         "worker_before_create_process": (), "worker_process_init": (),
+                         "worker_process_shutdown": ("exitcode",), "worker_ready": (), "worker_shutdown": (),
+                         "beat_init": (), "beat_embedded_init": (), "after_setup_logger": ("loglevel",),
+                         "after_setup_task_logger": ("loglevel",)}}.items():
+        each(name, *fields)
+
+    @signals.setup_logging.connect
+    def own_logging(loglevel=None, **_):  # (then minicelery leaves logging to it, as Celery does)
+        logging.basicConfig(level=loglevel, format="OWN %(levelname)s %(message)s")
+        record("setup_logging", None, loglevel=loglevel)
+
+    @signals.task_success.connect(sender=boom)
+    def never(**_):  # (connected for another sender)
+        record("wrong_sender", None)
+    """
+
+
+def test_celerys_signals_are_sent_where_celery_sends_them(tmp_path, redis_server):
+    """Each of Celery's signals that real projects connect to (database pools, tracing,
+    error reports), with Celery's sender and arguments, in the process Celery sends it
+    in: the client, the worker's main process, a pool process, beat."""
+    out = tmp_path / "signals.jsonl"
+    url = f"unix://{redis_server}"
+    write_tree(tmp_path, {"sigproj.py": SIGNALS_PROJECT.format(broker=url, backend=url + "?db=1")})
+    env = project_env(tmp_path, SIGNALS_OUT=str(out))
+    with cli_worker(tmp_path, env, "-A", "sigproj", "worker", "-c", "1", "-B") as w:
+        sent = run_python(tmp_path, env, """
+            import os, time, datetime as dt
+            from sigproj import add, boom, again
+            print(os.getpid())
+            assert add.delay(2, 3).get(timeout=20) == 5
+            try:
+                boom.delay().get(timeout=20)
+            except ValueError:
+                pass
+            assert again.delay().get(timeout=20) == "retried"
+            expired = add.apply_async((1, 1), expires=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1))
+            try:
+                expired.get(timeout=20)
+            except Exception as exc:
+                print(type(exc).__name__)
+            """)
+        assert sent.returncode == 0 and "TaskRevokedError" in sent.stdout, sent.stderr
+        wait_until(lambda: '"beat_init"' in out.read_text(), what="beat's signal")
+    client = int(sent.stdout.split()[0])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    where = {}
+    for line in lines:
+        where.setdefault(line["signal"], set()).add(line["pid"])
+    main, = where["worker_ready"]
+    children = where["worker_process_init"]
+    beat, = where["beat_init"]
+    assert len({client, main, beat, *children}) == 3 + len(children)
+    for name in ("before_task_publish", "after_task_publish"):
+        assert client in where[name]  # (and the worker, sending the retry)
+    for name in ("celeryd_init", "celeryd_after_setup", "worker_init", "worker_before_create_process",
+                 "worker_ready", "task_received", "task_revoked", "worker_shutdown", "setup_logging",
+                 "after_setup_logger", "after_setup_task_logger"):
+        assert where[name] == {main}, name
+    for name in ("worker_process_init", "task_prerun", "task_postrun", "task_success", "task_failure",
+                 "task_retry", "worker_process_shutdown"):
+        assert where[name] <= children, name
+    assert where["beat_embedded_init"] == {beat}
+    assert "wrong_sender" not in where
+    by_signal = {}
+    for line in lines:
+        by_signal.setdefault(line["signal"], line)  # (the first of each)
+    published = next(line for line in lines if line["signal"] == "before_task_publish" and line["pid"] == client)
+    assert published["sender"] == "sigproj.add" and "'routing_key'" not in published["headers"]
+    assert published["routing_key"] == "'celery'" and published["body"].startswith("([2, 3], {}")
+    assert by_signal["task_success"]["sender"] == "sigproj.add" and by_signal["task_success"]["result"] == "5"
+    assert by_signal["task_failure"]["exception"] == "ValueError('boom')"
+    assert "Traceback" in by_signal["task_failure"]["einfo"]
+    assert by_signal["task_revoked"]["expired"] == "True" and by_signal["task_revoked"]["terminated"] == "False"
+    assert by_signal["setup_logging"]["loglevel"] == "INFO" and "OWN INFO" in w.log()
+    assert by_signal["worker_process_shutdown"]["exitcode"] == "0"
+
+
+def test_a_signal_holds_bound_methods_of_several_instances_weakly():
+    """As Celery's Signal: two instances' bound methods are two receivers; each can be
+    disconnected; one whose instance is gone is dropped; dispatch_uid names one."""
+    signal = minicelery.Signal("test")
+    heard = []
+
+    class Listener:
+        def __init__(self, name):
+            self.name = name
+
+        def hear(self, sender, **arguments):
+            heard.append((self.name, sender, arguments["value"]))
+
+    first, second = Listener("first"), Listener("second")
+    signal.connect(first.hear)
+    signal.connect(second.hear)
+    signal.connect(first.hear)  # (once only)
+    signal.send(sender="x", value=1)
+    assert heard == [("first", "x", 1), ("second", "x", 1)]
+    assert signal.disconnect(first.hear) and not signal.disconnect(first.hear)
+    del second
+    gc.collect()
+    heard.clear()
+    assert signal.send(sender="x", value=2) == [] and heard == [] and not signal.has_listeners()
+
+    @signal.connect(sender="only-this", dispatch_uid="named")
+    def named(sender, **arguments):
+        raise RuntimeError("a receiver's error is logged, not raised")
+    [(receiver, error)] = signal.send(sender="only-this", value=3)
+    assert receiver is named and isinstance(error, RuntimeError) and signal.send(sender="other", value=3) == []
+    assert signal.disconnect(sender="only-this", dispatch_uid="named") and not signal.has_listeners("only-this")
 
 
 # --- Operations: remote control over Celery's pidbox --------------------------------
