@@ -6837,12 +6837,12 @@ class Worker:
     def start(self):
         celeryd_init.send(sender=self.hostname, instance=self, conf=self.app.conf, options={})
         self.app.finalize()
-        _check_privileges(self.app)
         pool = POOLS[self.pool_name](self.app, self.concurrency, self.hostname, self.max_tasks_per_child)
         self.consumer = Consumer(self.app, pool, self.queues, self.hostname, self.prefetch_multiplier * pool.concurrency)
         worker_init.send(sender=self)
         print(self.banner(pool), file=sys.stderr, flush=True)
         celeryd_after_setup.send(sender=self.hostname, instance=self, conf=self.app.conf)
+        _check_privileges(self.app)
         beat_pid = self._start_beat() if self.embed_beat else None
         self.consumer.start_pool()
         self._install_signal_handlers()
