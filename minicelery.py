@@ -77,6 +77,7 @@ import textwrap
 import threading
 import time
 import traceback
+import types
 import typing
 import uuid as _uuid
 import weakref
@@ -6557,6 +6558,29 @@ def _ok(text):
     return {"ok": text}
 
 
+#: a project's own remote-control commands: name -> (function(state, **arguments), "control" |
+#: "inspect", Celery's args: [(name, type), ...] for the command line)
+CUSTOM_COMMANDS = {}
+
+
+def control_command(name=None, args=None, **celery_options):
+    """Celery's `@control_command(args=[('n', int)])`: `def command(state, n=1)` runs in each
+    worker's main process (state.consumer, state.app, state.hostname); its return is the reply."""
+    return _register_command("control", name, args)
+
+
+def inspect_command(name=None, args=None, **celery_options):
+    """Celery's `@inspect_command()`: as control_command, for commands that only look."""
+    return _register_command("inspect", name, args)
+
+
+def _register_command(kind, name, args):
+    def register(function):
+        CUSTOM_COMMANDS[name or function.__name__] = (function, kind, list(args or ()))
+        return function
+    return register
+
+
 def _within_reply_limit(answer):
     """The answer, or an error if it is more than a client reads (its base64 is 4/3 of it)."""
     size = len(json_dumps(answer))
@@ -6603,6 +6627,9 @@ class RemoteControl:
     def handle(self, command):
         self.clock += 1
         handler = getattr(self, f"do_{command.method}", None)
+        if handler is None and command.method in CUSTOM_COMMANDS:  # the project's own (Celery's Panel)
+            state = types.SimpleNamespace(consumer=self.consumer, app=self.app, hostname=self.consumer.hostname)
+            handler = functools.partial(CUSTOM_COMMANDS[command.method][0], state)
         if handler is None:
             return {"error": f"unknown command {command.method!r}"}
         try:
@@ -6610,6 +6637,9 @@ class RemoteControl:
         except (TypeError, ValueError, ImproperlyConfigured) as exc:  # arguments that don't fit
             worker_logger.error("Control command error: %s: %s", command.method, exc)
             return {"error": f"{command.method}: {exc}"}
+        except Exception as exc:  # (a project's command that failed: the worker goes on)
+            worker_logger.exception("Control command %s raised", command.method)
+            return {"error": f"{command.method}: {type(exc).__name__}: {_cut(str(exc), 200)}"}
 
     #: a held message's body is read for `inspect` up to this size; a bigger one is shown
     #: by the sender's argsrepr and kwargsrepr (the main process reads no big bodies)
@@ -7751,10 +7781,10 @@ def _parser():
     asking.add_argument("-j", "--json", action="store_true", help="print the answers as JSON")
     commands.add_parser("status", help="list the workers that answer", parents=[asking])
     inspect = commands.add_parser("inspect", help="ask the workers", parents=[asking])
-    inspect.add_argument("what", choices=sorted(n for n in vars(Inspect) if not n.startswith("_")))
-    inspect.add_argument("ids", nargs="*", help="task ids, for query_task")
+    inspect.add_argument("what", help=f"one of {', '.join(_INSPECT_COMMANDS)}, or the project's own")
+    inspect.add_argument("ids", nargs="*", help="task ids, for query_task (or a command's own arguments)")
     control = commands.add_parser("control", help="steer the workers", parents=[asking])
-    control.add_argument("what", choices=sorted(CONTROL_ARGUMENTS))
+    control.add_argument("what", help=f"one of {', '.join(sorted(CONTROL_ARGUMENTS))}, or the project's own")
     control.add_argument("arguments", nargs="*", help="; ".join(f"{k} {' '.join(v)}" for k, v in
                                                                  CONTROL_ARGUMENTS.items() if v))
     dead = commands.add_parser("dead", help="list the dead letters, send them again after a fix, or drop them",
@@ -7786,6 +7816,7 @@ def _parser():
 CONTROL_ARGUMENTS = {"rate_limit": ("task_name", "rate_limit"), "time_limit": ("task_name", "soft", "hard"),
                      "add_consumer": ("queue",), "cancel_consumer": ("queue",), "revoke": ("task_id",),
                      "enable_events": (), "disable_events": (), "shutdown": ()}
+_INSPECT_COMMANDS = sorted(n for n in vars(Inspect) if not n.startswith("_"))
 #: Celery's exit code when no worker answered in time
 EX_UNAVAILABLE = 69
 
@@ -7811,8 +7842,16 @@ def _cli_ask_workers(app, args):
         if answers and not args.json:
             print(f"\n{len(answers)} node{'s' if len(answers) != 1 else ''} online.")
         return code
-    if args.command == "inspect":
+    custom = CUSTOM_COMMANDS.get(args.what)
+    if custom and custom[1] == args.command:  # (a project's own: its args say how to read the words)
+        words = args.ids if args.command == "inspect" else args.arguments
+        arguments = {name: kind(word) for (name, kind), word in zip(custom[2], words)}
+    elif args.command == "inspect" and args.what in _INSPECT_COMMANDS:
         arguments = {"ids": args.ids} if args.what == "query_task" else {}
+    elif args.command == "inspect" or args.what not in CONTROL_ARGUMENTS:
+        known = _INSPECT_COMMANDS if args.command == "inspect" else sorted(CONTROL_ARGUMENTS)
+        mine = sorted(n for n, (_, kind, _) in CUSTOM_COMMANDS.items() if kind == args.command)
+        raise ImproperlyConfigured(f"{args.command}: no command {args.what!r}; use one of {', '.join(known + mine)}")
     else:
         names = CONTROL_ARGUMENTS[args.what]
         values = [args.arguments] if args.what == "revoke" else [_cli_number(v) for v in args.arguments]
@@ -8165,7 +8204,7 @@ def main(argv=None):
 # Celery's import paths, so code written for Celery imports unchanged: `from
 # minicelery.schedules import crontab` finds this same module (it stays one file).
 CELERY_MODULE_PATHS = ("app", "app.task", "beat", "canvas", "exceptions", "result", "schedules", "signals", "states",
-                       "utils", "utils.log")
+                       "utils", "utils.log", "worker", "worker.control")
 
 
 def __getattr__(name):

@@ -6646,6 +6646,48 @@ def test_django_example_real_celery_worker_processes_minicelerys_order(redis_ser
     assert f"Task orders.tasks.process_order[{task_id}] received" in worker.log()
 
 
+def test_a_projects_own_remote_control_commands(tmp_path, redis_server):
+    """Celery's docs show per-worker state behind custom commands (celery.worker.control's
+    control_command and inspect_command): sent by the CLI and by app.control, answered by
+    each worker's main process; one that raises is an error reply, not a dead worker."""
+    url = f"unix://{redis_server}"
+    write_tree(tmp_path, {"cmdproj.py": f"""
+        from minicelery import Celery
+        from minicelery.worker.control import control_command, inspect_command
+        app = Celery("cmdproj", broker="{url}", backend="{url}?db=1")
+        bumped = []
+
+        @control_command(args=[("n", int)], signature="[N=1]")
+        def bump(state, n=1):
+            bumped.append(n)
+            return {{"ok": f"bumped by {{n}} to {{sum(bumped)}}"}}
+
+        @inspect_command()
+        def concurrency(state):
+            return {{"concurrency": state.consumer.pool.concurrency, "node": state.hostname}}
+
+        @inspect_command()
+        def broken(state):
+            raise RuntimeError("not today")
+        """})
+    env = project_env(tmp_path)
+    with cli_worker(tmp_path, env, "-A", "cmdproj", "worker", "-c", "2", "-n", "cmd@%h") as w:
+        node = minicelery._expand_hostname("cmd@%h")
+        first = run_cli(tmp_path, env, "-A", "cmdproj", "control", "bump", "3", "-t", "5")
+        second = run_cli(tmp_path, env, "-A", "cmdproj", "control", "bump", "4", "-t", "5")
+        assert "bumped by 3 to 3" in first.stdout and "bumped by 4 to 7" in second.stdout, (first, second)
+        looked = run_cli(tmp_path, env, "-A", "cmdproj", "inspect", "concurrency", "-j", "-t", "5")
+        assert json.loads(looked.stdout) == {node: {"concurrency": 2, "node": node}}, looked
+        unknown = run_cli(tmp_path, env, "-A", "cmdproj", "inspect", "nothing_such", "-t", "5")
+        assert unknown.returncode == 1 and "no command 'nothing_such'" in unknown.stderr and "concurrency" in \
+            unknown.stderr
+        client = Celery("cmdproj", broker=url, set_as_current=False)
+        [answer] = client.control.broadcast("broken", reply=True, timeout=5)
+        assert answer == {node: {"error": "broken: RuntimeError: not today"}}
+        assert client.control.ping(timeout=5) == [{node: {"ok": "pong"}}]
+    assert "Control command broken raised" in w.log()
+
+
 # --- Celery's signals: who sends them, with what, and in which process --------------
 
 SIGNALS_PROJECT = """
