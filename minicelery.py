@@ -7805,6 +7805,11 @@ def _parser():
     multi.add_argument("--logfile", default="%n%I.log", help="%%n, %%h, %%I as Celery's (default %%n%%I.log)")
     commands.add_parser("doctor", help="check for what would lose or repeat tasks without an error",
                         parents=[app_option])
+    for tool in ("celery", "flower"):  # (what follows goes to that tool as it is)
+        commands.add_parser(tool, parents=[app_option], add_help=False,
+                            help=f"run the real {tool.title()}'s command line on this project's broker "
+                                 f"(`{tool} status`, `{tool} inspect active`, ...)" if tool == "celery" else
+                            "run Flower, installed apart, on this project's broker (Redis)")
     result = commands.add_parser("result", help="show a task's result", parents=[app_option])
     result.add_argument("id")
     result.add_argument("--traceback", action="store_true", help="its traceback instead")
@@ -7864,6 +7869,23 @@ def _cli_ask_workers(app, args):
     else:
         answers = app.control.broadcast(args.what, arguments, destination, reply, args.timeout)
     return _print_answers(answers, args.json) if reply else 0
+
+
+def _run_celerys_tool(app, command, arguments):
+    """Celery's own command line (or Flower's) on this project's broker and backend: the
+    real Celery can't load a minicelery app, but it works with any app on the same Redis."""
+    urls = [_celery_url(url) for url in (app.broker_url, app.backend_url or "")]
+    if not urls[0].startswith(("redis", "rediss")):
+        raise ImproperlyConfigured(f"Celery's tools and Flower need a Redis broker, not {_safe_url(app.broker_url)}")
+    backend = ["--result-backend", urls[1]] if urls[1].startswith("redis") else []
+    os.execv(sys.executable, [sys.executable, "-m", "celery", "-b", urls[0], *backend, *command, *arguments])
+
+
+def _celery_url(url):
+    """A URL as Celery writes it: its Redis transport reads a socket as redis+socket://path?virtual_host=N."""
+    if url.startswith("unix://"):
+        return "redis+socket://" + url[len("unix://"):].replace("db=", "virtual_host=")
+    return url
 
 
 def _cli_result(result, args):
@@ -8135,7 +8157,7 @@ def _cli_number(text):
 def main(argv=None):
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "multi":  # (multi hands them to its workers)
+    if extra and args.command not in ("multi", "celery", "flower"):  # (they hand them on)
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     spec = getattr(args, "app_positional", None) or args.app
     stopping = args.command == "multi" and args.action in ("stop", "stopwait", "kill")  # (from the pidfiles)
@@ -8185,6 +8207,8 @@ def main(argv=None):
             return _cli_events(app, args, queues)
         elif args.command == "doctor":
             return _cli_doctor(app)
+        elif args.command in ("celery", "flower"):
+            return _run_celerys_tool(app, [] if args.command == "celery" else ["flower"], extra)
         elif args.command == "result":
             return _cli_result(app.AsyncResult(args.id), args)
     except ImproperlyConfigured as exc:

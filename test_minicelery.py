@@ -6995,6 +6995,46 @@ def test_interop_celerys_inspect_and_status_list_a_minicelery_worker(app, tmp_pa
             log.close()
 
 
+def test_celerys_command_line_and_flower_on_a_minicelery_project(app, tmp_path):
+    """`celery -A <a minicelery project>` can't load our app ('Celery' object has no
+    attribute 'user_options'): `python -m minicelery -A proj celery ...` and `... flower`
+    run them on the project's broker. Flower's worker page answered HTTP 500 (active_queues
+    lacked queue_arguments)."""
+    pytest.importorskip("flower")
+    env = dict(os.environ, PYTHONPATH=HERE, MINICELERY_BROKER_URL=app.conf.broker_url,
+               MINICELERY_RESULT_BACKEND=app.conf.result_backend)
+    with worker(app, tmp_path, hostname="flowered@%h"):
+        node = minicelery._expand_hostname("flowered@%h")
+        status = run_cli(tmp_path, env, "-A", "test_minicelery", "celery", "status", "--timeout", "5", timeout=60)
+        assert status.returncode == 0 and node in status.stdout and "1 node online" in status.stdout, status
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        log = open(tmp_path / "flower.log", "w")
+        flower = subprocess.Popen([sys.executable, "-m", "minicelery", "-A", "test_minicelery", "flower",
+                                   f"--port={port}", "--address=127.0.0.1"], cwd=tmp_path, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+        try:
+            import urllib.request
+
+            def worker_page():
+                with contextlib.suppress(OSError):
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/worker/{node}", timeout=5) as page:
+                        return page.status, page.read().decode()
+                return None
+            wait_until(lambda: (worker_page() or (0, ""))[1].count("test_minicelery.add"), timeout=60,
+                       what="Flower's page of the worker, with its tasks")
+            status_code, page = worker_page()
+            assert status_code == 200 and node in page and "celery" in page
+        finally:
+            flower.terminate()
+            flower.wait(20)
+            log.close()
+    nobroker = run_cli(tmp_path, dict(env, MINICELERY_BROKER_URL=f"sqlite:///{tmp_path}/q.db"),
+                       "-A", "test_minicelery", "flower", timeout=60)
+    assert nobroker.returncode == 1 and "need a Redis broker" in nobroker.stderr
+
+
 def _same_fields(ours, theirs) -> bool:
     """Whether two answers have the same keys all the way down (lists by their first
     items; an empty list or dict, or a value, stands for any)."""
