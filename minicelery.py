@@ -1292,6 +1292,10 @@ class Broker(Explains):
     def dead_letter(self, raw, reason: str, queue: str = ""):
         """Keep a message no worker can run, for a human to inspect."""
 
+    def parked(self, queues, limit) -> list:
+        """(queue, raw envelope) of parked messages of these queues, soonest due first; at
+        most `limit` looked at (`inspect scheduled` shows them)."""
+
     def dead_letters(self) -> list:
         """The kept dead letters, newest first: dicts of id, time, queue, reason and raw."""
 
@@ -2155,6 +2159,17 @@ class RedisBroker(Broker):
         if self.explaining:
             self.explain("dead_letter", queue=queue)
 
+    def parked(self, queues, limit):
+        tags = self.client.zrange(self.ETA, 0, limit - 1)
+        entries = [entry for entry in (self.client.hmget(self.ETA_MESSAGES, tags) if tags else []) if entry]
+        found = []
+        for entry in entries:  # "<length of key>:<queue list key><envelope>", as park() wrote it
+            length, _, rest = entry.partition(b":")
+            if length.isdigit():
+                queue = _queue_of_key(rest[:int(length)].decode("utf-8", "replace"))
+                found += [(queue, rest[int(length):])] if queue in queues else []
+        return found
+
     def dead_letters(self):
         # A list entry has no id of its own: its digest names it, and LREM takes it by content.
         return [_dead_letter_from(entry, _digest(entry)) for entry in self.client.lrange(self.DEAD_LETTERS, 0, -1)]
@@ -2782,6 +2797,11 @@ class SQLiteBroker(Broker):
                    (now, queue, reason, raw))
         db.execute("DELETE FROM dead_letters WHERE time < ? OR id <= (SELECT MAX(id) FROM dead_letters) - ?",
                    (now - (self.app.conf.result_expires_seconds or 86400), self.DEAD_LETTER_LIMIT))
+
+    def parked(self, queues, limit):
+        queues = list(queues)
+        return self.store.read(f"SELECT queue, raw FROM messages WHERE due > ? AND reserved_at IS NULL AND queue IN "
+                               f"({', '.join('?' * len(queues))}) ORDER BY due LIMIT ?", (time.time(), *queues, limit))
 
     def dead_letters(self):
         """The kept dead letters, newest first, as dicts."""
@@ -6686,9 +6706,24 @@ class RemoteControl:
         return [self.info(held) for state, held in self._held() if state == "reserved"]
 
     def do_scheduled(self, **_):
+        """Held for their ETA (or rate limit) here, then those parked in the broker for a later
+        ETA (`"parked": true`: each worker of their queue lists them; none holds them yet)."""
         return [{"eta": held.message.eta.isoformat() if held.message.eta else None,
                  "priority": held.message.priority, "request": self.info(held)}
-                for state, held in self._held() if state == "scheduled"]
+                for state, held in self._held() if state == "scheduled"] + \
+            [{"eta": message.eta.isoformat() if message.eta else None, "priority": message.priority,
+              "request": self.info(types.SimpleNamespace(message=message, tag=None, lent=None, late=False)),
+              "parked": True} for message in self._parked()]
+
+    #: parked messages looked at for `inspect scheduled` (each a read of its envelope)
+    PARKED_SHOWN = 100
+
+    def _parked(self) -> list:
+        messages = []
+        for queue, raw in self.broker.parked(self.consumer.queues, self.PARKED_SHOWN):
+            with contextlib.suppress(DecodeError):  # (a bad one shows where a worker meets it: dead letters)
+                messages.append(decode_message(raw, queue, max_size=self.app.conf.worker_max_message_size))
+        return messages
 
     def do_registered(self, taskinfoitems=None, builtins=False, **_):
         """Task names; with taskinfoitems (Celery's default: rate_limit), `name [item=value ...]`."""
@@ -6717,7 +6752,10 @@ class RemoteControl:
 
     def do_query_task(self, ids=(), **_):
         ids = {ids} if isinstance(ids, str) else set(ids)
-        return {held.message.id: [state, self.info(held)] for state, held in self._held() if held.message.id in ids}
+        parked = {entry["request"]["id"]: ["scheduled", entry["request"]] for entry in self.do_scheduled()
+                  if entry.get("parked") and entry["request"]["id"] in ids}
+        return {**parked, **{held.message.id: [state, self.info(held)] for state, held in self._held()
+                             if held.message.id in ids}}
 
     def do_active_queues(self, **_):
         """Each queue as kombu describes a Queue (Flower's worker page reads every field)."""

@@ -6852,13 +6852,16 @@ def test_remote_inspect_answers_in_celerys_form(any_app, tmp_path):
     running = sleep_then.delay(5, "slept")
     waiting, big = add.delay(1, 2), echo.delay("b" * 20_000)  # (a big one shows its argsrepr)
     later = add.apply_async((2, 3), countdown=2.5)  # held by the worker (not parked) for a while
+    parked = add.apply_async((4, 4), countdown=3600)  # parked in the broker: listed too, marked so
     unknown = any_app.send_task("no.such.task")  # (not counted in its stats)
     with worker(any_app, tmp_path, concurrency=1, hostname="inspected@%h") as w:
         node = minicelery._expand_hostname("inspected@%h")
         inspect = any_app.control.inspect(destination=[node], timeout=5.0)  # back at its one answer
         # (first, while `later` is surely not due: the countdown began before the worker)
-        wait_until(lambda: [s["request"]["id"] for s in (inspect.scheduled() or {}).get(node, [])] == [later.id],
-                   what="the task with a countdown held")
+        wait_until(lambda: [(s["request"]["id"], s.get("parked")) for s in (inspect.scheduled() or {}).get(node, [])]
+                   == [(later.id, None), (parked.id, True)], what="the task with a countdown held, the one parked")
+        [(state, info)] = inspect.query_task(parked.id)[node].values()
+        assert state == "scheduled" and info["args"] == [4, 4] and info["worker_pid"] is None
         assert any_app.control.ping(timeout=1.0) == [{node: {"ok": "pong"}}]  # (waits the whole second)
         assert inspect.ping() == {node: {"ok": "pong"}}
         wait_until(lambda: (inspect.active() or {}).get(node), what="the task running")
