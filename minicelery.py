@@ -7975,6 +7975,7 @@ def _cli_dead(app, args):
 def _cli_events(app, args, queues):
     """`events --dump`: the raw events; `events`: a view of the workers, redrawn every second."""
     seen, workers, finished, failures = 0, {}, deque(maxlen=1000), deque(maxlen=5)
+    names = collections.OrderedDict()  # task id -> name, from task-received/-sent (task-failed has none)
     queues = queues or queue_names(app.conf.task_queues or [app.conf.task_default_queue])
     away = None  # the broker's error while it is away: said once, and once more when it is back
     while not args.count or seen < args.count:
@@ -7985,10 +7986,15 @@ def _cli_events(app, args, queues):
                     print(json.dumps(event, default=str), flush=True)
                 elif event["type"].startswith("worker-"):
                     workers[event["hostname"]] = event
+                elif event["type"] in ("task-received", "task-sent") and event.get("name"):
+                    names[event.get("uuid")] = event["name"]
+                    while len(names) > 10000:
+                        names.popitem(last=False)
                 elif event["type"] in ("task-succeeded", "task-failed"):
                     finished.append(event["timestamp"])
                     if event["type"] == "task-failed":
-                        failures.append(f"{event.get('uuid')}: {event.get('exception')}")
+                        name = names.get(event.get("uuid"), "?")
+                        failures.append(printable(f"{name}[{event.get('uuid')}]: {event.get('exception')}"))
             seen += len(events)
             if not args.dump:
                 _draw_events_view(app, queues, workers, finished, failures)
@@ -8013,10 +8019,19 @@ def _draw_events_view(app, queues, workers, finished, failures):
         alive = event["type"] != "worker-offline" and now - event["timestamp"] < 3 * freq
         lines.append(f"  {node:<30} {'online' if alive else 'OFFLINE':<8} active {event.get('active', 0)!s:<4}"
                      f" processed {event.get('processed', 0)!s}")
-    lines += ["", "queues:"] + [f"  {queue:<30} {app.broker.size(queue)} waiting" for queue in queues]
+    lines += ["", "queues:"] + [f"  {queue:<30} {app.broker.size(queue)} waiting, {_parked_count(app, queue)} parked "
+                                f"for a later ETA" for queue in queues]
     lines += ["", f"tasks/s (last 10 s): {sum(1 for t in finished if now - t < 10) / 10:.1f}", "",
               "recent failures:"] + [f"  {failure}" for failure in failures]
-    print("\033[H\033[J" + "\n".join(lines), flush=True)  # home, clear: redrawn in place
+    if sys.stdout.isatty():
+        print("\033[H\033[J" + "\n".join(lines), flush=True)  # home, clear: redrawn in place
+    else:  # (into a pipe or a file: one view after the other, no terminal codes)
+        print("\n".join(lines) + "\n", flush=True)
+
+
+def _parked_count(app, queue) -> str:
+    parked = len(app.broker.parked([queue], 101))
+    return "100+" if parked > 100 else str(parked)
 
 
 def _dead_task(letter):

@@ -7250,7 +7250,8 @@ def test_cli_events_dump_and_live_view(any_app, tmp_path):
     command = [sys.executable, "-m", "minicelery", "-A", "test_minicelery", "events"]
     dump = subprocess.Popen([*command, "--dump", "-n", "6"], cwd=HERE, env=env, stdout=subprocess.PIPE, text=True)
     # Ctrl-C's default, even when this suite runs as a shell's background job (which ignores it)
-    view = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.PIPE, text=True,
+    drawing = open(tmp_path / "view.out", "w")  # (a file: not a terminal)
+    view = subprocess.Popen(command, cwd=HERE, env=env, stdout=drawing, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         any_app.conf.worker_send_task_events = True
@@ -7258,19 +7259,28 @@ def test_cli_events_dump_and_live_view(any_app, tmp_path):
             node = minicelery._expand_hostname("watched@%h")
             first = dump.stdout.readline()  # a worker event (a heartbeat at least): the watcher listens
             assert add.delay(1, 1).get(timeout=10) == 2
+            with pytest.raises(ValueError):
+                fail.delay("shown").get(timeout=10)
+            add.apply_async((5, 5), countdown=3600)  # (parked: counted as such)
             out, _ = dump.communicate(timeout=30)
             out = first + out
+            wait_until(lambda: "1 parked for a later ETA" in (tmp_path / "view.out").read_text(), timeout=20,
+                       what="the view to count the parked task")
             os.kill(view.pid, signal.SIGINT)
-            drawn, _ = view.communicate(timeout=30)
+            view.wait(30)
+            drawn = (tmp_path / "view.out").read_text()
     finally:
         for proc in (dump, view):
             if proc.poll() is None:
                 proc.kill()
+        drawing.close()
     events = [json.loads(line) for line in out.splitlines()]
     assert dump.returncode == 0 and len(events) == 6 and events[0]["type"].startswith("worker-")
     assert {"task-received", "task-started", "task-succeeded"} <= {e["type"] for e in events}
-    assert view.returncode == 130 and "\033[H\033[J" in drawn and f"{node}" in drawn and "online" in drawn
-    assert "celery" in drawn and "tasks/s" in drawn
+    assert view.returncode == 130 and f"{node}" in drawn and "online" in drawn and "tasks/s" in drawn
+    assert "\033[" not in drawn  # (a pipe gets no terminal codes)
+    assert "test_minicelery.fail[" in drawn and "ValueError('shown')" in drawn  # (the failure with its name)
+    assert re.search(r"celery +\d+ waiting, 1 parked for a later ETA", drawn), drawn
 
 
 def test_cli_multi_starts_stops_restarts_and_kills_workers(tmp_path):
