@@ -1473,7 +1473,7 @@ class ListWatcher(HeldConnection):
 
     def __init__(self, client, key):
         super().__init__(client)
-        self.key, self.armed = key, False
+        self.key, self.armed, self.explained = key, False, False
 
     def arm(self, blmove=True):
         if not self.armed:
@@ -1575,8 +1575,9 @@ class QueueWatch:
             if self.blmove is None:  # no blocking command allowed here: look again in a tenth of a second
                 watchers, deadline = [], min(deadline, time.monotonic() + 0.1)
             for watcher in watchers:
-                if self.broker.explaining and not watcher.armed and self.blmove:
-                    self.broker.explain("watch", key=watcher.key)
+                if self.broker.explaining and not watcher.armed and self.blmove and not watcher.explained:
+                    self.broker.explain("watch", key=watcher.key)  # (once a watcher: not at each re-arm)
+                    watcher.explained = True
                 watcher.arm(self.blmove)
             answered = wait_readable(watchers + list(also), deadline - time.monotonic(), writable)
             ready = [handle for handle in answered if handle not in watchers]

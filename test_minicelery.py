@@ -5478,6 +5478,18 @@ def _explained(text):
     return [(m.group(1), line) for line in text.splitlines() if (m := re.search(r"explain (\w+): ", line))]
 
 
+def test_explain_says_an_idle_workers_watch_once(app, caplog, monkeypatch):
+    """An idle worker re-arms its watch each time Redis answers "nothing" (every 10 s):
+    explain mode said it all again each time."""
+    monkeypatch.setattr(minicelery.ListWatcher, "BLOCK", 1)
+    app.conf.explain = True
+    app.close()
+    with caplog.at_level(logging.INFO, logger="minicelery.explain"):
+        app.broker.wait(["celery"], 2.5)  # (re-armed twice meanwhile)
+    watching = [r for r in caplog.records if r.getMessage().startswith("explain watch:")]
+    assert len(watching) == len(minicelery._queue_keys("celery")), [r.getMessage() for r in watching]
+
+
 def test_explain_mode_tells_one_tasks_life(tmp_path, urls):
     """A client with MINICELERY_EXPLAIN=1 and `worker --explain` log each operation of one
     task's life in order, naming its keys, and never its arguments or result."""
@@ -7277,6 +7289,8 @@ def test_cli_events_dump_and_live_view(any_app, tmp_path):
     events = [json.loads(line) for line in out.splitlines()]
     assert dump.returncode == 0 and len(events) == 6 and events[0]["type"].startswith("worker-")
     assert {"task-received", "task-started", "task-succeeded"} <= {e["type"] for e in events}
+    kinds = [e["type"] for e in events if e["type"].startswith("task-")]
+    assert kinds.index("task-received") < kinds.index("task-started")  # (was seen the other way round)
     assert view.returncode == 130 and f"{node}" in drawn and "online" in drawn and "tasks/s" in drawn
     assert "\033[" not in drawn  # (a pipe gets no terminal codes)
     assert "test_minicelery.fail[" in drawn and "ValueError('shown')" in drawn  # (the failure with its name)
