@@ -7779,13 +7779,15 @@ def _parser():
     # -A also after the command (-A APP worker, or worker -A APP): given there, it wins.
     app_option = argparse.ArgumentParser(add_help=False)
     app_option.add_argument("-A", "--app", default=argparse.SUPPRESS, help="the app: module or module:attr")
+    app_option.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                            help="print nothing; the exit code tells")
     service = argparse.ArgumentParser(add_help=False, parents=[app_option])  # worker and beat
     service.add_argument("app_positional", nargs="?", metavar="APP")
     service.add_argument("-l", "--loglevel", default="INFO")
     parser = argparse.ArgumentParser(prog="minicelery", description="Celery's core, in one file.")
     parser.add_argument("-A", "--app", help="the app: module or module:attr")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit code tells")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.commands = parser.add_subparsers(dest="command", required=True)
     worker = commands.add_parser("worker", help="run a worker", parents=[service])
     worker.add_argument("-c", "--concurrency", type=int)
     worker.add_argument("-Q", "--queues", help="comma-separated queues to consume")
@@ -7849,6 +7851,8 @@ def _parser():
                             help=f"run the real {tool.title()}'s command line on this project's broker "
                                  f"(`{tool} status`, `{tool} inspect active`, ...)" if tool == "celery" else
                             "run Flower, installed apart, on this project's broker (Redis)")
+    commands.add_parser("help", help="this list, or a command's options: help worker").add_argument(
+        "topic", nargs="?", help="a command")
     result = commands.add_parser("result", help="show a task's result", parents=[app_option])
     result.add_argument("id")
     result.add_argument("--traceback", action="store_true", help="its traceback instead")
@@ -8213,12 +8217,16 @@ def main(argv=None):
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("multi", "celery", "flower"):  # (they hand them on)
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "help":  # (Celery's `celery help`)
+        known = parser.commands.choices
+        print((known[args.topic] if args.topic in known else parser).format_help())
+        return 0 if args.topic in (None, *known) else 2
     spec = getattr(args, "app_positional", None) or args.app
     stopping = args.command == "multi" and args.action in ("stop", "stopwait", "kill")  # (from the pidfiles)
     if not spec and not stopping:
         print("minicelery: name the app with -A module (or module:app)", file=sys.stderr)
         return 2
-    if args.quiet:
+    if getattr(args, "quiet", False):  # (before the command, or after it)
         sys.stdout = open(os.devnull, "w")
     if args.command == "multi":
         return multi(args.action, args.names, spec, args.pidfile, args.logfile, extra)

@@ -3290,6 +3290,21 @@ def test_a_root_worker_that_accepts_pickle_refuses_to_start(tmp_path):
     assert "superuser privileges: this is absolutely not recommended" in forced.log()
 
 
+def test_cli_help_and_quiet_after_the_command(tmp_path):
+    """`help` (Celery's `celery help`) needs no app; -q works after the command too
+    (`status -q` printed a usage error)."""
+    env = project_env(tmp_path)
+    listed = run_cli(tmp_path, env, "help")
+    assert listed.returncode == 0 and "doctor" in listed.stdout and "worker" in listed.stdout
+    worker_help = run_cli(tmp_path, env, "help", "worker")
+    assert worker_help.returncode == 0 and "--concurrency" in worker_help.stdout
+    assert run_cli(tmp_path, env, "help", "nothing").returncode == 2
+    env["MINICELERY_BROKER_URL"] = f"sqlite:///{tmp_path}/q.db"
+    for argv in (["-q", "status"], ["status", "-q"]):
+        quiet = run_cli(tmp_path, env, "-A", "test_minicelery", *argv, "-t", "0.2")
+        assert quiet.returncode == 69 and quiet.stdout == "" and "usage" not in quiet.stderr, quiet
+
+
 def test_cli_call_and_purge(app, redis_client):
     env = {"MINICELERY_BROKER_URL": app.conf.broker_url}
     call = _cli("-A", "test_minicelery", "call", "test_minicelery.add", "--args", "[1, 2]", env=env)
