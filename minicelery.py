@@ -3489,6 +3489,41 @@ def allow_join_result():
         _local.allow_join = previous
 
 
+def _pydantic_wrapper(fun, pydantic_strict=False, pydantic_context=None, pydantic_dump_kwargs=None):
+    """Celery's pydantic=True: an argument annotated with a pydantic model (or Optional[one])
+    arrives as a dict and is validated into the model; a model returned is stored as its
+    model_dump(mode='json'). (The client sends model arguments as their dumps.)"""
+    base_model = _optional_library("pydantic").BaseModel
+    signature, dump_options = inspect.signature(fun), {"mode": "json", **(pydantic_dump_kwargs or {})}
+    try:
+        hints = typing.get_type_hints(fun)
+    except Exception:  # (a name that can't be resolved: the annotations as written)
+        hints = {}
+
+    def model_for(name, value):
+        annotation = hints.get(name, signature.parameters[name].annotation)
+        if value is not None and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            annotation = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+        return annotation if isinstance(annotation, type) and issubclass(annotation, base_model) else None
+
+    @functools.wraps(fun)
+    def run(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            if (model := model_for(name, value)) is not None:
+                bound.arguments[name] = model.model_validate(value, strict=pydantic_strict,
+                                                             context=dict(pydantic_context or {}))
+        result = fun(*bound.args, **bound.kwargs)
+        return result.model_dump(**dump_options) if isinstance(result, base_model) else result
+    return run
+
+
+def _model_dumped(value):
+    """A pydantic model argument as its JSON-ready dict (Celery's client does it too)."""
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") and hasattr(value, "model_fields") \
+        else value
+
+
 def current_task():
     """The task running in this thread, or None."""
     stack = _request_stack()
@@ -3530,6 +3565,7 @@ class Task:
     retry_jitter = True
     #: bound tasks receive the task as first argument
     _bound = False
+    _pydantic = False
     #: options a remote-control command set (rate_limit, time limits): they win over
     #: task_annotations, as in Celery, which writes annotations onto the task at start
     _set_by_control = {}
@@ -3600,6 +3636,9 @@ class Task:
         """
         args, kwargs = tuple(args or ()), dict(kwargs or {})
         self.check_arguments(args, kwargs)
+        if self._pydantic and (options.get("serializer") or self.serializer or self.app.conf.task_serializer) \
+                != "pickle":
+            args, kwargs = tuple(map(_model_dumped, args)), {k: _model_dumped(v) for k, v in kwargs.items()}
         if self.app.conf.task_always_eager:
             return self.apply(args, kwargs, task_id=options.get("task_id"))
         for name in ("queue", "priority", "serializer", "compression", "expires"):
@@ -4774,11 +4813,13 @@ class Celery:
         if name in self.tasks and getattr(self.tasks[name], "__wrapped__", None) is fun:
             return self.tasks[name]
         base = base or Task
+        pydantic = {key: options.pop(key) for key in list(options) if key.startswith("pydantic")}
         unknown = [key for key in options if not hasattr(base, key)]
         if unknown:
             raise TypeError(f"unknown task option(s) {unknown} for {name!r}")
-        attrs = dict(options, name=name, app=self, run=fun if bind else staticmethod(fun), _bound=bind,
-                     __wrapped__=fun, __doc__=fun.__doc__, __module__=fun.__module__)
+        run = _pydantic_wrapper(fun, **pydantic) if pydantic.pop("pydantic", False) else fun
+        attrs = dict(options, name=name, app=self, run=run if bind else staticmethod(run), _bound=bind,
+                     _pydantic=run is not fun, __wrapped__=fun, __doc__=fun.__doc__, __module__=fun.__module__)
         self.tasks[name] = type(fun.__name__, (base,), attrs)()
         return self.tasks[name]
 

@@ -1622,6 +1622,49 @@ def test_retry_switching_between_args_and_kwargs_and_with_expires(app, tmp_path)
         assert retry_once_expiring.delay().get(timeout=10) == 1
 
 
+def test_pydantic_models_as_arguments_and_results(tmp_path, redis_server):
+    """Celery 5.5's @app.task(pydantic=True), from Celery's integration tests: a model
+    argument is sent as a dict and validated back into the model; a model returned is
+    stored as its dump; Optional[Model] may be None; a bad dict fails the task."""
+    pytest.importorskip("pydantic")
+    url = f"unix://{redis_server}"
+    write_tree(tmp_path, {"pydproj.py": f"""
+        from typing import Optional
+        from pydantic import BaseModel
+        from minicelery import Celery
+        app = Celery("pydproj", broker="{url}", backend="{url}?db=1")
+
+        class Point(BaseModel):
+            x: int
+            y: int
+
+        @app.task(pydantic=True)
+        def shift(point: Point, by: int) -> Point:
+            assert isinstance(point, Point)
+            return Point(x=point.x + by, y=point.y + by)
+
+        @app.task(bind=True, pydantic=True)
+        def maybe(self, point: Optional[Point] = None):
+            return [self.name, None if point is None else point.x]
+        """})
+    env = project_env(tmp_path)
+    with cli_worker(tmp_path, env, "-A", "pydproj", "worker", "-c", "1"):
+        sent = run_python(tmp_path, env, """
+            from pydproj import Point, shift, maybe
+            assert shift.delay(Point(x=1, y=2), 3).get(timeout=20) == {"x": 4, "y": 5}
+            assert shift.delay({"x": 1, "y": 2}, by=1).get(timeout=20) == {"x": 2, "y": 3}
+            assert maybe.delay().get(timeout=20) == ["pydproj.maybe", None]
+            assert maybe.delay(point={"x": 7, "y": 0}).get(timeout=20) == ["pydproj.maybe", 7]
+            bad = shift.delay({"x": "not a number", "y": 2}, 1)
+            try:
+                bad.get(timeout=20)
+            except Exception as exc:
+                print("failed:", bad.state, bad.traceback)
+            """)
+    assert sent.returncode == 0 and "failed: FAILURE" in sent.stdout, sent.stdout + sent.stderr
+    assert "validation error for Point" in sent.stdout  # (its traceback: ValidationError has no args to store)
+
+
 def test_request_time_limits_properties_and_nesting(app, tmp_path):
     """From Celery's integration tests: self.request.time_limit and soft_time_limit are
     those in effect (the call's, else the task's, else the app's), request.properties
