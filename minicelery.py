@@ -3376,6 +3376,9 @@ class AsyncResult:
         """Revoke this task on every worker (see Control.revoke)."""
         self.app.control.revoke(self.id, terminate=terminate, signal=signal)
 
+    def revoke_by_stamped_headers(self, headers, connection=None, terminate=False, signal="SIGTERM", **options):
+        self.app.control.revoke_by_stamped_headers(headers, terminate=terminate, signal=signal)
+
     def as_tuple(self):
         """Celery's nested-list form: [[id, parent], None]."""
         return [[self.id, self.parent.as_tuple() if self.parent else None], None]
@@ -5142,6 +5145,13 @@ class Control:
     def shutdown(self, destination=None):
         return self.broadcast("shutdown", destination=destination)
 
+    def revoke_by_stamped_headers(self, headers, destination=None, terminate=False, signal="SIGTERM",
+                                  reply=False, timeout=1.0, **celery_options):
+        """Celery 5.3: revoke the tasks stamped so ({'monitoring_id': [id, ...]}), on the
+        workers running now (kept in their memory, as Celery's are)."""
+        return self.broadcast("revoke_by_stamped_headers", {"headers": headers, "terminate": terminate,
+                                                            "signal": signal}, destination, reply, timeout)
+
     def revoke(self, task_id, terminate=False, signal="SIGTERM", reply=False, timeout=1.0, **celery_options):
         """Revoke one id or a list: a task not yet started never runs (state REVOKED);
         with terminate=True a running one gets `signal`. Reaches every worker, also
@@ -6102,6 +6112,7 @@ class Book:
         self.held = {}                  # delivery tag -> Held: every message this worker holds
         self.waiting = Waiting(app)     # those that wait to be lent
         self.revoked = {}               # task ids revoked (from the broker, kept fresh), the newest last
+        self.revoked_stamps = {}        # Celery 5.3's revocations by stamp: header -> {values} (memory only)
         self.renew_every = max(0.2, min(5.0, self.broker.visibility_timeout / 4))
         self._next_renewal = 0.0
         self.orphans = []               # claims of takes whose answer never came (see settle())
@@ -6249,7 +6260,7 @@ class Book:
             due = message.eta.timestamp() if message.eta else 0
         except (ValueError, TypeError, AttributeError):
             due = 0  # (a bad eta: its pool process says so)
-        if message.id in self.revoked:
+        if self.is_revoked(message):
             held.verdict, due = TaskRevokedError("revoked"), 0
         if due > time.time() + self.ETA_HORIZON:
             parked.append((held, due))
@@ -6266,13 +6277,29 @@ class Book:
         for held in waiting:
             held.end = "requeue"
 
-    def revoke(self, task_ids):
-        """Remember revoked ids (the newest REVOKES_MAX); held messages of theirs that wait for
-        their ETA go first, to be recorded as REVOKED now."""
+    def revoke(self, task_ids=(), stamps=None):
+        """Remember revoked ids (the newest REVOKES_MAX), or stamps ({header: [values]}); held
+        messages of theirs that wait for their ETA go first, to be recorded as REVOKED now."""
         self.revoked.update(dict.fromkeys(task_ids))
         while len(self.revoked) > Broker.REVOKES_MAX:  # (a flood keeps the newest, as the broker does)
             del self.revoked[next(iter(self.revoked))]
-        self.waiting.first(lambda held: held.message.id in self.revoked)
+        for header, values in (stamps or {}).items():
+            kept = self.revoked_stamps.setdefault(header, set())
+            kept.update(list(values)[:Broker.REVOKES_MAX - len(kept)])
+        self.waiting.first(lambda held: self.is_revoked(held.message))
+
+    def is_revoked(self, message) -> bool:
+        """By its id, or by one of its stamps (Celery's stamped_headers and stamps headers)."""
+        if message.id in self.revoked:
+            return True
+        stamps, headers = message.headers.get("stamps"), message.headers.get("stamped_headers")
+        if not self.revoked_stamps or not isinstance(stamps, dict) or not isinstance(headers, list):
+            return False
+        for header in (h for h in headers if isinstance(h, str) and h in self.revoked_stamps):
+            values = stamps.get(header) if isinstance(stamps.get(header), list) else [stamps.get(header)]
+            if any(isinstance(v, (str, int, float)) and v in self.revoked_stamps[header] for v in values):
+                return True
+        return False
 
     def renew_all(self):
         """Renew every claim held (the solo pool's keepalive thread, while a job runs), but
@@ -6427,7 +6454,7 @@ class Consumer:
         for held in starting:
             held.lent = time.time()
             message = held.message
-            if held.verdict is None and message is not None and message.id in self.book.revoked:
+            if held.verdict is None and message is not None and self.book.is_revoked(message):
                 held.verdict = TaskRevokedError("revoked")
             elif held.verdict is None and message is not None and _expired(message):
                 held.verdict = TaskRevokedError("expired")
@@ -6584,10 +6611,14 @@ class Consumer:
         task_ids = set(task_ids)  # (a broadcast may name thousands: looked up once per held message)
         for held in self.book.held.values():
             if terminate and held.lent and held.message is not None and held.message.id in task_ids:
-                worker_logger.info("Terminating %s (%s)", printable(held.message.id), signum)
-                self._tell_revoked(held.message, terminated=True, signum=signum)
-                if not self.pool.terminate(held.tag, signum):
-                    worker_logger.warning("the %s pool can't terminate %s", self.pool.name, held.describe())
+                self.terminate(held, signum)
+
+    def terminate(self, held, signum):
+        """End the task a pool process runs for `held` (revoke with terminate=True)."""
+        worker_logger.info("Terminating %s (%s)", printable(held.message.id), signum)
+        self._tell_revoked(held.message, terminated=True, signum=signum)
+        if not self.pool.terminate(held.tag, signum):
+            worker_logger.warning("the %s pool can't terminate %s", self.pool.name, held.describe())
 
     #: the most ids of one broadcast whose stored state a worker looks at (a read each)
     REVOKES_MARKED = 1000
@@ -6844,6 +6875,24 @@ class RemoteControl:
         ids, terminate, signum, _ = revoke_command(task_id, terminate, signal)
         self.consumer.revoke(ids, terminate, signum)
         return _ok(f"tasks {set(ids)} flagged as revoked")
+
+    def do_revoke_by_stamped_headers(self, headers, terminate=False, signal=None, **_):
+        """Celery 5.3's: headers {name: value or [values]} (or a list of 'name=value')."""
+        if isinstance(headers, list):
+            headers = dict(h.split("=", 1) for h in headers if isinstance(h, str) and "=" in h)
+        if not isinstance(headers, dict) or not all(isinstance(k, str) for k in headers):
+            raise TypeError(f"headers must be {{name: [values]}}, not {_short_repr(headers, 80)}")
+        stamps = {k: [v for v in (vs if isinstance(vs, list) else [vs]) if isinstance(v, (str, int, float))]
+                  for k, vs in headers.items()}
+        _, terminate, signum, _ = revoke_command([], terminate, signal)
+        self.consumer.book.revoke(stamps=stamps)
+        if not terminate:
+            return _ok(f"headers {headers} flagged as revoked, but not terminated")
+        running = [held for held in self.consumer.book.held.values()
+                   if held.lent and held.message is not None and self.consumer.book.is_revoked(held.message)]
+        for held in running:
+            self.consumer.terminate(held, signum)
+        return _ok(f"headers {headers} revoked" if running else f"headers {headers} were not terminated")
 
     def do_rate_limit(self, task_name, rate_limit, **_):
         if task_name not in self.app.tasks:

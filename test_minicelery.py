@@ -1831,6 +1831,29 @@ def test_a_revoke_stores_revoked_unless_another_worker_started_it(app, tmp_path,
     assert AsyncResult(not_started, app=app).state == "REVOKED"
 
 
+def test_revoke_by_stamped_headers(app, tmp_path):
+    """Celery 5.3's app.control.revoke_by_stamped_headers: tasks whose stamps match are
+    revoked when met, and with terminate=True ended if running; its reply says ok."""
+    def stamped(task, args, value):
+        return task.apply_async(args, headers={"stamped_headers": ["monitoring_id"],
+                                               "stamps": {"monitoring_id": value}})
+    with worker(app, tmp_path, concurrency=2) as w:
+        reply = app.control.revoke_by_stamped_headers({"monitoring_id": ["m1"]}, reply=True, timeout=5)
+        assert list(reply[0].values()) == [{"ok": "headers {'monitoring_id': ['m1']} flagged as revoked, "
+                                                  "but not terminated"}]
+        revoked, other, plain = stamped(add, (1, 1), "m1"), stamped(add, (2, 2), "m2"), add.delay(3, 3)
+        with pytest.raises(minicelery.TaskRevokedError):
+            revoked.get(timeout=10)
+        assert other.get(timeout=10) == 4 and plain.get(timeout=10) == 6
+        started = str(tmp_path / "started")
+        running = stamped(counted_sleep, (started, 30), ["m3", "m4"])
+        wait_until(lambda: lines_in(started) == 1, what="the stamped task to start")
+        running.revoke_by_stamped_headers({"monitoring_id": "m4"}, terminate=True)
+        with pytest.raises(minicelery.TaskRevokedError, match="terminated"):
+            running.get(timeout=10)
+        w.wait_for_log(f"Terminating {running.id}")
+
+
 def test_revoke_reaches_workers_started_later(app, tmp_path):
     result = echo.delay("never")
     result.revoke()
@@ -7060,6 +7083,9 @@ def test_interop_celerys_inspect_and_status_list_a_minicelery_worker(app, tmp_pa
                                                       key=str)
             assert real.control.revoke("rev-2", reply=True, timeout=5, destination=[node]) == [
                 {node: {"ok": "tasks {'rev-2'} flagged as revoked"}}]
+            [stamp_reply] = real.control.revoke_by_stamped_headers({"mid": ["x"]}, reply=True, timeout=5,
+                                                                   destination=[node])
+            assert "flagged as revoked" in stamp_reply[node]["ok"]
             assert app.control.rate_limit("test_minicelery.add", "5/s", destination=[real_node], reply=True,
                                           timeout=5) == [{real_node: {"error": "unknown task"}}]
         finally:
