@@ -2882,6 +2882,9 @@ class ResultBackend(Explains):
             value = getattr(request, field, None)
             if value:
                 meta[field] = value
+        if self.app.conf.result_extended and request is not None:  # (Celery's fields, for Flower and the like)
+            meta.update(name=request.task, args=request.args, kwargs=request.kwargs, worker=request.hostname,
+                        retries=request.retries, queue=(request.delivery_info or {}).get("routing_key"))
         meta["task_id"] = task_id
         try:
             data = self.encode(meta)
@@ -3329,6 +3332,10 @@ class AsyncResult:
 
     state = status = property(lambda self: self._get_meta()["status"])
     traceback = property(lambda self: self._get_meta().get("traceback"))
+    # With result_extended, what the worker stored of the call (None otherwise), as in Celery
+    name, args, kwargs, worker, retries, queue = (property(lambda self, field=field: self._get_meta().get(field))
+                                                  for field in ("name", "args", "kwargs", "worker", "retries",
+                                                                "queue"))
 
     @property
     def children(self) -> list:
@@ -4491,6 +4498,7 @@ class Config:
     task_ignore_result: bool = False
     task_store_eager_result: bool = False
     task_store_errors_even_if_ignored: bool = False
+    result_extended: bool = False
     #: ack after the task ran (at-least-once) instead of before (at-most-once)
     task_acks_late: bool = False
     #: with acks_late: requeue a task whose child died instead of failing it

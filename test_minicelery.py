@@ -1680,6 +1680,22 @@ def test_request_time_limits_properties_and_nesting(app, tmp_path):
         assert declared_limits.apply_async(time_limit=10, soft_time_limit=5).get(timeout=10) == [10, 5]
 
 
+def test_result_extended_stores_the_call_as_celery_does(app, tmp_path):
+    """result_extended=True (a Celery setting projects use for Flower and admin pages)
+    was warned about and dropped: the result stores the task's name, arguments, worker,
+    retries and queue, and AsyncResult reads them."""
+    app.conf.result_extended = True
+    with worker(app, tmp_path, hostname="ext@%h"):
+        result = add.apply_async((2, 3), queue="celery")
+        assert result.get(timeout=10) == 5
+    raw = json.loads(app.backend.client.get(f"celery-task-meta-{result.id}"))
+    assert {k: raw[k] for k in ("name", "args", "kwargs", "retries", "queue")} == {
+        "name": "test_minicelery.add", "args": [2, 3], "kwargs": {}, "retries": 0, "queue": "celery"}
+    fresh = AsyncResult(result.id, app=app)
+    assert (fresh.name, fresh.args, fresh.worker) == ("test_minicelery.add", [2, 3],
+                                                      minicelery._expand_hostname("ext@%h"))
+
+
 def test_a_result_lists_the_tasks_it_sent_as_its_children(app, tmp_path):
     with worker(app, tmp_path):
         result = send_two.delay()
@@ -1796,11 +1812,12 @@ def test_control_rate_limit_and_time_limit_win_over_annotations(app, tmp_path):
     annotations were read before what the command set. In Celery the command wins."""
     app.conf.task_annotations = {"test_minicelery.when_run": {"rate_limit": "10/m"},
                                  "test_minicelery.sleep_then": {"time_limit": 0.5}}
-    with worker(app, tmp_path):
-        assert app.control.rate_limit("test_minicelery.when_run", "600/s", reply=True, timeout=5)[0]
+    with worker(app, tmp_path, hostname="limits@%h"):
+        one = {"destination": [minicelery._expand_hostname("limits@%h")], "reply": True, "timeout": 5}
+        assert app.control.rate_limit("test_minicelery.when_run", "600/s", **one)[0]
         runs = [when_run.delay() for _ in range(4)]
         assert all(run.get(timeout=10) for run in runs)  # (at 10/m: 18 s)
-        assert app.control.time_limit("test_minicelery.sleep_then", hard=30, reply=True, timeout=5)[0]
+        assert app.control.time_limit("test_minicelery.sleep_then", hard=30, **one)[0]
         assert sleep_then.delay(1, "ran").get(timeout=10) == "ran"  # (killed at 0.5 s before)
 
 
@@ -1826,9 +1843,9 @@ def test_a_revoke_stores_revoked_unless_another_worker_started_it(app, tmp_path,
     started, not_started = minicelery.uuid(), minicelery.uuid()
     app.backend.store_result(started, {"hostname": "other@host"}, started_state)  # (playing another worker)
     with worker(app, tmp_path):
-        assert app.control.revoke([started, not_started], reply=True, timeout=10)
-    assert AsyncResult(started, app=app).state == started_state
-    assert AsyncResult(not_started, app=app).state == "REVOKED"
+        app.control.revoke([started, not_started])
+        wait_until(lambda: AsyncResult(not_started, app=app).state == "REVOKED", what="the revoke handled")
+    assert AsyncResult(started, app=app).state == started_state  # (the same command: handled too)
 
 
 def test_revoke_by_stamped_headers(app, tmp_path):
@@ -6766,18 +6783,19 @@ def test_a_projects_own_remote_control_commands(tmp_path, redis_server):
     env = project_env(tmp_path)
     with cli_worker(tmp_path, env, "-A", "cmdproj", "worker", "-c", "2", "-n", "cmd@%h") as w:
         node = minicelery._expand_hostname("cmd@%h")
-        first = run_cli(tmp_path, env, "-A", "cmdproj", "control", "bump", "3", "-t", "5")
-        second = run_cli(tmp_path, env, "-A", "cmdproj", "control", "bump", "4", "-t", "5")
+        only = ("-d", node, "-t", "5")  # (back at its one answer)
+        first = run_cli(tmp_path, env, "-A", "cmdproj", "control", "bump", "3", *only)
+        second = run_cli(tmp_path, env, "-A", "cmdproj", "control", "bump", "4", *only)
         assert "bumped by 3 to 3" in first.stdout and "bumped by 4 to 7" in second.stdout, (first, second)
-        looked = run_cli(tmp_path, env, "-A", "cmdproj", "inspect", "concurrency", "-j", "-t", "5")
+        looked = run_cli(tmp_path, env, "-A", "cmdproj", "inspect", "concurrency", "-j", *only)
         assert json.loads(looked.stdout) == {node: {"concurrency": 2, "node": node}}, looked
-        unknown = run_cli(tmp_path, env, "-A", "cmdproj", "inspect", "nothing_such", "-t", "5")
+        unknown = run_cli(tmp_path, env, "-A", "cmdproj", "inspect", "nothing_such", *only)
         assert unknown.returncode == 1 and "no command 'nothing_such'" in unknown.stderr and "concurrency" in \
             unknown.stderr
         client = Celery("cmdproj", broker=url, set_as_current=False)
-        [answer] = client.control.broadcast("broken", reply=True, timeout=5)
+        [answer] = client.control.broadcast("broken", destination=[node], reply=True, timeout=5)
         assert answer == {node: {"error": "broken: RuntimeError: not today"}}
-        assert client.control.ping(timeout=5) == [{node: {"ok": "pong"}}]
+        assert client.control.ping([node], timeout=5) == [{node: {"ok": "pong"}}]
     assert "Control command broken raised" in w.log()
 
 
