@@ -7687,11 +7687,15 @@ def doctor(app) -> list:
               if check is not _check_persistence or "broker" in roles]
     checks += [(check, (), "") for check in (_check_default_broker, _check_sqlite_files,
                                             _check_acks_late_limits, _check_result_expiry)]
-    findings = []
+    findings, silent = [], set()  # (a server that stopped answering is not asked again: each wait is 5 s)
     for check, arguments, where in checks:
         try:
+            if arguments and id(arguments[0]) in silent:
+                raise TimeoutError("it did not answer the checks before")
             found = check(app, *arguments)
         except Exception as exc:
+            if isinstance(exc, (TimeoutError, *_redis_transient_errors())) and arguments:
+                silent.add(id(arguments[0]))
             found = [Finding("unknown", f"could not check: {type(exc).__name__}: {_short_repr(str(exc), 200)}",
                              "a command refused (rename-command, an ACL), or a setting of the wrong type",
                              "check it by hand")]
