@@ -440,7 +440,8 @@ class Signal:
         key = (dispatch_uid or _receiver_id(receiver), _receiver_id(sender))
         reference = (weakref.WeakMethod if hasattr(receiver, "__func__") else weakref.ref)(receiver) if weak \
             else (lambda: receiver)
-        with self.lock:
+        with self.lock:  # (dead ones first: a new receiver may have a dead one's id)
+            self.receivers = [(known, ref) for known, ref in self.receivers if ref() is not None]
             if all(known != key for known, _ in self.receivers):
                 self.receivers.append((key, reference))
         return receiver
@@ -1239,6 +1240,8 @@ class Broker(Explains):
     DEAD_LETTER_LIMIT = 10000
     #: parked messages go back to their queue this many seconds before they are due
     ETA_MOVE_AHEAD = 2.0
+    #: the biggest parked message parked() reads (`inspect scheduled`): bigger ones are not shown
+    PARKED_READ_MAX = 64 * 1024
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         """Remember revoked ids for `expires` seconds (REVOKES_MAX at most) and, with
@@ -1294,7 +1297,8 @@ class Broker(Explains):
 
     def parked(self, queues, limit) -> list:
         """(queue, raw envelope) of parked messages of these queues, soonest due first; at
-        most `limit` looked at (`inspect scheduled` shows them)."""
+        most `limit` looked at, and only those of PARKED_READ_MAX bytes or less (a worker's
+        main process reads no big message for `inspect scheduled`)."""
 
     def dead_letters(self) -> list:
         """The kept dead letters, newest first: dicts of id, time, queue, reason and raw."""
@@ -2162,7 +2166,11 @@ class RedisBroker(Broker):
 
     def parked(self, queues, limit):
         tags = self.client.zrange(self.ETA, 0, limit - 1)
-        entries = [entry for entry in (self.client.hmget(self.ETA_MESSAGES, tags) if tags else []) if entry]
+        with self.client.pipeline(transaction=False) as pipe:
+            for tag in tags:
+                pipe.hstrlen(self.ETA_MESSAGES, tag)
+            small = [tag for tag, size in zip(tags, pipe.execute()) if size <= self.PARKED_READ_MAX]
+        entries = [entry for entry in (self.client.hmget(self.ETA_MESSAGES, small) if small else []) if entry]
         found = []
         for entry in entries:  # "<length of key>:<queue list key><envelope>", as park() wrote it
             length, _, rest = entry.partition(b":")
@@ -2802,7 +2810,8 @@ class SQLiteBroker(Broker):
     def parked(self, queues, limit):
         queues = list(queues)
         return self.store.read(f"SELECT queue, raw FROM messages WHERE due > ? AND reserved_at IS NULL AND queue IN "
-                               f"({', '.join('?' * len(queues))}) ORDER BY due LIMIT ?", (time.time(), *queues, limit))
+                               f"({', '.join('?' * len(queues))}) AND length(raw) <= ? ORDER BY due LIMIT ?",
+                               (time.time(), *queues, self.PARKED_READ_MAX, limit))
 
     def dead_letters(self):
         """The kept dead letters, newest first, as dicts."""
@@ -2928,7 +2937,7 @@ class ResultBackend(Explains):
         meta = self.decode(data)
         if not (isinstance(meta, dict) and isinstance(meta.get("status"), str)):
             raise DecodeError(f"not a stored task result: {_short_repr(meta, 200)}")
-        return meta
+        return {"result": None, "traceback": None, **meta}  # (someone else's may leave them out)
 
     def wait_for(self, task_id, timeout=None, interval=0.5) -> dict:
         """Block until the task is ready; raises ResultTimeout. Polls by default."""
@@ -3340,7 +3349,8 @@ class AsyncResult:
     @property
     def children(self) -> list:
         """The results of the tasks this one sent while it ran (Celery's trail), as stored."""
-        return [child for value in self._get_meta().get("children") or []
+        stored = self._get_meta().get("children")
+        return [child for value in (stored if isinstance(stored, list) else [])
                 if (child := result_from_tuple(value, self.app)) is not None]
     date_done = property(lambda self: to_datetime(self._get_meta().get("date_done")))
 
@@ -5686,6 +5696,8 @@ class PreforkPool(Pool):
     SEND_WITHIN = 10.0
     #: a task running this long (seconds) gives up the jobs lent behind it
     TAKE_BACK_AFTER = 0.1
+    #: seconds worker_process_init's receivers may take in a new pool process (Celery's 4.0)
+    INIT_WITHIN = 4
 
     def __init__(self, app, concurrency, hostname, max_tasks_per_child=None):
         super().__init__(app, concurrency, hostname, max_tasks_per_child)
@@ -5804,6 +5816,8 @@ class PreforkPool(Pool):
         self.processes.remove(process)
         if not self.stopping:
             self.processes.append(self._spawn(process.index))
+        if not process.done and process.cause is None and not self.stopping:  # (a worker_process_init, say)
+            worker_logger.error("Pool process %d ended (%s) before it ran a job", process.pid, _exit_reason(status))
         if not process.jobs:
             return []
         reason, jobs = _exit_reason(status), list(process.jobs)
@@ -5886,7 +5900,7 @@ def pool_process(app, sock, index, hostname, max_tasks=None, deadlines=None):
     _process_name = f"ForkPoolWorker-{index}"
     _local.in_worker = True
     app.after_fork()
-    worker_process_init.send(sender=None)
+    _init_within(PreforkPool.INIT_WITHIN)
     link = _Link(sock)
     jobs, done = _GiveBack(link, PreforkPool.TAKE_BACK_AFTER), 0
     while (not max_tasks or done < max_tasks) and (job := jobs.next()) is not None:
@@ -5895,6 +5909,21 @@ def pool_process(app, sock, index, hostname, max_tasks=None, deadlines=None):
         link.put(report)
         done += 1
     worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
+
+
+def _init_within(seconds):
+    """Send worker_process_init; a receiver that doesn't return within `seconds` ends this
+    pool process (another takes its place), as Celery's worker_proc_alive_timeout does:
+    one that hung would hold the jobs lent to it for ever."""
+    def give_up(*_):
+        worker_logger.error("worker_process_init's receivers did not return within %ss: this pool process "
+                            "leaves", seconds)
+        os._exit(1)
+    signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(seconds)
+    worker_process_init.send(sender=None)
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
 def _kill(pid, sig=signal.SIGKILL):
@@ -6683,8 +6712,12 @@ def _register_command(kind, name, args):
 
 
 def _within_reply_limit(answer):
-    """The answer, or an error if it is more than a client reads (its base64 is 4/3 of it)."""
-    size = len(json_dumps(answer))
+    """The answer, or an error if it is more than a client reads (its base64 is 4/3 of it),
+    or can't be sent as JSON (a project's own command can return anything)."""
+    try:
+        size = len(json_dumps(answer))
+    except (TypeError, ValueError, RecursionError) as exc:
+        return {"error": f"the reply can't be sent as JSON: {_short_repr(exc, 200)}"}
     if size * 4 // 3 + 4096 <= CONTROL_REPLY_LIMIT:
         return answer
     return {"error": f"the reply of {size} bytes is over the {CONTROL_REPLY_LIMIT} bytes a client reads"}
@@ -7953,8 +7986,8 @@ def _parser():
                             help=f"run the real {tool.title()}'s command line on this project's broker "
                                  f"(`{tool} status`, `{tool} inspect active`, ...)" if tool == "celery" else
                             "run Flower, installed apart, on this project's broker (Redis)")
-    commands.add_parser("help", help="this list, or a command's options: help worker").add_argument(
-        "topic", nargs="?", help="a command")
+    commands.add_parser("help", help="this list, or a command's options: help worker",
+                        parents=[app_option]).add_argument("topic", nargs="?", help="a command")
     result = commands.add_parser("result", help="show a task's result", parents=[app_option])
     result.add_argument("id")
     result.add_argument("--traceback", action="store_true", help="its traceback instead")
@@ -7995,7 +8028,12 @@ def _cli_ask_workers(app, args):
     custom = CUSTOM_COMMANDS.get(args.what)
     if custom and custom[1] == args.command:  # (a project's own: its args say how to read the words)
         words = args.ids if args.command == "inspect" else args.arguments
-        arguments = {name: kind(word) for (name, kind), word in zip(custom[2], words)}
+        if len(words) > len(custom[2]):
+            raise ImproperlyConfigured(f"{args.what} takes: {' '.join(name for name, _ in custom[2]) or 'nothing'}")
+        try:
+            arguments = {name: kind(word) for (name, kind), word in zip(custom[2], words)}
+        except (TypeError, ValueError) as exc:
+            raise ImproperlyConfigured(f"{args.what}: {exc}") from None
     elif args.command == "inspect" and args.what in _INSPECT_COMMANDS:
         arguments = {"ids": args.ids} if args.what == "query_task" else {}
     elif args.command == "inspect" or args.what not in CONTROL_ARGUMENTS:
@@ -8022,8 +8060,11 @@ def _run_celerys_tool(app, command, arguments):
     urls = [_celery_url(url) for url in (app.broker_url, app.backend_url or "")]
     if not urls[0].startswith(("redis", "rediss")):
         raise ImproperlyConfigured(f"Celery's tools and Flower need a Redis broker, not {_safe_url(app.broker_url)}")
-    backend = ["--result-backend", urls[1]] if urls[1].startswith("redis") else []
-    os.execv(sys.executable, [sys.executable, "-m", "celery", "-b", urls[0], *backend, *command, *arguments])
+    # (Through the environment, which Celery reads: on the command line, `ps` would show a password.)
+    urls_for_celery = {"CELERY_BROKER_URL": urls[0], **({"CELERY_RESULT_BACKEND": urls[1]}
+                                                         if urls[1].startswith("redis") else {})}
+    os.execve(sys.executable, [sys.executable, "-m", "celery", *command, *arguments],
+              dict(os.environ, **urls_for_celery))
 
 
 def _celery_url(url):
@@ -8321,6 +8362,8 @@ def main(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "help":  # (Celery's `celery help`)
         known = parser.commands.choices
+        if args.topic not in (None, *known):
+            print(f"minicelery: no command {args.topic!r}", file=sys.stderr)
         print((known[args.topic] if args.topic in known else parser).format_help())
         return 0 if args.topic in (None, *known) else 2
     spec = getattr(args, "app_positional", None) or args.app

@@ -1707,6 +1707,10 @@ def test_a_result_lists_the_tasks_it_sent_as_its_children(app, tmp_path):
     raw = json.loads(app.backend.client.get(f"celery-task-meta-{result.id}"))
     assert raw["children"][0] == [[task_id, None], None]  # (Celery's form, as a Celery client reads it)
     assert add.delay(1, 2).children == []  # (nothing stored yet: PENDING)
+    for stored in ({"status": "SUCCESS", "children": 5}, {"status": "SUCCESS"}):  # (written by someone else)
+        app.backend.client.set("celery-task-meta-odd", json.dumps(stored))
+        odd = AsyncResult("odd", app=app)
+        assert odd.children == [] and odd.result is None
 
 
 def test_eta_near_runs_on_time_and_carries_request_fields(app, tmp_path):
@@ -6779,6 +6783,10 @@ def test_a_projects_own_remote_control_commands(tmp_path, redis_server):
         @inspect_command()
         def broken(state):
             raise RuntimeError("not today")
+
+        @inspect_command()
+        def not_json(state):
+            return object()
         """})
     env = project_env(tmp_path)
     with cli_worker(tmp_path, env, "-A", "cmdproj", "worker", "-c", "2", "-n", "cmd@%h") as w:
@@ -6795,6 +6803,8 @@ def test_a_projects_own_remote_control_commands(tmp_path, redis_server):
         client = Celery("cmdproj", broker=url, set_as_current=False)
         [answer] = client.control.broadcast("broken", destination=[node], reply=True, timeout=5)
         assert answer == {node: {"error": "broken: RuntimeError: not today"}}
+        [answer] = client.control.broadcast("not_json", destination=[node], reply=True, timeout=5)  # (no reply)
+        assert answer[node]["error"].startswith("the reply can't be sent as JSON")
         assert client.control.ping([node], timeout=5) == [{node: {"ok": "pong"}}]
     assert "Control command broken raised" in w.log()
 
@@ -6918,6 +6928,41 @@ def test_celerys_signals_are_sent_where_celery_sends_them(tmp_path, redis_server
     assert by_signal["worker_process_shutdown"]["exitcode"] == "0"
 
 
+def test_a_pool_process_whose_worker_process_init_hangs_or_exits_is_replaced(tmp_path, redis_server):
+    """A worker_process_init receiver that hung left its pool process holding the jobs lent
+    to it for ever (the worker said ready, and ran nothing); one that exited was replaced
+    without a word of why. Now: 4 s at most (Celery's worker_proc_alive_timeout), said."""
+    url = f"unix://{redis_server}"
+    write_tree(tmp_path, {"initproj.py": f"""
+        import os, time
+        from minicelery import Celery
+        from minicelery.signals import worker_process_init
+        app = Celery("initproj", broker="{url}", backend="{url}?db=1")
+
+        @worker_process_init.connect
+        def init(**_):
+            if os.path.exists("{tmp_path}/EXIT"):
+                os.unlink("{tmp_path}/EXIT")
+                os._exit(3)
+            while os.path.exists("{tmp_path}/HANG"):
+                time.sleep(0.1)
+
+        @app.task
+        def add(x, y):
+            return x + y
+        """})
+    (tmp_path / "EXIT").touch()
+    (tmp_path / "HANG").touch()
+    env = project_env(tmp_path)
+    with cli_worker(tmp_path, env, "-A", "initproj", "worker", "-c", "1") as w:
+        client = Celery("initproj", broker=url, backend=url + "?db=1", set_as_current=False)
+        result = client.send_task("initproj.add", (1, 2))
+        w.wait_for_log("did not return within 4s: this pool process leaves")
+        (tmp_path / "HANG").unlink()
+        assert result.get(timeout=20) == 3
+    assert "ended (exitcode 3) before it ran a job" in w.log() and "ended (exitcode 1) before it ran" in w.log()
+
+
 def test_a_signal_holds_bound_methods_of_several_instances_weakly():
     """As Celery's Signal: two instances' bound methods are two receivers; each can be
     disconnected; one whose instance is gone is dropped; dispatch_uid names one."""
@@ -6950,6 +6995,15 @@ def test_a_signal_holds_bound_methods_of_several_instances_weakly():
     assert receiver is named and isinstance(error, RuntimeError) and signal.send(sender="other", value=3) == []
     assert signal.disconnect(sender="only-this", dispatch_uid="named") and not signal.has_listeners("only-this")
 
+    def gone(sender, **_):
+        heard.append("gone")
+    signal.connect(gone, dispatch_uid="reused")
+    del gone
+    gc.collect()
+    signal.connect(lambda sender, **_: heard.append("new"), weak=False, dispatch_uid="reused")  # (its key is free)
+    signal.send(sender="x", value=4)
+    assert heard[-1:] == ["new"]
+
 
 # --- Operations: remote control over Celery's pidbox --------------------------------
 # `app.control` / `celery inspect` / `celery control` reach every worker through the
@@ -6964,6 +7018,7 @@ def test_remote_inspect_answers_in_celerys_form(any_app, tmp_path):
     waiting, big = add.delay(1, 2), echo.delay("b" * 20_000)  # (a big one shows its argsrepr)
     later = add.apply_async((2, 3), countdown=2.5)  # held by the worker (not parked) for a while
     parked = add.apply_async((4, 4), countdown=3600)  # parked in the broker: listed too, marked so
+    echo.apply_async(("p" * 100_000,), countdown=3600)  # parked too, but too big for the main process to read
     unknown = any_app.send_task("no.such.task")  # (not counted in its stats)
     with worker(any_app, tmp_path, concurrency=1, hostname="inspected@%h") as w:
         node = minicelery._expand_hostname("inspected@%h")
@@ -7145,7 +7200,11 @@ def test_celerys_command_line_and_flower_on_a_minicelery_project(app, tmp_path):
             assert status_code == 200 and node in page and "celery" in page
         finally:
             flower.terminate()
-            flower.wait(20)
+            try:
+                flower.wait(20)
+            except subprocess.TimeoutExpired:  # (Flower's own shutdown, not ours to test)
+                flower.kill()
+                flower.wait()
             log.close()
     nobroker = run_cli(tmp_path, dict(env, MINICELERY_BROKER_URL=f"sqlite:///{tmp_path}/q.db"),
                        "-A", "test_minicelery", "flower", timeout=60)
