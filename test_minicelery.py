@@ -1701,9 +1701,9 @@ def test_a_result_lists_the_tasks_it_sent_as_its_children(app, tmp_path):
         result = send_two.delay()
         task_id, group_id = result.get(timeout=10)
         single, grouped = result.children
-    assert isinstance(single, AsyncResult) and single.id == task_id and single.get(timeout=10) == 2
-    assert isinstance(grouped, minicelery.GroupResult) and grouped.id == group_id
-    assert grouped.get(timeout=10) == [4, 6]
+        assert isinstance(single, AsyncResult) and single.id == task_id and single.get(timeout=10) == 2
+        assert isinstance(grouped, minicelery.GroupResult) and grouped.id == group_id
+        assert grouped.get(timeout=10) == [4, 6]  # (run by the worker: inside its block)
     raw = json.loads(app.backend.client.get(f"celery-task-meta-{result.id}"))
     assert raw["children"][0] == [[task_id, None], None]  # (Celery's form, as a Celery client reads it)
     assert add.delay(1, 2).children == []  # (nothing stored yet: PENDING)
