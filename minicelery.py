@@ -4593,10 +4593,10 @@ class Config:
 
     def update(self, other=None, **settings):
         settings = dict(other or {}, **settings)
-        unknown = [name for name in settings if name not in self.__dataclass_fields__
+        unknown = [(name, value) for name, value in settings.items() if name not in self.__dataclass_fields__
                    and setting_name(name) is None and name.lower().startswith(_SETTING_PREFIXES)]
         if unknown:
-            _warn_unused_settings(unknown)  # once for them all; stored all the same (apps keep their own here)
+            _check_unused_settings(unknown)  # once for them all; stored all the same (apps keep their own here)
         for name, value in settings.items():
             self._set(name, value)
 
@@ -4715,22 +4715,85 @@ def setting_name(key):
 
 
 #: what names of Celery's settings start with, to tell a mistyped one from an app's own
-_SETTING_PREFIXES = ("task_", "worker_", "result_", "broker_", "beat_", "celery")
+_SETTING_PREFIXES = ("task_", "worker_", "result_", "broker_", "beat_", "celery", "redis_", "security_")
 
 
-#: Celery settings that change nothing here (minicelery always retries a broker it
-#: can't reach, always creates queues, leaves the root logger alone): no warning
-_QUIET_SETTINGS = {"broker_connection_retry_on_startup", "broker_connection_retry", "broker_connection_max_retries",
-                   "task_create_missing_queues", "worker_hijack_root_logger", "worker_redirect_stdouts"}
+#: Celery settings that change nothing here, whatever their value: minicelery always
+#: retries a broker it can't reach and its result backend, creates queues, leaves the
+#: root logger alone, keeps its revocations in the broker; AMQP's exchanges, heartbeats
+#: and queue types; connection pools; other result backends' options.
+_QUIET_SETTINGS = {
+    "broker_connection_retry_on_startup", "broker_connection_retry", "broker_connection_max_retries",
+    "task_create_missing_queues", "worker_hijack_root_logger", "worker_redirect_stdouts", "worker_state_db",
+    "broker_channel_error_retry", "broker_connection_timeout", "broker_failover_strategy", "broker_heartbeat",
+    "broker_heartbeat_checkrate", "broker_login_method", "broker_native_delayed_delivery_queue_type",
+    "broker_pool_acquire_timeout", "broker_pool_limit", "event_serializer", "redis_max_connections",
+    "redis_retry_on_timeout", "redis_socket_connect_timeout", "redis_socket_keepalive", "redis_socket_timeout",
+    "result_backend_always_retry", "result_backend_base_sleep_between_retries_ms", "result_backend_max_retries",
+    "result_backend_max_sleep_between_retries_ms", "result_cache_max", "result_chord_join_timeout",
+    "result_chord_retry_interval", "result_exchange", "result_exchange_type", "result_persistent",
+    "task_create_missing_queue_exchange_type", "task_create_missing_queue_type", "task_default_delivery_mode",
+    "task_default_exchange", "task_default_exchange_type", "task_default_queue_type", "task_default_routing_key",
+    "task_queue_max_priority", "task_repr_maxlevels", "worker_agent", "worker_autoscaler", "worker_consumer",
+    "worker_detect_quorum_queues", "worker_enable_prefetch_count_reduction", "worker_log_color", "worker_lost_wait",
+    "worker_pool_putlocks", "worker_proc_alive_timeout", "worker_redirect_stdouts_level", "worker_timer",
+    "worker_timer_precision", "beat_sync_every", "beat_remote_control_max_tick_age", "control_exchange",
+    "control_queue_durable", "control_queue_exclusive", "control_queue_expires", "control_queue_ttl",
+    "event_exchange", "event_queue_durable", "event_queue_exclusive", "event_queue_expires", "event_queue_prefix",
+    "event_queue_ttl"}
+_QUIET_PREFIXES = ("arangodb_", "azureblockblob_", "cassandra_", "cosmosdbsql_", "couchbase_", "database_",
+                   "elasticsearch_", "gcs_", "mongodb_", "s3_", "cache_backend")
+
+#: Celery settings minicelery doesn't offer, with Celery's default: set to it, nothing
+#: changes; set otherwise, a project would silently not get what it asked for.
+# Celery: settings: Celery honours these; here they are refused where the app is configured.
+_NOT_OFFERED = {
+    "beat_cron_starting_deadline": None, "beat_enable_remote_control": False, "broker_use_ssl": False,
+    "broker_host": None, "broker_port": None, "broker_user": None, "broker_password": None, "broker_vhost": None,
+    "broker_read_url": None, "broker_write_url": None, "broker_transport": None, "redis_backend_use_ssl": None,
+    "redis_host": None, "redis_port": None, "redis_db": None, "redis_password": None, "redis_username": None,
+    "result_backend_transport_options": {}, "result_chord_expires": None, "result_compression": None,
+    "result_failure_expires": None, "security_cert_store": None, "security_certificate": None,
+    "security_digest": "sha256", "security_key": None, "security_key_password": None, "task_acks_on_failure": None,
+    "task_acks_on_failure_or_timeout": True, "task_acks_on_timeout": None,
+    "task_allow_error_cb_on_chord_header": False, "task_inherit_parent_priority": False, "task_protocol": 2,
+    "task_remote_tracebacks": False, "task_retry_on_worker_lost": False,
+    "worker_cancel_long_running_tasks_on_connection_loss": False, "worker_deduplicate_successful_tasks": False,
+    "worker_direct": False, "worker_disable_prefetch": False, "worker_enable_remote_control": True,
+    "worker_enable_soft_shutdown_on_idle": False, "worker_eta_task_limit": None, "worker_log_datefmt": None,
+    "worker_log_format": LOG_FORMAT, "worker_max_memory_per_child": None, "worker_pool_restarts": False,
+    "worker_pool_start_method": "fork", "worker_soft_shutdown_timeout": 0.0, "worker_task_log_datefmt": None,
+    "worker_task_log_format": "[%(asctime)s: %(levelname)s/%(processName)s] %(task_name)s[%(task_id)s]: %(message)s"}
 
 
-def _warn_unused_settings(keys, prefix=""):
-    """One warning for settings minicelery has no use for, with the closest it has."""
-    keys = [key for key in keys if key[len(prefix):].lower() not in _QUIET_SETTINGS]
-    if keys:
+def _celerys_name(key: str) -> str:
+    """A key as Celery 5 names its setting: Celery 3's BROKER_USE_SSL is broker_use_ssl."""
+    for old, new in _OLD_PREFIXES if key.isupper() else ():
+        name = new + key[len(old):].lower()
+        if key.startswith(old) and (name in _NOT_OFFERED or name in _QUIET_SETTINGS):
+            return name
+    return key.lower()
+
+
+def _check_unused_settings(settings, prefix=""):
+    """Settings minicelery has no use for ((key, value) pairs): Celery's that mean nothing
+    here pass; Celery's that would change something are refused; the others (a typo, or
+    an app's own) get one warning, with the closest name minicelery has."""
+    refused, unknown = [], []
+    for key, value in settings:
+        name = _celerys_name(key[len(prefix):])
+        if name in _NOT_OFFERED and value != _NOT_OFFERED[name]:
+            refused.append(f"{key}={_short_repr(_mask_secrets(name, value), 80)} (Celery's default: "
+                           f"{_NOT_OFFERED[name]!r})")
+        elif name not in _NOT_OFFERED and name not in _QUIET_SETTINGS and not name.startswith(_QUIET_PREFIXES):
+            unknown.append(key)
+    if refused:
+        raise ImproperlyConfigured(f"minicelery doesn't offer these Celery settings: {'; '.join(refused)}. "
+                                   f"Remove them (or set Celery's default): a worker would not do what they say")
+    if unknown:
         logger.warning("minicelery ignores these settings (it has no such feature, or a typo?): %s", "; ".join(
             key + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(
-                key[len(prefix):].lower(), _CONFIG_TYPES, 1, cutoff=0.8)) for key in keys))
+                key[len(prefix):].lower(), _CONFIG_TYPES, 1, cutoff=0.8)) for key in unknown))
 
 
 def queue_names(task_queues) -> list:
@@ -4876,9 +4939,9 @@ class Celery:
                 setattr(self.conf, setting, value)
             elif (prefix or key.islower() or key.startswith(("CELERY", "BROKER"))) \
                     and not (callable(value) or isinstance(value, (type(sys), Celery))):
-                unused.append(key)  # a config module's imports (modules, classes, functions, apps) are not settings
+                unused.append((key, value))  # a config module's imports (modules, classes, functions, apps) are not
         if unused:
-            _warn_unused_settings(unused, prefix)
+            _check_unused_settings(unused, prefix)
 
     def autodiscover_tasks(self, packages=None, related_name="tasks", force=False):
         """Import `<package>.tasks` of each package when the worker starts (now with force=True).

@@ -6013,9 +6013,29 @@ def test_a_mistyped_setting_set_on_conf_warns_and_an_apps_own_does_not(caplog):
     with caplog.at_level(logging.WARNING, logger="minicelery"):
         app_.conf.update(task_always_eagr=True, my_own_setting=1, CELERY_ALWAYS_EAGER=True, BROKER_POOL_LIMIT=3)
     warnings = [r.getMessage() for r in caplog.records if r.name == "minicelery"]
-    assert len(warnings) == 1 and "task_always_eagr (did you mean task_always_eager?)" in warnings[0]
-    assert "BROKER_POOL_LIMIT;" not in warnings[0] and warnings[0].endswith("BROKER_POOL_LIMIT")  # no far-off hint
+    assert len(warnings) == 1 and warnings[0].endswith("task_always_eagr (did you mean task_always_eager?)")
+    assert "BROKER_POOL_LIMIT" not in warnings[0]  # (Celery's, and means nothing here: taken quietly)
     assert app_.conf.task_always_eager is True and app_.conf.my_own_setting == 1
+
+
+def test_a_celery_setting_minicelery_does_not_offer_is_refused_unless_at_celerys_default():
+    """Settings Celery honours were warned about and dropped (a project got plain TCP where
+    it set broker_use_ssl, no memory limit where it set worker_max_memory_per_child). Set
+    to Celery's default they change nothing and pass; otherwise the app refuses them."""
+    app_ = Celery("refused", set_as_current=False)
+    with pytest.raises(ImproperlyConfigured, match="doesn't offer these Celery settings") as raised:
+        app_.config_from_object({"CELERY_BROKER_USE_SSL": {"ssl_cert_reqs": "required"},
+                                 "CELERY_WORKER_MAX_MEMORY_PER_CHILD": 200_000, "CELERY_BROKER_PASSWORD": "hunter2",
+                                 "CELERY_TASK_PROTOCOL": 2, "CELERY_BROKER_POOL_LIMIT": 5}, namespace="CELERY")
+    text = str(raised.value)
+    assert "CELERY_BROKER_USE_SSL=" in text and "CELERY_WORKER_MAX_MEMORY_PER_CHILD=200000" in text
+    assert "hunter2" not in text and "TASK_PROTOCOL" not in text and "POOL_LIMIT" not in text
+    with pytest.raises(ImproperlyConfigured, match="task_remote_tracebacks=True"):
+        app_.conf.update(task_remote_tracebacks=True)
+    app_.conf.update(task_acks_on_failure_or_timeout=True, worker_enable_remote_control=True,
+                     mongodb_backend_settings={"x": 1}, event_queue_ttl=5)  # (defaults, and nothing here)
+    with pytest.raises(ImproperlyConfigured, match="REDIS_HOST"):
+        Celery("old", set_as_current=False).config_from_object({"CELERY_REDIS_HOST": "redis.example"})
 
 
 def test_result_get_inside_an_eager_task_is_allowed(app):
