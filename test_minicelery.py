@@ -6018,6 +6018,17 @@ def test_a_mistyped_setting_set_on_conf_warns_and_an_apps_own_does_not(caplog):
     assert app_.conf.task_always_eager is True and app_.conf.my_own_setting == 1
 
 
+def test_every_celery_setting_is_ours_quiet_or_refused():
+    """Celery 5.7's table of settings: each is minicelery's, means nothing here, or is
+    refused unless at Celery's default (whose value the refusal compares with)."""
+    defaults = pytest.importorskip("celery.app.defaults")
+    table = {name: option.default for name, option in defaults.flatten(defaults.NAMESPACES)}
+    left = [name for name in table if name not in minicelery._CONFIG_TYPES and name not in minicelery._QUIET_SETTINGS
+            and name not in minicelery._NOT_OFFERED and not name.startswith(minicelery._QUIET_PREFIXES)]
+    assert left == []
+    assert {name: table[name] for name in minicelery._NOT_OFFERED} == minicelery._NOT_OFFERED
+
+
 def test_a_celery_setting_minicelery_does_not_offer_is_refused_unless_at_celerys_default():
     """Settings Celery honours were warned about and dropped (a project got plain TCP where
     it set broker_use_ssl, no memory limit where it set worker_max_memory_per_child). Set
