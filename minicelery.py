@@ -459,7 +459,7 @@ class Signal:
     def send(self, sender, **arguments) -> list:
         """[(receiver, what it returned or raised), ...]"""
         responses = []
-        for receiver in self._live(sender):
+        for receiver in self._live(sender) if self.receivers else ():  # (none connected: the usual case)
             try:
                 responses.append((receiver, receiver(signal=self, sender=sender, **arguments)))
             except Exception as exc:
