@@ -712,10 +712,16 @@ def _pickle_load(data: bytes):
     Each element takes an opcode, a byte at least, unless it is such a shared part.
     """
     value = pickle.loads(data)
-    if not _parts_within(value, len(data)) and _expanded_size(value, _python_parts, len(data)) > len(data):
+    if _names_more_than(value, len(data)):
         raise DecodeError(f"the pickle of {len(data)} bytes names more elements than that through parts "
                           f"it holds more than once (a bomb?)")
     return value
+
+
+def _names_more_than(value, most) -> bool:
+    """Whether a Python value, written out, has more than `most` elements (the quick count
+    first; the one that remembers shared parts only for a big value)."""
+    return not _parts_within(value, most) and _expanded_size(value, _python_parts, most) > most
 
 
 def _expanded_size(root, parts_of, limit) -> int:
@@ -840,9 +846,9 @@ def exception_to_dict(exc: BaseException) -> dict:
 
 
 def _jsonable(value):
-    if not _parts_within(value, 1024) and _expanded_size(value, _python_parts, 2 ** 20) > 2 ** 20:
-        return _short_repr(value)  # (parts held many times over: written out, it would never end)
     try:
+        if _names_more_than(value, 2 ** 20):
+            return _short_repr(value)  # (parts held many times over: written out, it would never end)
         json_dumps(value)
         return value
     except Exception:  # not JSON (or too deep): its repr, which may itself fail
@@ -3849,7 +3855,7 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None, verdic
     started, pid = time.perf_counter(), os.getpid()
     try:
         task_prerun.send(sender=task, task_id=message.id, task=task, args=message.args, kwargs=message.kwargs)
-        outcome = _call_task(task, request, message, None if eager else time_limits(task, message)[1])
+        outcome = _call_task(task, request, message, None if eager else request.soft_time_limit)
         if pid != os.getpid() and not eager:
             os._exit(0)  # the task forked, and its child returned: it must not go on as a worker
         outcome.runtime = time.perf_counter() - started
@@ -4708,8 +4714,14 @@ def setting_name(key):
     renames (CELERY_ALWAYS_EAGER is task_always_eager); None for one we don't use."""
     if key in _CONFIG_TYPES or key in _OLD_RENAMES:
         return _OLD_RENAMES.get(key, key)
+    return _celery5_name(key, _CONFIG_TYPES)
+
+
+def _celery5_name(key, known):
+    """Celery 3's upper-case key as Celery 5 names it (BROKER_USE_SSL: broker_use_ssl), if
+    `known` has that name; else None."""
     for old, new in _OLD_PREFIXES if key.isupper() else ():
-        if key.startswith(old) and new + key[len(old):].lower() in _CONFIG_TYPES:
+        if key.startswith(old) and new + key[len(old):].lower() in known:
             return new + key[len(old):].lower()
     return None
 
@@ -4766,22 +4778,13 @@ _NOT_OFFERED = {
     "worker_task_log_format": "[%(asctime)s: %(levelname)s/%(processName)s] %(task_name)s[%(task_id)s]: %(message)s"}
 
 
-def _celerys_name(key: str) -> str:
-    """A key as Celery 5 names its setting: Celery 3's BROKER_USE_SSL is broker_use_ssl."""
-    for old, new in _OLD_PREFIXES if key.isupper() else ():
-        name = new + key[len(old):].lower()
-        if key.startswith(old) and (name in _NOT_OFFERED or name in _QUIET_SETTINGS):
-            return name
-    return key.lower()
-
-
 def _check_unused_settings(settings, prefix=""):
     """Settings minicelery has no use for ((key, value) pairs): Celery's that mean nothing
     here pass; Celery's that would change something are refused; the others (a typo, or
     an app's own) get one warning, with the closest name minicelery has."""
     refused, unknown = [], []
     for key, value in settings:
-        name = _celerys_name(key[len(prefix):])
+        name = _celery5_name(key[len(prefix):], _NOT_OFFERED.keys() | _QUIET_SETTINGS) or key[len(prefix):].lower()
         if name in _NOT_OFFERED and value != _NOT_OFFERED[name]:
             refused.append(f"{key}={_short_repr(_mask_secrets(name, value), 80)} (Celery's default: "
                            f"{_NOT_OFFERED[name]!r})")
@@ -5048,9 +5051,9 @@ class Celery:
 
     # -- sending ----------------------------------------------------------
 
-    #: apply_async options Celery accepts that mean nothing for Redis; ignored.
     #: apply_async options that go into the message's properties as they are (kombu's)
     PROPERTY_OPTIONS = ("app_id", "user_id", "type", "timestamp")
+    #: apply_async options Celery accepts that mean nothing for Redis; ignored.
     IGNORED_OPTIONS = frozenset({"exchange", "routing_key", "retry", "retry_policy",
                                  "reply_to", "add_to_parent", "mandatory", "delivery_mode",
                                  "declare", "producer", "connection", "publisher",
@@ -6537,7 +6540,8 @@ class Consumer:
 
     def _received(self, message):
         worker_logger.info("Task %s received", message.describe())
-        task_received.send(sender=self, request=Request.from_message(message, hostname=self.hostname))
+        if task_received.receivers:  # (a Request for each message only if someone listens)
+            task_received.send(sender=self, request=Request.from_message(message, hostname=self.hostname))
         if self.events:
             headers = message.headers
             self.send_event("task-received", uuid=message.id, name=message.task_name,
@@ -6560,9 +6564,10 @@ class Consumer:
                 held.verdict = TaskRevokedError("expired")
             if isinstance(held.verdict, TaskRevokedError) and message is not None:
                 self._tell_revoked(message, expired=str(held.verdict) == "expired")
-            worker_logger.debug("TaskPool: Apply %s (ack %s%s)", held.message.describe() if held.message else held.tag,
-                                "late" if held.late else "as it starts",
-                                f"; not run: {held.verdict!r}" if held.verdict is not None else "")
+            if worker_logger.isEnabledFor(logging.DEBUG):  # (this loop is the hot path)
+                worker_logger.debug("TaskPool: Apply %s (ack %s%s)", message.describe() if message else held.tag,
+                                    "late" if held.late else "as it starts",
+                                    f"; not run: {held.verdict!r}" if held.verdict is not None else "")
         self.pool.apply([Job(held.tag, held.delivery.raw, held.delivery.queue, () if held.late else held.claim,
                              held.verdict, self._limits(held), self.events) for held in starting])
 
@@ -6888,19 +6893,21 @@ class RemoteControl:
         return [{"eta": held.message.eta.isoformat() if held.message.eta else None,
                  "priority": held.message.priority, "request": self.info(held)}
                 for state, held in self._held() if state == "scheduled"] + \
-            [{"eta": message.eta.isoformat() if message.eta else None, "priority": message.priority,
-              "request": self.info(types.SimpleNamespace(message=message, tag=None, lent=None, late=False)),
-              "parked": True} for message in self._parked()]
+            [{"eta": parked.message.eta.isoformat() if parked.message.eta else None,
+              "priority": parked.message.priority, "request": self.info(parked), "parked": True}
+             for parked in self._parked()]
 
     #: parked messages looked at for `inspect scheduled` (each a read of its envelope)
     PARKED_SHOWN = 100
 
     def _parked(self) -> list:
-        messages = []
+        """The parked messages, each as a held message that no pool process has (for info())."""
+        parked = []
         for queue, raw in self.broker.parked(self.consumer.queues, self.PARKED_SHOWN):
             with contextlib.suppress(DecodeError):  # (a bad one shows where a worker meets it: dead letters)
-                messages.append(decode_message(raw, queue, max_size=self.app.conf.worker_max_message_size))
-        return messages
+                message = decode_message(raw, queue, max_size=self.app.conf.worker_max_message_size)
+                parked.append(types.SimpleNamespace(message=message, tag=None, lent=None, late=False))
+        return parked
 
     def do_registered(self, taskinfoitems=None, builtins=False, **_):
         """Task names; with taskinfoitems (Celery's default: rate_limit), `name [item=value ...]`."""
@@ -6929,8 +6936,7 @@ class RemoteControl:
 
     def do_query_task(self, ids=(), **_):
         ids = {ids} if isinstance(ids, str) else set(ids)
-        parked = {entry["request"]["id"]: ["scheduled", entry["request"]] for entry in self.do_scheduled()
-                  if entry.get("parked") and entry["request"]["id"] in ids}
+        parked = {held.message.id: ["scheduled", self.info(held)] for held in self._parked() if held.message.id in ids}
         return {**parked, **{held.message.id: [state, self.info(held)] for state, held in self._held()
                              if held.message.id in ids}}
 
