@@ -1006,7 +1006,8 @@ class Message:
 #: arrival, so a wrong type makes a bad message, never a worker error later on
 _HEADER_TYPES = {"retries": int, "group_index": int, "timelimit": (list, tuple),
                  "group": str, "root_id": str, "parent_id": str, "shadow": str,
-                 "ignore_result": (bool, int), "compression": str}
+                 "ignore_result": (bool, int), "compression": str, "replaced_task_nesting": int,
+                 "stamped_headers": list, "stamps": dict}
 _EMBED_TYPES = {"callbacks": list, "errbacks": list, "chain": list, "chord": dict}
 
 
@@ -2890,6 +2891,8 @@ class ResultBackend(Explains):
         """Write one state of a task, as Celery's worker does."""
         if state in EXCEPTION_STATES and isinstance(result, BaseException):
             result = exception_to_dict(result)
+        elif isinstance(result, (AsyncResult, GroupResult)):  # (a task may return one: Celery stores its tuple)
+            result = result.as_tuple()
         meta = {"status": state, "result": result, "traceback": traceback,
                 "children": [getattr(c, "as_tuple", lambda: c)() for c in getattr(request, "children", None) or []],
                 "date_done": utcnow().isoformat() if state in READY_STATES else None}
@@ -2983,6 +2986,9 @@ class ResultBackend(Explains):
     def chord_done(self, group_id):
         """Forget the chord's counter once its body was sent."""
 
+    def chord_add(self, group_id):
+        """One more task for the chord to wait for (Task.add_to_chord)."""
+
     def close(self):
         """Release connections (also called in a freshly forked child)."""
 
@@ -2998,7 +3004,7 @@ class DisabledBackend(ResultBackend):
             "no result backend is configured: pass backend=... to Celery() "
             "or set result_backend to read results and run chords")
 
-    _set = chord_start = chord_part = chord_done = _get
+    _set = chord_start = chord_part = chord_done = chord_add = _get
 
 
 # Writes the state unless the one stored is final for it, then PUBLISHes it, in
@@ -3199,6 +3205,9 @@ class RedisBackend(ResultBackend):
             self.explain("chord_part", key=self._chord_keys(group_id)[0][:-2], task_id=task_id)
         return [json_loads(part) for part in parts] if parts else None
 
+    def chord_add(self, group_id):
+        self.client.incr(self._chord_keys(group_id)[1])
+
     def chord_done(self, group_id):
         jkey, tkey, skey, dkey, ckey = self._chord_keys(group_id)
         with self.client.pipeline() as pipe:
@@ -3309,6 +3318,10 @@ class SQLiteBackend(ResultBackend):
             db.execute("UPDATE chords SET done = 1 WHERE group_id = ?", (group_id,))
             return [json_loads(p) for (p,) in db.execute(
                 "SELECT part FROM chord_parts WHERE group_id = ? ORDER BY idx", (group_id,))]
+
+    def chord_add(self, group_id):
+        with self.store.transaction() as db:
+            db.execute("UPDATE chords SET size = size + 1 WHERE group_id = ?", (group_id,))
 
     def chord_done(self, group_id):
         with self.store.transaction() as db:
@@ -3472,6 +3485,7 @@ class Request:
     time_limit = soft_time_limit = None  # (in effect: per call, else the task's, else the app's)
     callbacks = errbacks = chain = chord = None
     replaced_task_nesting = 0
+    stamped_headers, stamps = (), {}
 
     def __init__(self, **fields):
         self.args, self.kwargs, self.delivery_info, self.headers = (), {}, {}, {}
@@ -3492,8 +3506,15 @@ class Request:
                    retries=message.retries, timelimit=headers.get("timelimit") or (None, None),
                    reply_to=properties.get("reply_to"), correlation_id=properties.get("correlation_id"),
                    properties=dict(properties), replaced_task_nesting=headers.get("replaced_task_nesting") or 0,
+                   stamped_headers=headers.get("stamped_headers") or [], stamps=headers.get("stamps") or {},
                    delivery_info=dict(properties.get("delivery_info") or {}, priority=message.priority),
                    headers=headers, hostname=hostname, is_eager=is_eager, called_directly=False)
+
+
+def _stamps_of(request):
+    """The stamps a retried or replaced task carries on (those its stamped_headers name)."""
+    return {name: value for name, value in request.stamps.items()
+            if isinstance(name, str) and name in request.stamped_headers and name not in _SEND_OPTIONS}
 
 
 def _assert_will_not_block():
@@ -3727,6 +3748,15 @@ class Task:
         """`add.si(2, 2)`: an immutable signature, which ignores a previous task's result."""
         return Signature(self, args, kwargs, immutable=True)
 
+    def map(self, it):
+        return xmap(self.s(), it)
+
+    def starmap(self, it):
+        return xstarmap(self.s(), it)
+
+    def chunks(self, it, n):
+        return chunks(self.s(), it, n)
+
     def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None,
               countdown=None, max_retries=None, **options):
         """Send this task again with the same id and retries + 1, then raise Retry.
@@ -3757,7 +3787,9 @@ class Task:
                        "retries": request.retries + 1, "root_id": request.root_id, "parent_id": request.id,
                        "group_id": request.group, "group_index": request.group_index, "expires": request.expires,
                        "timelimit": request.timelimit, "shadow": request.shadow, "headers": custom or None,
-                       "ignore_result": (request.headers or {}).get("ignore_result"), **options}
+                       "ignore_result": (request.headers or {}).get("ignore_result"),
+                       "replaced_task_nesting": request.replaced_task_nesting,
+                       "stamped_headers": request.stamped_headers or None, **_stamps_of(request), **options}
             self.app.send_task(self.name, args, kwargs, countdown=countdown, eta=eta, **options)
         ret = Retry(exc=exc, when=eta or countdown)
         ret.sig = (args, kwargs) if request.is_eager else None
@@ -3786,6 +3818,50 @@ class Task:
             else:
                 rest[name] = value
         return bound.args, {**bound.kwargs, **rest}
+
+    def replace(self, sig):
+        """End this task by handing its place to `sig` (a signature, chain or group), as
+        Celery does: `sig` takes its id, its callbacks and errbacks, the rest of its chain
+        and its place in a group or chord; this task stores nothing (Ignore is raised).
+        A group is made a chord whose body gathers the group's results as its value."""
+        request = self.request
+        if "chord" in sig.options:
+            raise ImproperlyConfigured("A signature replacing a task must not be part of a chord")
+        if isinstance(sig, chain) and not sig.tasks:
+            raise ImproperlyConfigured("Cannot replace with an empty chain")
+        gather = self.app.tasks["celery.accumulate"].s(index=0)
+        if isinstance(sig, group):
+            sig = chord(sig, gather, app=self.app)
+        elif isinstance(sig, chain) and isinstance(sig.tasks[-1], group):
+            sig = chain(*sig.tasks[:-1], chord(sig.tasks[-1], gather, app=self.app), app=self.app)
+        for callback in request.callbacks or ():
+            sig.link(signature(callback, app=self.app))
+        for errback in request.errbacks or ():
+            sig.link_error(signature(errback, app=self.app))
+        sig.freeze(request.id)
+        nesting = request.replaced_task_nesting + 1
+        sig.set(chord=request.chord, group_id=request.group, group_index=request.group_index,
+                root_id=request.root_id, replaced_task_nesting=nesting)
+        for task in sig.tasks if isinstance(sig, chain) else ():
+            task.set(replaced_task_nesting=nesting)
+        rest = [signature(step, app=self.app).set(replaced_task_nesting=nesting)
+                for step in reversed(request.chain or ())]
+        sig = chain(sig, *rest, app=self.app) if rest else sig
+        if request.is_eager:
+            return sig.apply().get()
+        sig.delay()
+        raise Ignore("Replaced by new task")
+
+    def add_to_chord(self, sig, lazy=False):
+        """Add `sig` to the chord this task is part of: the chord waits for it too."""
+        request = self.request
+        if not request.chord:
+            raise ValueError("Current task is not member of any chord")
+        sig.set(group_id=request.group, group_index=request.group_index, chord=request.chord,
+                root_id=request.root_id)
+        sig.freeze()
+        self.backend.chord_add(request.group)
+        return sig if lazy else sig.delay()
 
     # -- hooks: override in a base class ------------------------------------
 
@@ -4077,11 +4153,15 @@ class Signature(dict):
         self.app = app or getattr(task, "app", None)
 
     task = property(lambda self: self["task"])
-    args = property(lambda self: self["args"])
-    kwargs = property(lambda self: self["kwargs"])
-    options = property(lambda self: self["options"])
+    args = property(lambda self: self["args"], lambda self, value: self.__setitem__("args", list(value)))
+    kwargs = property(lambda self: self["kwargs"], lambda self, value: self.__setitem__("kwargs", dict(value)))
+    options = property(lambda self: self["options"], lambda self, value: self.__setitem__("options", dict(value)))
     immutable = property(lambda self: self["immutable"])
     id = property(lambda self: self["options"].get("task_id"))
+
+    @classmethod
+    def from_dict(cls, value, app=None):
+        return signature(value, app=app)
 
     def _app(self):
         return self.app or current_app()
@@ -4105,9 +4185,31 @@ class Signature(dict):
         self.options.update(options)
         return self
 
-    def freeze(self):
-        """Fix the task id now, so the result is known before sending."""
-        return AsyncResult(self.options.setdefault("task_id", uuid()), app=self._app(), task_name=self.task)
+    def freeze(self, _id=None):
+        """Fix the task id now (one it has, else `_id`, else a new one), so the result
+        is known before sending."""
+        return AsyncResult(self.options.setdefault("task_id", _id or uuid()), app=self._app(), task_name=self.task)
+
+    def stamp(self, visitor=None, append_stamps=False, **headers):
+        """Celery's stamping: `headers`, and what `visitor` (a StampingVisitor) returns for
+        each signature, go as stamps into the message of every task of this workflow
+        (`request.stamps`), its callbacks and errbacks included."""
+        for key, hook in (("link", "on_callback"), ("link_error", "on_errback")):
+            for i, linked in enumerate(self.options.get(key) or ()):
+                linked = self.options[key][i] = signature(linked, app=self.app)
+                linked._add_stamps(dict(headers, **_visit(visitor, hook, linked, headers)), append_stamps)
+        self._add_stamps(dict(headers, **_visit(visitor, "on_signature", self, headers)), append_stamps)
+        return self
+
+    def _add_stamps(self, stamps, append_stamps):
+        stamped = self.options.setdefault("stamped_headers", [])
+        for name, value in stamps.items():
+            if append_stamps and name in stamped and self.options.get(name) not in (None, value):
+                old = self.options[name]
+                value = (old if isinstance(old, list) else [old]) + [value]
+            self.options[name] = value
+            if name not in stamped:
+                stamped.append(name)
 
     def link(self, callback):
         self.options.setdefault("link", []).append(callback)
@@ -4116,6 +4218,11 @@ class Signature(dict):
     def link_error(self, errback):
         self.options.setdefault("link_error", []).append(errback)
         return errback
+
+    def on_error(self, errback):
+        """`chain(...).on_error(errback)`: link_error that returns the signature itself."""
+        self.link_error(errback)
+        return self
 
     def apply_async(self, args=(), kwargs=None, **options):
         args, kwargs, options = self._merge(args, kwargs, options)
@@ -4145,6 +4252,45 @@ class Signature(dict):
         return f"{self.task}({args}){'!' if self.immutable else ''}"
 
 
+class StampingVisitor:
+    """Celery's stamping visitor: override on_signature (and any other hook) to return
+    the stamps, a dict, for each part of a workflow that stamp() walks."""
+
+    def on_signature(self, sig, **headers):
+        return {}
+
+    def on_group_start(self, group, **headers):
+        return {}
+
+    def on_group_end(self, group, **headers):
+        pass
+
+    def on_chain_start(self, chain, **headers):
+        return {}
+
+    def on_chain_end(self, chain, **headers):
+        pass
+
+    def on_chord_header_start(self, chord, **headers):
+        return self.on_group_start(chord.header, **headers)
+
+    def on_chord_header_end(self, chord, **headers):
+        self.on_group_end(chord.header, **headers)
+
+    def on_chord_body(self, chord, **headers):
+        return {}
+
+    def on_callback(self, callback, **headers):
+        return {}
+
+    def on_errback(self, errback, **headers):
+        return {}
+
+
+def _visit(visitor, hook, sig, headers):
+    return (getattr(visitor, hook)(sig, **headers) or {}) if visitor is not None else {}
+
+
 def signature(value, *args, app=None, **kwargs) -> Signature:
     """A Signature from a task name, a Signature, or Celery's dict form of one."""
     if isinstance(value, dict):
@@ -4170,7 +4316,46 @@ def _members(sig, key="tasks"):
     """A workflow's member signatures, as objects stored in place, so freeze() sticks."""
     stored = sig.kwargs[key]
     stored[:] = [t if isinstance(t, Signature) else signature(t, app=sig.app) for t in stored]
+    for task in stored:
+        task.app = task.app or sig.app  # (a member made without an app is sent by the workflow's)
     return stored
+
+
+def _flat_tasks(header):
+    """A group's tasks, with the tasks of a group in it in its place (as Celery runs them)."""
+    return [member for task in header.tasks
+            for member in (_flat_tasks(task) if isinstance(task, group) else [task])]
+
+
+def _parts_counted(sig):
+    """How many finished tasks a chord header member adds: one, or for a chord whose
+    body is a group, one per body task (a chain counts as its last step)."""
+    if isinstance(sig, chain):
+        return _parts_counted(sig.tasks[-1]) if sig.tasks else 0
+    if isinstance(sig, chord) and isinstance(sig.body, group):
+        return len(_flat_tasks(sig.body))
+    return 1
+
+
+def _chain_steps(flat, app):
+    """Celery's rules for the steps of a chain, applied from the end: an empty group
+    is skipped; a group followed by a step is a chord with that step as its body; a
+    chord whose body is a chain led by a task keeps only that task as its body, and
+    the rest of the body follows it in the chain (so a chord followed by steps
+    hands them to its body at run time, not to each header task)."""
+    steps = []
+    for task in reversed(flat):
+        if isinstance(task, group) and not task.tasks and (steps or task is not flat[0]):
+            continue
+        if isinstance(task, group) and steps:
+            task = chord(task, steps.pop(0), app=app)
+        if isinstance(task, chord) and isinstance(task.body, chain) and task.body.tasks \
+                and not isinstance(task.body.tasks[0], group):
+            body_steps = task.body.tasks
+            steps[:0] = body_steps[1:]
+            task = chord(task.header, body_steps[0], app=app, **task.options)
+        steps.insert(0, task)
+    return steps
 
 
 class chain(Signature):
@@ -4181,16 +4366,8 @@ class chain(Signature):
         for task in _tasks_from(tasks):
             task = signature(task, app=app)
             flat.extend(task.tasks if isinstance(task, chain) else [task])
-        # Celery's upgrade: a group followed by more tasks is a chord whose body is
-        # the rest; a chord followed by more tasks takes them into its body.
-        for i in range(len(flat) - 2, -1, -1):
-            if isinstance(flat[i], (group, chord)):
-                head = flat[i] if isinstance(flat[i], chord) else chord(flat[i], app=app)
-                rest = ([head.body] if head.body else []) + flat[i + 1:]
-                head.kwargs["body"] = rest[0] if len(rest) == 1 else chain(*rest, app=app)
-                flat[i:] = [head]
-        super().__init__("celery.chain", (), {"tasks": flat}, options, "chain", app=app or flat[0].app)
-
+        super().__init__("celery.chain", (), {"tasks": _chain_steps(flat, app)}, options, "chain",
+                         app=app or (flat[0].app if flat else None))
     @classmethod
     def _from_dict(cls, value, app):
         return cls(*value["kwargs"]["tasks"], app=app, **value.get("options", {}))
@@ -4198,8 +4375,8 @@ class chain(Signature):
     tasks = property(_members)
     id = property(lambda self: self.tasks[-1].id)
 
-    def freeze(self):
-        results = [task.freeze() for task in self.tasks]
+    def freeze(self, _id=None):
+        results = [task.freeze() for task in self.tasks[:-1]] + [self.tasks[-1].freeze(_id)]
         for parent, result in zip(results, results[1:]):
             result.parent = parent
         return results[-1]
@@ -4212,15 +4389,26 @@ class chain(Signature):
             task.link_error(errback)
         return errback
 
+    def stamp(self, visitor=None, append_stamps=False, **headers):
+        headers = dict(headers, **_visit(visitor, "on_chain_start", self, headers))
+        for task in self.tasks:
+            task.stamp(visitor, append_stamps, **headers)
+        _visit(visitor, "on_chain_end", self, headers)
+        return self
+
     def apply_async(self, args=(), kwargs=None, **options):
         if self._app().conf.task_always_eager:
             return self.apply(args, kwargs)
+        options = dict(self.options, **options)
         # Inside a group or chord header, the chain's last task is the member that counts.
         membership = {k: options.pop(k) for k in ("group_id", "group_index", "chord") if k in options}
         self.tasks[-1].options.update(membership)
         result = self.freeze()
         first, rest = self.tasks[0], self.tasks[1:]
-        first.apply_async(args, kwargs, chain=list(reversed(rest)) or None, **dict(self.options, **options))
+        # (stored reversed, so a worker pops the next step; what followed an enclosing
+        # chord's body, given as `chain`, comes after this chain's own steps)
+        rest = (options.pop("chain", None) or []) + list(reversed(rest))
+        first.apply_async(args, kwargs, chain=rest or None, **options)
         return result
 
     def __call__(self, *args, **kwargs):
@@ -4247,15 +4435,31 @@ class group(Signature):
 
     tasks = property(_members)
 
+    def link(self, callback):
+        """(As Celery: the first task's, made immutable; it runs once, whatever the others do.)"""
+        return self.tasks[0].link(callback.clone().set(immutable=True)) if self.tasks else callback
+
+    def link_error(self, errback):
+        for task in self.tasks:
+            task.link_error(errback)
+        return errback
+
+    def stamp(self, visitor=None, append_stamps=False, **headers):
+        headers = dict(headers, **_visit(visitor, "on_group_start", self, headers))
+        for task in self.tasks:
+            task.stamp(visitor, append_stamps, **headers)
+        _visit(visitor, "on_group_end", self, headers)
+        return self
+
     def apply_async(self, args=(), kwargs=None, **options):
-        app = self._app()
+        app, options = self._app(), dict(self.options, **options)
         if app.conf.task_always_eager:
             return self.apply(args, kwargs)
-        group_id = options.pop("group_id", None) or self.options.get("task_id") or uuid()
+        group_id = options.pop("group_id", None) or options.get("task_id") or uuid()
         options.pop("task_id", None)
         add_to_parent = options.pop("add_to_parent", True)
         results = [task.clone().apply_async(args, kwargs, group_id=group_id, group_index=i, add_to_parent=False,
-                                            **options) for i, task in enumerate(self.tasks)]
+                                            **options) for i, task in enumerate(_flat_tasks(self))]
         return _trail(GroupResult(group_id, results, app=app), add_to_parent)
 
     def __call__(self, *partial_args, **options):
@@ -4264,9 +4468,9 @@ class group(Signature):
     def apply(self, args=(), kwargs=None, **options):
         return GroupResult(uuid(), [t.apply(args, kwargs) for t in self.tasks], app=self._app())
 
-    def freeze(self):
-        return GroupResult(self.options.setdefault("task_id", uuid()),
-                           [t.freeze() for t in self.tasks], app=self._app())
+    def freeze(self, _id=None):
+        return GroupResult(self.options.setdefault("task_id", _id or uuid()),
+                           [t.freeze() for t in _flat_tasks(self)], app=self._app())
 
 
 class chord(Signature):
@@ -4283,7 +4487,13 @@ class chord(Signature):
         return cls(signature(value["kwargs"]["header"], app=app), value["kwargs"].get("body"),
                    app=app, **value.get("options", {}))
 
-    header = property(lambda self: signature(self.kwargs["header"], app=self.app))
+    @property
+    def header(self):
+        if not isinstance(self.kwargs["header"], group):  # (kept in place, so freeze() sticks)
+            self.kwargs["header"] = signature(self.kwargs["header"], app=self.app)
+        return self.kwargs["header"]
+
+    tasks = property(lambda self: self.header.tasks)
 
     @property
     def body(self):
@@ -4291,8 +4501,22 @@ class chord(Signature):
             self.kwargs["body"] = signature(self.kwargs["body"], app=self.app)
         return self.kwargs["body"]
 
-    def freeze(self):
-        return self.body.freeze()
+    def freeze(self, _id=None):
+        return self.body.freeze(_id)
+
+    def link(self, callback):
+        return self.body.link(callback)
+
+    def link_error(self, errback):  # (as Celery's default: the body's, not the header's)
+        return self.body.link_error(errback)
+
+    def stamp(self, visitor=None, append_stamps=False, **headers):
+        headers = dict(headers, **_visit(visitor, "on_chord_header_start", self, headers))
+        for task in self.header.tasks:
+            task.stamp(visitor, append_stamps, **headers)
+        _visit(visitor, "on_chord_header_end", self, headers)
+        self.body.stamp(visitor, append_stamps, **dict(headers, **_visit(visitor, "on_chord_body", self, headers)))
+        return self
 
     def __call__(self, body=None, **options):
         if body is not None:
@@ -4300,27 +4524,80 @@ class chord(Signature):
         return self.apply_async((), **options)
 
     def apply_async(self, args=(), kwargs=None, **options):
-        app, header = self._app(), self.header
+        app, header, options = self._app(), self.header, dict(self.options, **options)
         if app.conf.task_always_eager:
             return self.apply(args, kwargs)
-        for outer in ("group_id", "group_index", "chord", "add_to_parent"):  # (a chord in a group: on its own)
-            options.pop(outer, None)
-        group_id = self.options.get("group_id") or uuid()
-        body = self.body.clone(group_id=group_id)
-        result = body.freeze()
-        if not header.tasks:
+        options.pop("add_to_parent", None)
+        # In a group or a chord's header, a chord counts through its body; the rest of a
+        # chain it is part of goes on after its body. The header tasks get neither.
+        outer = {k: options.pop(k) for k in ("group_id", "group_index", "chord", "chain") if k in options}
+        group_id, task_id = header.options.get("task_id") or uuid(), options.pop("task_id", None)
+        body = self.body.clone(**outer)
+        body.options.setdefault("group_id", group_id)
+        result = body.freeze(task_id)
+        members = _flat_tasks(header)  # (a group in the header counts as its tasks)
+        if not members:
             body.apply_async(([],), **options)
             return result
         # The size must be stored before any header task can finish.
-        app.backend.chord_start(group_id, len(header.tasks))
+        app.backend.chord_start(group_id, sum(_parts_counted(member) for member in members))
         parts = [task.clone().apply_async(args, kwargs, group_id=group_id, group_index=i, chord=body,
-                                          add_to_parent=False, **options) for i, task in enumerate(header.tasks)]
+                                          add_to_parent=False, **options) for i, task in enumerate(members)]
         result.parent = GroupResult(group_id, parts, app=app)
         return _trail(result)
 
     def apply(self, args=(), kwargs=None, **options):
         values = self.header.apply(args, kwargs).get()
         return self.body.apply((values,))
+
+
+def xmap(task, it, **options):
+    """`add.map([1, 2])`: one task that calls `task` for each item, returning the list."""
+    return Signature("celery.map", (), {"task": dict(task), "it": list(it)}, options, "xmap", True,
+                     app=getattr(task, "app", None))
+
+
+def xstarmap(task, it, **options):
+    """`add.starmap([(1, 2), (3, 4)])`: one task that calls `task(*item)` for each item."""
+    return Signature("celery.starmap", (), {"task": dict(task), "it": list(it)}, options, "xstarmap", True,
+                     app=getattr(task, "app", None))
+
+
+class chunks(Signature):
+    """`add.chunks(pairs, 10)`: the items split into parts of n, a starmap task for each, as a group."""
+
+    def __init__(self, task, it, n, **options):
+        super().__init__("celery.chunks", (), {"task": dict(task), "it": list(it), "n": n}, options,
+                         "chunks", True, app=getattr(task, "app", None))
+
+    def group(self):
+        task, items, n = self.kwargs["task"], self.kwargs["it"], self.kwargs["n"]
+        return group([xstarmap(task, items[i:i + n]) for i in range(0, len(items), n)], app=self.app)
+
+    def apply_async(self, args=(), kwargs=None, **options):
+        return self.group().apply_async(args, kwargs, **options)
+
+
+def _add_builtin_tasks(app):
+    """The tasks Celery's canvas names: replace() gathers a group's results with
+    celery.accumulate; xmap, xstarmap and chunks run as celery.map, .starmap, .chunks."""
+    @app.task(name="celery.accumulate")
+    def accumulate(*args, index=None, **kwargs):
+        return args[index] if index is not None else args
+
+    @app.task(name="celery.map")
+    def map_(task, it):
+        task = signature(task, app=app).type  # (as Celery: the task, not its stored arguments)
+        return [task(item) for item in it]
+
+    @app.task(name="celery.starmap")
+    def starmap(task, it):
+        task = signature(task, app=app).type
+        return [task(*item) for item in it]
+
+    @app.task(name="celery.chunks")
+    def chunks_(task, it, n):
+        return chunks(signature(task, app=app), it, n).apply_async()
 
 
 def result_from_tuple(value, app=None):
@@ -4422,26 +4699,56 @@ def _send_next(app, sig, args, **options):
         task_logger.error("Can't send %r: %r", sig, exc)
         for task_id in _result_ids(sig):
             app.backend.store_result(task_id, exc, FAILURE, traceback=_format_exc())
-        step = Request(id=sig.id, task=sig.task, root_id=options.get("root_id"), chain=options.get("chain"),
-                       errbacks=_signature_list(sig.options.get("link_error")), chord=sig.options.get("chord"),
-                       group=sig.options.get("group_id"), group_index=sig.options.get("group_index"))
-        _after_failure(app, step, exc, _format_exc())
+        _after_failure(app, _step_request(sig, options.get("chain"), options.get("root_id")), exc, _format_exc())
+
+
+def _step_request(sig, chain=None, root_id=None):
+    """The Request of a workflow step that never ran, so its failure can reach what
+    waits on it (Celery's backend makes the same stand-in from the signature)."""
+    options = sig.options
+    return Request(id=sig.id, task=sig.task, args=sig.args, kwargs=sig.kwargs, root_id=root_id,
+                   chain=options.get("chain") or chain, errbacks=_signature_list(options.get("link_error")),
+                   chord=options.get("chord"), group=options.get("group_id"), group_index=options.get("group_index"))
 
 
 def _after_failure(app, request, exc, exc_traceback):
-    """Errbacks run, the rest of a chain fails with the same error, a chord counts it."""
-    for errback in request.errbacks or ():
-        errback = signature(errback, app=app)
-        task = app.tasks.get(errback.task)
-        if task is not None and _positional_arity(task) > 1:  # Celery 5: (request, exc, traceback)
-            _call_hook(errback, request, exc, exc_traceback)
-        else:
-            errback.apply_async((request.id,), parent_id=request.id, root_id=request.root_id)
-    for step in reversed(request.chain or ()):  # (stored reversed) in order: the step get() waits on last
-        for step_id in _result_ids(signature(step, app=app)):
-            app.backend.store_result(step_id, exc, FAILURE, traceback=exc_traceback)
+    """Errbacks run; the rest of the chain fails with the same error; a chord counts
+    it, whether the task or its chain's last step is the chord's member."""
+    _call_errbacks(app, request, exc, exc_traceback)
     if request.chord:
         _chord_part_done(app, request, FAILURE, exception_to_dict(exc))
+    for step in reversed(request.chain or ()):  # (stored reversed) in order: the step get() waits on last
+        step = signature(step, app=app)
+        for step_id in _result_ids(step):
+            app.backend.store_result(step_id, exc, FAILURE, traceback=exc_traceback)
+        if step.options.get("chord"):
+            _chord_part_done(app, _step_request(step), FAILURE, exception_to_dict(exc))
+
+
+def _call_errbacks(app, request, exc, exc_traceback):
+    """Celery's two errback styles: a function task that takes more than one argument
+    (besides those its signature stores) is called here as `errback(request, exc,
+    traceback)`; any other (bind=True, a Task class, unknown here) is sent as a task
+    with the failed task's id."""
+    for errback in request.errbacks or ():
+        errback = signature(errback, app=app)
+        if _is_new_style_errback(app.tasks.get(errback.task), errback):
+            _call_hook(errback, request, exc, exc_traceback)
+        else:
+            errback.apply_async((request.id,), parent_id=request.id, root_id=request.root_id or request.id)
+
+
+def _is_new_style_errback(task, errback):
+    if task is None or task._bound or not hasattr(task, "__wrapped__"):
+        return False
+    stored = {} if errback.immutable else {"args": errback.args, "kwargs": errback.kwargs}
+    try:
+        params = inspect.signature(functools.partial(task.run, *stored.get("args", ()),
+                                                     **stored.get("kwargs", {}))).parameters.values()
+    except (TypeError, ValueError):  # (stored arguments that don't fit: classified as if none)
+        params = inspect.signature(task.run).parameters.values()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    return len(positional) > 1 or any(p.kind == p.VAR_POSITIONAL for p in positional)
 
 
 def _result_ids(sig):
@@ -4449,15 +4756,9 @@ def _result_ids(sig):
     if isinstance(sig, chord):
         return _result_ids(sig.body)
     if isinstance(sig, (group, chain)):
-        members = sig.tasks if isinstance(sig, group) else sig.tasks[-1:]
+        members = _flat_tasks(sig) if isinstance(sig, group) else sig.tasks[-1:]
         return [i for member in members for i in _result_ids(member)]
     return [sig.id] if sig.id else []
-
-
-def _positional_arity(task):
-    signature = task._run_signature()
-    return sum(1 for p in (signature.parameters.values() if signature else ())
-               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def _chord_part_done(app, request, state, value):
@@ -4470,9 +4771,11 @@ def _chord_part_done(app, request, state, value):
     if failed:
         _, task_id, _, exc = failed[0]
         error = ChordError(f"Dependency {task_id} raised {exception_from_dict(exc)!r}")
-        app.backend.store_result(body.id, error, FAILURE, request=Request(group=request.group))
-        for errback in body.options.get("link_error") or ():
-            signature(errback, app=app).apply_async((body.id,))
+        # What waits on the body hears it: its errbacks, its chain, an enclosing chord.
+        for member in _flat_tasks(body) if isinstance(body, group) else [body]:
+            for member_id in _result_ids(member):
+                app.backend.store_result(member_id, error, FAILURE, request=Request(group=request.group))
+            _after_failure(app, _step_request(member, root_id=request.root_id), error, None)
     else:
         _send_next(app, body, ([part[3] for part in parts],), parent_id=request.id,
                    root_id=request.root_id or request.id)
@@ -4876,6 +5179,7 @@ class Celery:
         self.periodic_tasks = {}
         self.on_after_configure, self.on_after_finalize = Signal("on_after_configure"), Signal("on_after_finalize")
         self._finalized, self._autodiscover = False, []
+        _add_builtin_tasks(self)
         for fun, options in _shared_tasks:
             self._task_from_fun(fun, **options)
         _all_apps.add(self)
@@ -5057,7 +5361,7 @@ class Celery:
     IGNORED_OPTIONS = frozenset({"exchange", "routing_key", "retry", "retry_policy",
                                  "reply_to", "add_to_parent", "mandatory", "delivery_mode",
                                  "declare", "producer", "connection", "publisher",
-                                 "exchange_type", "result_cls", "stamped_headers"})
+                                 "exchange_type", "result_cls"})
 
     def send_task(self, name, args=None, kwargs=None, countdown=None, eta=None,
                   task_id=None, expires=None, queue=None, priority=None,
@@ -5065,11 +5369,14 @@ class Celery:
                   time_limit=None, soft_time_limit=None, timelimit=None, retries=0,
                   root_id=None, parent_id=None, group_id=None, group_index=None,
                   shadow=None, link=None, link_error=None, chain=None, chord=None,
-                  **options) -> AsyncResult:
+                  replaced_task_nesting=0, stamped_headers=None, **options) -> AsyncResult:
         """Send a task by name, registered here or not; returns an AsyncResult.
 
         Nothing is published if the arguments can't be serialized (EncodeError).
         """
+        if not isinstance(name, str):
+            raise TypeError(f"send_task(): a task name is a str, not {_short_repr(name, 80)}")
+        stamps = {name: options.pop(name, None) for name in stamped_headers or ()}  # (Celery's stamping)
         unknown = set(options) - self.IGNORED_OPTIONS - set(self.PROPERTY_OPTIONS)
         if unknown:
             close = {k: difflib.get_close_matches(k, _SEND_OPTIONS, 1) for k in unknown}
@@ -5092,6 +5399,7 @@ class Celery:
             expires=expires_at and expires_at.isoformat(), retries=retries, shadow=shadow,
             timelimit=list(timelimit or (time_limit, soft_time_limit)), root_id=root_id or task_id,
             parent_id=parent_id, group=group_id, group_index=group_index,
+            replaced_task_nesting=replaced_task_nesting, stamped_headers=stamped_headers, stamps=stamps,
             ignore_result=bool(self.conf.task_ignore_result if ignore_result is None else ignore_result))
         embed = {"callbacks": _signature_list(link), "errbacks": _signature_list(link_error),
                  "chain": [dict(s) for s in chain] if chain else None, "chord": chord}
@@ -5308,7 +5616,7 @@ def _signature_list(value):
     return [dict(s) for s in one_or_more] if value else None
 
 
-_SEND_OPTIONS = list(inspect.signature(Celery.send_task).parameters)[4:-1]  # countdown ... chord
+_SEND_OPTIONS = list(inspect.signature(Celery.send_task).parameters)[4:-1]  # countdown ... stamped_headers
 
 
 def _apply_router(router, name, args, kwargs):
@@ -6772,6 +7080,15 @@ def inspect_command(name=None, args=None, **celery_options):
     return _register_command("inspect", name, args)
 
 
+def add_consumer(state, queue, **_):
+    """Celery's built-in command as a function, for a project's own command to call."""
+    return state.control.do_add_consumer(queue)
+
+
+def cancel_consumer(state, queue, **_):
+    return state.control.do_cancel_consumer(queue)
+
+
 def _register_command(kind, name, args):
     def register(function):
         CUSTOM_COMMANDS[name or function.__name__] = (function, kind, list(args or ()))
@@ -6830,7 +7147,8 @@ class RemoteControl:
         self.clock += 1
         handler = getattr(self, f"do_{command.method}", None)
         if handler is None and command.method in CUSTOM_COMMANDS:  # the project's own (Celery's Panel)
-            state = types.SimpleNamespace(consumer=self.consumer, app=self.app, hostname=self.consumer.hostname)
+            state = types.SimpleNamespace(consumer=self.consumer, app=self.app, hostname=self.consumer.hostname,
+                                          control=self)
             handler = functools.partial(CUSTOM_COMMANDS[command.method][0], state)
         if handler is None:
             return {"error": f"unknown command {command.method!r}"}
@@ -7230,7 +7548,8 @@ class Worker:
 
     def banner(self, pool):
         import platform
-        tasks = "\n".join(f"  . {name}" for name in sorted(self.app.tasks)) or "  (none)"
+        tasks = "\n".join(f"  . {name}" for name in sorted(self.app.tasks)  # (Celery's built-ins at -l debug)
+                          if not name.startswith("celery.") or worker_logger.isEnabledFor(logging.DEBUG)) or "  (none)"
         queues = "\n".join(f"                .> {q:<16} exchange={q}(direct) key={q}" for q in self.queues)
         backend = _safe_url(self.app.backend_url) if self.app.backend_url else "disabled://"
         events = "ON" if self.app.conf.worker_send_task_events else "OFF (enable -E to monitor tasks in this worker)"

@@ -549,13 +549,42 @@ def xsum(numbers):
 @APP.task
 def on_error(request, exc, traceback, path):
     """A Celery 5 errback: called in the worker with the failed task's request."""
-    record.run(f"{request.id} {exc!r} {'Traceback' in traceback}", path)
+    record.run(f"{request.id} {exc!r} {'Traceback' in (traceback or '')}", path)  # (None for a chord's body)
 
 
 @APP.task
 def note_failure(task_id):
     """An old-style errback: published as a task with the failed task's id."""
     _marker_redis().rpush("failed", task_id)
+
+
+@APP.task(bind=True)
+def replace_with(self, sig, *_):
+    """Hands its place to the signature it was given (a task, a chain, a group)."""
+    return self.replace(signature(sig, app=APP))
+
+
+@APP.task(bind=True)
+def nesting(self, *_):
+    return self.request.replaced_task_nesting
+
+
+@APP.task(bind=True)
+def grow_chord(self, value):
+    """Adds one more task to the chord it is in."""
+    self.add_to_chord(add.si(value, 100))
+    return value
+
+
+@APP.task(bind=True)
+def my_stamps(self, *_):
+    return {name: self.request.stamps[name] for name in sorted(self.request.stamped_headers)}
+
+
+@APP.task
+def old_errback(task_id, path):
+    """An old-style errback with a stored argument: sent as a task with the failed id."""
+    record.run(f"old {task_id}", path)
 
 
 @APP.task
@@ -2585,6 +2614,96 @@ def test_regression_canvas_review_cases(tmp_path):
     app_.close()
 
 
+def test_canvas_compositions_compute_what_celery_computes(any_app, tmp_path):
+    """Celery's rules (its canvas.py, and the same workflows on a Celery 5.7 worker): a
+    group followed by a step is a chord; what follows a chord runs after its body."""
+    with worker(any_app, tmp_path, concurrency=4):
+        # the rest of a chain after a group: once, after the chord's body (was 3: once per header task)
+        assert chain(add.si(1, 0), group(add.s(1), add.s(1)), xsum.s(), add.s(1))().get(timeout=10) == 5
+        # a chain of chords passes each chord's result on
+        assert chain(chord([add.si(1, 1), add.si(2, 2)], xsum.s()),
+                     chord([add.s(1), add.s(2)], xsum.s()), mul.s(10))().get(timeout=10) == 150
+        # a chain of two groups: the first group's results reach each task of the second
+        assert chain(add.si(1, 1), group(add.s(1), add.s(2)), group(xsum.s(), xsum.s()))().get(
+            timeout=10) == [7, 7]
+        # a chord whose body is a chain, whose header holds chains and a chord, a group in a group
+        assert chord([add.si(1, 1), add.si(2, 2)], chain(xsum.s(), mul.s(10)))().get(timeout=10) == 60
+        assert chord([add.si(1, 1) | mul.s(2), chord([add.si(1, 1), add.si(2, 2)], xsum.s()),
+                      group(add.si(5, 5), add.si(6, 6))], xsum.s())().get(timeout=10) == 4 + 6 + 10 + 12
+        assert group(group(add.si(1, 1), add.si(2, 2)), add.si(3, 3))().get(timeout=10) == [2, 4, 6]
+        # a chain led by a group, then a chain: the nested chain runs once
+        assert chain(group(add.si(1, 1), add.si(2, 2)), xsum.s(), chain(add.s(1), mul.s(2)))().get(
+            timeout=10) == 14
+        # a signature's apply_async(chain=...) (stored reversed, as in a message) runs the steps after
+        last = mul.s(3).freeze()
+        add.s(1, 1).apply_async(chain=[mul.s(3).set(task_id=last.id), add.s(1)])
+        assert last.get(timeout=10) == 9
+
+
+def test_canvas_errors_reach_everything_that_waits(any_app, tmp_path):
+    """A failure in a chain inside a chord's header fails the chord; errbacks of every
+    style run: new-style (request, exc, traceback) and old-style (task id), each with
+    stored arguments, on a task, on a chord's body and on a chord inside a chain."""
+    new_style, old_style = str(tmp_path / "new"), str(tmp_path / "old")
+    with worker(any_app, tmp_path, concurrency=4):
+        in_header = chord([chain(add.si(1, 1), fail.si("in a header chain"), mul.s(2)), add.si(1, 1)], xsum.s())
+        with pytest.raises(ChordError, match="in a header chain"):
+            in_header().get(timeout=10)
+        failed = fail.apply_async(("one",), link_error=[on_error.s(new_style), old_errback.s(old_style)])
+        wait_until(lambda: lines_in(new_style) == 1 and lines_in(old_style) == 1, what="both errbacks")
+        assert open(new_style).read() == f"{failed.id} ValueError('one') True\n"
+        assert open(old_style).read() == f"old {failed.id}\n"
+        body = chord([fail.si("header")], xsum.s()).on_error(on_error.s(new_style)).on_error(
+            old_errback.si("immutable", old_style))
+        result = chain(add.si(1, 1), body)()
+        with pytest.raises(ChordError):
+            result.get(timeout=10)
+        wait_until(lambda: lines_in(new_style) == 2 and lines_in(old_style) == 2, what="the chord's errbacks")
+        assert open(new_style).read().splitlines()[1].startswith(f"{result.id} ChordError(")
+        assert open(old_style).read().splitlines()[1] == "old immutable"
+
+
+def test_canvas_task_replace(any_app, tmp_path):
+    """Task.replace(): the replacement takes the task's id, callbacks, chain and place
+    in a chord; a group becomes a chord whose value is the group's list, in order."""
+    with worker(any_app, tmp_path, concurrency=4):
+        assert replace_with.delay(add.si(2, 3)).get(timeout=10) == 5
+        assert replace_with.delay(chain(add.si(1, 1), mul.s(5))).get(timeout=10) == 10
+        assert replace_with.delay(group(add.si(i, i) for i in range(5))).get(timeout=10) == [0, 2, 4, 6, 8]
+        assert chain(add.si(1, 1), replace_with.si(add.si(3, 3)), mul.s(10))().get(timeout=10) == 60
+        assert chord([replace_with.si(add.si(1, 1)), replace_with.si(group(add.si(2, 2), add.si(3, 3)))],
+                     echo.s())().get(timeout=10) == [2, [4, 6]]
+        kept = replace_with.apply_async((add.si(1, 2),), link=mul.s(7).set(task_id="after-replace"))
+        assert kept.get(timeout=10) == 3 and AsyncResult("after-replace", app=any_app).get(timeout=10) == 21
+        assert replace_with.delay(replace_with.si(nesting.si())).get(timeout=10) == 2
+        with pytest.raises(ImproperlyConfigured, match="empty chain"):
+            replace_with.delay(chain()).get(timeout=10)
+
+
+def test_canvas_pieces_workflows_use(any_app, tmp_path):
+    """add_to_chord, xmap/xstarmap/chunks, Signature.from_dict and settable args, a task
+    returning a GroupResult (stored as its tuple), stamping."""
+    with worker(any_app, tmp_path, concurrency=4):
+        assert sorted(chord([grow_chord.s(1), grow_chord.s(2)], echo.s())().get(timeout=10)) == [1, 2, 101, 102]
+        assert add.map([(1, 1)]).type.name == "celery.map"
+        assert minicelery.xstarmap(add.s(), [(1, 1), (2, 2)]).delay().get(timeout=10) == [2, 4]
+        assert minicelery.xmap(echo.s(), [1, 2]).delay().get(timeout=10) == [1, 2]
+        assert add.chunks([(i, i) for i in range(5)], 2)().get(timeout=10) == [[0, 2], [4, 6], [8]]
+        sig = minicelery.Signature.from_dict(json.loads(json.dumps(add.s(1, 2))), app=any_app)
+        sig.args = (5, 5)
+        assert sig.delay().get(timeout=10) == 10
+        stored = any_app.send_task("celery.chunks", (dict(add.s()), [(1, 1)], 1)).get(timeout=10)
+        assert minicelery.result_from_tuple(stored, any_app).get(timeout=10) == [[2]]
+        stamped = group(my_stamps.si(), chain(add.si(1, 1), my_stamps.s()))
+        stamped.stamp(visitor=_MonitoringStamps(), tenant="t1")
+        assert stamped().get(timeout=10) == [{"monitoring_id": "m-1", "tenant": "t1"}] * 2
+
+
+class _MonitoringStamps(minicelery.StampingVisitor):
+    def on_signature(self, sig, **headers):
+        return {"monitoring_id": "m-1"}
+
+
 def test_regression_sqlite_revocations_are_not_rebroadcast(tmp_path):
     app_ = Celery("rev", broker=f"sqlite:///{tmp_path}/r.db", set_as_current=False)
     echo_ = app_.task(name="rev.echo")(lambda x: x)
@@ -4116,6 +4235,18 @@ if real_celery is not None:
     def celery_when_run(self):
         return {"at": time.time(), "eta": self.request.eta, "expires": self.request.expires}
 
+    @CELERY_APP.task(name="test_minicelery.echo")
+    def celery_echo(value):
+        return value
+
+    @CELERY_APP.task(name="test_minicelery.replace_with", bind=True)
+    def celery_replace_with(self, sig, *_):
+        return self.replace(real_celery.signature(sig, app=CELERY_APP))
+
+    @CELERY_APP.task(name="test_minicelery.my_stamps", bind=True)
+    def celery_my_stamps(self, *_):
+        return {name: self.request.stamps[name] for name in sorted(self.request.stamped_headers)}
+
     @CELERY_APP.task(name="test_minicelery.whoami", bind=True)
     def celery_whoami(self):
         return {"id": self.request.id, "retries": self.request.retries,
@@ -4265,6 +4396,15 @@ def test_interop_canvas_from_minicelery_runs_on_real_celery(app, celery_app, red
         failing = chord([add.s(1, 1), fail.s("chordfail")], xsum.s())()
         with pytest.raises(ChordError, match="chordfail"):
             failing.get(timeout=20)
+        # issue 23's workflows, sent by our client, computed by Celery's worker as by ours
+        assert chain(add.si(1, 0), group(add.s(1), add.s(1)), xsum.s(), add.s(1))().get(timeout=20) == 5
+        assert chain(add.si(1, 1), group(add.s(1), add.s(2)), group(xsum.s(), xsum.s()))().get(
+            timeout=20) == [7, 7]
+        with pytest.raises(ChordError, match="in a header chain"):
+            chord([chain(add.si(1, 1), fail.si("in a header chain")), add.si(1, 1)], xsum.s())().get(timeout=20)
+        assert replace_with.delay(group(add.si(i, i) for i in range(3))).get(timeout=20) == [0, 2, 4]
+        assert minicelery.xstarmap(add.s(), [(1, 1), (2, 2)]).delay().get(timeout=20) == [2, 4]
+        assert my_stamps.si().stamp(tenant="t1").delay().get(timeout=20) == {"tenant": "t1"}
 
 
 @pytest.mark.interop
@@ -4280,6 +4420,19 @@ def test_interop_canvas_from_real_celery_runs_on_minicelery(app, celery_app, tmp
         body = AsyncResult(failing.id, app=app)
         wait_until(body.ready, what="the chord body's state")
         assert isinstance(body.result, ChordError) and "chordfail" in str(body.result)
+        # issue 23's workflows, built by Celery's canvas, computed by our worker as by Celery's
+        assert c_chain(celery_add.si(1, 0), c_group(celery_add.s(1), celery_add.s(1)), celery_xsum.s(),
+                       celery_add.s(1))().get(timeout=20) == 5
+        assert c_chain(c_chord([celery_add.si(1, 1), celery_add.si(2, 2)], celery_xsum.s()),
+                       c_chord([celery_add.s(1), celery_add.s(2)], celery_xsum.s()))().get(timeout=20) == 15
+        in_header = c_chord([c_chain(celery_add.si(1, 1), celery_fail.si("in a header chain")),
+                             celery_add.si(1, 1)], celery_xsum.s())()
+        with pytest.raises(ValueError, match="in a header chain"):
+            in_header.get(timeout=20)
+        replaced = celery_replace_with.delay(c_group(celery_add.si(i, i) for i in range(3)))
+        assert replaced.get(timeout=20) == [0, 2, 4]
+        assert celery_add.chunks([(1, 1), (2, 2), (3, 3)], 2)().get(timeout=20) == [[2, 4], [6]]
+        assert celery_my_stamps.si().stamp(tenant="t1").delay().get(timeout=20) == {"tenant": "t1"}
 
 
 def test_cli_beat_and_worker_minus_b(app, tmp_path):
