@@ -5214,6 +5214,13 @@ class Celery:
         self.tasks[name] = type(fun.__name__, (base,), attrs)()
         return self.tasks[name]
 
+    def register_task(self, task, **options):
+        """Celery's way to add a Task class (or instance) with a run() method: `app.register_task(MyTask)`."""
+        task = task() if inspect.isclass(task) else task
+        task.name = task.name or self.gen_task_name(type(task).__name__, type(task).__module__)
+        task.app, self.tasks[task.name] = self, task
+        return task
+
     def gen_task_name(self, name, module):
         """Celery's names: `module.function`, with the app's main name for __main__."""
         if module == "__main__" and self.main:
@@ -7178,7 +7185,8 @@ class RemoteControl:
                 args, kwargs = message.args, message.kwargs
         if args is None:
             args, kwargs = (str(message.headers.get(key) or "")[:1024] for key in ("argsrepr", "kwargsrepr"))
-        pid = next((pid for pid, tag in consumer.pool.jobs().items() if tag == held.tag), None)
+        pid = next((pid for pid, tag in consumer.pool.jobs().items() if tag == held.tag), None) \
+            if held.tag is not None else None  # (a parked message: no process has it)
         return {"id": message.id, "name": message.task_name, "args": args, "kwargs": kwargs,
                 "type": message.task_name, "hostname": consumer.hostname, "time_start": held.lent if pid else None,
                 "acknowledged": bool(pid) and not held.late, "worker_pid": pid,
@@ -7208,11 +7216,12 @@ class RemoteControl:
     def do_scheduled(self, **_):
         """Held for their ETA (or rate limit) here, then those parked in the broker for a later
         ETA (`"parked": true`: each worker of their queue lists them; none holds them yet)."""
+        # ("priority": 6 is what Celery shows there: its timer's priority for ETA entries)
         return [{"eta": held.message.eta.isoformat() if held.message.eta else None,
-                 "priority": held.message.priority, "request": self.info(held)}
+                 "priority": 6, "request": self.info(held)}
                 for state, held in self._held() if state == "scheduled"] + \
             [{"eta": parked.message.eta.isoformat() if parked.message.eta else None,
-              "priority": parked.message.priority, "request": self.info(parked), "parked": True}
+              "priority": 6, "request": self.info(parked), "parked": True}
              for parked in self._parked()]
 
     #: parked messages looked at for `inspect scheduled` (each a read of its envelope)

@@ -7193,6 +7193,34 @@ def test_a_signal_holds_bound_methods_of_several_instances_weakly():
 # `app.control` / `celery inspect` / `celery control` reach every worker through the
 # pidbox broadcast; the ones that want answers get one reply per worker.
 
+class AutoRetriedClassTask(Task):
+    """A task written as a class (Celery 1.0 style), added with app.register_task()."""
+    name = "test_minicelery.auto_retried_class"
+    autoretry_for = (ValueError,)
+    retry_kwargs = {"max_retries": 1}
+    default_retry_delay = 0
+
+    def run(self):
+        if self.request.retries:
+            return self.request.retries
+        raise ValueError("first try")
+
+
+def test_register_task_and_a_parked_task_held_by_no_process(app, tmp_path):
+    """Celery's app.register_task(TaskClass); `inspect scheduled` showed a parked task as
+    acknowledged by an idle pool process (its pid), where Celery shows it as nobody's."""
+    task = app.register_task(AutoRetriedClassTask)
+    assert app.tasks[task.name] is task and task.app is app
+    parked = add.apply_async((4, 4), countdown=3600)
+    with worker(app, tmp_path, concurrency=2, hostname="classy@%h"):
+        assert task.delay().get(timeout=10) == 1
+        node = minicelery._expand_hostname("classy@%h")
+        [entry] = app.control.inspect(destination=[node], timeout=5.0).scheduled()[node]
+    assert (entry["priority"], entry["parked"]) == (6, True)  # (6: Celery's timer priority for ETA tasks)
+    assert entry["request"]["id"] == parked.id
+    assert (entry["request"]["acknowledged"], entry["request"]["worker_pid"]) == (False, None)
+
+
 @pytest.mark.parametrize("any_app", ["redis", "sqlite"], indirect=True)
 def test_remote_inspect_answers_in_celerys_form(any_app, tmp_path):
     # Queued before the worker starts, its pool process takes the three at once: it runs the
