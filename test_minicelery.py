@@ -2640,6 +2640,51 @@ def test_canvas_compositions_compute_what_celery_computes(any_app, tmp_path):
         assert last.get(timeout=10) == 9
 
 
+def test_canvas_ports_of_celerys_own_workflows(any_app, tmp_path):
+    """Workflows from Celery 5.7's t/integration/test_canvas.py (named there as below),
+    in our words, with the values a Celery worker computes."""
+    path = str(tmp_path / "errbacks")
+    with worker(any_app, tmp_path, concurrency=4):
+        # test_chain_of_nine_chords: each chord after the first maps x to 3 * (x + 1)
+        nine = chain(chord([add.si(1, 0) for _ in range(3)], xsum.s()),
+                     *[chord([add.s(1) for _ in range(3)], xsum.s()) for _ in range(7)],
+                     chord([add.s(0) for _ in range(3)], xsum.s()))
+        assert nine().get(timeout=30) == 29520
+        # test_chain_of_implicit_chords_as_body: a chord whose body is a chain of implicit chords
+        for serialized in (False, True):
+            steps = [xsum.s()] + [step for _ in range(5) for step in (group(add.s(1), add.s(2)), xsum.s())]
+            callback = echo.s()
+            callback_result = callback.freeze()
+            steps[-1].link(callback)
+            workflow = chord([add.si(1, 1), add.si(2, 2)], chain(*steps))
+            if serialized:
+                workflow = signature(json.loads(json.dumps(workflow)), app=any_app)
+            wanted = minicelery.uuid()
+            result = workflow.apply_async(task_id=wanted)
+            assert result.id == wanted and result.get(timeout=30) == 285
+            assert callback_result.get(timeout=10) == 285
+        # test_chain_with_a_nested_chain_led_by_a_group
+        inner = chain(group(add.si(1, 1), add.si(2, 2)), xsum.s(), add.s(10))
+        assert chain(inner, add.s(100))().get(timeout=10) == 116
+        # test_chain_of_two_groups_as_tuple_holds_each_task_once (the value)
+        assert chain(add.si(1, 0), group(add.s(1), add.s(2)), group(xsum.s(), xsum.s()), xsum.s(),
+                     add.s(1))().get(timeout=10) == 11
+        # test_chain_of_a_chord_and_a_group_with_two_tasks
+        c = add.si(1, 0) | group(add.s(1), add.s(1)) | xsum.s() | add.s(1) | group(add.s(1), add.s(1))
+        assert c().get(timeout=10) == [6, 6]
+        # test_second_order_replace, test_replace_chain_with_empty_chain: see test_canvas_task_replace
+        # test_chain_with_errback_child_replaced: the replacement's failure reaches the chain's errback
+        failing = chain(add.si(1, 1), replace_with.si(fail.si("the replacement fails"))).on_error(
+            old_errback.s(path))
+        with pytest.raises(ValueError, match="the replacement fails"):
+            failing().get(timeout=10)
+        wait_until(lambda: lines_in(path) == 1, what="the errback of the replaced step")
+        # test_mutable_errback_with_stored_arguments: a new-style errback with a stored argument
+        fail.apply_async(("stored",), link_error=on_error.s(path))
+        wait_until(lambda: lines_in(path) == 2, what="the errback with its stored argument")
+        assert "ValueError('stored') True" in open(path).read()
+
+
 def test_canvas_errors_reach_everything_that_waits(any_app, tmp_path):
     """A failure in a chain inside a chord's header fails the chord; errbacks of every
     style run: new-style (request, exc, traceback) and old-style (task id), each with
