@@ -4328,13 +4328,13 @@ def _flat_tasks(header):
 
 
 def _parts_counted(sig):
-    """How many finished tasks a chord header member adds: one, or for a chord whose
-    body is a group, one per body task (a chain counts as its last step)."""
+    """How many finished tasks a chord header member adds: one (a chain: its last step,
+    whose value is a list if it is a group), or one per task of a group (a chord: its body)."""
     if isinstance(sig, chain):
-        return _parts_counted(sig.tasks[-1]) if sig.tasks else 0
-    if isinstance(sig, chord) and isinstance(sig.body, group):
-        return len(_flat_tasks(sig.body))
-    return 1
+        return 1 if sig.tasks else 0
+    if isinstance(sig, chord):
+        sig = sig.body
+    return len(_flat_tasks(sig)) if isinstance(sig, group) else 1
 
 
 def _chain_steps(flat, app):
@@ -4402,6 +4402,11 @@ class chain(Signature):
         options = dict(self.options, **options)
         # Inside a group or chord header, the chain's last task is the member that counts.
         membership = {k: options.pop(k) for k in ("group_id", "group_index", "chord") if k in options}
+        # Celery: header-chain-group: our client sends a chain ending with a group in a chord's
+        # header as one part, the group's list, which is what Celery's worker makes of it; our
+        # worker counts each task of such a group when Celery's client sent it ([3, 4, 10]).
+        if membership.get("chord") and isinstance(self.tasks[-1], group):
+            self.tasks[-1] = chord(self.tasks[-1], self._app().tasks["celery.accumulate"].s(index=0))
         self.tasks[-1].options.update(membership)
         result = self.freeze()
         first, rest = self.tasks[0], self.tasks[1:]
@@ -4457,6 +4462,7 @@ class group(Signature):
             return self.apply(args, kwargs)
         group_id = options.pop("group_id", None) or options.get("task_id") or uuid()
         options.pop("task_id", None)
+        options.pop("group_index", None)  # (each member has its own)
         add_to_parent = options.pop("add_to_parent", True)
         results = [task.clone().apply_async(args, kwargs, group_id=group_id, group_index=i, add_to_parent=False,
                                             **options) for i, task in enumerate(_flat_tasks(self))]
