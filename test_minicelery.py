@@ -2576,6 +2576,9 @@ def test_canvas_eager():
         assert (add.s(4, 4) | mul.s(8))().get() == 64
         assert chord((add.s(i, i) for i in range(4)), xsum.s())().get() == 12
         assert group(add.s(1, 1), add.s(2, 2))().get() == [2, 4]
+        assert replace_with.delay(group(add.si(i, i) for i in range(3))).get() == [0, 2, 4]
+        assert chain(add.si(1, 0), group(add.s(1), add.s(1)), xsum.s(), add.s(1))().get() == 5
+        assert add.chunks([(1, 1), (2, 2)], 1)().get() == [[2], [4]]
     finally:
         APP.conf.task_always_eager = False
 
