@@ -1016,20 +1016,42 @@ def _check_fields(what, fields, types):
         raise DecodeError(f"the message's {what} part must be an object, not {_short_repr(fields, 80)}")
     for name, allowed in types.items():
         value = fields.get(name)
-        if value is not None and not isinstance(value, allowed):
+        if value is not None and (not isinstance(value, allowed) or isinstance(value, bool) and allowed is int):
             raise DecodeError(f"{what} {name!r} has the wrong type: {_short_repr(value, 80)}")
-    for name in ("callbacks", "errbacks", "chain") if what == "embed" else ():
-        if not all(_is_signature(sig) for sig in fields.get(name) or ()):
-            raise DecodeError(f"embed {name!r} must be a list of signatures")
-    if what == "embed" and fields.get("chord") is not None and not _is_signature(fields["chord"]):
-        raise DecodeError("embed 'chord' must be a signature")
+    try:
+        for name in ("callbacks", "errbacks", "chain") if what == "embed" else ():
+            if not all(_is_signature(sig) for sig in fields.get(name) or ()):
+                raise DecodeError(f"embed {name!r} must be a list of signatures")
+        if what == "embed" and fields.get("chord") is not None and not _is_signature(fields["chord"]):
+            raise DecodeError("embed 'chord' must be a signature")
+    except RecursionError:
+        raise DecodeError(f"the message's {what} nests signatures too deep") from None
 
 
 def _is_signature(sig) -> bool:
-    """Whether a signature from a message has the shape the worker relies on when it sends it."""
-    return isinstance(sig, dict) and isinstance(sig.get("task"), str) \
-        and isinstance(sig.get("args") or (), (list, tuple)) and isinstance(sig.get("kwargs") or {}, dict) \
-        and isinstance(sig.get("options") or {}, dict)
+    """Whether a signature from a message has the shape the worker relies on when it sends
+    it: its parts, and the signatures it holds (a chain's or group's tasks, a chord's header
+    and body, its options' link, link_error, chain and chord), at any depth."""
+    if not (isinstance(sig, dict) and isinstance(sig.get("task"), str)
+            and isinstance(sig.get("args") or (), (list, tuple)) and isinstance(sig.get("kwargs") or {}, dict)
+            and isinstance(sig.get("options") or {}, dict)):
+        return False
+    kind, kwargs, options = sig.get("subtask_type"), sig.get("kwargs") or {}, sig.get("options") or {}
+    held = _as_list(options.get("link")) + _as_list(options.get("link_error")) + _as_list(options.get("chain")) \
+        + _as_list(options.get("chord"))
+    if kind in ("chain", "group"):
+        if not isinstance(kwargs.get("tasks"), list):
+            return False
+        held += kwargs["tasks"]
+    elif kind == "chord":
+        if kwargs.get("header") is None or kwargs.get("body") is None:
+            return False
+        held += _as_list(kwargs["header"]) + [kwargs["body"]]
+    return all(_is_signature(member) for member in held)
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
 
 
 def _check_timelimit(value):
@@ -2891,8 +2913,8 @@ class ResultBackend(Explains):
         """Write one state of a task, as Celery's worker does."""
         if state in EXCEPTION_STATES and isinstance(result, BaseException):
             result = exception_to_dict(result)
-        elif isinstance(result, (AsyncResult, GroupResult)):  # (a task may return one: Celery stores its tuple)
-            result = result.as_tuple()
+        else:
+            result = _stored_value(result)  # (a task may return a result: Celery stores its tuple)
         meta = {"status": state, "result": result, "traceback": traceback,
                 "children": [getattr(c, "as_tuple", lambda: c)() for c in getattr(request, "children", None) or []],
                 "date_done": utcnow().isoformat() if state in READY_STATES else None}
@@ -4490,7 +4512,8 @@ class chord(Signature):
 
     @classmethod
     def _from_dict(cls, value, app):
-        return cls(signature(value["kwargs"]["header"], app=app), value["kwargs"].get("body"),
+        header = value["kwargs"]["header"]  # (a group, or a list of signatures)
+        return cls(header if isinstance(header, list) else signature(header, app=app), value["kwargs"].get("body"),
                    app=app, **value.get("options", {}))
 
     @property
@@ -4559,13 +4582,13 @@ class chord(Signature):
 
 def xmap(task, it, **options):
     """`add.map([1, 2])`: one task that calls `task` for each item, returning the list."""
-    return Signature("celery.map", (), {"task": dict(task), "it": list(it)}, options, "xmap", True,
+    return Signature("celery.map", (), {"task": dict(signature(task)), "it": list(it)}, options, "xmap", True,
                      app=getattr(task, "app", None))
 
 
 def xstarmap(task, it, **options):
     """`add.starmap([(1, 2), (3, 4)])`: one task that calls `task(*item)` for each item."""
-    return Signature("celery.starmap", (), {"task": dict(task), "it": list(it)}, options, "xstarmap", True,
+    return Signature("celery.starmap", (), {"task": dict(signature(task)), "it": list(it)}, options, "xstarmap", True,
                      app=getattr(task, "app", None))
 
 
@@ -4573,7 +4596,7 @@ class chunks(Signature):
     """`add.chunks(pairs, 10)`: the items split into parts of n, a starmap task for each, as a group."""
 
     def __init__(self, task, it, n, **options):
-        super().__init__("celery.chunks", (), {"task": dict(task), "it": list(it), "n": n}, options,
+        super().__init__("celery.chunks", (), {"task": dict(signature(task)), "it": list(it), "n": n}, options,
                          "chunks", True, app=getattr(task, "app", None))
 
     def group(self):
@@ -4690,8 +4713,13 @@ def _after_success(app, request, retval):
     if request.chain:
         rest = list(request.chain)
         _send_next(app, rest.pop(), (retval,), chain=rest or None, **ids)
-    if request.chord:
-        _chord_part_done(app, request, SUCCESS, retval)
+    if request.chord:  # (a result a task returned counts as its tuple, as it is stored)
+        _chord_part_done(app, request, SUCCESS, _stored_value(retval))
+
+
+def _stored_value(value):
+    """A value as the backend stores it: a result (AsyncResult, GroupResult) as its tuple."""
+    return value.as_tuple() if isinstance(value, (AsyncResult, GroupResult)) else value
 
 
 def _send_next(app, sig, args, **options):
@@ -4720,7 +4748,6 @@ def _step_request(sig, chain=None, root_id=None):
 def _after_failure(app, request, exc, exc_traceback):
     """Errbacks run; the rest of the chain fails with the same error; a chord counts
     it, whether the task or its chain's last step is the chord's member."""
-    _call_errbacks(app, request, exc, exc_traceback)
     if request.chord:
         _chord_part_done(app, request, FAILURE, exception_to_dict(exc))
     for step in reversed(request.chain or ()):  # (stored reversed) in order: the step get() waits on last
@@ -4729,6 +4756,7 @@ def _after_failure(app, request, exc, exc_traceback):
             app.backend.store_result(step_id, exc, FAILURE, traceback=exc_traceback)
         if step.options.get("chord"):
             _chord_part_done(app, _step_request(step), FAILURE, exception_to_dict(exc))
+    _call_errbacks(app, request, exc, exc_traceback)  # (last, as Celery: what waits is told first)
 
 
 def _call_errbacks(app, request, exc, exc_traceback):
@@ -4740,8 +4768,8 @@ def _call_errbacks(app, request, exc, exc_traceback):
         errback = signature(errback, app=app)
         if _is_new_style_errback(app.tasks.get(errback.task), errback):
             _call_hook(errback, request, exc, exc_traceback)
-        else:
-            errback.apply_async((request.id,), parent_id=request.id, root_id=request.root_id or request.id)
+        else:  # (one that can't be sent is logged, failed, and the next errback still runs)
+            _send_next(app, errback, (request.id,), parent_id=request.id, root_id=request.root_id or request.id)
 
 
 def _is_new_style_errback(task, errback):
@@ -5423,11 +5451,14 @@ class Celery:
             [args, kwargs, embed],
             serializer or self.conf.task_serializer, compression or self.conf.task_compression)
         tag = uuid()
-        envelope = build_envelope(
-            message_headers, body, content_type, queue, priority=clamp_priority(priority or 0),
-            compression=compression_header, delivery_tag=tag,
-            expires_in=(expires_at - now).total_seconds() if expires_at else None,
-            more_properties={name: options[name] for name in self.PROPERTY_OPTIONS if name in options})
+        try:
+            envelope = build_envelope(
+                message_headers, body, content_type, queue, priority=clamp_priority(priority or 0),
+                compression=compression_header, delivery_tag=tag,
+                expires_in=(expires_at - now).total_seconds() if expires_at else None,
+                more_properties={name: options[name] for name in self.PROPERTY_OPTIONS if name in options})
+        except (TypeError, ValueError) as exc:  # (headers, stamps, properties are JSON in the envelope)
+            raise EncodeError(f"send_task({name!r}): a header or property isn't JSON: {exc}") from None
         self._publish(queue, envelope, clamp_priority(priority or 0), f"{name}[{task_id}]", tag)
         after_task_publish.send(sender=name, **published)
         if self.conf.task_send_sent_event:

@@ -2714,6 +2714,23 @@ def test_canvas_errors_reach_everything_that_waits(any_app, tmp_path):
         assert open(old_style).read().splitlines()[1] == "old immutable"
 
 
+def test_canvas_hostile_results_and_errbacks_end_every_wait(any_app, tmp_path):
+    """A chord header task returning a GroupResult (chunks) never completed the chord (its
+    value was counted unencoded); an errback that can't be sent (its stored arguments
+    don't fit) stopped the failure handling after it: the rest of the chain and the chord
+    waited for ever."""
+    path = str(tmp_path / "errbacks")
+    with worker(any_app, tmp_path, concurrency=4):
+        value = chord([add.chunks([(1, 1)], 1), add.si(1, 1)], echo.s())().get(timeout=10)
+        assert value[1] == 2 and minicelery.result_from_tuple(value[0], any_app).get(timeout=10) == [[2]]
+        unfit = fail.si("boom").on_error(add.s(1, 2)).on_error(old_errback.s(path))
+        with pytest.raises(ValueError, match="boom"):
+            chain(unfit, echo.s())().get(timeout=10)
+        with pytest.raises(ChordError, match="boom"):
+            chord([fail.si("boom").on_error(add.s(1, 2)), add.si(1, 1)], echo.s())().get(timeout=10)
+        wait_until(lambda: lines_in(path) == 1, what="the errback after the one that can't be sent")
+
+
 def test_canvas_task_replace(any_app, tmp_path):
     """Task.replace(): the replacement takes the task's id, callbacks, chain and place
     in a chord; a group becomes a chord whose value is the group's list, in order."""
@@ -2748,6 +2765,9 @@ def test_canvas_pieces_workflows_use(any_app, tmp_path):
         stamped = group(my_stamps.si(), chain(add.si(1, 1), my_stamps.s()))
         stamped.stamp(visitor=_MonitoringStamps(), tenant="t1")
         assert stamped().get(timeout=10) == [{"monitoring_id": "m-1", "tenant": "t1"}] * 2
+        with pytest.raises(minicelery.EncodeError, match="isn't JSON"):  # (a stamp is a header)
+            my_stamps.si().stamp(when=object()).delay()
+        assert minicelery.xmap(signature("test_minicelery.echo", app=any_app), [1]).delay().get(timeout=10) == [1]
 
 
 class _MonitoringStamps(minicelery.StampingVisitor):
@@ -3679,6 +3699,13 @@ def test_hostile_headers_and_embeds_are_bad_messages_not_worker_errors(app, tmp_
            send_with(embed={"errbacks": [{"task": "test_minicelery.add", "args": 5}]}),
            send_with(embed={"chord": {"no": "task"}}),
            send_with(compression="application/x-snappy", body=b"...")]
+    # nested: a chain step that is a chord with no proper header or body, a group whose tasks
+    # aren't a list ("abc" sent tasks a, b and c), a chain step's own errbacks, a bool index
+    step = {"task": "celery.chord", "subtask_type": "chord", "kwargs": {"header": 5, "body": dict(add.s())}}
+    bad += [send_with(embed={"chain": [step]}), send_with(embed={"chain": [dict(step, kwargs={"header": []})]}),
+            send_with(embed={"chain": [{"task": "celery.group", "subtask_type": "group", "kwargs": {"tasks": "abc"}}]}),
+            send_with(embed={"chain": [dict(add.s(), options={"link_error": [{"task": 5}]})]}),
+            send_with(headers={"group_index": True})]
     with worker(app, tmp_path) as w:
         assert add.delay(2, 2).get(timeout=10) == 4
         wait_until(lambda: all(r.ready() for r in bad), what="every bad message failed")
