@@ -4364,7 +4364,11 @@ def _chain_steps(flat, app):
     is skipped; a group followed by a step is a chord with that step as its body; a
     chord whose body is a chain led by a task keeps only that task as its body, and
     the rest of the body follows it in the chain (so a chord followed by steps
-    hands them to its body at run time, not to each header task)."""
+    hands them to its body at run time, not to each header task).
+
+    Celery: chain-steps: Celery applies these rules when the chain is sent, so its
+    `chain.tasks` shows the steps as written; here they are applied when the chain
+    is made, and `chain.tasks` shows the chord a group became."""
     steps = []
     for task in reversed(flat):
         if isinstance(task, group) and not task.tasks and (steps or task is not flat[0]):
