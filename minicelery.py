@@ -4434,7 +4434,7 @@ class chain(Signature):
         if membership.get("chord") and isinstance(self.tasks[-1], group):
             self.tasks[-1] = chord(self.tasks[-1], self._app().tasks["celery.accumulate"].s(index=0))
         self.tasks[-1].options.update(membership)
-        result = self.freeze()
+        result = self.freeze(options.pop("task_id", None))  # (a chain's task_id is its last task's)
         first, rest = self.tasks[0], self.tasks[1:]
         # (stored reversed, so a worker pops the next step; what followed an enclosing
         # chord's body, given as `chain`, comes after this chain's own steps)
@@ -4492,6 +4492,8 @@ class group(Signature):
         add_to_parent = options.pop("add_to_parent", True)
         results = [task.clone().apply_async(args, kwargs, group_id=group_id, group_index=i, add_to_parent=False,
                                             **options) for i, task in enumerate(_flat_tasks(self))]
+        if len(results) == 1 and isinstance(results[0], GroupResult):  # (as Celery: the one group's)
+            return _trail(results[0], add_to_parent)
         return _trail(GroupResult(group_id, results, app=app), add_to_parent)
 
     def __call__(self, *partial_args, **options):

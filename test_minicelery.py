@@ -2634,6 +2634,11 @@ def test_canvas_compositions_compute_what_celery_computes(any_app, tmp_path):
         assert chord([add.si(1, 1) | mul.s(2), chord([add.si(1, 1), add.si(2, 2)], xsum.s()),
                       group(add.si(5, 5), add.si(6, 6))], xsum.s())().get(timeout=10) == 4 + 6 + 10 + 12
         assert group(group(add.si(1, 1), add.si(2, 2)), add.si(3, 3))().get(timeout=10) == [2, 4, 6]
+        # a chain in a group gets the previous result; a group of one chain ending in a group is that group
+        assert (add.s(5, 6) | group((add.s(1) | add.s(2), add.s(3))))().get(timeout=10) == [14, 14]
+        assert group(add.s(1, 2) | group(add.s(1), add.s(2)))().get(timeout=10) == [4, 5]
+        # a chain given a task_id: its last task's (as Celery's chain(task_id=...))
+        assert chain(add.si(1, 1), mul.s(2), task_id="last-of-chain")().id == "last-of-chain"
         # a chain ending with a group, in a chord's header: one part, the group's list (as Celery's worker)
         assert chord([chain(add.si(1, 1), group(add.s(1), add.s(2))), add.si(10, 0)], echo.s())().get(
             timeout=10) == [[3, 4], 10]
