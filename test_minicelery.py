@@ -2637,6 +2637,19 @@ def test_canvas_compositions_compute_what_celery_computes(any_app, tmp_path):
         # a chain in a group gets the previous result; a group of one chain ending in a group is that group
         assert (add.s(5, 6) | group((add.s(1) | add.s(2), add.s(3))))().get(timeout=10) == [14, 14]
         assert group(add.s(1, 2) | group(add.s(1), add.s(2)))().get(timeout=10) == [4, 5]
+        # a chain's link option is its last task's (here a chord: its body's), link_error every task's
+        callback = echo.s()
+        callback_result = callback.freeze()
+        assert chain(add.si(1, 1), chord([add.si(2, 2), add.si(3, 3)], xsum.s())).apply_async(
+            link=callback).get(timeout=10) == 10
+        assert callback_result.get(timeout=10) == 10
+        errback = echo.si("chord body chain failed")
+        errback_result = errback.freeze()
+        failing = chord([add.si(1, 1)], chain(echo.si(1), fail.si("in the body"), echo.si(2)))
+        failing.link_error(errback)
+        with pytest.raises(ValueError, match="in the body"):
+            failing().get(timeout=10)
+        assert errback_result.get(timeout=10) == "chord body chain failed"
         # a chain given a task_id: its last task's (as Celery's chain(task_id=...))
         assert chain(add.si(1, 1), mul.s(2), task_id="last-of-chain")().id == "last-of-chain"
         # a chain ending with a group, in a chord's header: one part, the group's list (as Celery's worker)
