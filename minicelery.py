@@ -4334,13 +4334,35 @@ def _tasks_from(tasks):
     return tasks
 
 
-def _members(sig, key="tasks"):
-    """A workflow's member signatures, as objects stored in place, so freeze() sticks."""
-    stored = sig.kwargs[key]
-    stored[:] = [t if isinstance(t, Signature) else signature(t, app=sig.app) for t in stored]
-    for task in stored:
-        task.app = task.app or sig.app  # (a member made without an app is sent by the workflow's)
-    return stored
+class _TaskList(Signature):
+    """What a chain and a group share: their tasks, an errback for every task, and stamping
+    that walks the tasks (with the visitor's on_chain_* or on_group_* hooks)."""
+
+    @property
+    def tasks(self):
+        """The member signatures, as objects stored in place, so freeze() sticks."""
+        stored = self.kwargs["tasks"]
+        stored[:] = [t if isinstance(t, Signature) else signature(t, app=self.app) for t in stored]
+        for task in stored:
+            task.app = task.app or self.app  # (a member made without an app is sent by the workflow's)
+        return stored
+
+    @classmethod
+    def _from_dict(cls, value, app):
+        return cls(*value["kwargs"]["tasks"], app=app, **value.get("options", {}))
+
+    def link_error(self, errback):
+        for task in self.tasks:
+            task.link_error(errback)
+        return errback
+
+    def stamp(self, visitor=None, append_stamps=False, **headers):
+        kind = self["subtask_type"]  # "chain" or "group"
+        headers = dict(headers, **_visit(visitor, f"on_{kind}_start", self, headers))
+        for task in self.tasks:
+            task.stamp(visitor, append_stamps, **headers)
+        _visit(visitor, f"on_{kind}_end", self, headers)
+        return self
 
 
 def _flat_tasks(header):
@@ -4384,7 +4406,7 @@ def _chain_steps(flat, app):
     return steps
 
 
-class chain(Signature):
+class chain(_TaskList):
     """`a.s() | b.s() | c.s()`: each result goes to the next task, unless it is immutable."""
 
     def __init__(self, *tasks, app=None, **options):
@@ -4394,11 +4416,7 @@ class chain(Signature):
             flat.extend(task.tasks if isinstance(task, chain) else [task])
         super().__init__("celery.chain", (), {"tasks": _chain_steps(flat, app)}, options, "chain",
                          app=app or (flat[0].app if flat else None))
-    @classmethod
-    def _from_dict(cls, value, app):
-        return cls(*value["kwargs"]["tasks"], app=app, **value.get("options", {}))
 
-    tasks = property(_members)
     id = property(lambda self: self.tasks[-1].id)
 
     def freeze(self, _id=None):
@@ -4409,18 +4427,6 @@ class chain(Signature):
 
     def link(self, callback):
         return self.tasks[-1].link(callback)
-
-    def link_error(self, errback):
-        for task in self.tasks:
-            task.link_error(errback)
-        return errback
-
-    def stamp(self, visitor=None, append_stamps=False, **headers):
-        headers = dict(headers, **_visit(visitor, "on_chain_start", self, headers))
-        for task in self.tasks:
-            task.stamp(visitor, append_stamps, **headers)
-        _visit(visitor, "on_chain_end", self, headers)
-        return self
 
     def apply_async(self, args=(), kwargs=None, **options):
         if self._app().conf.task_always_eager:
@@ -4458,7 +4464,7 @@ class chain(Signature):
         return result
 
 
-class group(Signature):
+class group(_TaskList):
     """`group(add.s(i, i) for i in range(10))()`: run in parallel; GroupResult in order."""
 
     def __init__(self, *tasks, app=None, **options):
@@ -4466,27 +4472,9 @@ class group(Signature):
         super().__init__("celery.group", (), {"tasks": members}, options, "group",
                          app=app or (members[0].app if members else None))
 
-    @classmethod
-    def _from_dict(cls, value, app):
-        return cls(*value["kwargs"]["tasks"], app=app, **value.get("options", {}))
-
-    tasks = property(_members)
-
     def link(self, callback):
         """(As Celery: the first task's, made immutable; it runs once, whatever the others do.)"""
         return self.tasks[0].link(callback.clone().set(immutable=True)) if self.tasks else callback
-
-    def link_error(self, errback):
-        for task in self.tasks:
-            task.link_error(errback)
-        return errback
-
-    def stamp(self, visitor=None, append_stamps=False, **headers):
-        headers = dict(headers, **_visit(visitor, "on_group_start", self, headers))
-        for task in self.tasks:
-            task.stamp(visitor, append_stamps, **headers)
-        _visit(visitor, "on_group_end", self, headers)
-        return self
 
     def apply_async(self, args=(), kwargs=None, **options):
         app, options = self._app(), dict(self.options, **options)
