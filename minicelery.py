@@ -4234,11 +4234,12 @@ class Signature(dict):
                 stamped.append(name)
 
     def link(self, callback):
-        self.options.setdefault("link", []).append(callback)
+        # (a new list each time: a clone shares its original's options until it changes one)
+        self.options["link"] = _as_list(self.options.get("link")) + [callback]
         return callback
 
     def link_error(self, errback):
-        self.options.setdefault("link_error", []).append(errback)
+        self.options["link_error"] = _as_list(self.options.get("link_error")) + [errback]
         return errback
 
     def on_error(self, errback):
@@ -4434,10 +4435,10 @@ class chain(_TaskList):
         options = dict(self.options, **options)
         # (as Celery: a chain's callbacks are its last task's, its errbacks every task's)
         for callback in _as_list(options.pop("link", None)):
-            self.tasks[-1].options["link"] = _as_list(self.tasks[-1].options.get("link")) + [callback]
+            Signature.link(self.tasks[-1], callback)  # (its option, whatever it is: a chord's goes to its body)
         for errback in _as_list(options.pop("link_error", None)):
             for task in self.tasks:
-                task.options["link_error"] = _as_list(task.options.get("link_error")) + [errback]
+                Signature.link_error(task, errback)
         # Inside a group or chord header, the chain's last task is the member that counts.
         membership = {k: options.pop(k) for k in ("group_id", "group_index", "chord") if k in options}
         # Celery: header-chain-group: our client sends a chain ending with a group in a chord's
@@ -4563,9 +4564,10 @@ class chord(Signature):
         group_id, task_id = header.options.get("task_id") or uuid(), options.pop("task_id", None)
         body = self.body.clone(**outer)
         body.options.setdefault("group_id", group_id)
-        for key in ("link", "link_error"):  # (a chord's links are its body's; copied: the chord's stays)
-            if options.get(key):
-                body.options[key] = _as_list(body.options.get(key)) + _as_list(options.pop(key))
+        for callback in _as_list(options.pop("link", None)):  # (a chord's links are its body's)
+            Signature.link(body, callback)
+        for errback in _as_list(options.pop("link_error", None)):
+            Signature.link_error(body, errback)
         result = body.freeze(task_id)
         members = _flat_tasks(header)  # (a group in the header counts as its tasks)
         if not members:
