@@ -2916,7 +2916,7 @@ class ResultBackend(Explains):
         else:
             result = _stored_value(result)  # (a task may return a result: Celery stores its tuple)
         meta = {"status": state, "result": result, "traceback": traceback,
-                "children": [getattr(c, "as_tuple", lambda: c)() for c in getattr(request, "children", None) or []],
+                "children": [_stored_value(c) for c in getattr(request, "children", None) or []],
                 "date_done": utcnow().isoformat() if state in READY_STATES else None}
         for field in ("group_id", "parent_id"):
             value = getattr(request, field, None)
@@ -4780,14 +4780,14 @@ def _call_errbacks(app, request, exc, exc_traceback):
 def _is_new_style_errback(task, errback):
     if task is None or task._bound or not hasattr(task, "__wrapped__"):
         return False
-    stored = {} if errback.immutable else {"args": errback.args, "kwargs": errback.kwargs}
+    args, kwargs = ((), {}) if errback.immutable else (errback.args, errback.kwargs)
     try:
-        params = inspect.signature(functools.partial(task.run, *stored.get("args", ()),
-                                                     **stored.get("kwargs", {}))).parameters.values()
+        params = inspect.signature(functools.partial(task.run, *args, **kwargs)).parameters.values()
     except (TypeError, ValueError):  # (stored arguments that don't fit: classified as if none)
         params = inspect.signature(task.run).parameters.values()
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
-    return len(positional) > 1 or any(p.kind == p.VAR_POSITIONAL for p in positional)
+    kinds = [p.kind for p in params]
+    return inspect.Parameter.VAR_POSITIONAL in kinds or sum(
+        kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for kind in kinds) > 1
 
 
 def _result_ids(sig):
