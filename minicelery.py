@@ -4809,16 +4809,36 @@ def _chord_part_done(app, request, state, value):
     failed = [part for part in parts if part[2] in (FAILURE, REVOKED)]
     if failed:
         _, task_id, _, exc = failed[0]
-        error = ChordError(f"Dependency {task_id} raised {exception_from_dict(exc)!r}")
-        # What waits on the body hears it: its errbacks, its chain, an enclosing chord.
-        for member in _flat_tasks(body) if isinstance(body, group) else [body]:
-            for member_id in _result_ids(member):
-                app.backend.store_result(member_id, error, FAILURE, request=Request(group=request.group))
-            _after_failure(app, _step_request(member, root_id=request.root_id), error, None)
+        _fail_chord_body(app, request, body, task_id, exception_from_dict(exc))
     else:
         _send_next(app, body, ([part[3] for part in parts],), parent_id=request.id,
                    root_id=request.root_id or request.id)
     app.backend.chord_done(request.group)
+
+
+def _fail_chord_body(app, request, body, task_id, exc):
+    """A header task failed: what waits on the body hears it (its result, its errbacks,
+    its chain, an enclosing chord). Celery's rules: a body fails with ChordError, but
+    a group body's tasks each fail with the header task's own error, and each calls
+    its own errbacks (a chord's: its body's) and the group's, each errback once."""
+    error = ChordError(f"Dependency {task_id} raised {exc!r}")
+    members, group_errbacks = [body], []
+    if isinstance(body, group):
+        members, group_errbacks, error = _flat_tasks(body), body.options.get("link_error"), exc
+        if body.id:  # (the group's own id too, as Celery marks it)
+            app.backend.store_result(body.id, exc, FAILURE)
+    for member in members:
+        while isinstance(member, chord):
+            member = member.body
+        for member_id in _result_ids(member):
+            app.backend.store_result(member_id, error, FAILURE, request=Request(group=request.group))
+        step = _step_request(member, root_id=request.root_id)
+        errbacks = (step.errbacks or []) + (_signature_list(group_errbacks) or [])
+        step.errbacks = [errback for i, errback in enumerate(errbacks) if errback not in errbacks[:i]]
+        _after_failure(app, step, error, None)
+    if isinstance(body, group) and body.options.get("chain"):  # (the steps after a group body)
+        rest = Request(id=body.id, chain=body.options["chain"], root_id=request.root_id)
+        _after_failure(app, rest, ChordError(f"Dependency {task_id} raised {exc!r}"), None)
 
 
 # =============================================================================

@@ -2730,6 +2730,16 @@ def test_canvas_errors_reach_everything_that_waits(any_app, tmp_path):
         wait_until(lambda: lines_in(new_style) == 2 and lines_in(old_style) == 2, what="the chord's errbacks")
         assert open(new_style).read().splitlines()[1].startswith(f"{result.id} ChordError(")
         assert open(old_style).read().splitlines()[1] == "old immutable"
+        # A group body (Celery's rule): each task fails with the header task's own error
+        # and calls its errbacks (a chord's: its body's) and the group's, each once.
+        errback = old_errback.si("group", old_style)
+        group_body = group(chord([add.si(2, 2)], xsum.s()), xsum.s())
+        result = chord([add.si(1, 1), fail.si("header")], group_body).apply_async(link_error=errback)
+        with pytest.raises(ValueError, match="header"):
+            result.get(timeout=10)
+        assert [r.state for r in result.results] == ["FAILURE", "FAILURE"]
+        wait_until(lambda: lines_in(old_style) == 4, what="the group's errback, once a task")
+        assert open(old_style).read().splitlines()[2:] == ["old group"] * 2
 
 
 def test_canvas_hostile_results_and_errbacks_end_every_wait(any_app, tmp_path):
