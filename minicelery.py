@@ -69,6 +69,7 @@ import pickle
 import re
 import resource
 import select
+import string
 import signal
 import socket
 import struct
@@ -1157,6 +1158,36 @@ Delivery = namedtuple("Delivery", "queue tag raw claim")
 #: explain mode's log (conf.explain): what each broker and backend operation sends, and why
 explain_logger = logging.getLogger("minicelery.explain")
 
+#: one note of a store's docstring: "Explain NAME[ (METHOD[, when FIELD])]: SENDS -- WHY"
+_EXPLAIN_NOTE = re.compile(r"Explain (\w+)(?: \((\w+)(?:, when ([\w\[\]]+))?\))?: (.+)", re.S)
+
+
+class _ExplainFormatter(string.Formatter):
+    """Formats a note with the call's fields, never a payload: `!n` shows a length, `!t`
+    the tags or ids (delivery tags, a {tag: claim}'s keys, the first of each tuple), a
+    string escaped (kombu's priority lists end in \\x06\\x16, a queue name may hold a
+    newline); a field the call doesn't have shows as `?`."""
+
+    def get_field(self, field_name, args, kwargs):
+        try:
+            return super().get_field(field_name, args, kwargs)
+        except (LookupError, AttributeError, TypeError):
+            return "?", field_name
+
+    def convert_field(self, value, conversion):
+        if conversion == "n":
+            return len(value)
+        if conversion == "t":
+            return " ".join(self._shown(item) for item in value)
+        return self._shown(value) if isinstance(value, (str, bytes)) else super().convert_field(value, conversion)
+
+    @staticmethod
+    def _shown(item) -> str:
+        while isinstance(item, tuple) and not hasattr(item, "tag"):  # (parked: (Delivery, claim, ...))
+            item = item[0]
+        item = getattr(item, "tag", item)
+        return printable(item.decode(errors="replace") if isinstance(item, bytes) else str(item))
+
 
 class Explains:
     """Explain mode, for brokers and result backends.
@@ -1164,28 +1195,66 @@ class Explains:
     With conf.explain on ($MINICELERY_EXPLAIN=1, `worker --explain`), each
     operation logs one line: the Redis commands or SQL it sends, and why.
     Watching one delay() travel to get() teaches the protocol. Task arguments
-    and results are never shown, only ids, names and sizes. Off, an operation
-    pays one test (`if self.explaining`). Left out, because they repeat every
-    second or so: takes that find nothing, heartbeats, queue declarations, and
-    the periodic reloads and scans that find nothing.
+    and results are never shown, only ids, names and sizes.
+
+    The one source is each store's class docstring: a paragraph "Explain take
+    (reserve, when result[0]): SENDS -- WHY" says that a call of reserve() logs
+    `explain take: ...` when its result[0] is not empty, its {fields} filled
+    from the call's arguments, `self` and (logged after the call) its `result`;
+    without a method in brackets, the method of the note's name. When explain
+    is turned on, explain_operations() wraps those methods of this one store;
+    off, nothing is wrapped and no operation tests for it. Left out, because
+    they repeat every second or so: takes that find nothing, heartbeats, queue
+    declarations, and the periodic reloads and scans that find nothing.
     """
 
-    #: operation -> (what it sends, with {fields} from the call; why it does): one table per store
-    EXPLAINED = {}
+    FORMATTER = _ExplainFormatter()
 
-    @property
-    def explaining(self) -> bool:
-        return self.app.conf.explain  # (read each time: it may be turned on after the store is made)
+    @classmethod
+    def notes(cls) -> list:
+        """(name, method, when, text) of each Explain paragraph of the class docstring."""
+        paragraphs = (" ".join(p.split()) for p in inspect.cleandoc(cls.__doc__ or "").split("\n\n"))
+        return [(m[1], m[2] or m[1], m[3], m[4]) for p in paragraphs if (m := _EXPLAIN_NOTE.fullmatch(p))]
 
-    def explain(self, operation, **fields):
-        sends, why = self.EXPLAINED[operation]
-        # Shown escaped: kombu's priority lists end in \x06\x16, and a queue name may hold a newline.
-        fields = {name: printable(value) if isinstance(value, str) else value for name, value in fields.items()}
+    def explain_operations(self, on=True):
+        """Wrap (or unwrap) this store's explained methods; see the class docstring."""
+        by_method = collections.defaultdict(list)
+        for name, method, when, text in self.notes():
+            by_method[method].append((name, when, text))
+        for method, notes in by_method.items():
+            self.__dict__.pop(method, None)
+            if on and hasattr(self, method):
+                setattr(self, method, self._explained(getattr(self, method), notes))
+
+    def _explained(self, method, notes):
+        signature = inspect.signature(method)
+
+        @functools.wraps(method)
+        def explained(*args, **kwargs):
+            call = signature.bind(*args, **kwargs)
+            call.apply_defaults()
+            fields, after = dict(call.arguments, self=self), []
+            for note in notes:  # (a note that shows the result is logged once it is known)
+                if "result" in f"{note[1]}{note[2]}":
+                    after.append(note)
+                else:
+                    self._log_note(*note, fields)
+            fields["result"] = method(*args, **kwargs)
+            for note in after:
+                self._log_note(*note, fields)
+            return fields["result"]
+        return explained
+
+    def _log_note(self, name, when, text, fields):
+        if when is None or self.FORMATTER.get_field(when, (), fields)[0]:
+            self.explain(name, text, **fields)
+
+    def explain(self, name, text=None, /, **fields):
         if not explain_logger.hasHandlers():  # a client that set up no logging sees it too
             explain_logger.addHandler(logging.StreamHandler())
         explain_logger.setLevel(logging.INFO)
-        explain_logger.info("explain %s: %s -- %s", operation, sends.format(**fields), why.format(**fields))
-
+        text = text or next(note[3] for note in self.notes() if note[0] == name)
+        explain_logger.info("explain %s: %s", name, self.FORMATTER.format(text, **{"self": self, **fields}))
 
 
 class Broker(Explains):
@@ -1608,7 +1677,7 @@ class QueueWatch:
             if self.blmove is None:  # no blocking command allowed here: look again in a tenth of a second
                 watchers, deadline = [], min(deadline, time.monotonic() + 0.1)
             for watcher in watchers:
-                if self.broker.explaining and not watcher.armed and self.blmove and not watcher.explained:
+                if self.broker.app.conf.explain and not watcher.armed and self.blmove and not watcher.explained:
                     self.broker.explain("watch", key=watcher.key)  # (once a watcher: not at each re-arm)
                     watcher.explained = True
                 watcher.arm(self.blmove)
@@ -1841,7 +1910,66 @@ return 1
 
 
 class RedisBroker(Broker):
-    """kombu's Redis transport layout, plus minicelery's dead-letter list."""
+    """kombu's Redis transport layout, plus minicelery's dead-letter list.
+
+    Explain publish: EVALSHA publish script: SET minicelery:sent:{result} NX EX 60, and if
+    it was not there LPUSH {queue} <message, delivery tag {result}, {envelope!n} bytes,
+    priority {priority}> -- producers push on the left and workers pop on the right, so
+    each list is a FIFO queue (kombu's layout); the marker makes a publish sent again
+    after a lost reply queue the message once
+
+    Explain watch: BLMOVE {key} {key} RIGHT RIGHT 10, on a connection of its own -- an
+    idle worker blocks until the list has a message, and wakes at once; the command puts
+    the message back where it was, so a reply lost on the way loses nothing
+
+    Explain ack (reserve, when ack): the reserve script's first part, as the ack script
+    below: ZSCORE unacked_index {ack!t} ... -- acks ride with the next take: one round trip
+
+    Explain touch (reserve, when renew): the reserve script's second part: ZSCORE
+    unacked_index {renew!t}; where the score is still our claim: ZADD unacked_index <now>
+    -- a live worker renews its claims, so a task running past the visibility timeout is
+    not given to another worker; a job starts only once this confirmed its claim
+
+    Explain take (reserve, when result[0]): EVALSHA reserve script: RPOP from the lists of
+    {queues!t}; HSET unacked {result[0]!t} (delivery tags); ZADD unacked_index <now>
+    {result[0]!t} (first, parked messages due soon go back to their lists; one over
+    worker_max_message_size goes to the dead letters instead, logged as an error) -- the
+    message moves from its list into unacked in one script, so it is always somewhere: if
+    this worker dies, any worker gives it back once it has been held
+    {self.visibility_timeout} s (the visibility timeout) without a renewal
+
+    Explain ack: EVALSHA ack script: ZSCORE unacked_index {claims!t}; where the score is
+    still our claim: ZREM unacked_index, HDEL unacked -- done with for good: acked by the
+    pool process just before the task starts (at most once), or by the main process after
+    it with task_acks_late (at least once: a worker lost mid-task leaves it to run again);
+    only while the claim is ours, so a message that went back to its queue is never acked
+    by us
+
+    Explain restore (_restore, when result): HGET unacked {tag}; EVALSHA restore script:
+    HDEL unacked {tag}; ZREM unacked_index {tag}; RPUSH <its list> <marked redelivered> --
+    back to the consuming end of its list (requeued, or its worker died), but only if no
+    other worker restored or took it meanwhile
+
+    Explain park (park, when parked): EVALSHA park script: where the claim is still ours,
+    HSET minicelery:eta-messages {parked!t}; ZADD minicelery:eta <due times> {parked!t};
+    ZREM unacked_index {parked!t}; HDEL unacked {parked!t} -- their ETA is far: parked in
+    Redis instead of held in the worker's memory (Celery holds them), and moved back to
+    their lists by a take shortly before they are due
+
+    Explain revoke: ZADD minicelery:revoked <expiry> {task_ids!t} -- kept for workers that
+    start later; the broadcast (unless broadcast=False) tells those running now
+
+    Explain broadcast: PUBLISH {self.pidbox} <{body[method]}> -- Celery's remote control:
+    every worker listens on this channel
+
+    Explain dead_letter: LPUSH minicelery:dead-letters <the message from {queue}, and
+    why>; LTRIM minicelery:dead-letters 0 9999 -- a message no worker can run is kept for
+    a human to look at, not dropped
+
+    Explain lease: EVALSHA lease script: SET minicelery:lease:{name} <token> PX <{ttl} s>,
+    if free or ours -- one beat sends the periodic tasks; a standby takes over once the
+    lease expires
+    """
 
     UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
     DEAD_LETTERS = "minicelery:dead-letters"
@@ -1852,53 +1980,6 @@ class RedisBroker(Broker):
     RESTORED = "minicelery:restored"
     #: seconds a publish marker lives: longer than any retried publish takes
     SENT_MARKER_TTL = 60
-
-    EXPLAINED = {
-        "publish": ("EVALSHA publish script: SET minicelery:sent:{tag} NX EX 60, and if it was not there "
-                    "LPUSH {key} <message, delivery tag {tag}, {size} bytes>",
-                    "producers push on the left and workers pop on the right, so each list is a FIFO "
-                    "queue (kombu's layout); the marker makes a publish sent again after a lost reply "
-                    "queue the message once"),
-        "watch": ("BLMOVE {key} {key} RIGHT RIGHT 10, on a connection of its own",
-                  "an idle worker blocks until the list has a message, and wakes at once; the command "
-                  "puts the message back where it was, so a reply lost on the way loses nothing"),
-        "take": ("EVALSHA reserve script: RPOP from the lists of {queues}; HSET unacked {tags} (delivery "
-                 "tags); ZADD unacked_index {now:.3f} {tags} (first, parked messages due soon go back to their lists)",
-                 "the message moves from its list into unacked in one script, so it is always "
-                 "somewhere: if this worker dies, any worker gives it back once it has been held "
-                 "{timeout} s (the visibility timeout) without a renewal"),
-        "ack": ("EVALSHA ack script (or the reserve script's first part): ZSCORE unacked_index {tags}; "
-                "where the score is still our claim: ZREM unacked_index, HDEL unacked",
-                "done with for good: acked by the pool process just before the task starts (at most "
-                "once), or by the main process after it with task_acks_late (at least once: a worker lost "
-                "mid-task leaves it to run again); only while the claim is ours, so a message that went "
-                "back to its queue is never acked by us"),
-        "touch": ("(in the reserve script) ZSCORE unacked_index {tags}; where the score is still our claim: "
-                  "ZADD unacked_index {now:.3f}",
-                  "a live worker renews its claims, so a task running past the visibility timeout is "
-                  "not given to another worker; a job starts only once this confirmed its claim"),
-        "restore": ("HGET unacked {tag}; EVALSHA restore script: HDEL unacked {tag}; ZREM unacked_index "
-                    "{tag}; RPUSH {key} <marked redelivered>",
-                    "back to the consuming end of its list (requeued, or its worker died), but only if "
-                    "no other worker restored or took it meanwhile"),
-        "park": ("EVALSHA park script: where the claim is still ours, HSET minicelery:eta-messages {tags}; "
-                 "ZADD minicelery:eta <due times> {tags}; ZREM unacked_index {tags}; HDEL unacked {tags}",
-                 "their ETA is far: parked in Redis instead of held in the worker's memory (Celery holds "
-                 "them), and moved back to their lists by a take shortly before they are due"),
-        "revoke": ("ZADD minicelery:revoked <expiry> {ids}{then}",
-                   "kept for workers that start later; the broadcast tells those running now"),
-        "broadcast": ("PUBLISH {channel} <{method}>",
-                      "Celery's remote control: every worker listens on this channel"),
-        "dead_letter": ("LPUSH minicelery:dead-letters <the message from {queue}, and why>; LTRIM "
-                        "minicelery:dead-letters 0 9999",
-                        "a message no worker can run is kept for a human to look at, not dropped"),
-        "bury": ("(in the reserve script) LPUSH minicelery:dead-letters <the first 64 KiB of a message of "
-                 "{size} bytes from {queue}>; LTRIM minicelery:dead-letters 0 9999",
-                 "over worker_max_message_size: it is never handed to a worker, so no worker's memory "
-                 "pays for it"),
-        "lease": ("EVALSHA lease script: SET minicelery:lease:{name} <token> PX {ms}, if free or ours",
-                  "one beat sends the periodic tasks; a standby takes over once the lease expires"),
-    }
 
     def __init__(self, app, url):
         super().__init__(app, url)
@@ -1921,8 +2002,7 @@ class RedisBroker(Broker):
         key, tag = _queue_key(queue, priority), tag or uuid()
         self._producer.connection.script(_PUBLISH_LUA, [key, f"minicelery:sent:{tag}"],
                                          [envelope, self.SENT_MARKER_TTL])
-        if self.explaining:
-            self.explain("publish", key=key, tag=tag, size=len(envelope))
+        return tag
 
     def _declare(self, queues):
         """Write kombu's binding entries once, so named-exchange producers find our queues."""
@@ -1943,13 +2023,6 @@ class RedisBroker(Broker):
             queues = queues[self._rotation:] + queues[:self._rotation]
         gone, others, found = self.held.script(_RESERVE_LUA, *self._reserve_args(now, limit, ack, renew, queues))
         deliveries = self._deliveries(found, now)
-        if self.explaining:
-            for operation, tags in (("ack", ack), ("touch", renew)):
-                if tags:
-                    self.explain(operation, tags=" ".join(tags), now=now)
-            if deliveries:
-                self.explain("take", queues=" ".join(sorted({d.queue for d in deliveries})), now=now,
-                             tags=" ".join(d.tag for d in deliveries), timeout=self.visibility_timeout)
         return deliveries, {tag.decode() for tag in gone}, {tag.decode() for tag in others}
 
     def _reserve_args(self, now, limit, ack, renew, queues) -> tuple:
@@ -1960,8 +2033,6 @@ class RedisBroker(Broker):
 
     def ack(self, claims):
         gone, others = self.held.script(_ACK_LUA, [self.UNACKED, self.UNACKED_INDEX, self.RESTORED], _claim_args(claims))
-        if self.explaining:
-            self.explain("ack", tags=" ".join(claims))
         return {tag.decode() for tag in gone}, {tag.decode() for tag in others}
 
     def _deliveries(self, found, now) -> list:
@@ -1978,8 +2049,6 @@ class RedisBroker(Broker):
             elif tag:
                 deliveries.append(Delivery(queue, tag, found[i + 2], now))
             else:  # buried by the script: too big to hand out
-                if self.explaining:
-                    self.explain("bury", size=found[i + 2].decode(), queue=queue)
                 logger.error("A message of %s bytes in queue %r is over worker_max_message_size: "
                              "kept (cut) in the dead letters", found[i + 2].decode(), queue)
         # A take that found nothing looked at every list: what it found broken is all there is.
@@ -2035,9 +2104,6 @@ class RedisBroker(Broker):
             raw = json.dumps(raw)
         if exchange:
             queue = self._route_by_binding(exchange, routing_key) or queue
-        if self.explaining:
-            self.explain("restore", tag=printable(tag if isinstance(tag, str) else tag.decode(errors="replace")),
-                         key=_queue_key(queue, priority))
         return self._restore_script(keys=[self.UNACKED, self.UNACKED_INDEX, _queue_key(queue, priority), self.RESTORED],
                                     args=[tag, entry, raw, claim[0], claim[-1], stale_before])
 
@@ -2050,8 +2116,6 @@ class RedisBroker(Broker):
             args += [delivery.tag, claim[0], claim[-1], due, b"%d:%s%s" % (len(key), key, raw)]
         if args:
             self._park_script(keys=[self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES], args=args)
-            if self.explaining:
-                self.explain("park", tags=" ".join(delivery.tag for delivery, _, _, _ in parked))
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         now = time.time()
@@ -2061,8 +2125,6 @@ class RedisBroker(Broker):
             pipe.zremrangebyrank(self.REVOKED, 0, -self.REVOKES_MAX - 1)  # a flood keeps the newest
             pipe.expire(self.REVOKED, int(expires) + 1)  # the newest entry expires last
             pipe.execute()
-        if self.explaining:
-            self.explain("revoke", ids=" ".join(task_ids), then="; then the broadcast below" if broadcast else "")
         if broadcast:
             for body in _revoke_bodies(task_ids, terminate, signal):
                 self.broadcast(body)
@@ -2070,8 +2132,6 @@ class RedisBroker(Broker):
     def broadcast(self, body):
         self.client.publish(self.pidbox, control_envelope(body, {"clock": 1, "expires": time.time() + 1.0},
                                                           "celery.pidbox"))
-        if self.explaining:
-            self.explain("broadcast", channel=self.pidbox, method=body.get("method"))
 
     def send_event(self, event):
         routing_key, envelope = event_envelope(event)
@@ -2153,8 +2213,6 @@ class RedisBroker(Broker):
         return [connection._sock] if connection is not None and connection._sock is not None else []
 
     def lease(self, name, token, ttl):
-        if self.explaining:
-            self.explain("lease", name=name, ms=int(ttl * 1000))
         return bool(self._lease_script(keys=[f"minicelery:lease:{name}"], args=[token, int(ttl * 1000)]))
 
     def _route_by_binding(self, exchange, routing_key):
@@ -2190,8 +2248,6 @@ class RedisBroker(Broker):
             pipe.ltrim(self.DEAD_LETTERS, 0, self.DEAD_LETTER_LIMIT - 1)
             pipe.expire(self.DEAD_LETTERS, self.app.conf.result_expires_seconds or 86400)
             pipe.execute()
-        if self.explaining:
-            self.explain("dead_letter", queue=queue)
 
     def parked(self, queues, limit):
         tags = self.client.zrange(self.ETA, 0, limit - 1)
@@ -2557,49 +2613,60 @@ class SQLiteStore:
 
 
 class SQLiteBroker(Broker):
-    """The broker on SQLite: `sqlite:///relative.db`, `sqlite:////absolute.db`, `memory://`."""
+    """The broker on SQLite: `sqlite:///relative.db`, `sqlite:////absolute.db`, `memory://`.
 
-    EXPLAINED = {
-        "publish": ("INSERT INTO messages (queue, step, seq, raw) VALUES ('{queue}', {step}, <now>, "
-                    "<{size} bytes>); COMMIT",
-                    "a row per message, taken by priority step, then oldest first; committed before "
-                    "delay() returns, so it outlives any process"),
-        "take": ("BEGIN IMMEDIATE; SELECT id, queue, raw FROM messages WHERE queue IN (...) AND reserved_at "
-                 "IS NULL AND due <= <now> ORDER BY step, seq LIMIT {limit}; UPDATE messages SET "
-                 "reserved_at = {now:.3f} WHERE id = <each of {tags}>; COMMIT",
-                 "the row stays, marked as held, so the message is always somewhere: if this worker "
-                 "dies, any worker frees it once it has been held {timeout} s (the visibility "
-                 "timeout) without a touch"),
-        "ack": ("DELETE FROM messages WHERE id = <each of {tags}>, each only while reserved_at is still "
-                "our claim",
-                "done with for good: acked before the task runs (at most once), or after it with "
-                "task_acks_late (at least once: a worker lost mid-task leaves it to run again)"),
-        "touch": ("UPDATE messages SET reserved_at = {now:.3f} WHERE id = <each of {tags}> AND "
-                  "reserved_at = <the claim this worker wrote>",
-                  "a live worker renews its claims, so a task running past the visibility timeout is "
-                  "not given to another worker"),
-        "requeue": ("UPDATE messages SET reserved_at = NULL, seq = (SELECT MIN(seq) FROM messages) - 1 "
-                    "WHERE id = <each of {tags}> AND reserved_at = <our claim>", "back to its queue, first in line"),
-        "restore": ("UPDATE messages SET reserved_at = NULL WHERE reserved_at < <now - {timeout} s>: "
-                    "{count} message(s)", "held past the visibility timeout: their worker died"),
-        "park": ("UPDATE messages SET reserved_at = NULL, due = <ETA - 2 s> WHERE id = <each of {tags}> AND "
-                 "reserved_at = <our claim>",
-                 "their ETA is far: left in the table instead of held in the worker's memory (Celery "
-                 "holds them); a take picks them up when due"),
-        "revoke": ("INSERT INTO revocations (task_id, expires, ...) VALUES <{ids}>{then}",
-                   "kept for workers that start later; the broadcast tells those running now"),
-        "broadcast": ("INSERT INTO broadcasts (time, raw) VALUES (<now>, <{method}>)",
-                      "Celery's remote control: each worker reads the rows added since it last looked"),
-        "dead_letter": ("INSERT INTO dead_letters (time, queue, reason, raw) VALUES (<now>, '{queue}', "
-                        "<why>, <the message>)", "a message no worker can run is kept for a human, not dropped"),
-        "bury": ("INSERT INTO dead_letters ... (<the first 64 KiB of a message of {size} bytes from {queue}>); "
-                 "DELETE FROM messages WHERE id = <its row>",
-                 "over worker_max_message_size: it is never handed to a worker, so no worker's memory "
-                 "pays for it"),
-        "lease": ("INSERT INTO leases ... ON CONFLICT(name) DO UPDATE ... WHERE ours or expired: "
-                  "{name} for {ms} ms",
-                  "one beat sends the periodic tasks; a standby takes over once the lease expires"),
-    }
+    Explain publish: INSERT INTO messages (queue, step, seq, raw) VALUES ('{queue}', <the
+    step of priority {priority}>, <now>, <{envelope!n} bytes>); COMMIT -- a row per
+    message, taken by priority step, then oldest first; committed before delay()
+    returns, so it outlives any process
+
+    Explain ack (reserve, when ack): DELETE FROM messages WHERE id = <each of {ack!t}>,
+    each only while reserved_at is still our claim -- done with for good: acked before
+    the task runs (at most once), or after it with task_acks_late (at least once: a
+    worker lost mid-task leaves it to run again)
+
+    Explain touch (reserve, when renew): UPDATE messages SET reserved_at = <now> WHERE id
+    = <each of {renew!t}> AND reserved_at = <the claim this worker wrote> -- a live worker
+    renews its claims, so a task running past the visibility timeout is not given to
+    another worker
+
+    Explain take (reserve, when result[0]): BEGIN IMMEDIATE; SELECT id, queue, raw FROM
+    messages WHERE queue IN (...) AND reserved_at IS NULL AND due <= <now> ORDER BY step,
+    seq LIMIT {limit}; UPDATE messages SET reserved_at = <now> WHERE id = <each of
+    {result[0]!t}>; COMMIT (a message over worker_max_message_size goes to the dead
+    letters instead, logged as an error) -- the row stays, marked as held, so the message
+    is always somewhere: if this worker dies, any worker frees it once it has been held
+    {self.visibility_timeout} s (the visibility timeout) without a touch
+
+    Explain requeue (requeue, when claims): UPDATE messages SET reserved_at = NULL, seq =
+    (SELECT MIN(seq) FROM messages) - 1 WHERE id = <each of {claims!t}> AND reserved_at =
+    <our claim> -- back to its queue, first in line
+
+    Explain restore (restore_unacked, when result): UPDATE messages SET reserved_at = NULL
+    WHERE reserved_at < <now - {self.visibility_timeout} s>: {result} message(s) -- held
+    past the visibility timeout: their worker died
+
+    Explain park (park, when parked): UPDATE messages SET reserved_at = NULL, due = <ETA -
+    2 s> WHERE id = <each of {parked!t}> AND reserved_at = <our claim> -- their ETA is
+    far: left in the table instead of held in the worker's memory (Celery holds them); a
+    take picks them up when due
+
+    Explain revoke: INSERT INTO revocations (task_id, expires, ...) VALUES <{task_ids!t}>
+    -- kept for workers that start later; the broadcast (unless broadcast=False) tells
+    those running now
+
+    Explain broadcast: INSERT INTO broadcasts (time, raw) VALUES (<now>,
+    <{body[method]}>) -- Celery's remote control: each worker reads the rows added since
+    it last looked
+
+    Explain dead_letter: INSERT INTO dead_letters (time, queue, reason, raw) VALUES
+    (<now>, '{queue}', <why>, <the message>) -- a message no worker can run is kept for a
+    human, not dropped
+
+    Explain lease: INSERT INTO leases ... ON CONFLICT(name) DO UPDATE ... WHERE ours or
+    expired: {name} for {ttl} s -- one beat sends the periodic tasks; a standby takes
+    over once the lease expires
+    """
 
     def __init__(self, app, url):
         super().__init__(app, url)
@@ -2614,8 +2681,6 @@ class SQLiteBroker(Broker):
         with self.store.transaction() as db:
             db.execute("INSERT INTO messages (queue, step, seq, raw) VALUES (?, ?, ?, ?)",
                        (queue, step, time.time(), envelope.encode() if isinstance(envelope, str) else envelope))
-        if self.explaining:
-            self.explain("publish", queue=queue, step=step, size=len(envelope))
 
     def reserve(self, queues, limit, ack=None, renew=None, now=None):
         now, ack, renew = now or time.time(), ack or {}, renew or {}
@@ -2627,17 +2692,8 @@ class SQLiteBroker(Broker):
                            [(now, self._row(tag)) for tag in renew if tag not in gone | others])
             rows, buried = self._take(db, queues, limit, now) if limit > 0 else ([], [])
         for size, queue in buried:  # logged once it is true: committed
-            if self.explaining:
-                self.explain("bury", size=size, queue=queue)
             logger.error("A message of %s bytes in queue %r is over worker_max_message_size: "
                          "kept (cut) in the dead letters", size, queue)
-        if self.explaining:
-            for operation, tags in (("ack", ack), ("touch", renew)):
-                if tags:
-                    self.explain(operation, tags=" ".join(tags), now=now)
-            if rows:
-                self.explain("take", limit=limit, now=now, tags=" ".join(self._tag(row[0]) for row in rows),
-                             timeout=self.visibility_timeout)
         return [Delivery(queue, self._tag(row_id), raw, now) for row_id, queue, _, raw in rows], gone, others
 
     def _not_ours(self, db, claims) -> tuple:
@@ -2702,8 +2758,6 @@ class SQLiteBroker(Broker):
         # Next out: before every waiting message of its priority.
         self._update_held("UPDATE messages SET reserved_at = NULL, seq = (SELECT MIN(seq) FROM messages) - 1 "
                           "WHERE id = ? AND reserved_at IN (?, ?)", dict.fromkeys(claims, ()), claims)
-        if self.explaining and claims:
-            self.explain("requeue", tags=" ".join(claims))
 
     def restore_claimed(self, claim, keep=()):
         rows = [row_id for (row_id,) in self.store.read("SELECT id FROM messages WHERE reserved_at = ?", (claim,))
@@ -2716,16 +2770,12 @@ class SQLiteBroker(Broker):
         with self.store.transaction() as db:
             count = db.execute("UPDATE messages SET reserved_at = NULL WHERE reserved_at < ?",
                                ((now or time.time()) - self.visibility_timeout,)).rowcount
-        if self.explaining and count:
-            self.explain("restore", timeout=self.visibility_timeout, count=count)
         return count
 
     def park(self, parked):
         self._update_held("UPDATE messages SET reserved_at = NULL, due = ? WHERE id = ? AND reserved_at IN (?, ?)",
                           {delivery.tag: (due - self.ETA_MOVE_AHEAD,) for delivery, _, _, due in parked},
                           {delivery.tag: claim for delivery, claim, _, _ in parked})
-        if self.explaining and parked:
-            self.explain("park", tags=" ".join(delivery.tag for delivery, _, _, _ in parked))
 
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         now = time.time()
@@ -2735,8 +2785,6 @@ class SQLiteBroker(Broker):
             db.executemany("DELETE FROM revocations WHERE task_id = ?", [(i,) for i in task_ids])
             db.executemany("INSERT INTO revocations (task_id, expires, terminate, signal) VALUES (?, ?, ?, ?)",
                            [(i, now + expires, int(terminate), signal) for i in task_ids])
-        if self.explaining:
-            self.explain("revoke", ids=" ".join(task_ids), then="; then the broadcast below" if broadcast else "")
         if broadcast:
             for body in _revoke_bodies(task_ids, terminate, signal):
                 self.broadcast(body)
@@ -2748,8 +2796,6 @@ class SQLiteBroker(Broker):
             db.execute("DELETE FROM broadcasts WHERE time < ?", (now - 60,))
             db.execute("INSERT INTO broadcasts (time, raw) VALUES (?, ?)",
                        (now, control_envelope(body, {"clock": 1, "expires": now + 1.0}, "celery.pidbox")))
-        if self.explaining:
-            self.explain("broadcast", method=body.get("method"))
 
     def send_event(self, event):
         now = time.time()
@@ -2803,8 +2849,6 @@ class SQLiteBroker(Broker):
         return [command for _, raw in rows if (command := _parse_control(raw)) is not None]
 
     def lease(self, name, token, ttl):
-        if self.explaining:
-            self.explain("lease", name=name, ms=int(ttl * 1000))
         now = time.time()
         with self.store.transaction() as db:
             db.execute("INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
@@ -2826,8 +2870,6 @@ class SQLiteBroker(Broker):
     def dead_letter(self, raw, reason, queue=""):
         with self.store.transaction() as db:
             self._bury(db, raw, reason, queue)
-        if self.explaining:
-            self.explain("dead_letter", queue=queue)
 
     def _bury(self, db, raw, reason, queue):
         now = time.time()
@@ -2866,9 +2908,17 @@ def _connect(registry, app, url, what):
     """The registry's class for the URL's scheme, made with (app, url); a URL the client
     library can't read is a clear configuration error."""
     try:
-        return _pick_by_scheme(registry, url, what)(app, url)
+        store = _pick_by_scheme(registry, url, what)(app, url)
     except (ValueError, TypeError) as exc:
         raise ImproperlyConfigured(f"can't use the {what} URL {_safe_url(url)!r}: {exc}") from None
+    _STORES.add(store)
+    if app.conf.explain:
+        store.explain_operations()
+    return store
+
+
+#: the brokers and backends made (and alive): turning explain on or off wraps their operations or not
+_STORES = weakref.WeakSet()
 
 
 def _pick_by_scheme(registry, url, what):
@@ -2938,10 +2988,6 @@ class ResultBackend(Explains):
                 EncodeError(f"can't store the {state} result: {exc}")))
             data = self.encode(meta)
         self._set(self.key_for(task_id), data, ready=meta["status"] in READY_STATES)
-        if self.explaining:
-            key = self.key_for(task_id)
-            self.explain("store", key=key, state=meta["status"], size=len(data), expires=self.expires,
-                         expire=f"; EXPIRE {key} {self.expires}" if self.expires else "")
         return meta
 
     def encode(self, meta):
@@ -2956,8 +3002,6 @@ class ResultBackend(Explains):
         return loads(data, content_type, self.accept)
 
     def get_meta(self, task_id) -> dict:
-        if self.explaining:
-            self.explain("get", key=self.key_for(task_id))
         return self.meta_from(self._get(self.key_for(task_id)), task_id)
 
     def meta_from(self, data, task_id) -> dict:
@@ -2972,11 +3016,9 @@ class ResultBackend(Explains):
 
     def wait_for(self, task_id, timeout=None, interval=0.5) -> dict:
         """Block until the task is ready; raises ResultTimeout. Polls by default."""
-        if self.explaining:
-            self.explain("wait", key=self.key_for(task_id))
         deadline = float("inf") if timeout is None else time.monotonic() + timeout
         while True:
-            meta = self.meta_from(self._get(self.key_for(task_id)), task_id)  # (explained above)
+            meta = self.meta_from(self._get(self.key_for(task_id)), task_id)
             if meta["status"] in READY_STATES:
                 return meta
             if time.monotonic() >= deadline:
@@ -3137,27 +3179,36 @@ class RedisBackend(ResultBackend):
     minute (or until a get()'s timeout) before giving up (Celery:
     result_backend_always_retry). Every command has a short socket timeout, so
     a stalled Redis can't hold a get() more than about a second past its timeout.
+
+    Explain store (store_result, when result): EVALSHA store script: GET
+    {self.KEY_PREFIX}{task_id}; unless the state there is final for this one: SET
+    {self.KEY_PREFIX}{task_id} <{result[status]}, JSON>; EXPIRE after {self.expires} s;
+    PUBLISH {self.KEY_PREFIX}{task_id} <the same> -- the key keeps the state for whoever
+    asks later (until result_expires: 0 is never); the PUBLISH wakes a get() waiting now,
+    without polling
+
+    Explain get (get_meta): GET {self.KEY_PREFIX}{task_id} -- a result is read where
+    Celery writes it, so either reads the other's
+
+    Explain wait (wait_for): SUBSCRIBE {self.KEY_PREFIX}{task_id} (on this process's one
+    pub/sub connection); GET {self.KEY_PREFIX}{task_id}; then wait for a message on the
+    channel -- subscribed before it looks, so a result stored in between can't be missed
+
+    Explain forget: DEL {self.KEY_PREFIX}{task_id} -- the stored state is dropped; the
+    task looks PENDING again
+
+    Explain chord_start: MULTI; DEL {self.TASKSET_PREFIX}{group_id}.c; SET
+    {self.TASKSET_PREFIX}{group_id}.s {size}; EXEC -- the chord's counter: how many header
+    tasks its body waits for
+
+    Explain chord_part: EVALSHA chord script: SADD {self.TASKSET_PREFIX}{group_id}.d and
+    ZADD {self.TASKSET_PREFIX}{group_id}.j <the part of {task_id}>, once; ZCOUNT .j
+    against GET .s; SET .c NX when all are in -- Celery's chord counter: the header task
+    that completes the chord sends its body
     """
 
     #: seconds one Redis command may take before it counts as failed
     SOCKET_TIMEOUT = 1.0
-
-    EXPLAINED = {
-        "store": ("EVALSHA store script: GET {key}; unless the state there is final for this one: SET {key} "
-                  "<{state}, {size} bytes>{expire}; PUBLISH {key} <the same>",
-                  "the key keeps the state for whoever asks later (until result_expires: 0 is never); "
-                  "the PUBLISH wakes a get() waiting now, without polling"),
-        "get": ("GET {key}", "a result is read where Celery writes it, so either reads the other's"),
-        "wait": ("SUBSCRIBE {key} (on this process's one pub/sub connection); GET {key}; then wait for a "
-                 "message on the channel",
-                 "subscribed before it looks, so a result stored in between can't be missed"),
-        "forget": ("DEL {key}", "the stored state is dropped; the task looks PENDING again"),
-        "chord_start": ("MULTI; DEL {key}.c; SET {key}.s {size}; EXEC",
-                        "the chord's counter: how many header tasks its body waits for"),
-        "chord_part": ("EVALSHA chord script: SADD {key}.d and ZADD {key}.j <the part of {task_id}>, once; "
-                       "ZCOUNT {key}.j against GET {key}.s; SET {key}.c NX when all are in",
-                       "Celery's chord counter: the header task that completes the chord sends its body"),
-    }
 
     def __init__(self, app, url):
         super().__init__(app, url)
@@ -3202,8 +3253,6 @@ class RedisBackend(ResultBackend):
 
     def forget(self, task_id):
         self.client.delete(self.key_for(task_id))
-        if self.explaining:
-            self.explain("forget", key=self.key_for(task_id))
 
     def _chord_keys(self, group_id):
         key = f"{self.TASKSET_PREFIX}{group_id}"
@@ -3215,16 +3264,12 @@ class RedisBackend(ResultBackend):
             pipe.delete(ckey)
             pipe.set(skey, size, ex=self.expires or None)
             pipe.execute()
-        if self.explaining:
-            self.explain("chord_start", key=jkey[:-2], size=size)
 
     def chord_part(self, group_id, index, task_id, state, value):
         member = json_dumps([1, task_id, state, value])
         score = "+inf" if index is None else index
         parts = self._chord_script(keys=self._chord_keys(group_id),
                                    args=[f"{task_id}:{index}", score, member, self.expires or 86400, uuid()])
-        if self.explaining:
-            self.explain("chord_part", key=self._chord_keys(group_id)[0][:-2], task_id=task_id)
         return [json_loads(part) for part in parts] if parts else None
 
     def chord_add(self, group_id):
@@ -3239,8 +3284,6 @@ class RedisBackend(ResultBackend):
 
     def wait_for(self, task_id, timeout=None, interval=0.5):
         key = self.key_for(task_id)
-        if self.explaining:
-            self.explain("wait", key=key)
         deadline = float("inf") if timeout is None else time.monotonic() + timeout
         # Subscribe before the first GET, so a state written in between is not missed.
         self._retrying(self._waiters.subscribe, key, deadline=deadline, attempts=10 ** 9)
@@ -3269,23 +3312,31 @@ class RedisBackend(ResultBackend):
 
 
 class SQLiteBackend(ResultBackend):
-    """Results in the SQLite database (or memory://) the broker may share."""
+    """Results in the SQLite database (or memory://) the broker may share.
 
-    EXPLAINED = {
-        "store": ("INSERT INTO results (key, meta, expires) VALUES ('{key}', <{state}, {size} bytes>, "
-                  "<its expiry>) ON CONFLICT(key) DO UPDATE ... unless the state there is final",
-                  "the row keeps the state for whoever asks later (until result_expires: 0 is never); a "
-                  "get() waiting now notices the commit by PRAGMA data_version"),
-        "get": ("SELECT meta FROM results WHERE key = '{key}' AND not expired", "a look at the stored state"),
-        "wait": ("SELECT meta FROM results WHERE key = '{key}'; again each time PRAGMA data_version "
-                 "changes", "SQLite can't notify: the data version changes when another process commits"),
-        "forget": ("DELETE FROM results WHERE key = '{key}'", "the stored state is dropped; the task "
-                   "looks PENDING again"),
-        "chord_start": ("INSERT OR REPLACE INTO chords VALUES ('{key}', {size}, 0)",
-                        "the chord's counter: how many header tasks its body waits for"),
-        "chord_part": ("INSERT OR IGNORE INTO chord_parts VALUES ('{group_id}', '{task_id}', ...); SELECT "
-                       "the count", "the header task that completes the chord sends its body"),
-    }
+    Explain store (store_result, when result): INSERT INTO results (key, meta, expires)
+    VALUES ('{self.KEY_PREFIX}{task_id}', <{result[status]}, JSON>, <its expiry>) ON
+    CONFLICT(key) DO UPDATE ... unless the state there is final -- the row keeps the state
+    for whoever asks later (until result_expires: 0 is never); a get() waiting now
+    notices the commit by PRAGMA data_version
+
+    Explain get (get_meta): SELECT meta FROM results WHERE key =
+    '{self.KEY_PREFIX}{task_id}' AND not expired -- a look at the stored state
+
+    Explain wait (wait_for): SELECT meta FROM results WHERE key =
+    '{self.KEY_PREFIX}{task_id}'; again each time PRAGMA data_version changes -- SQLite
+    can't notify: the data version changes when another process commits
+
+    Explain forget: DELETE FROM results WHERE key = '{self.KEY_PREFIX}{task_id}' -- the
+    stored state is dropped; the task looks PENDING again
+
+    Explain chord_start: INSERT OR REPLACE INTO chords VALUES ('{group_id}', {size}, 0) --
+    the chord's counter: how many header tasks its body waits for
+
+    Explain chord_part: INSERT OR IGNORE INTO chord_parts VALUES ('{group_id}',
+    '{task_id}', ...); SELECT the count -- the header task that completes the chord sends
+    its body
+    """
 
     def __init__(self, app, url):
         super().__init__(app, url)
@@ -3314,19 +3365,13 @@ class SQLiteBackend(ResultBackend):
     def forget(self, task_id):
         with self.store.transaction() as db:
             db.execute("DELETE FROM results WHERE key = ?", (self.key_for(task_id),))
-        if self.explaining:
-            self.explain("forget", key=self.key_for(task_id))
 
     def chord_start(self, group_id, size):
         with self.store.transaction() as db:
             db.execute("INSERT OR REPLACE INTO chords VALUES (?, ?, 0)", (group_id, size))
-        if self.explaining:
-            self.explain("chord_start", key=group_id, size=size)
 
     def chord_part(self, group_id, index, task_id, state, value):
         with self.store.transaction() as db:
-            if self.explaining:
-                self.explain("chord_part", group_id=group_id, task_id=task_id)
             db.execute("INSERT OR IGNORE INTO chord_parts VALUES (?, ?, ?, ?)",
                        (group_id, task_id, float("inf") if index is None else index,
                         json_dumps([1, task_id, state, value])))
@@ -4983,6 +5028,9 @@ class Config:
         if name == "task_queues" and value:
             queue_names(value)  # fails here, not when a worker starts
         object.__setattr__(self, name, value)
+        if name == "explain":  # (also turned on or off after the broker or backend was made)
+            for store in [store for store in _STORES if store.app.conf is self]:
+                store.explain_operations(value)
 
     def __repr__(self):
         # Settings end up in logs and tracebacks: URLs and anything named *password* masked.
