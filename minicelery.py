@@ -4865,7 +4865,11 @@ def _fail_chord_body(app, request, body, task_id, exc):
     """A header task failed: what waits on the body hears it (its result, its errbacks,
     its chain, an enclosing chord). Celery's rules: a body fails with ChordError, but
     a group body's tasks each fail with the header task's own error, and each calls
-    its own errbacks (a chord's: its body's) and the group's, each errback once."""
+    its own errbacks (a chord's: its body's) and the group's, each errback once.
+
+    Celery: nested-chord-error: a body that is in an outer chord's header counts as
+    failed there (through _after_failure), so the outer chord fails too; Celery's
+    worker leaves the outer chord waiting."""
     error = ChordError(f"Dependency {task_id} raised {exc!r}")
     members, group_errbacks = [body], []
     if isinstance(body, group):
