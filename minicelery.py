@@ -1212,8 +1212,10 @@ class Explains:
 
     @classmethod
     def notes(cls) -> list:
-        """(name, method, when, text) of each Explain paragraph of the class docstring."""
-        paragraphs = (" ".join(p.split()) for p in inspect.cleandoc(cls.__doc__ or "").split("\n\n"))
+        """(name, method, when, text) of each Explain paragraph of the class's docstrings
+        (its own and its base classes')."""
+        paragraphs = (" ".join(p.split()) for klass in cls.__mro__
+                      for p in inspect.cleandoc(klass.__dict__.get("__doc__") or "").split("\n\n"))
         return [(m[1], m[2] or m[1], m[3], m[4]) for p in paragraphs if (m := _EXPLAIN_NOTE.fullmatch(p))]
 
     def explain_operations(self, on=True):
@@ -1742,7 +1744,7 @@ end
 """
 
 # Celery: atomic-take: kombu BRPOPs, then records; here one script takes.
-# One round trip of a worker's loop (RedisBroker.reserve). The essential part:
+# One round trip of a worker's loop (RedisQueues.reserve). The essential part:
 # ack the held messages named (ZREM unacked_index, HDEL unacked), renew the
 # claims named (ZADD unacked_index <now>), then take up to `limit` messages:
 # RPOP from each queue's lists, HSET unacked and ZADD unacked_index <now>, in
@@ -1895,7 +1897,7 @@ return 1
 # scores (ARGV[4], ARGV[5]; a requeue) or was last renewed before ARGV[6] (a
 # restore of an abandoned one): if another worker restored or acked it first, or
 # restored it and took it again, nothing happens. (kombu's WATCH/MULTI fails under load.)
-# What it gives back it notes in KEYS[4], with the claim it had (see RedisBroker.RESTORED).
+# What it gives back it notes in KEYS[4], with the claim it had (see RedisQueues.RESTORED).
 _RESTORE_LUA = r"""
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
@@ -1909,8 +1911,10 @@ return 1
 """
 
 
-class RedisBroker(Broker):
-    """kombu's Redis transport layout, plus minicelery's dead-letter list.
+class RedisQueues(Broker):
+    """kombu's Redis transport layout, plus minicelery's dead-letter list: how a task
+    travels (publish, take, ack, give back, park). RedisBroker below adds what
+    operations need.
 
     Explain publish: EVALSHA publish script: SET minicelery:sent:{result} NX EX 60, and if
     it was not there LPUSH {queue} <message, delivery tag {result}, {envelope!n} bytes,
@@ -1956,19 +1960,9 @@ class RedisBroker(Broker):
     Redis instead of held in the worker's memory (Celery holds them), and moved back to
     their lists by a take shortly before they are due
 
-    Explain revoke: ZADD minicelery:revoked <expiry> {task_ids!t} -- kept for workers that
-    start later; the broadcast (unless broadcast=False) tells those running now
-
-    Explain broadcast: PUBLISH {self.pidbox} <{body[method]}> -- Celery's remote control:
-    every worker listens on this channel
-
     Explain dead_letter: LPUSH minicelery:dead-letters <the message from {queue}, and
     why>; LTRIM minicelery:dead-letters 0 9999 -- a message no worker can run is kept for
     a human to look at, not dropped
-
-    Explain lease: EVALSHA lease script: SET minicelery:lease:{name} <token> PX <{ttl} s>,
-    if free or ours -- one beat sends the periodic tasks; a standby takes over once the
-    lease expires
     """
 
     UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
@@ -1980,7 +1974,6 @@ class RedisBroker(Broker):
     RESTORED = "minicelery:restored"
     #: seconds a publish marker lives: longer than any retried publish takes
     SENT_MARKER_TTL = 60
-
     def __init__(self, app, url):
         super().__init__(app, url)
         self.connection_errors = _redis_transient_errors()
@@ -1991,12 +1984,7 @@ class RedisBroker(Broker):
         self._watch = QueueWatch(self)
         self._restore_script = self.client.register_script(_RESTORE_LUA)
         self._park_script = self.client.register_script(_PARK_LUA)
-        self._lease_script = self.client.register_script(_LEASE_LUA)
         self._declared, self._rotation = set(), 0
-        self._pubsub = self._events = None
-        db = self.client.connection_pool.connection_kwargs.get("db", 0)
-        #: Celery's broadcast channel for remote control, per database
-        self.pidbox = f"/{db}.celery.pidbox"
 
     def publish(self, queue, envelope, priority=0, tag=None):
         key, tag = _queue_key(queue, priority), tag or uuid()
@@ -2117,6 +2105,51 @@ class RedisBroker(Broker):
         if args:
             self._park_script(keys=[self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES], args=args)
 
+    def dead_letter(self, raw, reason, queue=""):
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raw = {"base64": base64.b64encode(raw).decode()}
+        entry = json.dumps({"reason": reason, "queue": queue, "time": time.time(), "raw": raw})
+        with self.client.pipeline() as pipe:
+            pipe.lpush(self.DEAD_LETTERS, entry)
+            pipe.ltrim(self.DEAD_LETTERS, 0, self.DEAD_LETTER_LIMIT - 1)
+            pipe.expire(self.DEAD_LETTERS, self.app.conf.result_expires_seconds or 86400)
+            pipe.execute()
+
+    def _route_by_binding(self, exchange, routing_key):
+        for member in self.client.smembers(f"_kombu.binding.{exchange}"):
+            parts = member.decode("utf-8", "replace").split(PRIORITY_SEPARATOR)
+            if len(parts) == 3 and parts[0] == routing_key:  # (anything else in the set is not a binding)
+                return parts[2]
+        return None
+
+
+class RedisBroker(RedisQueues):
+    """The Redis broker: RedisQueues, plus what operations need and no task's journey
+    does: revocations, remote control and events (Celery's pidbox and celeryev on
+    pub/sub), the beat's lease, queue sizes, dead letters and parked messages to look at.
+
+    Explain revoke: ZADD minicelery:revoked <expiry> {task_ids!t} -- kept for workers that
+    start later; the broadcast (unless broadcast=False) tells those running now
+
+    Explain broadcast: PUBLISH {self.pidbox} <{body[method]}> -- Celery's remote control:
+    every worker listens on this channel
+
+    Explain lease: EVALSHA lease script: SET minicelery:lease:{name} <token> PX <{ttl} s>,
+    if free or ours -- one beat sends the periodic tasks; a standby takes over once the
+    lease expires
+    """
+
+    def __init__(self, app, url):
+        super().__init__(app, url)
+        self._lease_script = self.client.register_script(_LEASE_LUA)
+        self._pubsub = self._events = None
+        db = self.client.connection_pool.connection_kwargs.get("db", 0)
+        #: Celery's broadcast channel for remote control, per database
+        self.pidbox = f"/{db}.celery.pidbox"
+
     def revoke(self, task_ids, terminate=False, signal="SIGTERM", expires=10800, broadcast=True):
         now = time.time()
         with self.client.pipeline() as pipe:
@@ -2215,13 +2248,6 @@ class RedisBroker(Broker):
     def lease(self, name, token, ttl):
         return bool(self._lease_script(keys=[f"minicelery:lease:{name}"], args=[token, int(ttl * 1000)]))
 
-    def _route_by_binding(self, exchange, routing_key):
-        for member in self.client.smembers(f"_kombu.binding.{exchange}"):
-            parts = member.decode("utf-8", "replace").split(PRIORITY_SEPARATOR)
-            if len(parts) == 3 and parts[0] == routing_key:  # (anything else in the set is not a binding)
-                return parts[2]
-        return None
-
     def purge(self, queue):
         keys = _queue_keys(queue)
         with self.client.pipeline() as pipe:
@@ -2235,19 +2261,6 @@ class RedisBroker(Broker):
             for key in _queue_keys(queue):
                 pipe.llen(key)
             return sum(pipe.execute())
-
-    def dead_letter(self, raw, reason, queue=""):
-        if isinstance(raw, bytes):
-            try:
-                raw = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raw = {"base64": base64.b64encode(raw).decode()}
-        entry = json.dumps({"reason": reason, "queue": queue, "time": time.time(), "raw": raw})
-        with self.client.pipeline() as pipe:
-            pipe.lpush(self.DEAD_LETTERS, entry)
-            pipe.ltrim(self.DEAD_LETTERS, 0, self.DEAD_LETTER_LIMIT - 1)
-            pipe.expire(self.DEAD_LETTERS, self.app.conf.result_expires_seconds or 86400)
-            pipe.execute()
 
     def parked(self, queues, limit):
         tags = self.client.zrange(self.ETA, 0, limit - 1)
