@@ -7596,7 +7596,7 @@ class Worker:
         events = "ON" if self.app.conf.worker_send_task_events else "OFF (enable -E to monitor tasks in this worker)"
         default = f" (the default, no broker configured: {os.path.abspath('minicelery.db')}; clients " \
                   "must start in this directory too)" if self.app.broker_url == Config.DEFAULT_URL else ""
-        lines = [
+        return "\n".join([
             f" -------------- {self.hostname} v{__version__} (minicelery)",
             "--- ***** ----- ",
             f"-- ******* ---- {platform.platform()} {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
@@ -7610,8 +7610,7 @@ class Worker:
             "--- ***** ----- ",
             " -------------- [queues]",
             queues, "", "[tasks]", tasks, "",
-        ]
-        return "\n".join(lines)
+        ])
 
 
 # =============================================================================
