@@ -6036,19 +6036,16 @@ class SoloPool(Pool):
 
     def apply(self, jobs):
         for job in jobs:
-            self._run(job)
-
-    def _run(self, job):
-        with self._lock:
-            self.running, _local.in_worker = job.tag, True
-        try:
-            self.events.append(run_job(self.app, job, self.hostname))
-        except WorkerTerminate:  # a cold shutdown interrupted it
-            self.events.append(Lost(job.tag, "cold shutdown", "shutdown"))
-            raise
-        finally:
             with self._lock:
-                self.running = None
+                self.running, _local.in_worker = job.tag, True
+            try:
+                self.events.append(run_job(self.app, job, self.hostname))
+            except WorkerTerminate:  # a cold shutdown interrupted it
+                self.events.append(Lost(job.tag, "cold shutdown", "shutdown"))
+                raise
+            finally:
+                with self._lock:
+                    self.running = None
 
     def collect(self, ready=None):
         events, self.events = self.events, []
@@ -6183,6 +6180,12 @@ class _PoolProcess:
         self.done = 0             # jobs it ran (max_tasks_per_child)
         self.cause = None         # why we killed it, if we did
 
+    def close(self):
+        """Let go of our handles on it (closing the link tells an idle process to leave)."""
+        self.link.sock.close()
+        if self.sentinel is not None:
+            os.close(self.sentinel)
+
 
 class PreforkPool(Pool):
     """Pool processes made by fork(); each is lent up to `depth` jobs (the prefetch
@@ -6224,9 +6227,7 @@ class PreforkPool(Pool):
             # Keep only our own end, so we see end-of-file when the main process dies.
             ours.close()
             for other in self.processes:
-                other.link.sock.close()
-                if other.sentinel is not None:
-                    os.close(other.sentinel)
+                other.close()
             pool_process(self.app, theirs, index, self.hostname, self.max_tasks_per_child, self.deadlines)
 
         _close_django_connections(forking=True)
@@ -6318,9 +6319,7 @@ class PreforkPool(Pool):
         had not (nor any not written to it whole)."""
         _kill(process.pid)
         status = _reap(process.pid)
-        process.link.sock.close()
-        if process.sentinel is not None:
-            os.close(process.sentinel)
+        process.close()
         self.processes.remove(process)
         if not self.stopping:
             self.processes.append(self._spawn(process.index))
@@ -6356,8 +6355,7 @@ class PreforkPool(Pool):
             process.link.sock.close()
         for process in self.processes:
             _reap(process.pid, timeout=max(deadline - time.monotonic(), 0))
-            if process.sentinel is not None:
-                os.close(process.sentinel)
+            process.close()  # (its link again: closing a closed socket does nothing)
         self.processes = []
 
 
@@ -6555,7 +6553,6 @@ class Waiting:
 
     def __init__(self, app):
         self.app, self.ready, self.scheduled = app, deque(), []
-        self.for_eta = 0  # how many of the scheduled wait for their ETA (not a rate limit)
         self._sequence = itertools.count()  # breaks ties between equal due times
         self.spacing = {}     # task name -> seconds between starts under its rate limit (0: none)
         self.next_start = {}  # task name -> time.monotonic() before which no more may start
@@ -6563,7 +6560,6 @@ class Waiting:
     def put(self, held, due=0.0, eta=False):
         if due > time.time():
             heapq.heappush(self.scheduled, (due, next(self._sequence), held, eta))
-            self.for_eta += eta
         else:
             self.ready.append(held)
 
@@ -6574,9 +6570,7 @@ class Waiting:
     def release(self):
         """Make ready what came due."""
         while self.scheduled and self.scheduled[0][0] <= time.time():
-            _, _, held, eta = heapq.heappop(self.scheduled)
-            self.ready.append(held)
-            self.for_eta -= eta
+            self.ready.append(heapq.heappop(self.scheduled)[2])
 
     def take(self, count, lendable) -> list:
         """Up to `count` messages to lend now, in order, past their rate limits; one that is
@@ -6616,8 +6610,12 @@ class Waiting:
         if moving:
             self.scheduled = [entry for entry in self.scheduled if entry[2] not in moving]
             heapq.heapify(self.scheduled)
-            self.for_eta = sum(entry[3] for entry in self.scheduled)
             self.put_first(moving)
+
+    @property
+    def for_eta(self) -> int:
+        """How many of the scheduled wait for their ETA (not a rate limit)."""
+        return sum(entry[3] for entry in self.scheduled)
 
     def due(self):
         """time.time() at which the next scheduled message is due, or None."""
@@ -6930,15 +6928,12 @@ class Consumer:
                 continue
             except Exception as exc:  # nothing a broker or a message does may stop the worker
                 failures += 1
-                delay = min(2 ** failures * 0.1, 10.0)
                 lost = isinstance(exc, self.broker.connection_errors)  # else a bug: with its traceback
-                worker_logger.error("%s: %s: %s; trying again in %.1fs", "Connection to broker lost" if lost
-                                    else "Unexpected error in the worker loop", type(exc).__name__, exc,
-                                    delay, exc_info=not lost)
                 self._restore_after = time.monotonic() + 2 * self.book.renew_every  # see _sweep
                 if lost:
                     self.broker.forget_connections()
-                self.wait_out(delay)
+                self.back_off(failures, "Connection to broker lost" if lost else "Unexpected error in the worker "
+                              "loop", exc, exc_info=not lost)
         self._leave()
 
     def step(self):
@@ -6961,8 +6956,12 @@ class Consumer:
         self._lend(self.book.waiting.take(self.pool.free(), self.book.lendable))
         self._wait()
 
-    def wait_out(self, delay):
-        """Back off from a broker error while learning what the pool does."""
+    def back_off(self, failures, problem, exc, exc_info=False):
+        """Log a broker error (`problem`: what it stopped) and wait longer after each of
+        `failures` in a row (0.2s to 10s) before trying again, learning what the pool does."""
+        delay = min(2 ** failures * 0.1, 10.0)
+        worker_logger.error("%s: %s: %s; trying again in %.1fs", problem, type(exc).__name__, exc, delay,
+                            exc_info=exc_info)
         deadline = time.monotonic() + delay
         while (left := deadline - time.monotonic()) > 0 and not self._finished():
             readable, writable = self.pool.handles()
@@ -7021,10 +7020,9 @@ class Consumer:
 
     def _limits(self, held) -> tuple:
         """(hard, soft) time limits in effect now (`control time_limit` changes them here)."""
-        task = self.app.tasks.get(held.message.task_name) if held.message is not None else None
-        try:
+        try:  # (AttributeError: no message, its headers unreadable)
             _check_timelimit(held.message.headers.get("timelimit"))
-            return time_limits(task, held.message)
+            return time_limits(self.app.tasks.get(held.message.task_name), held.message)
         except (AttributeError, DecodeError, TypeError):  # (a bad header: its pool process says so)
             return None, None
 
@@ -7206,12 +7204,12 @@ CUSTOM_COMMANDS = {}
 def control_command(name=None, args=None, **celery_options):
     """Celery's `@control_command(args=[('n', int)])`: `def command(state, n=1)` runs in each
     worker's main process (state.consumer, state.app, state.hostname); its return is the reply."""
-    return _register_command("control", name, args)
+    return functools.partial(_register_command, "control", name, args)
 
 
 def inspect_command(name=None, args=None, **celery_options):
     """Celery's `@inspect_command()`: as control_command, for commands that only look."""
-    return _register_command("inspect", name, args)
+    return functools.partial(_register_command, "inspect", name, args)
 
 
 def add_consumer(state, queue, **_):
@@ -7223,11 +7221,9 @@ def cancel_consumer(state, queue, **_):
     return state.control.do_cancel_consumer(queue)
 
 
-def _register_command(kind, name, args):
-    def register(function):
-        CUSTOM_COMMANDS[name or function.__name__] = (function, kind, list(args or ()))
-        return function
-    return register
+def _register_command(kind, name, args, function):
+    CUSTOM_COMMANDS[name or function.__name__] = (function, kind, list(args or ()))
+    return function
 
 
 def _within_reply_limit(answer):
@@ -7343,13 +7339,11 @@ class RemoteControl:
     def do_scheduled(self, **_):
         """Held for their ETA (or rate limit) here, then those parked in the broker for a later
         ETA (`"parked": true`: each worker of their queue lists them; none holds them yet)."""
+        scheduled = [(held, {}) for state, held in self._held() if state == "scheduled"]
+        parked = [(held, {"parked": True}) for held in self._parked()]
         # ("priority": 6 is what Celery shows there: its timer's priority for ETA entries)
-        return [{"eta": held.message.eta.isoformat() if held.message.eta else None,
-                 "priority": 6, "request": self.info(held)}
-                for state, held in self._held() if state == "scheduled"] + \
-            [{"eta": parked.message.eta.isoformat() if parked.message.eta else None,
-              "priority": 6, "request": self.info(parked), "parked": True}
-             for parked in self._parked()]
+        return [{"eta": held.message.eta.isoformat() if held.message.eta else None, "priority": 6,
+                 "request": self.info(held), **extra} for held, extra in scheduled + parked]
 
     #: parked messages looked at for `inspect scheduled` (each a read of its envelope)
     PARKED_SHOWN = 100
@@ -7390,9 +7384,8 @@ class RemoteControl:
 
     def do_query_task(self, ids=(), **_):
         ids = {ids} if isinstance(ids, str) else set(ids)
-        parked = {held.message.id: ["scheduled", self.info(held)] for held in self._parked() if held.message.id in ids}
-        return {**parked, **{held.message.id: [state, self.info(held)] for state, held in self._held()
-                             if held.message.id in ids}}
+        found = [("scheduled", held) for held in self._parked()] + self._held()  # (held wins over parked)
+        return {held.message.id: [state, self.info(held)] for state, held in found if held.message.id in ids}
 
     def do_active_queues(self, **_):
         """Each queue as kombu describes a Queue (Flower's worker page reads every field)."""
@@ -7405,24 +7398,24 @@ class RemoteControl:
                  "message_ttl": None, "no_declare": None, "queue_arguments": None} for queue in self.consumer.queues]
 
     def do_stats(self, **_):
-        consumer = self.consumer
+        """Celery's `inspect stats`, with every field Flower reads (what we don't have: its empty value)."""
+        consumer, pool, conf, url = self.consumer, self.consumer.pool, self.app.conf, self.app.broker_url
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        writes = {"total": sum(consumer.total.values()), "avg": "0.00", "all": "", "raw": "", "strategy": "fair",
+                  "inqueues": {"total": pool.concurrency, "active": len(pool.jobs())}}
+        broker = {"hostname": _safe_url(url), "userid": None, "virtual_host": "/", "port": None, "insist": False,
+                  "ssl": url.startswith("rediss"), "transport": url.split("://")[0],
+                  "connect_timeout": RedisBackend.SOCKET_TIMEOUT,
+                  "transport_options": _jsonable(dict(conf.broker_transport_options or {})), "login_method": None,
+                  "uri_prefix": None, "heartbeat": None, "failover_strategy": None, "alternates": [],
+                  "credential_provider": None}
         return {"total": dict(consumer.total), "pid": os.getpid(), "clock": str(self.clock),
                 "uptime": int(time.monotonic() - consumer.born), "prefetch_count": consumer.prefetch_limit,
-                "pool": {"implementation": consumer.pool.name, "max-concurrency": consumer.pool.concurrency,
-                         "processes": sorted(consumer.pool.jobs()),
-                         "max-tasks-per-child": consumer.pool.max_tasks_per_child or "N/A",
-                         "put-guarded-by-semaphore": False, "timeouts": [self.app.conf.task_soft_time_limit or 0,
-                                                                         self.app.conf.task_time_limit or 0],
-                         "writes": {"total": sum(consumer.total.values()), "avg": "0.00", "all": "", "raw": "",
-                                    "strategy": "fair", "inqueues": {"total": consumer.pool.concurrency,
-                                                                     "active": len(consumer.pool.jobs())}}},
-                "broker": {"hostname": _safe_url(self.app.broker_url), "userid": None, "virtual_host": "/",
-                           "port": None, "insist": False, "ssl": self.app.broker_url.startswith("rediss"),
-                           "transport": self.app.broker_url.split("://")[0], "connect_timeout": RedisBackend.SOCKET_TIMEOUT,
-                           "transport_options": _jsonable(dict(self.app.conf.broker_transport_options or {})),
-                           "login_method": None, "uri_prefix": None, "heartbeat": None,
-                           "failover_strategy": None, "alternates": [], "credential_provider": None},
+                "pool": {"implementation": pool.name, "max-concurrency": pool.concurrency,
+                         "processes": sorted(pool.jobs()), "max-tasks-per-child": pool.max_tasks_per_child or "N/A",
+                         "put-guarded-by-semaphore": False,
+                         "timeouts": [conf.task_soft_time_limit or 0, conf.task_time_limit or 0], "writes": writes},
+                "broker": broker,
                 "rusage": {name[3:]: getattr(usage, name) for name in dir(usage) if name.startswith("ru_")}}
 
     #: Celery's settings that mean nothing here, as `inspect conf` shows them (what minicelery does)
@@ -7597,10 +7590,7 @@ class Worker:
                 return True
             except self.app.broker.connection_errors as exc:
                 failures += 1
-                delay = min(2 ** failures * 0.1, 10.0)
-                worker_logger.error("Cannot connect to %s: %s: %s; trying again in %.1fs", _safe_url(self.app.broker_url),
-                                    type(exc).__name__, exc, delay)
-                self.consumer.wait_out(delay)
+                self.consumer.back_off(failures, f"Cannot connect to {_safe_url(self.app.broker_url)}", exc)
             except Exception as exc:  # (it answers, but not as Redis does: no use waiting)
                 raise ImproperlyConfigured(f"can't use the broker at {_safe_url(self.app.broker_url)}: "
                                            f"{type(exc).__name__}: {_cut(str(exc), 200)}") from exc
@@ -7691,7 +7681,7 @@ class Worker:
         events = "ON" if self.app.conf.worker_send_task_events else "OFF (enable -E to monitor tasks in this worker)"
         default = f" (the default, no broker configured: {os.path.abspath('minicelery.db')}; clients " \
                   "must start in this directory too)" if self.app.broker_url == Config.DEFAULT_URL else ""
-        lines = [
+        return "\n".join([
             f" -------------- {self.hostname} v{__version__} (minicelery)",
             "--- ***** ----- ",
             f"-- ******* ---- {platform.platform()} {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
@@ -7705,8 +7695,7 @@ class Worker:
             "--- ***** ----- ",
             " -------------- [queues]",
             queues, "", "[tasks]", tasks, "",
-        ]
-        return "\n".join(lines)
+        ])
 
 
 # =============================================================================
