@@ -8335,7 +8335,7 @@ def _check_result_expiry(app):
     return [Finding("ok", f"results kept {expires:g} s")]
 
 
-def _cli_doctor(app):
+def _cli_doctor(app, args):
     findings = doctor(app)
     print(f"minicelery doctor: broker {_safe_url(app.broker_url)}, results {_safe_url(app.backend_url or 'disabled')}\n")
     for finding in findings:
@@ -8493,7 +8493,7 @@ def _cli_ask_workers(app, args):
     return _print_answers(answers, args.json) if reply else 0
 
 
-def _run_celerys_tool(app, command, arguments):
+def _run_celerys_tool(app, args):
     """Celery's own command line (or Flower's) on this project's broker and backend: the
     real Celery can't load a minicelery app, but it works with any app on the same Redis."""
     urls = [_celery_url(url) for url in (app.broker_url, app.backend_url or "")]
@@ -8502,7 +8502,8 @@ def _run_celerys_tool(app, command, arguments):
     # (Through the environment, which Celery reads: on the command line, `ps` would show a password.)
     urls_for_celery = {"CELERY_BROKER_URL": urls[0], **({"CELERY_RESULT_BACKEND": urls[1]}
                                                          if urls[1].startswith("redis") else {})}
-    os.execve(sys.executable, [sys.executable, "-m", "celery", *command, *arguments],
+    command = ["flower"] if args.command == "flower" else []
+    os.execve(sys.executable, [sys.executable, "-m", "celery", *command, *args.passed_on],
               dict(os.environ, **urls_for_celery))
 
 
@@ -8513,8 +8514,9 @@ def _celery_url(url):
     return url
 
 
-def _cli_result(result, args):
+def _cli_result(app, args):
     """A task's result (or traceback); a failure or revocation says its state, exit 1."""
+    result = app.AsyncResult(args.id)
     value = result.traceback if args.traceback else \
         result.get(timeout=args.timeout, propagate=False) if args.timeout else result.result
     state = result.state
@@ -8559,11 +8561,11 @@ def _cli_dead(app, args):
     return 0 if taken and len(taken) == len(asked) else 1
 
 
-def _cli_events(app, args, queues):
+def _cli_events(app, args):
     """`events --dump`: the raw events; `events`: a view of the workers, redrawn every second."""
     seen, workers, finished, failures = 0, {}, deque(maxlen=1000), deque(maxlen=5)
     names = collections.OrderedDict()  # task id -> name, from task-received/-sent (task-failed has none)
-    queues = queues or queue_names(app.conf.task_queues or [app.conf.task_default_queue])
+    queues = _cli_queues(app, args)
     away = None  # the broker's error while it is away: said once, and once more when it is back
     while not args.count or seen < args.count:
         try:
@@ -8794,6 +8796,53 @@ def _cli_number(text):
         return text
 
 
+def _cli_worker(app, args):
+    if args.task_events:
+        app.conf.worker_send_task_events = True
+    if args.explain or args.loglevel.upper() == "DEBUG":  # (debug: each broker step, and why)
+        app.conf.explain = True
+    queues = args.queues.split(",") if args.queues else None
+    with _pidfile(args.pidfile):
+        Worker(app, concurrency=args.concurrency, pool=args.pool, queues=queues,
+               hostname=args.hostname, loglevel=args.loglevel,
+               max_tasks_per_child=args.max_tasks_per_child,
+               prefetch_multiplier=args.prefetch_multiplier, beat=args.beat).start()
+
+
+def _cli_beat(app, args):
+    Beat(app, schedule_filename=args.schedule, max_interval=args.max_interval).run()
+
+
+def _cli_call(app, args):
+    result = app.send_task(args.name, json.loads(args.args), json.loads(args.kwargs),
+                           countdown=args.countdown, queue=args.queue)
+    print(result.id)
+
+
+def _cli_purge(app, args):
+    queues = _cli_queues(app, args)
+    if not args.force and _ask_user(f"Delete every waiting message in {', '.join(queues)}? [y/N] ") \
+            not in ("y", "yes"):
+        print("Aborted.", file=sys.stderr)
+        return 1
+    count = sum(app.broker.purge(q) for q in queues)
+    print(f"Purged {count} message(s) from {len(queues)} queue(s).")
+
+
+def _cli_queues(app, args) -> list:
+    """The queues -Q names, else all the app's."""
+    if args.queues:
+        return args.queues.split(",")
+    return queue_names(app.conf.task_queues or [app.conf.task_default_queue])
+
+
+#: what runs each command that needs the app: function(app, args) -> exit code (None: 0)
+CLI_COMMANDS = {"worker": _cli_worker, "beat": _cli_beat, "call": _cli_call, "purge": _cli_purge,
+                "status": _cli_ask_workers, "inspect": _cli_ask_workers, "control": _cli_ask_workers,
+                "dead": _cli_dead, "events": _cli_events, "doctor": _cli_doctor, "result": _cli_result,
+                "celery": _run_celerys_tool, "flower": _run_celerys_tool}
+
+
 def main(argv=None):
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -8805,6 +8854,7 @@ def main(argv=None):
             print(f"minicelery: no command {args.topic!r}", file=sys.stderr)
         print((known[args.topic] if args.topic in known else parser).format_help())
         return 0 if args.topic in (None, *known) else 2
+    args.passed_on = extra
     spec = getattr(args, "app_positional", None) or args.app
     stopping = args.command == "multi" and args.action in ("stop", "stopwait", "kill")  # (from the pidfiles)
     if not spec and not stopping:
@@ -8820,43 +8870,7 @@ def main(argv=None):
         app = find_app(spec)  # (first: its receivers of setup_logging may configure logging themselves)
         configure_logging(getattr(args, "loglevel", "INFO"), open(logfile, "a", buffering=1) if logfile else None,
                           logfile)
-        queues = args.queues.split(",") if getattr(args, "queues", None) else None
-        if args.command == "worker":
-            if args.task_events:
-                app.conf.worker_send_task_events = True
-            if args.explain or args.loglevel.upper() == "DEBUG":  # (debug: each broker step, and why)
-                app.conf.explain = True
-            with _pidfile(args.pidfile):
-                Worker(app, concurrency=args.concurrency, pool=args.pool, queues=queues,
-                       hostname=args.hostname, loglevel=args.loglevel,
-                       max_tasks_per_child=args.max_tasks_per_child,
-                       prefetch_multiplier=args.prefetch_multiplier, beat=args.beat).start()
-        elif args.command == "beat":
-            Beat(app, schedule_filename=args.schedule, max_interval=args.max_interval).run()
-        elif args.command == "call":
-            result = app.send_task(args.name, json.loads(args.args), json.loads(args.kwargs),
-                                   countdown=args.countdown, queue=args.queue)
-            print(result.id)
-        elif args.command == "purge":
-            queues = queues or queue_names(app.conf.task_queues or [app.conf.task_default_queue])
-            if not args.force and _ask_user(f"Delete every waiting message in {', '.join(queues)}? [y/N] ") \
-                    not in ("y", "yes"):
-                print("Aborted.", file=sys.stderr)
-                return 1
-            count = sum(app.broker.purge(q) for q in queues)
-            print(f"Purged {count} message(s) from {len(queues)} queue(s).")
-        elif args.command in ("status", "inspect", "control"):
-            return _cli_ask_workers(app, args)
-        elif args.command == "dead":
-            return _cli_dead(app, args)
-        elif args.command == "events":
-            return _cli_events(app, args, queues)
-        elif args.command == "doctor":
-            return _cli_doctor(app)
-        elif args.command in ("celery", "flower"):
-            return _run_celerys_tool(app, [] if args.command == "celery" else ["flower"], extra)
-        elif args.command == "result":
-            return _cli_result(app.AsyncResult(args.id), args)
+        return CLI_COMMANDS[args.command](app, args) or 0
     except ImproperlyConfigured as exc:
         print(f"minicelery: {exc}", file=sys.stderr)
         return 1
@@ -8868,7 +8882,6 @@ def main(argv=None):
             raise
         print(f"Error: the broker or the result backend did not answer ({type(exc).__name__}: {exc})", file=sys.stderr)
         return EX_UNAVAILABLE
-    return 0
 
 
 # Celery's import paths, so code written for Celery imports unchanged: `from
