@@ -7808,11 +7808,8 @@ class crontab:
     def __init__(self, minute="*", hour="*", day_of_week="*", day_of_month="*",
                  month_of_year="*", tz=None):
         self._specs = (minute, hour, day_of_month, month_of_year, day_of_week)
-        self.minute = _cron_field("minute", minute)
-        self.hour = _cron_field("hour", hour)
-        self.day_of_week = _cron_field("day_of_week", day_of_week)
-        self.day_of_month = _cron_field("day_of_month", day_of_month)
-        self.month_of_year = _cron_field("month_of_year", month_of_year)
+        for field, spec in zip(_CRON_FIELDS, (minute, hour, day_of_week, day_of_month, month_of_year)):
+            setattr(self, field, _cron_field(field, spec))  # self.minute = the set of minutes it runs at, ...
         if not any(day <= _MONTH_DAYS[month - 1]
                    for month in self.month_of_year for day in self.day_of_month):
             raise ImproperlyConfigured(
@@ -8714,13 +8711,7 @@ def _held(pidfile) -> bool:
 
 
 def _alive(pid) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError, ValueError):
-        return False
-    except PermissionError:  # someone else's: alive
-        return True
-    return pid > 0
+    return os.path.exists(f"/proc/{pid}")  # (a zombie too, as kill(pid, 0) says)
 
 
 def multi(action, names, app_spec, pidfile, logfile, worker_options, wait=60.0) -> int:
@@ -8751,9 +8742,11 @@ def _start_node(node, files, app_spec, worker_options, wait):
     if _worker_pid(pidfile, node) is not None:
         print(f"> {node}: already running (pidfile {pidfile})")
         return True
-    with open(logfile, "a") as log:
-        proc = _popen_detached([sys.executable, "-m", __name__, "-A", app_spec, "worker", "-n", node,
-                                 "--pidfile", pidfile, *worker_options], stdout=log, stderr=log)
+    import subprocess
+    with open(logfile, "a") as log:  # (a session of its own: the worker outlives this command and its terminal)
+        proc = subprocess.Popen([sys.executable, "-m", __name__, "-A", app_spec, "worker", "-n", node,
+                                 "--pidfile", pidfile, *worker_options], stdout=log, stderr=log,
+                                start_new_session=True, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + wait
     while not (mine := _pid_in(pidfile) == proc.pid) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -8781,11 +8774,6 @@ def _stop_node(node, pidfile, action, wait):
     while action in ("stopwait", "restart") and _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     return not (action in ("stopwait", "restart") and _alive(pid))
-
-
-def _popen_detached(argv, **options):
-    import subprocess
-    return subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, **options)
 
 
 def _cli_number(text):
