@@ -7920,10 +7920,9 @@ def _check_beat_config(app):
     for spec in dict(app.conf.beat_schedule, **app.periodic_tasks).values():
         if "schedule" in spec:
             maybe_schedule(spec["schedule"])
-    conf = app.conf
-    if conf.beat_scheduler not in ("celery.beat:PersistentScheduler", "celery.beat.PersistentScheduler"):
+    if app.conf.beat_scheduler not in ("celery.beat:PersistentScheduler", "celery.beat.PersistentScheduler"):
         raise ImproperlyConfigured(
-            f"beat_scheduler {conf.beat_scheduler!r} is not offered: minicelery's beat is Celery's default "
+            f"beat_scheduler {app.conf.beat_scheduler!r} is not offered: minicelery's beat is Celery's default "
             "scheduler, with its schedule in beat_schedule (or add_periodic_task) and its state in a file")
 
 
@@ -8219,17 +8218,14 @@ _REDIS_COMMANDS = ("eval", "evalsha", "publish", "subscribe", "psubscribe", "lpu
                    "zremrangebyrank", "sadd", "srem", "smembers", "expire", "get", "set", "del", "time", "info")
 
 
-def _redis_commands_needed() -> list:
-    """The commands of _REDIS_COMMANDS and those the Lua scripts call, read from the scripts."""
-    scripts = [source for name, source in globals().items() if name.endswith("_LUA")]
-    called = {name.lower() for source in scripts for name in re.findall(r"redis\.p?call\('(\w+)'", source)}
-    return sorted(called.union(_REDIS_COMMANDS))
-
-
 def _check_redis_commands(app, client):
     """Redis version and commands"""
     version = client.info("server")["redis_version"]
-    needed = _redis_commands_needed() + ["blmove", "brpoplpush"]
+    # The commands of _REDIS_COMMANDS and those the Lua scripts call, read from the scripts;
+    # then the two ways to take a message, of which either will do.
+    scripts = [source for name, source in globals().items() if name.endswith("_LUA")]
+    called = {name.lower() for source in scripts for name in re.findall(r"redis\.p?call\('(\w+)'", source)}
+    needed = sorted(called.union(_REDIS_COMMANDS)) + ["blmove", "brpoplpush"]
     raw = HeldConnection(client)  # (redis-py can't parse COMMAND INFO's answer for a command not there)
     try:
         [known] = raw.run(("COMMAND", "INFO", *needed))
@@ -8355,9 +8351,7 @@ def _parser():
     service = argparse.ArgumentParser(add_help=False, parents=[app_option])  # worker and beat
     service.add_argument("app_positional", nargs="?", metavar="APP")
     service.add_argument("-l", "--loglevel", default="INFO")
-    parser = argparse.ArgumentParser(prog="minicelery", description="Celery's core, in one file.")
-    parser.add_argument("-A", "--app", help="the app: module or module:attr")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit code tells")
+    parser = argparse.ArgumentParser(prog="minicelery", description="Celery's core, in one file.", parents=[app_option])
     commands = parser.commands = parser.add_subparsers(dest="command", required=True)
     worker = commands.add_parser("worker", help="run a worker", parents=[service])
     worker.add_argument("-c", "--concurrency", type=int)
@@ -8417,11 +8411,11 @@ def _parser():
     multi.add_argument("--logfile", default="%n%I.log", help="%%n, %%h, %%I as Celery's (default %%n%%I.log)")
     commands.add_parser("doctor", help="check for what would lose or repeat tasks without an error",
                         parents=[app_option])
-    for tool in ("celery", "flower"):  # (what follows goes to that tool as it is)
-        commands.add_parser(tool, parents=[app_option], add_help=False,
-                            help=f"run the real {tool.title()}'s command line on this project's broker "
-                                 f"(`{tool} status`, `{tool} inspect active`, ...)" if tool == "celery" else
-                            "run Flower, installed apart, on this project's broker (Redis)")
+    commands.add_parser("celery", parents=[app_option], add_help=False,  # (what follows goes to it as it is)
+                        help="run the real Celery's command line on this project's broker "
+                             "(`celery status`, `celery inspect active`, ...)")
+    commands.add_parser("flower", parents=[app_option], add_help=False,
+                        help="run Flower, installed apart, on this project's broker (Redis)")
     commands.add_parser("help", help="this list, or a command's options: help worker",
                         parents=[app_option]).add_argument("topic", nargs="?", help="a command")
     result = commands.add_parser("result", help="show a task's result", parents=[app_option])
@@ -8843,7 +8837,7 @@ def main(argv=None):
         print((known[args.topic] if args.topic in known else parser).format_help())
         return 0 if args.topic in (None, *known) else 2
     args.passed_on = extra
-    spec = getattr(args, "app_positional", None) or args.app
+    spec = getattr(args, "app_positional", None) or getattr(args, "app", None)
     stopping = args.command == "multi" and args.action in ("stop", "stopwait", "kill")  # (from the pidfiles)
     if not spec and not stopping:
         print("minicelery: name the app with -A module (or module:app)", file=sys.stderr)
