@@ -8388,7 +8388,8 @@ def _parser():
     commands.add_parser("status", help="list the workers that answer", parents=[asking])
     inspect = commands.add_parser("inspect", help="ask the workers", parents=[asking])
     inspect.add_argument("what", help=f"one of {', '.join(_INSPECT_COMMANDS)}, or the project's own")
-    inspect.add_argument("ids", nargs="*", help="task ids, for query_task (or a command's own arguments)")
+    inspect.add_argument("arguments", nargs="*", metavar="ids",
+                         help="task ids, for query_task (or a command's own arguments)")
     control = commands.add_parser("control", help="steer the workers", parents=[asking])
     control.add_argument("what", help=f"one of {', '.join(sorted(CONTROL_ARGUMENTS))}, or the project's own")
     control.add_argument("arguments", nargs="*", help="; ".join(f"{k} {' '.join(v)}" for k, v in
@@ -8457,15 +8458,14 @@ def _cli_ask_workers(app, args):
         return code
     custom = CUSTOM_COMMANDS.get(args.what)
     if custom and custom[1] == args.command:  # (a project's own: its args say how to read the words)
-        words = args.ids if args.command == "inspect" else args.arguments
-        if len(words) > len(custom[2]):
+        if len(args.arguments) > len(custom[2]):
             raise ImproperlyConfigured(f"{args.what} takes: {' '.join(name for name, _ in custom[2]) or 'nothing'}")
         try:
-            arguments = {name: kind(word) for (name, kind), word in zip(custom[2], words)}
+            arguments = {name: kind(word) for (name, kind), word in zip(custom[2], args.arguments)}
         except (TypeError, ValueError) as exc:
             raise ImproperlyConfigured(f"{args.what}: {exc}") from None
     elif args.command == "inspect" and args.what in _INSPECT_COMMANDS:
-        arguments = {"ids": args.ids} if args.what == "query_task" else {}
+        arguments = {"ids": args.arguments} if args.what == "query_task" else {}
     elif args.command == "inspect" or args.what not in CONTROL_ARGUMENTS:
         known = _INSPECT_COMMANDS if args.command == "inspect" else sorted(CONTROL_ARGUMENTS)
         mine = sorted(n for n, (_, kind, _) in CUSTOM_COMMANDS.items() if kind == args.command)
@@ -8639,9 +8639,6 @@ def _pidfile(path):
     with the same pidfile, one gets it and the other refuses, where a look then a write
     let both in. A lock dies with its process, so a file left by a crash doesn't count.
     """
-    if not path:
-        yield
-        return
     import fcntl
     while True:
         try:
@@ -8784,7 +8781,7 @@ def _cli_worker(app, args):
     if args.explain or args.loglevel.upper() == "DEBUG":  # (debug: each broker step, and why)
         app.conf.explain = True
     queues = args.queues.split(",") if args.queues else None
-    with _pidfile(args.pidfile):
+    with _pidfile(args.pidfile) if args.pidfile else contextlib.nullcontext():
         Worker(app, concurrency=args.concurrency, pool=args.pool, queues=queues,
                hostname=args.hostname, loglevel=args.loglevel,
                max_tasks_per_child=args.max_tasks_per_child,
