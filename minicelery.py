@@ -7882,11 +7882,8 @@ class crontab:
     def __init__(self, minute="*", hour="*", day_of_week="*", day_of_month="*",
                  month_of_year="*", tz=None):
         self._specs = (minute, hour, day_of_month, month_of_year, day_of_week)
-        self.minute = _cron_field("minute", minute)
-        self.hour = _cron_field("hour", hour)
-        self.day_of_week = _cron_field("day_of_week", day_of_week)
-        self.day_of_month = _cron_field("day_of_month", day_of_month)
-        self.month_of_year = _cron_field("month_of_year", month_of_year)
+        for field, spec in zip(_CRON_FIELDS, (minute, hour, day_of_week, day_of_month, month_of_year)):
+            setattr(self, field, _cron_field(field, spec))  # self.minute = the set of minutes it runs at, ...
         if not any(day <= _MONTH_DAYS[month - 1]
                    for month in self.month_of_year for day in self.day_of_month):
             raise ImproperlyConfigured(
@@ -7997,10 +7994,9 @@ def _check_beat_config(app):
     for spec in dict(app.conf.beat_schedule, **app.periodic_tasks).values():
         if "schedule" in spec:
             maybe_schedule(spec["schedule"])
-    conf = app.conf
-    if conf.beat_scheduler not in ("celery.beat:PersistentScheduler", "celery.beat.PersistentScheduler"):
+    if app.conf.beat_scheduler not in ("celery.beat:PersistentScheduler", "celery.beat.PersistentScheduler"):
         raise ImproperlyConfigured(
-            f"beat_scheduler {conf.beat_scheduler!r} is not offered: minicelery's beat is Celery's default "
+            f"beat_scheduler {app.conf.beat_scheduler!r} is not offered: minicelery's beat is Celery's default "
             "scheduler, with its schedule in beat_schedule (or add_periodic_task) and its state in a file")
 
 
@@ -8296,17 +8292,14 @@ _REDIS_COMMANDS = ("eval", "evalsha", "publish", "subscribe", "psubscribe", "lpu
                    "zremrangebyrank", "sadd", "srem", "smembers", "expire", "get", "set", "del", "time", "info")
 
 
-def _redis_commands_needed() -> list:
-    """The commands of _REDIS_COMMANDS and those the Lua scripts call, read from the scripts."""
-    scripts = [source for name, source in globals().items() if name.endswith("_LUA")]
-    called = {name.lower() for source in scripts for name in re.findall(r"redis\.p?call\('(\w+)'", source)}
-    return sorted(called.union(_REDIS_COMMANDS))
-
-
 def _check_redis_commands(app, client):
     """Redis version and commands"""
     version = client.info("server")["redis_version"]
-    needed = _redis_commands_needed() + ["blmove", "brpoplpush"]
+    # The commands of _REDIS_COMMANDS and those the Lua scripts call, read from the scripts;
+    # then the two ways to take a message, of which either will do.
+    scripts = [source for name, source in globals().items() if name.endswith("_LUA")]
+    called = {name.lower() for source in scripts for name in re.findall(r"redis\.p?call\('(\w+)'", source)}
+    needed = sorted(called.union(_REDIS_COMMANDS)) + ["blmove", "brpoplpush"]
     raw = HeldConnection(client)  # (redis-py can't parse COMMAND INFO's answer for a command not there)
     try:
         [known] = raw.run(("COMMAND", "INFO", *needed))
@@ -8409,7 +8402,7 @@ def _check_result_expiry(app):
     return [Finding("ok", f"results kept {expires:g} s")]
 
 
-def _cli_doctor(app):
+def _cli_doctor(app, args):
     findings = doctor(app)
     print(f"minicelery doctor: broker {_safe_url(app.broker_url)}, results {_safe_url(app.backend_url or 'disabled')}\n")
     for finding in findings:
@@ -8432,9 +8425,7 @@ def _parser():
     service = argparse.ArgumentParser(add_help=False, parents=[app_option])  # worker and beat
     service.add_argument("app_positional", nargs="?", metavar="APP")
     service.add_argument("-l", "--loglevel", default="INFO")
-    parser = argparse.ArgumentParser(prog="minicelery", description="Celery's core, in one file.")
-    parser.add_argument("-A", "--app", help="the app: module or module:attr")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit code tells")
+    parser = argparse.ArgumentParser(prog="minicelery", description="Celery's core, in one file.", parents=[app_option])
     commands = parser.commands = parser.add_subparsers(dest="command", required=True)
     worker = commands.add_parser("worker", help="run a worker", parents=[service])
     worker.add_argument("-c", "--concurrency", type=int)
@@ -8471,7 +8462,8 @@ def _parser():
     commands.add_parser("status", help="list the workers that answer", parents=[asking])
     inspect = commands.add_parser("inspect", help="ask the workers", parents=[asking])
     inspect.add_argument("what", help=f"one of {', '.join(_INSPECT_COMMANDS)}, or the project's own")
-    inspect.add_argument("ids", nargs="*", help="task ids, for query_task (or a command's own arguments)")
+    inspect.add_argument("arguments", nargs="*", metavar="ids",
+                         help="task ids, for query_task (or a command's own arguments)")
     control = commands.add_parser("control", help="steer the workers", parents=[asking])
     control.add_argument("what", help=f"one of {', '.join(sorted(CONTROL_ARGUMENTS))}, or the project's own")
     control.add_argument("arguments", nargs="*", help="; ".join(f"{k} {' '.join(v)}" for k, v in
@@ -8494,11 +8486,11 @@ def _parser():
     multi.add_argument("--logfile", default="%n%I.log", help="%%n, %%h, %%I as Celery's (default %%n%%I.log)")
     commands.add_parser("doctor", help="check for what would lose or repeat tasks without an error",
                         parents=[app_option])
-    for tool in ("celery", "flower"):  # (what follows goes to that tool as it is)
-        commands.add_parser(tool, parents=[app_option], add_help=False,
-                            help=f"run the real {tool.title()}'s command line on this project's broker "
-                                 f"(`{tool} status`, `{tool} inspect active`, ...)" if tool == "celery" else
-                            "run Flower, installed apart, on this project's broker (Redis)")
+    commands.add_parser("celery", parents=[app_option], add_help=False,  # (what follows goes to it as it is)
+                        help="run the real Celery's command line on this project's broker "
+                             "(`celery status`, `celery inspect active`, ...)")
+    commands.add_parser("flower", parents=[app_option], add_help=False,
+                        help="run Flower, installed apart, on this project's broker (Redis)")
     commands.add_parser("help", help="this list, or a command's options: help worker",
                         parents=[app_option]).add_argument("topic", nargs="?", help="a command")
     result = commands.add_parser("result", help="show a task's result", parents=[app_option])
@@ -8540,15 +8532,14 @@ def _cli_ask_workers(app, args):
         return code
     custom = CUSTOM_COMMANDS.get(args.what)
     if custom and custom[1] == args.command:  # (a project's own: its args say how to read the words)
-        words = args.ids if args.command == "inspect" else args.arguments
-        if len(words) > len(custom[2]):
+        if len(args.arguments) > len(custom[2]):
             raise ImproperlyConfigured(f"{args.what} takes: {' '.join(name for name, _ in custom[2]) or 'nothing'}")
         try:
-            arguments = {name: kind(word) for (name, kind), word in zip(custom[2], words)}
+            arguments = {name: kind(word) for (name, kind), word in zip(custom[2], args.arguments)}
         except (TypeError, ValueError) as exc:
             raise ImproperlyConfigured(f"{args.what}: {exc}") from None
     elif args.command == "inspect" and args.what in _INSPECT_COMMANDS:
-        arguments = {"ids": args.ids} if args.what == "query_task" else {}
+        arguments = {"ids": args.arguments} if args.what == "query_task" else {}
     elif args.command == "inspect" or args.what not in CONTROL_ARGUMENTS:
         known = _INSPECT_COMMANDS if args.command == "inspect" else sorted(CONTROL_ARGUMENTS)
         mine = sorted(n for n, (_, kind, _) in CUSTOM_COMMANDS.items() if kind == args.command)
@@ -8567,7 +8558,7 @@ def _cli_ask_workers(app, args):
     return _print_answers(answers, args.json) if reply else 0
 
 
-def _run_celerys_tool(app, command, arguments):
+def _run_celerys_tool(app, args):
     """Celery's own command line (or Flower's) on this project's broker and backend: the
     real Celery can't load a minicelery app, but it works with any app on the same Redis."""
     urls = [_celery_url(url) for url in (app.broker_url, app.backend_url or "")]
@@ -8576,7 +8567,8 @@ def _run_celerys_tool(app, command, arguments):
     # (Through the environment, which Celery reads: on the command line, `ps` would show a password.)
     urls_for_celery = {"CELERY_BROKER_URL": urls[0], **({"CELERY_RESULT_BACKEND": urls[1]}
                                                          if urls[1].startswith("redis") else {})}
-    os.execve(sys.executable, [sys.executable, "-m", "celery", *command, *arguments],
+    command = ["flower"] if args.command == "flower" else []
+    os.execve(sys.executable, [sys.executable, "-m", "celery", *command, *args.passed_on],
               dict(os.environ, **urls_for_celery))
 
 
@@ -8587,8 +8579,9 @@ def _celery_url(url):
     return url
 
 
-def _cli_result(result, args):
+def _cli_result(app, args):
     """A task's result (or traceback); a failure or revocation says its state, exit 1."""
+    result = app.AsyncResult(args.id)
     value = result.traceback if args.traceback else \
         result.get(timeout=args.timeout, propagate=False) if args.timeout else result.result
     state = result.state
@@ -8633,11 +8626,11 @@ def _cli_dead(app, args):
     return 0 if taken and len(taken) == len(asked) else 1
 
 
-def _cli_events(app, args, queues):
+def _cli_events(app, args):
     """`events --dump`: the raw events; `events`: a view of the workers, redrawn every second."""
     seen, workers, finished, failures = 0, {}, deque(maxlen=1000), deque(maxlen=5)
     names = collections.OrderedDict()  # task id -> name, from task-received/-sent (task-failed has none)
-    queues = queues or queue_names(app.conf.task_queues or [app.conf.task_default_queue])
+    queues = _cli_queues(app, args)
     away = None  # the broker's error while it is away: said once, and once more when it is back
     while not args.count or seen < args.count:
         try:
@@ -8720,9 +8713,6 @@ def _pidfile(path):
     with the same pidfile, one gets it and the other refuses, where a look then a write
     let both in. A lock dies with its process, so a file left by a crash doesn't count.
     """
-    if not path:
-        yield
-        return
     import fcntl
     while True:
         try:
@@ -8786,13 +8776,7 @@ def _held(pidfile) -> bool:
 
 
 def _alive(pid) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError, ValueError):
-        return False
-    except PermissionError:  # someone else's: alive
-        return True
-    return pid > 0
+    return os.path.exists(f"/proc/{pid}")  # (a zombie too, as kill(pid, 0) says)
 
 
 def multi(action, names, app_spec, pidfile, logfile, worker_options, wait=60.0) -> int:
@@ -8823,9 +8807,11 @@ def _start_node(node, files, app_spec, worker_options, wait):
     if _worker_pid(pidfile, node) is not None:
         print(f"> {node}: already running (pidfile {pidfile})")
         return True
-    with open(logfile, "a") as log:
-        proc = _popen_detached([sys.executable, "-m", __name__, "-A", app_spec, "worker", "-n", node,
-                                 "--pidfile", pidfile, *worker_options], stdout=log, stderr=log)
+    import subprocess
+    with open(logfile, "a") as log:  # (a session of its own: the worker outlives this command and its terminal)
+        proc = subprocess.Popen([sys.executable, "-m", __name__, "-A", app_spec, "worker", "-n", node,
+                                 "--pidfile", pidfile, *worker_options], stdout=log, stderr=log,
+                                start_new_session=True, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + wait
     while not (mine := _pid_in(pidfile) == proc.pid) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -8855,17 +8841,59 @@ def _stop_node(node, pidfile, action, wait):
     return not (action in ("stopwait", "restart") and _alive(pid))
 
 
-def _popen_detached(argv, **options):
-    import subprocess
-    return subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, **options)
-
-
 def _cli_number(text):
     """A command-line argument as a number where it is one ('30', '1.5'), else as it is ('10/s')."""
     try:
         return float(text) if "." in text else int(text)
     except ValueError:
         return text
+
+
+def _cli_worker(app, args):
+    if args.task_events:
+        app.conf.worker_send_task_events = True
+    if args.explain or args.loglevel.upper() == "DEBUG":  # (debug: each broker step, and why)
+        app.conf.explain = True
+    queues = args.queues.split(",") if args.queues else None
+    with _pidfile(args.pidfile) if args.pidfile else contextlib.nullcontext():
+        Worker(app, concurrency=args.concurrency, pool=args.pool, queues=queues,
+               hostname=args.hostname, loglevel=args.loglevel,
+               max_tasks_per_child=args.max_tasks_per_child,
+               prefetch_multiplier=args.prefetch_multiplier, beat=args.beat).start()
+
+
+def _cli_beat(app, args):
+    Beat(app, schedule_filename=args.schedule, max_interval=args.max_interval).run()
+
+
+def _cli_call(app, args):
+    result = app.send_task(args.name, json.loads(args.args), json.loads(args.kwargs),
+                           countdown=args.countdown, queue=args.queue)
+    print(result.id)
+
+
+def _cli_purge(app, args):
+    queues = _cli_queues(app, args)
+    if not args.force and _ask_user(f"Delete every waiting message in {', '.join(queues)}? [y/N] ") \
+            not in ("y", "yes"):
+        print("Aborted.", file=sys.stderr)
+        return 1
+    count = sum(app.broker.purge(q) for q in queues)
+    print(f"Purged {count} message(s) from {len(queues)} queue(s).")
+
+
+def _cli_queues(app, args) -> list:
+    """The queues -Q names, else all the app's."""
+    if args.queues:
+        return args.queues.split(",")
+    return queue_names(app.conf.task_queues or [app.conf.task_default_queue])
+
+
+#: what runs each command that needs the app: function(app, args) -> exit code (None: 0)
+CLI_COMMANDS = {"worker": _cli_worker, "beat": _cli_beat, "call": _cli_call, "purge": _cli_purge,
+                "status": _cli_ask_workers, "inspect": _cli_ask_workers, "control": _cli_ask_workers,
+                "dead": _cli_dead, "events": _cli_events, "doctor": _cli_doctor, "result": _cli_result,
+                "celery": _run_celerys_tool, "flower": _run_celerys_tool}
 
 
 def main(argv=None):
@@ -8879,7 +8907,8 @@ def main(argv=None):
             print(f"minicelery: no command {args.topic!r}", file=sys.stderr)
         print((known[args.topic] if args.topic in known else parser).format_help())
         return 0 if args.topic in (None, *known) else 2
-    spec = getattr(args, "app_positional", None) or args.app
+    args.passed_on = extra
+    spec = getattr(args, "app_positional", None) or getattr(args, "app", None)
     stopping = args.command == "multi" and args.action in ("stop", "stopwait", "kill")  # (from the pidfiles)
     if not spec and not stopping:
         print("minicelery: name the app with -A module (or module:app)", file=sys.stderr)
@@ -8894,43 +8923,7 @@ def main(argv=None):
         app = find_app(spec)  # (first: its receivers of setup_logging may configure logging themselves)
         configure_logging(getattr(args, "loglevel", "INFO"), open(logfile, "a", buffering=1) if logfile else None,
                           logfile)
-        queues = args.queues.split(",") if getattr(args, "queues", None) else None
-        if args.command == "worker":
-            if args.task_events:
-                app.conf.worker_send_task_events = True
-            if args.explain or args.loglevel.upper() == "DEBUG":  # (debug: each broker step, and why)
-                app.conf.explain = True
-            with _pidfile(args.pidfile):
-                Worker(app, concurrency=args.concurrency, pool=args.pool, queues=queues,
-                       hostname=args.hostname, loglevel=args.loglevel,
-                       max_tasks_per_child=args.max_tasks_per_child,
-                       prefetch_multiplier=args.prefetch_multiplier, beat=args.beat).start()
-        elif args.command == "beat":
-            Beat(app, schedule_filename=args.schedule, max_interval=args.max_interval).run()
-        elif args.command == "call":
-            result = app.send_task(args.name, json.loads(args.args), json.loads(args.kwargs),
-                                   countdown=args.countdown, queue=args.queue)
-            print(result.id)
-        elif args.command == "purge":
-            queues = queues or queue_names(app.conf.task_queues or [app.conf.task_default_queue])
-            if not args.force and _ask_user(f"Delete every waiting message in {', '.join(queues)}? [y/N] ") \
-                    not in ("y", "yes"):
-                print("Aborted.", file=sys.stderr)
-                return 1
-            count = sum(app.broker.purge(q) for q in queues)
-            print(f"Purged {count} message(s) from {len(queues)} queue(s).")
-        elif args.command in ("status", "inspect", "control"):
-            return _cli_ask_workers(app, args)
-        elif args.command == "dead":
-            return _cli_dead(app, args)
-        elif args.command == "events":
-            return _cli_events(app, args, queues)
-        elif args.command == "doctor":
-            return _cli_doctor(app)
-        elif args.command in ("celery", "flower"):
-            return _run_celerys_tool(app, [] if args.command == "celery" else ["flower"], extra)
-        elif args.command == "result":
-            return _cli_result(app.AsyncResult(args.id), args)
+        return CLI_COMMANDS[args.command](app, args) or 0
     except ImproperlyConfigured as exc:
         print(f"minicelery: {exc}", file=sys.stderr)
         return 1
@@ -8942,7 +8935,6 @@ def main(argv=None):
             raise
         print(f"Error: the broker or the result backend did not answer ({type(exc).__name__}: {exc})", file=sys.stderr)
         return EX_UNAVAILABLE
-    return 0
 
 
 # Celery's import paths, so code written for Celery imports unchanged: `from
