@@ -6,6 +6,7 @@ share the tasks defined below) or started through the command line. Nothing
 is mocked. Interop tests run the real `celery` package when it is installed.
 """
 
+import ast
 import base64
 import collections
 import contextlib
@@ -8446,6 +8447,38 @@ def test_readme_walk_names_only_functions_that_exist():
         except AttributeError:
             missing.append(name)
     assert not missing, f"the README's walk names what the module lacks: {missing}"
+
+
+def _definition_lines(name):
+    """How many lines the module's definition of `name` ("Class", "Class.method",
+    "function", "CONSTANT") takes, or None if it has none."""
+    nodes, node = ast.parse(_module_source()).body, None
+    for part in name.split("."):
+        node = next((n for n in nodes if getattr(n, "name", None) == part or (
+            isinstance(n, ast.Assign) and [getattr(t, "id", None) for t in n.targets] == [part])), None)
+        if node is None:
+            return None
+        nodes = getattr(node, "body", [])
+    return node.end_lineno - node.lineno + 1 + len(getattr(node, "decorator_list", []))
+
+
+def test_readme_first_reading_is_at_most_2500_lines_of_names_that_exist():
+    section = _readme_section("### A first reading", "### One task's life")
+    reading, skipped = section.split("It may skip the rest")
+    names = list(dict.fromkeys(re.findall(r"`([A-Za-z_][\w.]*)`", reading)))
+    # (a method of a class read whole counts once, in its class)
+    counted = [n for n in names if not any(n.startswith(other + ".") for other in names)]
+    sizes = {name: _definition_lines(name) for name in counted}
+    assert len(names) > 40 and all(sizes.values()), [n for n, size in sizes.items() if not size]
+    assert sum(sizes.values()) <= 2500, sorted(sizes.items(), key=lambda item: -item[1])
+    skippable = re.findall(r"`([A-Z_][\w.]*)`", skipped)
+    assert skippable and all(_definition_lines(name) for name in skippable), skippable
+
+
+def test_no_class_is_over_350_lines():
+    tree = ast.parse(_module_source())
+    sizes = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    assert max(sizes.values()) <= 350, sorted(sizes.items(), key=lambda item: -item[1])[:3]
 
 
 def test_readme_chapter_map_matches_the_module():
