@@ -284,19 +284,18 @@ def _say_which_default(path):
 
 def import_string(path: str):
     """`pkg.module`, `pkg.module:attr` or `pkg.module.attr` as an object."""
-    if ":" in path:
-        module_name, attr = path.split(":", 1)
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        return obj
-    try:
-        return importlib.import_module(path)
-    except ImportError:
-        if "." not in path:
-            raise
-        module_name, attr = path.rsplit(".", 1)
-        return getattr(importlib.import_module(module_name), attr)
+    module_name, colon, attr = path.partition(":")
+    if not colon:
+        try:
+            return importlib.import_module(path)
+        except ImportError:
+            if "." not in path:
+                raise
+            module_name, attr = path.rsplit(".", 1)  # (a module's attribute: no colon needed)
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def signal_number(value) -> int:
@@ -346,19 +345,14 @@ def wait_readable(handles, timeout, writable=()) -> list:
     seconds, and those of `writable` that can be written; [] at once when a signal comes
     (watch_signals). poll(), not select(): a worker with many queues has descriptors past
     select()'s 1024."""
-    def number(handle):
-        return handle if isinstance(handle, int) else handle.fileno()
-    events = collections.defaultdict(int)
-    by_number = {}
-    for handle in handles:
-        by_number[number(handle)] = handle
-        events[number(handle)] |= select.POLLIN
-    for handle in writable:
-        by_number.setdefault(number(handle), handle)
-        events[number(handle)] |= select.POLLOUT
+    wanted = [(handle, select.POLLIN) for handle in handles] + [(handle, select.POLLOUT) for handle in writable]
     if _signal_pipe is not None:
-        by_number[_signal_pipe] = _signal_pipe
-        events[_signal_pipe] |= select.POLLIN
+        wanted.append((_signal_pipe, select.POLLIN))
+    events, by_number = collections.defaultdict(int), {}
+    for handle, event in wanted:
+        fd = handle if isinstance(handle, int) else handle.fileno()
+        by_number.setdefault(fd, handle)
+        events[fd] |= event
     poller = select.poll()
     for fd, mask in events.items():
         poller.register(fd, mask)
@@ -1019,11 +1013,9 @@ def _check_fields(what, fields, types):
         if value is not None and (not isinstance(value, allowed) or isinstance(value, bool) and allowed is int):
             raise DecodeError(f"{what} {name!r} has the wrong type: {_short_repr(value, 80)}")
     try:
-        for name in ("callbacks", "errbacks", "chain") if what == "embed" else ():
-            if not all(_is_signature(sig) for sig in fields.get(name) or ()):
-                raise DecodeError(f"embed {name!r} must be a list of signatures")
-        if what == "embed" and fields.get("chord") is not None and not _is_signature(fields["chord"]):
-            raise DecodeError("embed 'chord' must be a signature")
+        for name in _EMBED_TYPES if what == "embed" else ():  # (a chord is one signature, the others lists)
+            if not all(_is_signature(sig) for sig in _as_list(fields.get(name))):
+                raise DecodeError(f"embed {name!r} must hold signatures only")
     except RecursionError:
         raise DecodeError(f"the message's {what} nests signatures too deep") from None
 
@@ -4943,15 +4935,14 @@ class Config:
         settings = dict(other or {}, **settings)
         unknown = [(name, value) for name, value in settings.items() if name not in self.__dataclass_fields__
                    and setting_name(name) is None and name.lower().startswith(_SETTING_PREFIXES)]
-        if unknown:
-            _check_unused_settings(unknown)  # once for them all; stored all the same (apps keep their own here)
+        _check_unused_settings(unknown)  # once for them all; stored all the same (apps keep their own here)
         for name, value in settings.items():
             self._set(name, value)
 
     def _set(self, name, value):
         if name not in self.__dataclass_fields__:  # Celery 3's names: CELERYD_CONCURRENCY is worker_concurrency
             name = setting_name(name) or name
-        allowed = _CONFIG_TYPES.get(name) if "_CONFIG_TYPES" in globals() else None
+        allowed = _CONFIG_TYPES.get(name)
         if allowed and not _fits(value, allowed):
             names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
             raise ImproperlyConfigured(
@@ -5293,8 +5284,7 @@ class Celery:
             elif (prefix or key.islower() or key.startswith(("CELERY", "BROKER"))) \
                     and not (callable(value) or isinstance(value, (type(sys), Celery))):
                 unused.append((key, value))  # a config module's imports (modules, classes, functions, apps) are not
-        if unused:
-            _check_unused_settings(unused, prefix)
+        _check_unused_settings(unused, prefix)
 
     def autodiscover_tasks(self, packages=None, related_name="tasks", force=False):
         """Import `<package>.tasks` of each package when the worker starts (now with force=True).
@@ -5425,9 +5415,8 @@ class Celery:
         stamps = {name: options.pop(name, None) for name in stamped_headers or ()}  # (Celery's stamping)
         unknown = set(options) - self.IGNORED_OPTIONS - set(self.PROPERTY_OPTIONS)
         if unknown:
-            close = {k: difflib.get_close_matches(k, _SEND_OPTIONS, 1) for k in unknown}
-            hints = "; ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "")
-                              for k, c in sorted(close.items()))
+            hints = "; ".join(f"{k!r}" + "".join(f" (did you mean {c!r}?)" for c in difflib.get_close_matches(
+                k, _SEND_OPTIONS, 1)) for k in sorted(unknown))
             raise TypeError(f"send_task({name!r}): unknown option {hints}")
         args, kwargs = list(args or ()), dict(kwargs or {})
         task_id = task_id or uuid()
@@ -5612,7 +5601,8 @@ class Control:
 
 class Inspect:
     """`app.control.inspect()`: each method returns {node name: answer} from the
-    workers that answered within the timeout (None if none did), as in Celery."""
+    workers that answered within the timeout (None if none did), as in Celery.
+    The commands without arguments (ping, stats, ...) are set below the class."""
 
     def __init__(self, control, destination=None, timeout=1.0):
         self.control, self.destination, self.timeout = control, destination, timeout
@@ -5621,43 +5611,25 @@ class Inspect:
         answers = self.control.broadcast(command, arguments, self.destination, reply=True, timeout=self.timeout)
         return {node: answer for each in answers for node, answer in each.items()} or None
 
-    def ping(self):
-        return self._ask("ping")
-
     def active(self, safe=None):
         return self._ask("active", safe=safe)
-
-    def reserved(self):
-        return self._ask("reserved")
-
-    def scheduled(self):
-        return self._ask("scheduled")
 
     def registered(self, *taskinfoitems):
         return self._ask("registered", taskinfoitems=taskinfoitems)
 
     registered_tasks = registered
 
-    def clock(self):
-        return self._ask("clock")
-
-    def report(self):
-        return self._ask("report")
-
-    def stats(self):
-        return self._ask("stats")
-
-    def revoked(self):
-        return self._ask("revoked")
-
-    def active_queues(self):
-        return self._ask("active_queues")
-
     def query_task(self, *ids):
         return self._ask("query_task", ids=list(ids[0] if len(ids) == 1 and not isinstance(ids[0], str) else ids))
 
     def conf(self, with_defaults=False):
         return self._ask("conf", with_defaults=with_defaults)
+
+
+#: Inspect's commands that take no arguments, each a method: `inspect().stats()` asks for `stats`
+for _command in ("ping", "reserved", "scheduled", "clock", "report", "stats", "revoked", "active_queues"):
+    setattr(Inspect, _command, functools.partialmethod(Inspect._ask, _command))
+del _command
 
 
 def _signature_list(value):
