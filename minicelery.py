@@ -319,8 +319,7 @@ def watch_signals():
     timeout (Python runs the handler, then would resume the wait)."""
     global _signal_pipe
     if _signal_pipe is None:
-        _signal_pipe, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        os.set_blocking(write_end, False)
+        _signal_pipe, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # (both ends)
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
 
 
@@ -1029,8 +1028,7 @@ def _is_signature(sig) -> bool:
             and isinstance(sig.get("options") or {}, dict)):
         return False
     kind, kwargs, options = sig.get("subtask_type"), sig.get("kwargs") or {}, sig.get("options") or {}
-    held = _as_list(options.get("link")) + _as_list(options.get("link_error")) + _as_list(options.get("chain")) \
-        + _as_list(options.get("chord"))
+    held = [member for option in ("link", "link_error", "chain", "chord") for member in _as_list(options.get(option))]
     if kind in ("chain", "group"):
         if not isinstance(kwargs.get("tasks"), list):
             return False
@@ -5420,15 +5418,15 @@ class Celery:
             raise TypeError(f"send_task({name!r}): unknown option {hints}")
         args, kwargs = list(args or ()), dict(kwargs or {})
         task_id = task_id or uuid()
+        # A countdown or an eta; expires in seconds from now, or a time. A naive time is UTC,
+        # whatever the app's timezone and enable_utc (as Celery reads one: utcnow() + ... is right).
         now = utcnow()
-        eta, expires_at = self._when(now, countdown, eta, expires)
+        eta = now + dt.timedelta(seconds=countdown) if countdown is not None else to_datetime(eta)
+        expires_at = now + dt.timedelta(seconds=expires) if isinstance(expires, (int, float)) else to_datetime(expires)
         parent = current_task()
         if parent is not None and parent_id is None and not parent.request.called_directly:
             parent_id, root_id = parent.request.id, root_id or parent.request.root_id
-        route = self.route_for(name, args, kwargs)
-        queue = self._queue_for(name, queue, options.get("routing_key"), route)
-        if priority is None:
-            priority = route.get("priority", self.conf.task_default_priority)
+        queue, priority = self.route_for(name, args, kwargs, queue, options.get("routing_key"), priority)
         message_headers = build_headers(
             name, task_id, args, kwargs, headers, eta=eta and eta.isoformat(),
             expires=expires_at and expires_at.isoformat(), retries=retries, shadow=shadow,
@@ -5447,13 +5445,13 @@ class Celery:
         tag = uuid()
         try:
             envelope = build_envelope(
-                message_headers, body, content_type, queue, priority=clamp_priority(priority or 0),
+                message_headers, body, content_type, queue, priority=priority,
                 compression=compression_header, delivery_tag=tag,
                 expires_in=(expires_at - now).total_seconds() if expires_at else None,
                 more_properties={name: options[name] for name in self.PROPERTY_OPTIONS if name in options})
         except (TypeError, ValueError) as exc:  # (headers, stamps, properties are JSON in the envelope)
             raise EncodeError(f"send_task({name!r}): a header or property isn't JSON: {exc}") from None
-        self._publish(queue, envelope, clamp_priority(priority or 0), f"{name}[{task_id}]", tag)
+        self._publish(queue, envelope, priority, f"{name}[{task_id}]", tag)
         after_task_publish.send(sender=name, **published)
         if self.conf.task_send_sent_event:
             self.broker.send_event(make_event(
@@ -5463,26 +5461,6 @@ class Celery:
                 root_id=message_headers["root_id"], parent_id=parent_id))
         result = AsyncResult(task_id, app=self, task_name=name, ignored=message_headers["ignore_result"])
         return _trail(result, options.get("add_to_parent", True))
-
-    def _when(self, now, countdown, eta, expires):
-        """(eta, expires) as aware datetimes or None, from Celery's options: a countdown or
-        an eta; expires in seconds from now, or a time. A naive time is UTC, whatever the
-        app's timezone and enable_utc (as Celery reads one: utcnow() + ... is right)."""
-        eta = now + dt.timedelta(seconds=countdown) if countdown is not None else to_datetime(eta)
-        expires = now + dt.timedelta(seconds=expires) if isinstance(expires, (int, float)) \
-            else to_datetime(expires)
-        return eta, expires
-
-    def _queue_for(self, name, queue, routing_key, route) -> str:
-        """The queue a task goes to: the one given, else its route's, else the queue bound to
-        the routing key given or routed (a route may name only that), else the default."""
-        routing_key = routing_key or route.get("routing_key")
-        queue = (queue or route.get("queue") or _queue_bound_to(self.conf.task_queues, routing_key)
-                 or self.conf.task_default_queue)
-        queue = getattr(queue, "name", queue)  # a kombu Queue stands for its name
-        if not isinstance(queue, str):
-            raise TypeError(f"send_task({name!r}): queue must be a name (str), not {queue!r}")
-        return queue
 
     @property
     def timezone(self):
@@ -5523,14 +5501,27 @@ class Celery:
                 time.sleep(1.0 if patient_until else min(policy["interval_start"] + attempt * policy["interval_step"],
                                                          policy["interval_max"]))
 
-    def route_for(self, name, args=(), kwargs=None) -> dict:
-        """The first task_routes entry matching `name`, as {'queue': ..., ...}."""
+    def route_for(self, name, args=(), kwargs=None, queue=None, routing_key=None, priority=None) -> tuple:
+        """Where a task goes, as (queue name, priority 0-9), by the first task_routes entry
+        matching `name` ({'queue': ..., 'routing_key': ..., 'priority': ...}, or a queue name).
+
+        The queue: the one given, else the route's, else the queue bound to the routing key
+        given or routed (a route may name only that), else task_default_queue. The priority:
+        the one given, else the route's, else task_default_priority.
+        """
         routes = self.conf.task_routes or ()
-        for router in routes if isinstance(routes, (list, tuple)) else [routes]:
-            route = _apply_router(router, name, args, kwargs or {})
-            if route:
-                return {"queue": route} if isinstance(route, str) else dict(route)
-        return {}
+        routers = routes if isinstance(routes, (list, tuple)) else [routes]
+        route = next(filter(None, (_apply_router(router, name, args, kwargs or {}) for router in routers)), {})
+        route = {"queue": route} if isinstance(route, str) else dict(route)
+        routing_key = routing_key or route.get("routing_key")
+        queue = (queue or route.get("queue") or _queue_bound_to(self.conf.task_queues, routing_key)
+                 or self.conf.task_default_queue)
+        queue = getattr(queue, "name", queue)  # a kombu Queue stands for its name
+        if not isinstance(queue, str):
+            raise TypeError(f"send_task({name!r}): queue must be a name (str), not {queue!r}")
+        if priority is None:
+            priority = route.get("priority", self.conf.task_default_priority)
+        return queue, clamp_priority(priority)
 
 
 class Control:
