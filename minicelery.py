@@ -5177,10 +5177,17 @@ def _close_django_connections(forking=False):
 
 
 def current_app():
-    global _current_app
-    if _current_app is None:
-        _current_app = Celery("default")
-    return _current_app
+    """The current app (the last one created with set_as_current); if none, a new one, which becomes it."""
+    return _current_app or Celery("default")
+
+
+#: apply_async options that go into the message's properties as they are (kombu's)
+_PROPERTY_OPTIONS = ("app_id", "user_id", "type", "timestamp")
+#: apply_async options Celery accepts that mean nothing for Redis; ignored.
+_IGNORED_OPTIONS = frozenset({"exchange", "routing_key", "retry", "retry_policy",
+                              "reply_to", "add_to_parent", "mandatory", "delivery_mode",
+                              "declare", "producer", "connection", "publisher",
+                              "exchange_type", "result_cls"})
 
 
 class Celery:
@@ -5389,14 +5396,6 @@ class Celery:
 
     # -- sending ----------------------------------------------------------
 
-    #: apply_async options that go into the message's properties as they are (kombu's)
-    PROPERTY_OPTIONS = ("app_id", "user_id", "type", "timestamp")
-    #: apply_async options Celery accepts that mean nothing for Redis; ignored.
-    IGNORED_OPTIONS = frozenset({"exchange", "routing_key", "retry", "retry_policy",
-                                 "reply_to", "add_to_parent", "mandatory", "delivery_mode",
-                                 "declare", "producer", "connection", "publisher",
-                                 "exchange_type", "result_cls"})
-
     def send_task(self, name, args=None, kwargs=None, countdown=None, eta=None,
                   task_id=None, expires=None, queue=None, priority=None,
                   serializer=None, compression=None, headers=None, ignore_result=None,
@@ -5411,7 +5410,7 @@ class Celery:
         if not isinstance(name, str):
             raise TypeError(f"send_task(): a task name is a str, not {_short_repr(name, 80)}")
         stamps = {name: options.pop(name, None) for name in stamped_headers or ()}  # (Celery's stamping)
-        unknown = set(options) - self.IGNORED_OPTIONS - set(self.PROPERTY_OPTIONS)
+        unknown = set(options) - _IGNORED_OPTIONS - set(_PROPERTY_OPTIONS)
         if unknown:
             hints = "; ".join(f"{k!r}" + "".join(f" (did you mean {c!r}?)" for c in difflib.get_close_matches(
                 k, _SEND_OPTIONS, 1)) for k in sorted(unknown))
@@ -5448,7 +5447,7 @@ class Celery:
                 message_headers, body, content_type, queue, priority=priority,
                 compression=compression_header, delivery_tag=tag,
                 expires_in=(expires_at - now).total_seconds() if expires_at else None,
-                more_properties={name: options[name] for name in self.PROPERTY_OPTIONS if name in options})
+                more_properties={name: options[name] for name in _PROPERTY_OPTIONS if name in options})
         except (TypeError, ValueError) as exc:  # (headers, stamps, properties are JSON in the envelope)
             raise EncodeError(f"send_task({name!r}): a header or property isn't JSON: {exc}") from None
         self._publish(queue, envelope, priority, f"{name}[{task_id}]", tag)
@@ -5624,8 +5623,7 @@ del _command
 
 
 def _signature_list(value):
-    one_or_more = value if isinstance(value, (list, tuple)) else [value]
-    return [dict(s) for s in one_or_more] if value else None
+    return [dict(s) for s in _as_list(value)] if value else None
 
 
 _SEND_OPTIONS = list(inspect.signature(Celery.send_task).parameters)[4:-1]  # countdown ... stamped_headers
