@@ -5412,8 +5412,9 @@ class Celery:
         stamps = {name: options.pop(name, None) for name in stamped_headers or ()}  # (Celery's stamping)
         unknown = set(options) - _IGNORED_OPTIONS - set(_PROPERTY_OPTIONS)
         if unknown:
-            hints = "; ".join(f"{k!r}" + "".join(f" (did you mean {c!r}?)" for c in difflib.get_close_matches(
-                k, _SEND_OPTIONS, 1)) for k in sorted(unknown))
+            close = {k: difflib.get_close_matches(k, _SEND_OPTIONS, 1) for k in unknown}
+            hints = "; ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "")
+                              for k, c in sorted(close.items()))
             raise TypeError(f"send_task({name!r}): unknown option {hints}")
         args, kwargs = list(args or ()), dict(kwargs or {})
         task_id = task_id or uuid()
