@@ -285,19 +285,18 @@ def _say_which_default(path):
 
 def import_string(path: str):
     """`pkg.module`, `pkg.module:attr` or `pkg.module.attr` as an object."""
-    if ":" in path:
-        module_name, attr = path.split(":", 1)
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        return obj
-    try:
-        return importlib.import_module(path)
-    except ImportError:
-        if "." not in path:
-            raise
-        module_name, attr = path.rsplit(".", 1)
-        return getattr(importlib.import_module(module_name), attr)
+    module_name, colon, attr = path.partition(":")
+    if not colon:
+        try:
+            return importlib.import_module(path)
+        except ImportError:
+            if "." not in path:
+                raise
+            module_name, attr = path.rsplit(".", 1)  # (a module's attribute: no colon needed)
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def signal_number(value) -> int:
@@ -321,8 +320,7 @@ def watch_signals():
     timeout (Python runs the handler, then would resume the wait)."""
     global _signal_pipe
     if _signal_pipe is None:
-        _signal_pipe, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        os.set_blocking(write_end, False)
+        _signal_pipe, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # (both ends)
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
 
 
@@ -347,19 +345,14 @@ def wait_readable(handles, timeout, writable=()) -> list:
     seconds, and those of `writable` that can be written; [] at once when a signal comes
     (watch_signals). poll(), not select(): a worker with many queues has descriptors past
     select()'s 1024."""
-    def number(handle):
-        return handle if isinstance(handle, int) else handle.fileno()
-    events = collections.defaultdict(int)
-    by_number = {}
-    for handle in handles:
-        by_number[number(handle)] = handle
-        events[number(handle)] |= select.POLLIN
-    for handle in writable:
-        by_number.setdefault(number(handle), handle)
-        events[number(handle)] |= select.POLLOUT
+    wanted = [(handle, select.POLLIN) for handle in handles] + [(handle, select.POLLOUT) for handle in writable]
     if _signal_pipe is not None:
-        by_number[_signal_pipe] = _signal_pipe
-        events[_signal_pipe] |= select.POLLIN
+        wanted.append((_signal_pipe, select.POLLIN))
+    events, by_number = collections.defaultdict(int), {}
+    for handle, event in wanted:
+        fd = handle if isinstance(handle, int) else handle.fileno()
+        by_number.setdefault(fd, handle)
+        events[fd] |= event
     poller = select.poll()
     for fd, mask in events.items():
         poller.register(fd, mask)
@@ -1020,11 +1013,9 @@ def _check_fields(what, fields, types):
         if value is not None and (not isinstance(value, allowed) or isinstance(value, bool) and allowed is int):
             raise DecodeError(f"{what} {name!r} has the wrong type: {_short_repr(value, 80)}")
     try:
-        for name in ("callbacks", "errbacks", "chain") if what == "embed" else ():
-            if not all(_is_signature(sig) for sig in fields.get(name) or ()):
-                raise DecodeError(f"embed {name!r} must be a list of signatures")
-        if what == "embed" and fields.get("chord") is not None and not _is_signature(fields["chord"]):
-            raise DecodeError("embed 'chord' must be a signature")
+        for name in _EMBED_TYPES if what == "embed" else ():  # (a chord is one signature, the others lists)
+            if not all(_is_signature(sig) for sig in _as_list(fields.get(name))):
+                raise DecodeError(f"embed {name!r} must hold signatures only")
     except RecursionError:
         raise DecodeError(f"the message's {what} nests signatures too deep") from None
 
@@ -1038,8 +1029,7 @@ def _is_signature(sig) -> bool:
             and isinstance(sig.get("options") or {}, dict)):
         return False
     kind, kwargs, options = sig.get("subtask_type"), sig.get("kwargs") or {}, sig.get("options") or {}
-    held = _as_list(options.get("link")) + _as_list(options.get("link_error")) + _as_list(options.get("chain")) \
-        + _as_list(options.get("chord"))
+    held = [member for option in ("link", "link_error", "chain", "chord") for member in _as_list(options.get(option))]
     if kind in ("chain", "group"):
         if not isinstance(kwargs.get("tasks"), list):
             return False
@@ -5025,15 +5015,14 @@ class Config:
         settings = dict(other or {}, **settings)
         unknown = [(name, value) for name, value in settings.items() if name not in self.__dataclass_fields__
                    and setting_name(name) is None and name.lower().startswith(_SETTING_PREFIXES)]
-        if unknown:
-            _check_unused_settings(unknown)  # once for them all; stored all the same (apps keep their own here)
+        _check_unused_settings(unknown)  # once for them all; stored all the same (apps keep their own here)
         for name, value in settings.items():
             self._set(name, value)
 
     def _set(self, name, value):
         if name not in self.__dataclass_fields__:  # Celery 3's names: CELERYD_CONCURRENCY is worker_concurrency
             name = setting_name(name) or name
-        allowed = _CONFIG_TYPES.get(name) if "_CONFIG_TYPES" in globals() else None
+        allowed = _CONFIG_TYPES.get(name)
         if allowed and not _fits(value, allowed):
             names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
             raise ImproperlyConfigured(
@@ -5273,10 +5262,17 @@ def _close_django_connections(forking=False):
 
 
 def current_app():
-    global _current_app
-    if _current_app is None:
-        _current_app = Celery("default")
-    return _current_app
+    """The current app (the last one created with set_as_current); if none, a new one, which becomes it."""
+    return _current_app or Celery("default")
+
+
+#: apply_async options that go into the message's properties as they are (kombu's)
+_PROPERTY_OPTIONS = ("app_id", "user_id", "type", "timestamp")
+#: apply_async options Celery accepts that mean nothing for Redis; ignored.
+_IGNORED_OPTIONS = frozenset({"exchange", "routing_key", "retry", "retry_policy",
+                              "reply_to", "add_to_parent", "mandatory", "delivery_mode",
+                              "declare", "producer", "connection", "publisher",
+                              "exchange_type", "result_cls"})
 
 
 class Celery:
@@ -5378,8 +5374,7 @@ class Celery:
             elif (prefix or key.islower() or key.startswith(("CELERY", "BROKER"))) \
                     and not (callable(value) or isinstance(value, (type(sys), Celery))):
                 unused.append((key, value))  # a config module's imports (modules, classes, functions, apps) are not
-        if unused:
-            _check_unused_settings(unused, prefix)
+        _check_unused_settings(unused, prefix)
 
     def autodiscover_tasks(self, packages=None, related_name="tasks", force=False):
         """Import `<package>.tasks` of each package when the worker starts (now with force=True).
@@ -5486,14 +5481,6 @@ class Celery:
 
     # -- sending ----------------------------------------------------------
 
-    #: apply_async options that go into the message's properties as they are (kombu's)
-    PROPERTY_OPTIONS = ("app_id", "user_id", "type", "timestamp")
-    #: apply_async options Celery accepts that mean nothing for Redis; ignored.
-    IGNORED_OPTIONS = frozenset({"exchange", "routing_key", "retry", "retry_policy",
-                                 "reply_to", "add_to_parent", "mandatory", "delivery_mode",
-                                 "declare", "producer", "connection", "publisher",
-                                 "exchange_type", "result_cls"})
-
     def send_task(self, name, args=None, kwargs=None, countdown=None, eta=None,
                   task_id=None, expires=None, queue=None, priority=None,
                   serializer=None, compression=None, headers=None, ignore_result=None,
@@ -5508,7 +5495,7 @@ class Celery:
         if not isinstance(name, str):
             raise TypeError(f"send_task(): a task name is a str, not {_short_repr(name, 80)}")
         stamps = {name: options.pop(name, None) for name in stamped_headers or ()}  # (Celery's stamping)
-        unknown = set(options) - self.IGNORED_OPTIONS - set(self.PROPERTY_OPTIONS)
+        unknown = set(options) - _IGNORED_OPTIONS - set(_PROPERTY_OPTIONS)
         if unknown:
             close = {k: difflib.get_close_matches(k, _SEND_OPTIONS, 1) for k in unknown}
             hints = "; ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "")
@@ -5516,15 +5503,15 @@ class Celery:
             raise TypeError(f"send_task({name!r}): unknown option {hints}")
         args, kwargs = list(args or ()), dict(kwargs or {})
         task_id = task_id or uuid()
+        # A countdown or an eta; expires in seconds from now, or a time. A naive time is UTC,
+        # whatever the app's timezone and enable_utc (as Celery reads one: utcnow() + ... is right).
         now = utcnow()
-        eta, expires_at = self._when(now, countdown, eta, expires)
+        eta = now + dt.timedelta(seconds=countdown) if countdown is not None else to_datetime(eta)
+        expires_at = now + dt.timedelta(seconds=expires) if isinstance(expires, (int, float)) else to_datetime(expires)
         parent = current_task()
         if parent is not None and parent_id is None and not parent.request.called_directly:
             parent_id, root_id = parent.request.id, root_id or parent.request.root_id
-        route = self.route_for(name, args, kwargs)
-        queue = self._queue_for(name, queue, options.get("routing_key"), route)
-        if priority is None:
-            priority = route.get("priority", self.conf.task_default_priority)
+        queue, priority = self.route_for(name, args, kwargs, queue, options.get("routing_key"), priority)
         message_headers = build_headers(
             name, task_id, args, kwargs, headers, eta=eta and eta.isoformat(),
             expires=expires_at and expires_at.isoformat(), retries=retries, shadow=shadow,
@@ -5543,13 +5530,13 @@ class Celery:
         tag = uuid()
         try:
             envelope = build_envelope(
-                message_headers, body, content_type, queue, priority=clamp_priority(priority or 0),
+                message_headers, body, content_type, queue, priority=priority,
                 compression=compression_header, delivery_tag=tag,
                 expires_in=(expires_at - now).total_seconds() if expires_at else None,
-                more_properties={name: options[name] for name in self.PROPERTY_OPTIONS if name in options})
+                more_properties={name: options[name] for name in _PROPERTY_OPTIONS if name in options})
         except (TypeError, ValueError) as exc:  # (headers, stamps, properties are JSON in the envelope)
             raise EncodeError(f"send_task({name!r}): a header or property isn't JSON: {exc}") from None
-        self._publish(queue, envelope, clamp_priority(priority or 0), f"{name}[{task_id}]", tag)
+        self._publish(queue, envelope, priority, f"{name}[{task_id}]", tag)
         after_task_publish.send(sender=name, **published)
         if self.conf.task_send_sent_event:
             self.broker.send_event(make_event(
@@ -5559,26 +5546,6 @@ class Celery:
                 root_id=message_headers["root_id"], parent_id=parent_id))
         result = AsyncResult(task_id, app=self, task_name=name, ignored=message_headers["ignore_result"])
         return _trail(result, options.get("add_to_parent", True))
-
-    def _when(self, now, countdown, eta, expires):
-        """(eta, expires) as aware datetimes or None, from Celery's options: a countdown or
-        an eta; expires in seconds from now, or a time. A naive time is UTC, whatever the
-        app's timezone and enable_utc (as Celery reads one: utcnow() + ... is right)."""
-        eta = now + dt.timedelta(seconds=countdown) if countdown is not None else to_datetime(eta)
-        expires = now + dt.timedelta(seconds=expires) if isinstance(expires, (int, float)) \
-            else to_datetime(expires)
-        return eta, expires
-
-    def _queue_for(self, name, queue, routing_key, route) -> str:
-        """The queue a task goes to: the one given, else its route's, else the queue bound to
-        the routing key given or routed (a route may name only that), else the default."""
-        routing_key = routing_key or route.get("routing_key")
-        queue = (queue or route.get("queue") or _queue_bound_to(self.conf.task_queues, routing_key)
-                 or self.conf.task_default_queue)
-        queue = getattr(queue, "name", queue)  # a kombu Queue stands for its name
-        if not isinstance(queue, str):
-            raise TypeError(f"send_task({name!r}): queue must be a name (str), not {queue!r}")
-        return queue
 
     @property
     def timezone(self):
@@ -5619,14 +5586,27 @@ class Celery:
                 time.sleep(1.0 if patient_until else min(policy["interval_start"] + attempt * policy["interval_step"],
                                                          policy["interval_max"]))
 
-    def route_for(self, name, args=(), kwargs=None) -> dict:
-        """The first task_routes entry matching `name`, as {'queue': ..., ...}."""
+    def route_for(self, name, args=(), kwargs=None, queue=None, routing_key=None, priority=None) -> tuple:
+        """Where a task goes, as (queue name, priority 0-9), by the first task_routes entry
+        matching `name` ({'queue': ..., 'routing_key': ..., 'priority': ...}, or a queue name).
+
+        The queue: the one given, else the route's, else the queue bound to the routing key
+        given or routed (a route may name only that), else task_default_queue. The priority:
+        the one given, else the route's, else task_default_priority.
+        """
         routes = self.conf.task_routes or ()
-        for router in routes if isinstance(routes, (list, tuple)) else [routes]:
-            route = _apply_router(router, name, args, kwargs or {})
-            if route:
-                return {"queue": route} if isinstance(route, str) else dict(route)
-        return {}
+        routers = routes if isinstance(routes, (list, tuple)) else [routes]
+        route = next(filter(None, (_apply_router(router, name, args, kwargs or {}) for router in routers)), {})
+        route = {"queue": route} if isinstance(route, str) else dict(route)
+        routing_key = routing_key or route.get("routing_key")
+        queue = (queue or route.get("queue") or _queue_bound_to(self.conf.task_queues, routing_key)
+                 or self.conf.task_default_queue)
+        queue = getattr(queue, "name", queue)  # a kombu Queue stands for its name
+        if not isinstance(queue, str):
+            raise TypeError(f"send_task({name!r}): queue must be a name (str), not {queue!r}")
+        if priority is None:
+            priority = route.get("priority", self.conf.task_default_priority)
+        return queue, clamp_priority(priority)
 
 
 class Control:
@@ -5697,7 +5677,8 @@ class Control:
 
 class Inspect:
     """`app.control.inspect()`: each method returns {node name: answer} from the
-    workers that answered within the timeout (None if none did), as in Celery."""
+    workers that answered within the timeout (None if none did), as in Celery.
+    The commands without arguments (ping, stats, ...) are set below the class."""
 
     def __init__(self, control, destination=None, timeout=1.0):
         self.control, self.destination, self.timeout = control, destination, timeout
@@ -5706,37 +5687,13 @@ class Inspect:
         answers = self.control.broadcast(command, arguments, self.destination, reply=True, timeout=self.timeout)
         return {node: answer for each in answers for node, answer in each.items()} or None
 
-    def ping(self):
-        return self._ask("ping")
-
     def active(self, safe=None):
         return self._ask("active", safe=safe)
-
-    def reserved(self):
-        return self._ask("reserved")
-
-    def scheduled(self):
-        return self._ask("scheduled")
 
     def registered(self, *taskinfoitems):
         return self._ask("registered", taskinfoitems=taskinfoitems)
 
     registered_tasks = registered
-
-    def clock(self):
-        return self._ask("clock")
-
-    def report(self):
-        return self._ask("report")
-
-    def stats(self):
-        return self._ask("stats")
-
-    def revoked(self):
-        return self._ask("revoked")
-
-    def active_queues(self):
-        return self._ask("active_queues")
 
     def query_task(self, *ids):
         return self._ask("query_task", ids=list(ids[0] if len(ids) == 1 and not isinstance(ids[0], str) else ids))
@@ -5745,9 +5702,14 @@ class Inspect:
         return self._ask("conf", with_defaults=with_defaults)
 
 
+#: Inspect's commands that take no arguments, each a method: `inspect().stats()` asks for `stats`
+for _command in ("ping", "reserved", "scheduled", "clock", "report", "stats", "revoked", "active_queues"):
+    setattr(Inspect, _command, functools.partialmethod(Inspect._ask, _command))
+del _command
+
+
 def _signature_list(value):
-    one_or_more = value if isinstance(value, (list, tuple)) else [value]
-    return [dict(s) for s in one_or_more] if value else None
+    return [dict(s) for s in _as_list(value)] if value else None
 
 
 _SEND_OPTIONS = list(inspect.signature(Celery.send_task).parameters)[4:-1]  # countdown ... stamped_headers
