@@ -2738,7 +2738,7 @@ def test_canvas_errors_reach_everything_that_waits(any_app, tmp_path):
         result = chord([add.si(1, 1), fail.si("header")], group_body).apply_async(link_error=errback)
         with pytest.raises(ValueError, match="header"):
             result.get(timeout=10)
-        assert [r.state for r in result.results] == ["FAILURE", "FAILURE"]
+        wait_until(lambda: [r.state for r in result.results] == ["FAILURE", "FAILURE"], what="both tasks failed")
         wait_until(lambda: lines_in(old_style) == 4, what="the group's errback, once a task")
         assert open(old_style).read().splitlines()[2:] == ["old group"] * 2
 
@@ -8449,10 +8449,15 @@ def test_readme_walk_names_only_functions_that_exist():
     assert not missing, f"the README's walk names what the module lacks: {missing}"
 
 
+@functools.lru_cache(maxsize=None)
+def _module_tree():
+    return ast.parse(_module_source())
+
+
 def _definition_lines(name):
     """How many lines the module's definition of `name` ("Class", "Class.method",
     "function", "CONSTANT") takes, or None if it has none."""
-    nodes, node = ast.parse(_module_source()).body, None
+    nodes, node = _module_tree().body, None
     for part in name.split("."):
         node = next((n for n in nodes if getattr(n, "name", None) == part or (
             isinstance(n, ast.Assign) and [getattr(t, "id", None) for t in n.targets] == [part])), None)
@@ -8476,7 +8481,7 @@ def test_readme_first_reading_is_at_most_2500_lines_of_names_that_exist():
 
 
 def test_no_class_is_over_350_lines():
-    tree = ast.parse(_module_source())
+    tree = _module_tree()
     sizes = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
     assert max(sizes.values()) <= 350, sorted(sizes.items(), key=lambda item: -item[1])[:3]
 
