@@ -3053,8 +3053,8 @@ class ResultBackend(Explains):
     def chord_done(self, group_id):
         """Forget the chord's counter once its body was sent."""
 
-    def chord_add(self, group_id):
-        """One more task for the chord to wait for (Task.add_to_chord)."""
+    def chord_add(self, group_id, count=1):
+        """`count` more tasks for the chord to wait for (Task.add_to_chord)."""
 
     def close(self):
         """Release connections (also called in a freshly forked child)."""
@@ -3275,8 +3275,8 @@ class RedisBackend(ResultBackend):
                                    args=[f"{task_id}:{index}", score, member, self.expires or 86400, uuid()])
         return [json_loads(part) for part in parts] if parts else None
 
-    def chord_add(self, group_id):
-        self.client.incr(self._chord_keys(group_id)[1])
+    def chord_add(self, group_id, count=1):
+        self.client.incrby(self._chord_keys(group_id)[1], count)
 
     def chord_done(self, group_id):
         jkey, tkey, skey, dkey, ckey = self._chord_keys(group_id)
@@ -3389,9 +3389,9 @@ class SQLiteBackend(ResultBackend):
             return [json_loads(p) for (p,) in db.execute(
                 "SELECT part FROM chord_parts WHERE group_id = ? ORDER BY idx", (group_id,))]
 
-    def chord_add(self, group_id):
+    def chord_add(self, group_id, count=1):
         with self.store.transaction() as db:
-            db.execute("UPDATE chords SET size = size + 1 WHERE group_id = ?", (group_id,))
+            db.execute("UPDATE chords SET size = size + ? WHERE group_id = ?", (count, group_id))
 
     def chord_done(self, group_id):
         with self.store.transaction() as db:
@@ -3930,7 +3930,7 @@ class Task:
         sig.set(group_id=request.group, group_index=request.group_index, chord=request.chord,
                 root_id=request.root_id)
         sig.freeze()
-        self.backend.chord_add(request.group)
+        self.backend.chord_add(request.group, _parts_counted(sig))  # (a group adds each of its tasks)
         return sig if lazy else sig.delay()
 
     # -- hooks: override in a base class ------------------------------------
@@ -4029,12 +4029,8 @@ def _end_unrun(app, message, request, exc, store, hostname) -> Outcome:
         _task_event(app, message, hostname, "task-revoked", terminated=why == "terminated", signum=None,
                     expired=why == "expired")
     store(message.id, exc, state, request=request)
-    if request.is_eager:
-        return Outcome(state, exc)
-    if state == FAILURE:
-        _after_failure(app, request, exc, None)
-    elif request.chord:  # its chord must still count it, or the body never comes
-        _chord_part_done(app, request, state, exception_to_dict(exc))
+    if not request.is_eager:
+        _after_failure(app, request, exc, None, state)
     return Outcome(state, exc)
 
 
@@ -4212,18 +4208,26 @@ def _call_hook(hook, *args):
 # `embed.chord`; the backend counts finished header tasks, and the worker that
 # stores the last one sends the body (as Celery does on Redis: no polling unlock task).
 
+def _args_list(args) -> list:
+    """A signature's positional arguments as a list; a string or a mapping is refused (its
+    characters or keys would become the arguments)."""
+    if isinstance(args, (str, bytes, dict)):
+        raise TypeError(f"a signature's args must be a list or tuple, not {type(args).__name__}")
+    return list(args or ())
+
+
 class Signature(dict):
     """`add.s(2, 2)`: task name, args, kwargs and options, as Celery's dict."""
 
     def __init__(self, task=None, args=(), kwargs=None, options=None, subtask_type=None,
                  immutable=False, app=None, **more_options):
-        super().__init__(task=getattr(task, "name", task), args=list(args or ()),
+        super().__init__(task=getattr(task, "name", task), args=_args_list(args),
                          kwargs=dict(kwargs or {}), options=dict(options or {}, **more_options),
                          subtask_type=subtask_type, immutable=immutable)
         self.app = app or getattr(task, "app", None)
 
     task = property(lambda self: self["task"])
-    args = property(lambda self: self["args"], lambda self, value: self.__setitem__("args", list(value)))
+    args = property(lambda self: self["args"], lambda self, value: self.__setitem__("args", _args_list(value)))
     kwargs = property(lambda self: self["kwargs"], lambda self, value: self.__setitem__("kwargs", dict(value)))
     options = property(lambda self: self["options"], lambda self, value: self.__setitem__("options", dict(value)))
     immutable = property(lambda self: self["immutable"])
@@ -4478,6 +4482,8 @@ class chain(_TaskList):
         return self.tasks[-1].link(callback)
 
     def apply_async(self, args=(), kwargs=None, **options):
+        if not self.tasks:
+            return None  # (as Celery: nothing to send)
         if self._app().conf.task_always_eager:
             return self.apply(args, kwargs)
         options = dict(self.options, **options)
@@ -4786,7 +4792,24 @@ def _send_next(app, sig, args, **options):
         task_logger.error("Can't send %r: %r", sig, exc)
         for task_id in _result_ids(sig):
             app.backend.store_result(task_id, exc, FAILURE, traceback=_format_exc())
-        _after_failure(app, _step_request(sig, options.get("chain"), options.get("root_id")), exc, _format_exc())
+        step = _step_request(sig, options.get("chain"), options.get("root_id"))
+        step.errbacks = _unique([*(step.errbacks or []), *_errbacks_within(sig)])  # (each runs once)
+        _after_failure(app, step, exc, _format_exc())
+
+
+def _errbacks_within(sig) -> list:
+    """The errbacks on the tasks of a group or chord that was never sent: a chain's errbacks
+    sit on each of its tasks, so they are there."""
+    if isinstance(sig, chord):
+        return _errbacks_within(sig.body)
+    if isinstance(sig, group):
+        return [errback for task in _flat_tasks(sig) for errback in _errbacks_within(task)]
+    return _signature_list(sig.options.get("link_error")) or []
+
+
+def _unique(items) -> list:
+    """The items in order, each once (signatures are dicts: not hashable)."""
+    return [item for i, item in enumerate(items) if item not in items[:i]]
 
 
 def _step_request(sig, chain=None, root_id=None):
@@ -4798,18 +4821,24 @@ def _step_request(sig, chain=None, root_id=None):
                    chord=options.get("chord"), group=options.get("group_id"), group_index=options.get("group_index"))
 
 
-def _after_failure(app, request, exc, exc_traceback):
+def _after_failure(app, request, exc, exc_traceback, state=FAILURE):
     """Errbacks run; the rest of the chain fails with the same error; a chord counts
-    it, whether the task or its chain's last step is the chord's member."""
+    it, whether the task or its chain's last step is the chord's member. A revoked
+    task (state REVOKED) is heard the same way, without errbacks (as Celery).
+
+    Celery: revoked-chain: the steps after a revoked one are stored REVOKED; Celery's
+    worker leaves them PENDING (its get() looks at the parents), so a chord whose
+    header chain holds the revoked step waits there for ever."""
     if request.chord:
-        _chord_part_done(app, request, FAILURE, exception_to_dict(exc))
+        _chord_part_done(app, request, state, exception_to_dict(exc))
     for step in reversed(request.chain or ()):  # (stored reversed) in order: the step get() waits on last
         step = signature(step, app=app)
         for step_id in _result_ids(step):
-            app.backend.store_result(step_id, exc, FAILURE, traceback=exc_traceback)
+            app.backend.store_result(step_id, exc, state, traceback=exc_traceback)
         if step.options.get("chord"):
-            _chord_part_done(app, _step_request(step), FAILURE, exception_to_dict(exc))
-    _call_errbacks(app, request, exc, exc_traceback)  # (last, as Celery: what waits is told first)
+            _chord_part_done(app, _step_request(step), state, exception_to_dict(exc))
+    if state == FAILURE:
+        _call_errbacks(app, request, exc, exc_traceback)  # (last, as Celery: what waits is told first)
 
 
 def _call_errbacks(app, request, exc, exc_traceback):
@@ -4864,6 +4893,14 @@ def _chord_part_done(app, request, state, value):
     app.backend.chord_done(request.group)
 
 
+def _chord_error(task_id, exc):
+    """The ChordError a body fails with: a header's own ChordError (a chord in a chord's
+    header) is passed on as it is, so nesting never grows the message."""
+    if isinstance(exc, ChordError):
+        return exc
+    return ChordError(f"Dependency {task_id} raised {_short_repr(exc)}")
+
+
 def _fail_chord_body(app, request, body, task_id, exc):
     """A header task failed: what waits on the body hears it (its result, its errbacks,
     its chain, an enclosing chord). Celery's rules: a body fails with ChordError, but
@@ -4873,7 +4910,7 @@ def _fail_chord_body(app, request, body, task_id, exc):
     Celery: nested-chord-error: a body that is in an outer chord's header counts as
     failed there (through _after_failure), so the outer chord fails too; Celery's
     worker leaves the outer chord waiting."""
-    error = ChordError(f"Dependency {task_id} raised {exc!r}")
+    error = _chord_error(task_id, exc)
     members, group_errbacks = [body], []
     if isinstance(body, group):
         members, group_errbacks, error = _flat_tasks(body), body.options.get("link_error"), exc
@@ -4885,12 +4922,11 @@ def _fail_chord_body(app, request, body, task_id, exc):
         for member_id in _result_ids(member):
             app.backend.store_result(member_id, error, FAILURE, request=Request(group=request.group))
         step = _step_request(member, root_id=request.root_id)
-        errbacks = (step.errbacks or []) + (_signature_list(group_errbacks) or [])
-        step.errbacks = [errback for i, errback in enumerate(errbacks) if errback not in errbacks[:i]]
+        step.errbacks = _unique((step.errbacks or []) + (_signature_list(group_errbacks) or []))
         _after_failure(app, step, error, None)
     if isinstance(body, group) and body.options.get("chain"):  # (the steps after a group body)
         rest = Request(id=body.id, chain=body.options["chain"], root_id=request.root_id)
-        _after_failure(app, rest, ChordError(f"Dependency {task_id} raised {exc!r}"), None)
+        _after_failure(app, rest, _chord_error(task_id, exc), None)
 
 
 # =============================================================================
@@ -8251,7 +8287,7 @@ def _check_persistence(app, client):
 #: the commands minicelery sends itself; its Lua scripts call others (a rename hides them there too)
 _REDIS_COMMANDS = ("eval", "evalsha", "publish", "subscribe", "psubscribe", "lpush", "brpop", "llen", "lrange",
                    "lrem", "ltrim", "hget", "hdel", "zadd", "zrem", "zrangebyscore", "zremrangebyscore",
-                   "zremrangebyrank", "sadd", "srem", "smembers", "expire", "get", "set", "del", "time", "info")
+                   "zremrangebyrank", "sadd", "srem", "smembers", "expire", "get", "set", "del", "time", "info", "incrby")
 
 
 def _check_redis_commands(app, client):

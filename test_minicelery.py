@@ -578,6 +578,13 @@ def grow_chord(self, value):
 
 
 @APP.task(bind=True)
+def grow_chord_by_group(self, value):
+    """Adds a group of two tasks to the chord it is in: the chord waits for both."""
+    self.add_to_chord(group(add.si(value, 100), add.si(value, 200)))
+    return value
+
+
+@APP.task(bind=True)
 def my_stamps(self, *_):
     return {name: self.request.stamps[name] for name in sorted(self.request.stamped_headers)}
 
@@ -2758,6 +2765,40 @@ def test_canvas_hostile_results_and_errbacks_end_every_wait(any_app, tmp_path):
         with pytest.raises(ChordError, match="boom"):
             chord([fail.si("boom").on_error(add.s(1, 2)), add.si(1, 1)], echo.s())().get(timeout=10)
         wait_until(lambda: lines_in(path) == 1, what="the errback after the one that can't be sent")
+
+
+def test_canvas_deep_failures_revoked_steps_and_unsent_groups_end_every_wait(any_app, tmp_path):
+    """Found by a hostile review: a failure 30 chords deep grew its ChordError's text
+    twofold a level (16 MB at 24) until get() hung; a revoked step in the middle of a
+    chain (or of a chord's header chain) left get() waiting for ever; a chain's errback
+    was skipped when the group after a step couldn't be sent; a group added to a chord
+    counted as one task, so the body came before its tasks ended."""
+    path = str(tmp_path / "errbacks")
+    with worker(any_app, tmp_path, concurrency=4):
+        deep = fail.si("deep down")
+        for _ in range(30):
+            deep = chord([deep, add.si(0, 1)], xsum.s())
+        with pytest.raises(ChordError, match="deep down") as raised:
+            deep.delay().get(timeout=20)
+        assert len(str(raised.value)) < 1000
+        revoked = chain(sleep_then.si(1, 1), add.si(1, 1).set(task_id="middle-1"), add.s(1)).delay()
+        any_app.control.revoke("middle-1")
+        with pytest.raises(minicelery.TaskRevokedError):
+            revoked.get(timeout=10)
+        header = chain(sleep_then.si(1, 1), add.si(1, 1).set(task_id="middle-2"), add.s(1))
+        waiting = chord([header, add.si(2, 2)], xsum.s()).delay()
+        any_app.control.revoke("middle-2")
+        with pytest.raises(ChordError, match="revoked"):
+            waiting.get(timeout=10)
+        unsent = chain(add.si(0, 0), group(add.s(1, 1), add.si(0, 1))).on_error(old_errback.s(path)).delay()
+        with pytest.raises(TypeError):
+            unsent.get(timeout=10)
+        wait_until(lambda: lines_in(path) == 1, what="the chain's errback")
+        grown = chord([grow_chord_by_group.s(1), sleep_then.si(1, 7)], echo.s()).delay()
+        assert sorted(grown.get(timeout=10)) == [1, 7, 101, 201]
+    assert chain().delay() is None
+    with pytest.raises(TypeError, match="list or tuple"):
+        minicelery.Signature("test_minicelery.add", args="ab")
 
 
 def test_canvas_task_replace(any_app, tmp_path):
