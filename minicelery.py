@@ -4917,12 +4917,14 @@ def _fail_chord_body(app, request, body, task_id, exc):
         if body.id:  # (the group's own id too, as Celery marks it)
             app.backend.store_result(body.id, exc, FAILURE)
     for member in members:
-        while isinstance(member, chord):
+        errbacks = _signature_list(group_errbacks) or []
+        while isinstance(member, chord):  # (a chord's errbacks: its own, as Celery's client sends
+            errbacks += _signature_list(member.options.get("link_error")) or []  # them, and its body's)
             member = member.body
         for member_id in _result_ids(member):
             app.backend.store_result(member_id, error, FAILURE, request=Request(group=request.group))
         step = _step_request(member, root_id=request.root_id)
-        step.errbacks = _unique((step.errbacks or []) + (_signature_list(group_errbacks) or []))
+        step.errbacks = _unique((step.errbacks or []) + errbacks)
         _after_failure(app, step, error, None)
     if isinstance(body, group) and body.options.get("chain"):  # (the steps after a group body)
         rest = Request(id=body.id, chain=body.options["chain"], root_id=request.root_id)

@@ -2748,6 +2748,10 @@ def test_canvas_errors_reach_everything_that_waits(any_app, tmp_path):
         wait_until(lambda: [r.state for r in result.results] == ["FAILURE", "FAILURE"], what="both tasks failed")
         wait_until(lambda: lines_in(old_style) == 4, what="the group's errback, once a task")
         assert open(old_style).read().splitlines()[2:] == ["old group"] * 2
+        # A chord body that is a chord, its errback on the chord itself (where Celery's client puts it)
+        chord_body = chord([xsum.s(), xsum.s()], xsum.s()).set(link_error=[old_errback.si("chord body", old_style)])
+        chord([fail.si("header")], chord_body).delay()
+        wait_until(lambda: lines_in(old_style) == 5, what="the errback of a chord's chord body, once")
 
 
 def test_canvas_hostile_results_and_errbacks_end_every_wait(any_app, tmp_path):
