@@ -3062,7 +3062,7 @@ class DisabledBackend(ResultBackend):
     """No result_backend configured: storing a state is a no-op; reading one (or a chord) is an error."""
 
     def store_result(self, task_id, result, state, traceback=None, request=None):
-        return None
+        """Nothing is stored (and nothing returned)."""
 
     def _get(self, *args, **kwargs):
         raise ImproperlyConfigured(
@@ -3537,13 +3537,11 @@ class Request:
 
     id = task = root_id = parent_id = group = group_index = eta = expires = None
     hostname = origin = reply_to = correlation_id = shadow = None
-    retries = 0
-    is_eager = False
-    called_directly = True
-    timelimit = (None, None)
-    time_limit = soft_time_limit = None  # (in effect: per call, else the task's, else the app's)
     callbacks = errbacks = chain = chord = None
-    replaced_task_nesting = 0
+    time_limit = soft_time_limit = None  # (in effect: per call, else the task's, else the app's)
+    timelimit = (None, None)
+    retries = replaced_task_nesting = 0
+    is_eager, called_directly = False, True
     stamped_headers, stamps = (), {}
 
     def __init__(self, **fields):
@@ -3742,14 +3740,13 @@ class Task:
         """
         args, kwargs = tuple(args or ()), dict(kwargs or {})
         self.check_arguments(args, kwargs)
-        if self._pydantic and (options.get("serializer") or self.serializer or self.app.conf.task_serializer) \
-                != "pickle":
-            args, kwargs = tuple(map(_model_dumped, args)), {k: _model_dumped(v) for k, v in kwargs.items()}
-        if self.app.conf.task_always_eager:
-            return self.apply(args, kwargs, task_id=options.get("task_id"))
         for name in ("queue", "priority", "serializer", "compression", "expires"):
             if options.get(name) is None and getattr(self, name) is not None:
                 options[name] = getattr(self, name)
+        if self._pydantic and (options.get("serializer") or self.app.conf.task_serializer) != "pickle":
+            args, kwargs = tuple(map(_model_dumped, args)), {k: _model_dumped(v) for k, v in kwargs.items()}
+        if self.app.conf.task_always_eager:
+            return self.apply(args, kwargs, task_id=options.get("task_id"))
         hard, soft = (options.get(name) or self.option(name) for name in ("time_limit", "soft_time_limit"))
         if hard and soft and soft > hard:  # (as Celery: at the call site)
             raise ValueError("soft_time_limit must be less than or equal to time_limit")
@@ -3828,25 +3825,23 @@ class Task:
             raise ValueError(f"retry() called outside a running task {self.name}")
         max_retries = self.max_retries if max_retries is None else max_retries
         if max_retries is not None and request.retries >= max_retries:
-            if exc is not None:
-                raise exc
-            raise MaxRetriesExceededError(
+            raise exc if exc is not None else MaxRetriesExceededError(
                 f"Can't retry {self.name}[{request.id}] args:{request.args} kwargs:{request.kwargs}")
         args, kwargs = self._retry_arguments(request, args, kwargs)
         if countdown is None and eta is None:
             countdown = self.default_retry_delay
         if not request.is_eager:
-            delivery_info = request.delivery_info or {}
-            custom = {k: v for k, v in (request.headers or {}).items() if k not in PROTOCOL_HEADERS}
+            custom = {k: v for k, v in request.headers.items() if k not in PROTOCOL_HEADERS}
             # The retried message carries the rest of the workflow: callbacks, chain, chord.
             # Options given to retry() (expires=, queue=, ...) win over the request's.
-            options = {"queue": delivery_info.get("routing_key"), "priority": delivery_info.get("priority"),
+            options = {"queue": request.delivery_info.get("routing_key"),
+                       "priority": request.delivery_info.get("priority"),
                        "link": request.callbacks, "link_error": request.errbacks,
                        "chain": request.chain, "chord": request.chord, "task_id": request.id,
                        "retries": request.retries + 1, "root_id": request.root_id, "parent_id": request.id,
                        "group_id": request.group, "group_index": request.group_index, "expires": request.expires,
                        "timelimit": request.timelimit, "shadow": request.shadow, "headers": custom or None,
-                       "ignore_result": (request.headers or {}).get("ignore_result"),
+                       "ignore_result": request.headers.get("ignore_result"),
                        "replaced_task_nesting": request.replaced_task_nesting,
                        "stamped_headers": request.stamped_headers or None, **_stamps_of(request), **options}
             self.app.send_task(self.name, args, kwargs, countdown=countdown, eta=eta, **options)
@@ -4121,16 +4116,14 @@ def parse_rate(rate) -> float:
 def _store_outcome(task, request, outcome, store):
     """Store, hook and log an outcome, as Celery's worker does."""
     name = printable(f"{task.name}[{request.id}]")  # (the id comes from the message: no line of its own)
-    args, kwargs = request.args, request.kwargs
     if outcome.state == SUCCESS:
         try:
             store(outcome.retval, SUCCESS)
         except EncodeError as exc:
             outcome.state, outcome.retval, outcome.traceback = FAILURE, exc, _format_exc()
         else:
-            task_logger.info("Task %s succeeded in %ss: %s", name, outcome.runtime,
-                             _short_repr(outcome.retval))
-            _call_hook(task.on_success, outcome.retval, request.id, args, kwargs)
+            task_logger.info("Task %s succeeded in %ss: %s", name, outcome.runtime, _short_repr(outcome.retval))
+            _call_hook(task.on_success, outcome.retval, request.id, request.args, request.kwargs)
             task_success.send(sender=task, result=outcome.retval)
             if not request.is_eager:
                 _after_success(task.app, request, outcome.retval)
@@ -4142,15 +4135,15 @@ def _store_outcome(task, request, outcome, store):
         store(retry.exc if retry.exc is not None else retry, RETRY, outcome.traceback)
         request.children = []
         einfo = ExceptionInfo(retry, outcome.traceback)
-        _call_hook(task.on_retry, retry.exc or retry, request.id, args, kwargs, einfo)
+        _call_hook(task.on_retry, retry.exc or retry, request.id, request.args, request.kwargs, einfo)
         task_retry.send(sender=task, request=request, reason=retry, einfo=einfo)
     elif outcome.state == FAILURE:
         exc = outcome.retval
         task_logger.error("Task %s raised unexpected: %s\n%s", name, _short_repr(exc), outcome.traceback.rstrip())
         store(exc, FAILURE, outcome.traceback)
         einfo = ExceptionInfo(exc, outcome.traceback)
-        _call_hook(task.on_failure, exc, request.id, args, kwargs, einfo)
-        task_failure.send(sender=task, task_id=request.id, exception=exc, args=args, kwargs=kwargs,
+        _call_hook(task.on_failure, exc, request.id, request.args, request.kwargs, einfo)
+        task_failure.send(sender=task, task_id=request.id, exception=exc, args=request.args, kwargs=request.kwargs,
                           traceback=exc.__traceback__, einfo=einfo)
         if not request.is_eager:
             _after_failure(task.app, request, exc, outcome.traceback)
