@@ -2971,10 +2971,8 @@ class ResultBackend(Explains):
         meta = {"status": state, "result": result, "traceback": traceback,
                 "children": [_stored_value(c) for c in getattr(request, "children", None) or []],
                 "date_done": utcnow().isoformat() if state in READY_STATES else None}
-        for field in ("group_id", "parent_id"):
-            value = getattr(request, field, None)
-            if value:
-                meta[field] = value
+        meta.update({field: getattr(request, field) for field in ("group_id", "parent_id")
+                     if getattr(request, field, None)})
         if self.app.conf.result_extended and request is not None:  # (Celery's fields, for Flower and the like)
             meta.update(name=request.task, args=request.args, kwargs=request.kwargs, worker=request.hostname,
                         retries=request.retries, queue=(request.delivery_info or {}).get("routing_key"))
@@ -3064,7 +3062,7 @@ class DisabledBackend(ResultBackend):
     """No result_backend configured: storing a state is a no-op; reading one (or a chord) is an error."""
 
     def store_result(self, task_id, result, state, traceback=None, request=None):
-        return None
+        """Nothing is stored (and nothing returned)."""
 
     def _get(self, *args, **kwargs):
         raise ImproperlyConfigured(
@@ -3258,15 +3256,11 @@ class RedisBackend(ResultBackend):
         self.client.delete(self.key_for(task_id))
 
     def _chord_keys(self, group_id):
-        key = f"{self.TASKSET_PREFIX}{group_id}"
-        return [f"{key}.{suffix}" for suffix in "jtsdc"]
+        return [f"{self.TASKSET_PREFIX}{group_id}.{suffix}" for suffix in "jtsdc"]
 
     def chord_start(self, group_id, size):
         jkey, tkey, skey, dkey, ckey = self._chord_keys(group_id)
-        with self.client.pipeline() as pipe:
-            pipe.delete(ckey)
-            pipe.set(skey, size, ex=self.expires or None)
-            pipe.execute()
+        self.client.pipeline().delete(ckey).set(skey, size, ex=self.expires or None).execute()  # (MULTI ... EXEC)
 
     def chord_part(self, group_id, index, task_id, state, value):
         member = json_dumps([1, task_id, state, value])
@@ -3280,10 +3274,7 @@ class RedisBackend(ResultBackend):
 
     def chord_done(self, group_id):
         jkey, tkey, skey, dkey, ckey = self._chord_keys(group_id)
-        with self.client.pipeline() as pipe:
-            pipe.delete(jkey, tkey, skey, dkey)
-            pipe.set(ckey, "done", ex=300)
-            pipe.execute()
+        self.client.pipeline().delete(jkey, tkey, skey, dkey).set(ckey, "done", ex=300).execute()
 
     def wait_for(self, task_id, timeout=None, interval=0.5):
         key = self.key_for(task_id)
@@ -3538,9 +3529,7 @@ _local = threading.local()
 
 
 def _request_stack():
-    if not hasattr(_local, "requests"):
-        _local.requests = []
-    return _local.requests
+    return _local.__dict__.setdefault("requests", [])
 
 
 class Request:
@@ -3548,13 +3537,11 @@ class Request:
 
     id = task = root_id = parent_id = group = group_index = eta = expires = None
     hostname = origin = reply_to = correlation_id = shadow = None
-    retries = 0
-    is_eager = False
-    called_directly = True
-    timelimit = (None, None)
-    time_limit = soft_time_limit = None  # (in effect: per call, else the task's, else the app's)
     callbacks = errbacks = chain = chord = None
-    replaced_task_nesting = 0
+    time_limit = soft_time_limit = None  # (in effect: per call, else the task's, else the app's)
+    timelimit = (None, None)
+    retries = replaced_task_nesting = 0
+    is_eager, called_directly = False, True
     stamped_headers, stamps = (), {}
 
     def __init__(self, **fields):
@@ -3753,14 +3740,13 @@ class Task:
         """
         args, kwargs = tuple(args or ()), dict(kwargs or {})
         self.check_arguments(args, kwargs)
-        if self._pydantic and (options.get("serializer") or self.serializer or self.app.conf.task_serializer) \
-                != "pickle":
-            args, kwargs = tuple(map(_model_dumped, args)), {k: _model_dumped(v) for k, v in kwargs.items()}
-        if self.app.conf.task_always_eager:
-            return self.apply(args, kwargs, task_id=options.get("task_id"))
         for name in ("queue", "priority", "serializer", "compression", "expires"):
             if options.get(name) is None and getattr(self, name) is not None:
                 options[name] = getattr(self, name)
+        if self._pydantic and (options.get("serializer") or self.app.conf.task_serializer) != "pickle":
+            args, kwargs = tuple(map(_model_dumped, args)), {k: _model_dumped(v) for k, v in kwargs.items()}
+        if self.app.conf.task_always_eager:
+            return self.apply(args, kwargs, task_id=options.get("task_id"))
         hard, soft = (options.get(name) or self.option(name) for name in ("time_limit", "soft_time_limit"))
         if hard and soft and soft > hard:  # (as Celery: at the call site)
             raise ValueError("soft_time_limit must be less than or equal to time_limit")
@@ -3839,25 +3825,23 @@ class Task:
             raise ValueError(f"retry() called outside a running task {self.name}")
         max_retries = self.max_retries if max_retries is None else max_retries
         if max_retries is not None and request.retries >= max_retries:
-            if exc is not None:
-                raise exc
-            raise MaxRetriesExceededError(
+            raise exc if exc is not None else MaxRetriesExceededError(
                 f"Can't retry {self.name}[{request.id}] args:{request.args} kwargs:{request.kwargs}")
         args, kwargs = self._retry_arguments(request, args, kwargs)
         if countdown is None and eta is None:
             countdown = self.default_retry_delay
         if not request.is_eager:
-            delivery_info = request.delivery_info or {}
-            custom = {k: v for k, v in (request.headers or {}).items() if k not in PROTOCOL_HEADERS}
+            custom = {k: v for k, v in request.headers.items() if k not in PROTOCOL_HEADERS}
             # The retried message carries the rest of the workflow: callbacks, chain, chord.
             # Options given to retry() (expires=, queue=, ...) win over the request's.
-            options = {"queue": delivery_info.get("routing_key"), "priority": delivery_info.get("priority"),
+            options = {"queue": request.delivery_info.get("routing_key"),
+                       "priority": request.delivery_info.get("priority"),
                        "link": request.callbacks, "link_error": request.errbacks,
                        "chain": request.chain, "chord": request.chord, "task_id": request.id,
                        "retries": request.retries + 1, "root_id": request.root_id, "parent_id": request.id,
                        "group_id": request.group, "group_index": request.group_index, "expires": request.expires,
                        "timelimit": request.timelimit, "shadow": request.shadow, "headers": custom or None,
-                       "ignore_result": (request.headers or {}).get("ignore_result"),
+                       "ignore_result": request.headers.get("ignore_result"),
                        "replaced_task_nesting": request.replaced_task_nesting,
                        "stamped_headers": request.stamped_headers or None, **_stamps_of(request), **options}
             self.app.send_task(self.name, args, kwargs, countdown=countdown, eta=eta, **options)
@@ -3986,16 +3970,16 @@ def run_task(app, message: Message, hostname=None, eager=False, now=None, verdic
     keep = not ignore and (not eager or app.conf.task_store_eager_result)
     errors_too = ignore and not eager and app.conf.task_store_errors_even_if_ignored
 
-    def store(task_id, result, state, **options):
+    def store(result, state, traceback=None):
+        """Store a state of this task, unless it is one ignore_result leaves out."""
         if keep or (errors_too and state == FAILURE):
-            task.backend.store_result(task_id, result, state, **options)
-    expires = message.expires
-    if verdict is None and expires is not None and expires <= (now or utcnow()):
+            task.backend.store_result(request.id, result, state, traceback=traceback, request=request)
+    if verdict is None and message.expires is not None and message.expires <= (now or utcnow()):
         verdict = TaskRevokedError("expired")
     if verdict is not None:
         return _end_unrun(app, message, request, verdict, store, hostname)
     if task.option("track_started") and not eager:
-        store(message.id, {"pid": os.getpid(), "hostname": hostname}, STARTED, request=request)
+        store({"pid": os.getpid(), "hostname": hostname}, STARTED)
     _task_event(app, message, hostname, "task-started")
     task.push_request(request)
     started, pid = time.perf_counter(), os.getpid()
@@ -4028,7 +4012,7 @@ def _end_unrun(app, message, request, exc, store, hostname) -> Outcome:
             worker_logger.info("Discarding revoked task: %s", message.describe())
         _task_event(app, message, hostname, "task-revoked", terminated=why == "terminated", signum=None,
                     expired=why == "expired")
-    store(message.id, exc, state, request=request)
+    store(exc, state)
     if not request.is_eager:
         _after_failure(app, request, exc, None, state)
     return Outcome(state, exc)
@@ -4044,15 +4028,14 @@ def _task_event(app, message, hostname, kind, **fields):
 
 
 def _outcome_event(app, message, hostname, outcome):
-    if outcome.state == SUCCESS:
-        _task_event(app, message, hostname, "task-succeeded", result=_short_repr(outcome.retval),
-                    runtime=outcome.runtime)
-    elif outcome.state in (FAILURE, RETRY):
-        _task_event(app, message, hostname, "task-failed" if outcome.state == FAILURE else "task-retried",
-                    exception=_short_repr(outcome.retval), traceback=outcome.traceback)
-    elif outcome.state == REJECTED:
-        if not outcome.requeue:
-            _task_event(app, message, hostname, "task-failed", exception=_short_repr(outcome.retval), traceback=None)
+    """The events of how a task ended: a rejection that won't be requeued is a failure too."""
+    state, retval = outcome.state, _short_repr(outcome.retval)
+    if state == SUCCESS:
+        _task_event(app, message, hostname, "task-succeeded", result=retval, runtime=outcome.runtime)
+    elif state in (FAILURE, RETRY) or (state == REJECTED and not outcome.requeue):
+        _task_event(app, message, hostname, "task-retried" if state == RETRY else "task-failed",
+                    exception=retval, traceback=outcome.traceback)
+    if state == REJECTED:
         _task_event(app, message, hostname, "task-rejected", requeue=outcome.requeue)
 
 
@@ -4081,16 +4064,13 @@ def _call_task(task, request, message, soft_time_limit=None) -> Outcome:
 
 def _autoretry(task, request, exc, exc_traceback) -> Outcome:
     """autoretry_for: retry with retry_kwargs (and backoff); fail once retries are used up."""
-    options = dict(task.retry_kwargs)
+    options = {**task.retry_kwargs, "throw": False}  # (the Retry is returned, to be the outcome)
     if task.retry_backoff and "countdown" not in options:
         options["countdown"] = task.backoff_countdown(request.retries)
     try:
-        task.retry(exc=exc, **options)
-    except Retry as retry:
-        return Outcome(RETRY, retry, exc_traceback)
+        return Outcome(RETRY, task.retry(exc=exc, **options), exc_traceback)
     except Exception as final:  # retries used up: retry() re-raised exc
         return Outcome(FAILURE, final, exc_traceback)
-    raise AssertionError("retry() returned without raising")  # pragma: no cover
 
 
 @contextlib.contextmanager
@@ -4136,17 +4116,14 @@ def parse_rate(rate) -> float:
 def _store_outcome(task, request, outcome, store):
     """Store, hook and log an outcome, as Celery's worker does."""
     name = printable(f"{task.name}[{request.id}]")  # (the id comes from the message: no line of its own)
-    args, kwargs = request.args, request.kwargs
     if outcome.state == SUCCESS:
         try:
-            store(request.id, outcome.retval, SUCCESS, request=request)
+            store(outcome.retval, SUCCESS)
         except EncodeError as exc:
-            outcome.state, outcome.retval = FAILURE, exc
-            outcome.traceback = _format_exc()
+            outcome.state, outcome.retval, outcome.traceback = FAILURE, exc, _format_exc()
         else:
-            task_logger.info("Task %s succeeded in %ss: %s", name, outcome.runtime,
-                             _short_repr(outcome.retval))
-            _call_hook(task.on_success, outcome.retval, request.id, args, kwargs)
+            task_logger.info("Task %s succeeded in %ss: %s", name, outcome.runtime, _short_repr(outcome.retval))
+            _call_hook(task.on_success, outcome.retval, request.id, request.args, request.kwargs)
             task_success.send(sender=task, result=outcome.retval)
             if not request.is_eager:
                 _after_success(task.app, request, outcome.retval)
@@ -4155,26 +4132,25 @@ def _store_outcome(task, request, outcome, store):
         retry = outcome.retval
         task_logger.info("Task %s retry: %s", name, retry)
         request.children = [[[request.id, None], None]]  # the retry message, as Celery lists it
-        store(request.id, retry.exc if retry.exc is not None else retry, RETRY,
-              traceback=outcome.traceback, request=request)
+        store(retry.exc if retry.exc is not None else retry, RETRY, outcome.traceback)
         request.children = []
         einfo = ExceptionInfo(retry, outcome.traceback)
-        _call_hook(task.on_retry, retry.exc or retry, request.id, args, kwargs, einfo)
+        _call_hook(task.on_retry, retry.exc or retry, request.id, request.args, request.kwargs, einfo)
         task_retry.send(sender=task, request=request, reason=retry, einfo=einfo)
     elif outcome.state == FAILURE:
         exc = outcome.retval
         task_logger.error("Task %s raised unexpected: %s\n%s", name, _short_repr(exc), outcome.traceback.rstrip())
-        store(request.id, exc, FAILURE, traceback=outcome.traceback, request=request)
+        store(exc, FAILURE, outcome.traceback)
         einfo = ExceptionInfo(exc, outcome.traceback)
-        _call_hook(task.on_failure, exc, request.id, args, kwargs, einfo)
-        task_failure.send(sender=task, task_id=request.id, exception=exc, args=args, kwargs=kwargs,
+        _call_hook(task.on_failure, exc, request.id, request.args, request.kwargs, einfo)
+        task_failure.send(sender=task, task_id=request.id, exception=exc, args=request.args, kwargs=request.kwargs,
                           traceback=exc.__traceback__, einfo=einfo)
         if not request.is_eager:
             _after_failure(task.app, request, exc, outcome.traceback)
     elif outcome.state == REJECTED:
         task_logger.info("Task %s rejected: %s", name, outcome.retval.reason)
         if not outcome.requeue:  # it will never run again: a FAILURE, or it reads PENDING for ever (as Celery)
-            store(request.id, outcome.retval, FAILURE, request=request)
+            store(outcome.retval, FAILURE)
             if not request.is_eager:
                 _after_failure(task.app, request, outcome.retval, None)
 
