@@ -1227,7 +1227,7 @@ class Explains:
             call.apply_defaults()
             fields, after = dict(call.arguments, self=self), []
             for note in notes:  # (a note that shows the result is logged once it is known)
-                if "result" in f"{note[1]}{note[2]}":
+                if "{result" in note[2] or (note[1] or "").startswith("result"):
                     after.append(note)
                 else:
                     self._log_note(*note, fields)

@@ -5885,6 +5885,17 @@ def _explained(text):
     return [(m.group(1), line) for line in text.splitlines() if (m := re.search(r"explain (\w+): ", line))]
 
 
+def test_explain_says_a_wait_before_it_waits(app, caplog):
+    """A note was held back until its operation returned when its text merely said
+    "result" (the SQL table `results`): a get() that timed out never said its wait."""
+    app.conf.explain = True
+    with caplog.at_level(logging.INFO, logger="minicelery.explain"):
+        with pytest.raises(ResultTimeout):
+            app.AsyncResult("never-stored").get(timeout=0.2)
+    said = [r.getMessage() for r in caplog.records]
+    assert [line.split(":")[0] for line in said] == ["explain wait"] and "never-stored" in said[0], said
+
+
 def test_explain_says_an_idle_workers_watch_once(app, caplog, monkeypatch):
     """An idle worker re-arms its watch each time Redis answers "nothing" (every 10 s):
     explain mode said it all again each time."""
