@@ -8161,7 +8161,7 @@ def find_app(spec: str) -> Celery:
         found = import_string(spec)
         if isinstance(found, type(sys)) and ":" not in spec:
             found = _app_in_module(found)
-    except (ImportError, AttributeError, SyntaxError) as exc:
+    except (ImportError, AttributeError, SyntaxError, ValueError) as exc:  # (ValueError: an empty name)
         raise ImproperlyConfigured(f"can't import the app {spec!r}: {exc}") from exc
     if not isinstance(found, Celery):
         raise ImproperlyConfigured(f"{spec!r} is {_short_repr(found, 80)}, not a Celery app; name it 'module:app'")
@@ -8400,11 +8400,11 @@ def _parser():
                             help="print nothing; the exit code tells")
     service = argparse.ArgumentParser(add_help=False, parents=[app_option])  # worker and beat
     service.add_argument("app_positional", nargs="?", metavar="APP")
-    service.add_argument("-l", "--loglevel", default="INFO")
+    service.add_argument("-l", "--loglevel", default="INFO", type=_cli_log_level)
     parser = argparse.ArgumentParser(prog="minicelery", description="Celery's core, in one file.", parents=[app_option])
     commands = parser.commands = parser.add_subparsers(dest="command", required=True)
     worker = commands.add_parser("worker", help="run a worker", parents=[service])
-    worker.add_argument("-c", "--concurrency", type=int)
+    worker.add_argument("-c", "--concurrency", type=_cli_count)
     worker.add_argument("-Q", "--queues", help="comma-separated queues to consume")
     worker.add_argument("-P", "--pool", choices=sorted(POOLS), help="default: worker_pool, prefork")
     worker.add_argument("-n", "--hostname", help="node name, like name@%%h")
@@ -8424,15 +8424,15 @@ def _parser():
     beat.add_argument("--max-interval", type=float)
     call = commands.add_parser("call", help="send a task by name", parents=[app_option])
     call.add_argument("name")
-    call.add_argument("-a", "--args", default="[]", help="JSON list")
-    call.add_argument("-k", "--kwargs", default="{}", help="JSON object")
-    call.add_argument("--countdown", type=float)
+    call.add_argument("-a", "--args", default=[], type=_cli_json(list), help="JSON list")
+    call.add_argument("-k", "--kwargs", default={}, type=_cli_json(dict), help="JSON object")
+    call.add_argument("--countdown", type=_cli_seconds)
     call.add_argument("--queue")
     purge = commands.add_parser("purge", help="delete all waiting messages", parents=[app_option])
     purge.add_argument("-Q", "--queues", help="comma-separated (default: the app's queues)")
     purge.add_argument("-f", "--force", action="store_true", help="don't ask first")
     asking = argparse.ArgumentParser(add_help=False, parents=[app_option])  # commands that ask the workers
-    asking.add_argument("-t", "--timeout", type=float, default=1.0, help="seconds to wait for answers")
+    asking.add_argument("-t", "--timeout", type=_cli_seconds, default=1.0, help="seconds to wait for answers")
     asking.add_argument("-d", "--destination", help="comma-separated node names (default: all)")
     asking.add_argument("-j", "--json", action="store_true", help="print the answers as JSON")
     commands.add_parser("status", help="list the workers that answer", parents=[asking])
@@ -8472,7 +8472,7 @@ def _parser():
     result = commands.add_parser("result", help="show a task's result", parents=[app_option])
     result.add_argument("id")
     result.add_argument("--traceback", action="store_true", help="its traceback instead")
-    result.add_argument("-t", "--timeout", type=float, help="wait this long for it to finish")
+    result.add_argument("-t", "--timeout", type=_cli_seconds, help="wait this long for it to finish")
     return parser
 
 
@@ -8843,8 +8843,7 @@ def _cli_beat(app, args):
 
 
 def _cli_call(app, args):
-    result = app.send_task(args.name, json.loads(args.args), json.loads(args.kwargs),
-                           countdown=args.countdown, queue=args.queue)
+    result = app.send_task(args.name, args.args, args.kwargs, countdown=args.countdown, queue=args.queue)
     print(result.id)
 
 
@@ -8872,6 +8871,43 @@ CLI_COMMANDS = {"worker": _cli_worker, "beat": _cli_beat, "call": _cli_call, "pu
                 "celery": _run_celerys_tool, "flower": _run_celerys_tool}
 
 
+def _cli_json(kind):
+    """An argparse type: JSON text holding a `kind` (list or dict)."""
+    def parse(text):
+        value = json.loads(text)  # (a ValueError is argparse's "invalid value" line)
+        if not isinstance(value, kind):
+            raise ValueError(f"not a JSON {kind.__name__}")
+        return value
+    parse.__name__ = f"JSON {kind.__name__}"
+    return parse
+
+
+def _cli_seconds(text) -> float:
+    """An argparse type: a finite number of seconds, 0 or more."""
+    seconds = float(text)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(text)
+    return seconds
+
+
+def _cli_count(text) -> int:
+    """An argparse type: a whole number, 1 or more."""
+    if int(text) < 1:
+        raise ValueError(text)
+    return int(text)
+
+
+def _cli_log_level(text) -> str:
+    """An argparse type: a logging level's name, any case."""
+    if not isinstance(logging.getLevelName(text.upper()), int):
+        raise ValueError(text)
+    return text
+
+
+# (argparse names a type in its error line: "invalid <name> value")
+_cli_seconds.__name__, _cli_count.__name__, _cli_log_level.__name__ = "seconds", "count (1 or more)", "log level"
+
+
 def main(argv=None):
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -8891,14 +8927,13 @@ def main(argv=None):
         return 2
     if getattr(args, "quiet", False):  # (before the command, or after it)
         sys.stdout = open(os.devnull, "w")
-    if args.command == "multi":
-        return multi(args.action, args.names, spec, args.pidfile, args.logfile, extra)
     logfile = getattr(args, "logfile", None)
     app = None
     try:
+        if args.command == "multi":
+            return multi(args.action, args.names, spec, args.pidfile, args.logfile, extra)
         app = find_app(spec)  # (first: its receivers of setup_logging may configure logging themselves)
-        configure_logging(getattr(args, "loglevel", "INFO"), open(logfile, "a", buffering=1) if logfile else None,
-                          logfile)
+        configure_logging(getattr(args, "loglevel", "INFO"), _cli_logfile(logfile), logfile)
         return CLI_COMMANDS[args.command](app, args) or 0
     except ImproperlyConfigured as exc:
         print(f"minicelery: {exc}", file=sys.stderr)
@@ -8911,6 +8946,14 @@ def main(argv=None):
             raise
         print(f"Error: the broker or the result backend did not answer ({type(exc).__name__}: {exc})", file=sys.stderr)
         return EX_UNAVAILABLE
+
+
+def _cli_logfile(path):
+    """The --logfile opened for appending, or None; one that can't be opened is a clear error."""
+    try:
+        return open(path, "a", buffering=1) if path else None
+    except OSError as exc:
+        raise ImproperlyConfigured(f"can't open the log file {path!r}: {exc.strerror}") from None
 
 
 # Celery's import paths, so code written for Celery imports unchanged: `from

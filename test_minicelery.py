@@ -5762,6 +5762,24 @@ def run_cli(tmp_path, env, *argv, timeout=30):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def test_cli_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
+    """Found by a hostile review: each of these printed a Python traceback."""
+    write_tree(tmp_path, PROJ)
+    env = project_env(tmp_path)
+    for argv, says in [(["call", "proj.tasks.add", "--args", "[1,"], "invalid JSON list value"),
+                       (["call", "proj.tasks.add", "--kwargs", "[1]"], "invalid JSON dict value"),
+                       (["call", "proj.tasks.add", "--countdown", "nan"], "invalid seconds value"),
+                       (["inspect", "ping", "-t", "-1"], "invalid seconds value"),
+                       (["worker", "-c", "-1"], "invalid count (1 or more) value"),
+                       (["worker", "-l", "bogus"], "invalid log level value"),
+                       (["worker", "--logfile", str(tmp_path / "no" / "such.log")], "can't open the log file"),
+                       (["multi", "start", "w/../x"], "is not a node name")]:
+        out = run_cli(tmp_path, env, "-A", "proj", *argv)
+        assert out.returncode in (1, 2) and says in out.stderr and "Traceback" not in out.stderr, (argv, out)
+    out = run_cli(tmp_path, env, "-A", ":", "status")
+    assert out.returncode == 1 and "can't import the app" in out.stderr and "Traceback" not in out.stderr, out
+
+
 class CliWorker:
     """A `python -m minicelery ... worker` process, logging to a file."""
 
