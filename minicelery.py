@@ -5632,6 +5632,8 @@ class Control:
         self.app = app
 
     def broadcast(self, command, arguments=None, destination=None, reply=False, timeout=1.0, limit=None):
+        if not isinstance(command, str):  # (a worker would refuse it, and log what it held)
+            raise TypeError(f"a control command is a name (str), not {type(command).__name__}")
         body = {"method": command, "arguments": arguments or {}, "destination": destination,
                 "pattern": None, "matcher": None}
         if len(json_dumps(body)) > CONTROL_BODY_LIMIT:  # workers would refuse it, and nobody would know

@@ -5914,6 +5914,14 @@ def test_explain_says_a_wait_before_it_waits(app, caplog):
     assert [line.split(":")[0] for line in said] == ["explain wait"] and "never-stored" in said[0], said
 
 
+def test_a_control_command_that_is_not_a_name_fails_where_it_is_sent(app):
+    """It was sent, refused by every worker with the body logged (a secret in it too), and
+    explain mode showed it; with reply=True the caller heard "nobody answered"."""
+    for command in ({"password": "s3cret"}, None, 5):
+        with pytest.raises(TypeError, match="a control command is a name"):
+            app.control.broadcast(command, reply=True)
+
+
 def test_explain_says_an_idle_workers_watch_once(app, caplog, monkeypatch):
     """An idle worker re-arms its watch each time Redis answers "nothing" (every 10 s):
     explain mode said it all again each time."""
