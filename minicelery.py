@@ -1238,8 +1238,11 @@ class Explains:
         return explained
 
     def _log_note(self, name, when, text, fields):
-        if when is None or self.FORMATTER.get_field(when, (), fields)[0]:
-            self.explain(name, text, **fields)
+        try:
+            if when is None or self.FORMATTER.get_field(when, (), fields)[0]:
+                self.explain(name, text, **fields)
+        except Exception as exc:  # (explaining must never change what the operation does)
+            explain_logger.warning("explain %s: (not shown: %s)", name, type(exc).__name__)
 
     def explain(self, name, text=None, /, **fields):
         if not explain_logger.hasHandlers():  # a client that set up no logging sees it too
