@@ -4777,10 +4777,11 @@ def _send_next(app, sig, args, **options):
 
 
 def _errbacks_within(sig) -> list:
-    """The errbacks on the tasks of a group or chord that was never sent: a chain's errbacks
-    sit on each of its tasks, so they are there."""
+    """The errbacks of a signature that won't run: its own; a group's, those of each task
+    (a chain's errbacks sit on each of its tasks); a chord's, its own (where Celery's
+    client puts them) and its body's."""
     if isinstance(sig, chord):
-        return _errbacks_within(sig.body)
+        return (_signature_list(sig.options.get("link_error")) or []) + _errbacks_within(sig.body)
     if isinstance(sig, group):
         return [errback for task in _flat_tasks(sig) for errback in _errbacks_within(task)]
     return _signature_list(sig.options.get("link_error")) or []
@@ -4896,14 +4897,13 @@ def _fail_chord_body(app, request, body, task_id, exc):
         if body.id:  # (the group's own id too, as Celery marks it)
             app.backend.store_result(body.id, exc, FAILURE)
     for member in members:
-        errbacks = _signature_list(group_errbacks) or []
-        while isinstance(member, chord):  # (a chord's errbacks: its own, as Celery's client sends
-            errbacks += _signature_list(member.options.get("link_error")) or []  # them, and its body's)
+        errbacks = _errbacks_within(member) + (_signature_list(group_errbacks) or [])
+        while isinstance(member, chord):  # (what waits on a chord waits on its body)
             member = member.body
         for member_id in _result_ids(member):
             app.backend.store_result(member_id, error, FAILURE, request=Request(group=request.group))
         step = _step_request(member, root_id=request.root_id)
-        step.errbacks = _unique((step.errbacks or []) + errbacks)
+        step.errbacks = _unique(errbacks)
         _after_failure(app, step, error, None)
     if isinstance(body, group) and body.options.get("chain"):  # (the steps after a group body)
         rest = Request(id=body.id, chain=body.options["chain"], root_id=request.root_id)
