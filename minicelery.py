@@ -1903,6 +1903,17 @@ redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -100001)
 return 1
 """
 
+# Forgets a held message (ARGV[1]: out of unacked and its index) only if its entry is
+# still ARGV[2] ('': none, an index entry left alone). Checked and done in one step: in
+# between, another worker may have given it back and taken it again, under a claim
+# that must stay.
+_FORGET_LUA = r"""
+if (redis.call('HGET', KEYS[1], ARGV[1]) or '') ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
 
 class RedisQueues(Broker):
     """kombu's Redis transport layout, plus minicelery's dead-letter list: how a task
@@ -1977,6 +1988,7 @@ class RedisQueues(Broker):
         self._watch = QueueWatch(self)
         self._restore_script = self.client.register_script(_RESTORE_LUA)
         self._park_script = self.client.register_script(_PARK_LUA)
+        self._forget_script = self.client.register_script(_FORGET_LUA)
         self._declared, self._rotation = set(), 0
 
     def publish(self, queue, envelope, priority=0, tag=None):
@@ -2061,16 +2073,15 @@ class RedisQueues(Broker):
         """Put one held message back at the consuming end of its list, marked redelivered, if
         it is held under `claim` or was last renewed before `stale_before`; 1 if it was."""
         entry = self.client.hget(self.UNACKED, tag)
-        if entry is None:
-            self.client.zrem(self.UNACKED_INDEX, tag)
+        if entry is None:  # acked or given back already: an index entry left alone goes
+            self._forget_script(keys=[self.UNACKED, self.UNACKED_INDEX], args=[tag, b""])
             return 0
         try:
             raw, exchange, routing_key = json.loads(entry)
         except (ValueError, TypeError):
             # cjson kept bytes that aren't UTF-8: nothing can read this message.
             self.dead_letter(entry, "unreadable entry in unacked")
-            self.client.hdel(self.UNACKED, tag)
-            self.client.zrem(self.UNACKED_INDEX, tag)
+            self._forget_script(keys=[self.UNACKED, self.UNACKED_INDEX], args=[tag, entry])
             return 0
         queue, priority = routing_key, 0
         # Marked redelivered where we can; a message we can't edit is restored as it was.

@@ -4292,6 +4292,44 @@ def test_hostile_a_message_restored_and_taken_again_is_not_restored_twice(app, r
     late.close()
 
 
+def test_hostile_a_restore_finding_the_message_gone_spares_its_new_claim(app, redis_client):
+    """A late worker lists a stale message, but finds its entry gone: another gave it back
+    first, and takes it again before the late one tidies the index. The new claim stays
+    (a chaos run lost a task this way: its index entry dropped, the message sat in unacked
+    with nothing to bring it back)."""
+    app.conf.broker_transport_options = {"visibility_timeout": 5}
+    app.close()
+    add.delay(1, 1)
+    [delivery] = take(app.broker, ["celery"], 1)
+    redis_client.zadd("unacked_index", {delivery.tag: time.time() - 100})  # its holder went quiet
+    late = Celery("late", broker=app.conf.broker_url, set_as_current=False)
+    assert app.broker.restore_unacked() == 1  # another gave it back first
+    taken, hget = [], late.broker.client.hget
+
+    def hget_then_taken_again(*args):
+        entry = hget(*args)  # the late worker finds it gone...
+        taken.extend(take(app.broker, ["celery"], 1))  # ...and the other takes it again meanwhile
+        return entry
+
+    late.broker.client.hget = hget_then_taken_again
+    assert late.broker._restore(delivery.tag, stale_before=time.time() - 5) == 0
+    [again] = taken
+    assert redis_client.zscore("unacked_index", delivery.tag) == again.claim  # the new claim stands
+    assert app.broker.touch(claims(again)) == (set(), set())
+    assert app.broker.restore_unacked(now=time.time() + 6) == 1  # and, abandoned, it comes back
+    assert app.broker.size("celery") == 1
+    late.close()
+
+
+def test_hostile_an_unreadable_entry_in_unacked_goes_to_the_dead_letters(app, redis_client):
+    redis_client.hset("unacked", "odd", b"\xff\xfe not json")  # (bytes no JSON can hold)
+    redis_client.zadd("unacked_index", {"odd": time.time() - 7200})
+    assert app.broker.restore_unacked() == 0
+    [dead] = app.broker.dead_letters()
+    assert dead["reason"] == "unreadable entry in unacked"
+    assert redis_client.hlen("unacked") == 0 and redis_client.zcard("unacked_index") == 0
+
+
 def test_hostile_sqlite_file_replaced_by_a_copy_keeps_its_claims(tmp_path):
     url = f"sqlite:///{tmp_path}/copy.db"
     app_ = Celery("copy", broker=url, set_as_current=False)
