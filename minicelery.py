@@ -1061,7 +1061,7 @@ def _is_number(value) -> bool:
 def clamp_priority(value) -> int:
     try:
         return min(max(int(value), 0), 9)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (OverflowError: JSON's 1e999 is infinity)
         return 0
 
 
@@ -1747,7 +1747,8 @@ end
 # claim, claim) for each ack and renewal, then the queue names. The guards,
 # each named below: held() (above) lets an ack or a renewal act only on a
 # message still held under one of our claim's scores (KEYS[6]: the given back);
-# due_parked() first moves parked ETA messages due soon back to their lists;
+# due_parked() first moves parked ETA messages due soon back to their lists (to
+# the dead letters, should a list's key have come to hold something else);
 # bury() keeps a message too big to hand out in the dead letters, cut to 64
 # KiB and never parsed, so no worker's memory pays for it; tag_of() makes up a
 # tag for a message without one (kombu would lose it), with one that isn't a
@@ -1758,6 +1759,12 @@ _RESERVE_LUA = r"""
 local now, limit, max_size = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local gone, others, taken, restored_key = {}, {}, {}, KEYS[6]
 """ + _HELD_LUA + r"""
+local function dead_letter(key, raw, reason)
+  redis.call('LPUSH', KEYS[5], cjson.encode({reason = reason, queue = string.gsub(key, '\6\22%d$', ''),
+    time = tonumber(now), raw = string.sub(raw, 1, 65536)}))
+  redis.call('LTRIM', KEYS[5], 0, 9999)
+end
+
 local function due_parked()  -- back to the consuming end of their lists, due before ARGV[7]
   local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[7], 'LIMIT', 0, 100)
   for n = #due, 1, -1 do  -- (the earliest pushed last: taken first)
@@ -1766,7 +1773,11 @@ local function due_parked()  -- back to the consuming end of their lists, due be
     local length = string.match(entry, '^(%d+):')
     if length then  -- "<length>:<queue list key><envelope>"
       local start = #length + 2
-      redis.call('RPUSH', string.sub(entry, start, start + length - 1), string.sub(entry, start + length))
+      local key, raw = string.sub(entry, start, start + length - 1), string.sub(entry, start + length)
+      local pushed = redis.pcall('RPUSH', key, raw)
+      if type(pushed) == 'table' and pushed.err then  -- (its list's key now holds something else)
+        dead_letter(key, raw, "a parked message whose queue's key is not a list any more")
+      end
     end
     redis.call('HDEL', KEYS[4], tag)
     redis.call('ZREM', KEYS[3], tag)
@@ -1774,11 +1785,7 @@ local function due_parked()  -- back to the consuming end of their lists, due be
 end
 
 local function bury(key, raw)
-  local queue = string.gsub(key, '\6\22%d$', '')
-  redis.call('LPUSH', KEYS[5], cjson.encode({reason = 'a message of ' .. #raw ..
-    ' bytes, over worker_max_message_size (cut to 64 KiB here)', queue = queue,
-    time = tonumber(now), raw = string.sub(raw, 1, 65536)}))
-  redis.call('LTRIM', KEYS[5], 0, 9999)
+  dead_letter(key, raw, 'a message of ' .. #raw .. ' bytes, over worker_max_message_size (cut to 64 KiB here)')
   table.insert(taken, key); table.insert(taken, ''); table.insert(taken, tostring(#raw))
 end
 
@@ -1891,10 +1898,13 @@ return 1
 # restore of an abandoned one): if another worker restored or acked it first, or
 # restored it and took it again, nothing happens. (kombu's WATCH/MULTI fails under load.)
 # What it gives back it notes in KEYS[4], with the claim it had (see RedisQueues.RESTORED).
+# Should KEYS[3] hold something else than a list, it answers -1 and changes nothing.
 _RESTORE_LUA = r"""
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
 if score ~= tonumber(ARGV[4]) and score ~= tonumber(ARGV[5]) and score > tonumber(ARGV[6]) then return 0 end
+local kind = redis.call('TYPE', KEYS[3]).ok
+if kind ~= 'list' and kind ~= 'none' then return -1 end  -- (a key of something else: see _restore)
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[3])
@@ -2096,8 +2106,14 @@ class RedisQueues(Broker):
             raw = json.dumps(raw)
         if exchange:
             queue = self._route_by_binding(exchange, routing_key) or queue
-        return self._restore_script(keys=[self.UNACKED, self.UNACKED_INDEX, _queue_key(queue, priority), self.RESTORED],
-                                    args=[tag, entry, raw, claim[0], claim[-1], stale_before])
+        key = _queue_key(queue, priority)
+        restored = self._restore_script(keys=[self.UNACKED, self.UNACKED_INDEX, key, self.RESTORED],
+                                        args=[tag, entry, raw, claim[0], claim[-1], stale_before])
+        if restored == -1:  # (the key its routing key names holds something else: no worker would take it)
+            self.dead_letter(entry, f"can't go back to its queue: the key {printable(key)} is not a list", queue)
+            self._forget_script(keys=[self.UNACKED, self.UNACKED_INDEX], args=[tag, entry])
+            return 0
+        return restored
 
     def park(self, parked):
         args = []
@@ -6696,8 +6712,7 @@ class Book:
             deliveries, gone, others = self.broker.reserve(
                 self.queues, room, {h.tag: h.claim for h in ending}, {h.tag: h.claim for h in renewing.values()}, now)
         except Exception:
-            for held in renewing.values():
-                held.claim = (held.claim[0], now)
+            self._unheard(renewing.values(), now)
             self.orphans += [now] if room else []
             raise
         for held in ending:
@@ -6770,11 +6785,24 @@ class Book:
                 worker_logger.exception("can't handle message %s", printable(delivery.tag))
                 held.end, held.reason = "dead", f"can't handle message: {exc!r}"
         if parked:
-            self.broker.park([(held.delivery, held.claim, held.message.priority, due) for held, due in parked])
-            for held, _ in parked:
-                del self.held[held.tag]
-            worker_logger.info("Parked %d task(s) with a later ETA in the broker", len(parked))
+            self._park(parked)
         return received
+
+    def _park(self, parked):
+        """Hand far-ETA messages to the broker; should it fail, they wait here (as in Celery)
+        rather than stall the round trip. (Parked though the answer was lost, they are let
+        go at their next renewal: their claim is gone.)"""
+        try:
+            self.broker.park([(held.delivery, held.claim, held.message.priority, due) for held, due in parked])
+        except Exception as exc:
+            worker_logger.warning("Can't park %d task(s) with a later ETA in the broker (%r): they wait "
+                                  "here", len(parked), exc)
+            for held, due in parked:
+                self.waiting.put(held, due, eta=True)
+            return
+        for held, _ in parked:
+            del self.held[held.tag]
+        worker_logger.info("Parked %d task(s) with a later ETA in the broker", len(parked))
 
     def _file(self, held, parked):
         """File a new message as waiting (due now or soon), parked, or a dead letter."""
@@ -6842,9 +6870,19 @@ class Book:
         now = time.time()
         renewing = [held for held in self.held.values() if held.claim and (held.late or held.lent is None)]
         if renewing:
-            gone, others = self.broker.touch({held.tag: held.claim for held in renewing}, now)
+            try:
+                gone, others = self.broker.touch({held.tag: held.claim for held in renewing}, now)
+            except Exception:
+                self._unheard(renewing, now)
+                raise
             for held in renewing:
                 held.claim = () if held.tag in gone | others else (now,)
+
+    @staticmethod
+    def _unheard(renewed, now):
+        """A renewal whose answer never came may have moved each claim to `now`: both count."""
+        for held in renewed:
+            held.claim = (held.claim[0], now)
 
     def restore_orphans(self):
         """Give back what a take whose answer was lost took (not ours: we never heard of it)."""

@@ -4330,6 +4330,120 @@ def test_hostile_an_unreadable_entry_in_unacked_goes_to_the_dead_letters(app, re
     assert redis_client.hlen("unacked") == 0 and redis_client.zcard("unacked_index") == 0
 
 
+def _queue_raw(redis_client, tag, **properties):
+    """Queue an add(1, 1) message with delivery tag `tag` and these properties changed."""
+    add.delay(1, 1)
+    envelope = json.loads(redis_client.rpop("celery"))
+    envelope["properties"].update(properties, delivery_tag=tag)
+    redis_client.lpush("celery", json.dumps(envelope).replace('"INFINITY"', "1e999"))
+
+
+def test_hostile_a_priority_of_infinity_does_not_stop_the_restores(app, redis_client):
+    """JSON's 1e999 is infinity, which int() refuses with OverflowError: the restores of every
+    worker stopped at that message, and the stale ones listed after it never came back."""
+    _queue_raw(redis_client, "poison", priority="INFINITY")
+    [poison] = app.broker.reserve(["celery"], 1, now=time.time() - 7200)[0]  # its holder died long ago
+    add.delay(2, 2)
+    app.broker.reserve(["celery"], 1, now=time.time() - 7100)  # and this one's too
+    assert app.broker.restore_unacked() == 2
+    assert redis_client.hlen("unacked") == 0 and app.broker.size("celery") == 2
+    [poison_again, _] = take(app.broker, ["celery"], 2)
+    app.broker.requeue(claims(poison_again))  # (as Reject(requeue=True) does)
+    assert app.broker.size("celery") == 1
+
+
+def test_hostile_a_message_whose_queue_key_is_no_list_goes_to_the_dead_letters(app, redis_client):
+    """A routing key naming some other app's string key: giving the message back there failed
+    after it had left unacked (lost); now it is kept in the dead letters, and says why."""
+    _queue_raw(redis_client, "elsewhere", delivery_info={"exchange": "", "routing_key": "reports"})
+    redis_client.set("reports", "some other app's string")
+    [delivery] = take(app.broker, ["celery"], 1)
+    app.broker.requeue(claims(delivery))
+    [dead] = app.broker.dead_letters()
+    assert "the key reports is not a list" in dead["reason"] and dead["queue"] == "reports"
+    assert redis_client.hlen("unacked") == 0 and redis_client.zcard("unacked_index") == 0
+    assert redis_client.get("reports") == b"some other app's string"
+
+
+def test_hostile_a_parked_message_whose_list_key_changed_type_goes_to_the_dead_letters(app, redis_client):
+    """The list a parked message goes back to now holds a string: every worker's take failed
+    on it, for ever. Now the message goes to the dead letters, and takes go on."""
+    add.apply_async((1, 1), queue="later")
+    [delivery] = take(app.broker, ["later"], 1)
+    app.broker.park([(delivery, (delivery.claim,), 0, time.time())])
+    redis_client.delete("later")
+    redis_client.set("later", "a string now")
+    second = add.delay(2, 2)
+    [other] = take(app.broker, ["celery"], 1)
+    assert minicelery.decode_message(other.raw).id == second.id
+    [dead] = app.broker.dead_letters()
+    assert "not a list any more" in dead["reason"] and dead["queue"] == "later"
+    assert redis_client.zcard("minicelery:eta") == 0
+
+
+def test_hostile_a_worker_whose_park_fails_holds_the_task_and_goes_on(app, tmp_path, redis_client, monkeypatch):
+    """Redis away as a far-ETA task is parked: it waits in the worker instead (as in Celery),
+    runs at its ETA, and the worker's round trips go on (the failure used to leave them
+    failing for ever, with a job lost beside it: see the next test)."""
+    park = minicelery.RedisQueues.park
+
+    def park_fails_once(self, parked):
+        if not os.path.exists(tmp_path / "failed"):
+            open(tmp_path / "failed", "w").close()
+            raise redis.ConnectionError("Redis went away (as the test has it)")
+        return park(self, parked)
+
+    monkeypatch.setattr(minicelery.RedisQueues, "park", park_fails_once)
+    with worker(app, tmp_path) as w:
+        result = when_run.apply_async(countdown=4)
+        w.wait_for_log("Can't park 1 task(s) with a later ETA in the broker")
+        assert add.delay(2, 3).get(timeout=10) == 5
+        info = result.get(timeout=15)
+    assert info["at"] >= dt.datetime.fromisoformat(info["eta"]).timestamp()
+    assert w.log().count(f"when_run[{result.id}] succeeded") == 1 and redis_client.hlen("unacked") == 0
+
+
+def test_hostile_a_failed_park_loses_no_word_of_a_lost_job(app, redis_client, monkeypatch):
+    """A pool process died after acking its job (the broker must say whether it started), in
+    the same round trip as a far-ETA message whose park fails: the answer is not dropped."""
+    add.delay(1, 1)
+    book = minicelery.Book(app, ["celery"], 4)
+    book.settle()
+    [held] = book.held.values()
+    book.waiting.ready.clear()
+    assert app.broker.ack(claims(held.delivery)) == (set(), set())  # its process acked it, then died
+    held.lost = minicelery.Lost(held.tag, "killed by signal 9", None)
+    add.apply_async((2, 2), countdown=3600)
+    monkeypatch.setattr(app.broker, "park", lambda parked: (_ for _ in ()).throw(redis.ConnectionError("away")))
+    received, started = book.settle()  # (it raised, and the job's record was left claimless, lost for ever)
+    assert started == [held] and len(received) == 1
+    assert book.waiting.for_eta == 1  # the far-ETA one waits here
+
+
+def test_hostile_a_keepalive_renewal_whose_answer_is_lost_keeps_the_claim(app, redis_client, monkeypatch):
+    """The solo pool's keepalive renews claims while a job runs; a renewal done but never
+    answered must count both scores, as a worker's round trip does, or the next renewal
+    lets go of what is still ours (an acks_late task ran twice)."""
+    late_sleep.delay(0)
+    book = minicelery.Book(app, ["celery"], 4)
+    book.settle()
+    [held] = book.held.values()
+    held.lent = time.time()  # running in the solo pool
+    script = app.broker.held.script
+
+    def answer_lost(*args):
+        script(*args)
+        raise redis.ConnectionError("the answer was lost")
+
+    monkeypatch.setattr(app.broker.held, "script", answer_lost)
+    with pytest.raises(redis.ConnectionError):
+        book.renew_all()
+    monkeypatch.undo()
+    book.renew_all()
+    assert held.claim and book.holds(held)
+    assert app.broker.ack({held.tag: held.claim}) == (set(), set()) and redis_client.hlen("unacked") == 0
+
+
 def test_hostile_sqlite_file_replaced_by_a_copy_keeps_its_claims(tmp_path):
     url = f"sqlite:///{tmp_path}/copy.db"
     app_ = Celery("copy", broker=url, set_as_current=False)
