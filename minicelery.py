@@ -1810,6 +1810,11 @@ local function remember(key, raw)
     or cjson.encode({raw, exchange, rk})
   redis.call('HSET', KEYS[1], tag, entry)
   redis.call('ZADD', KEYS[2], now, tag)
+  -- A note of its giving back not older than this claim (a live holder's requeue since
+  -- our round trip began) would make this claim look given back too: it goes.
+  if tonumber(redis.call('ZSCORE', restored_key, tag) or '-1') >= tonumber(now) then
+    redis.call('ZREM', restored_key, tag)
+  end
   table.insert(taken, key); table.insert(taken, tag); table.insert(taken, raw)
 end
 

@@ -4444,6 +4444,31 @@ def test_hostile_a_keepalive_renewal_whose_answer_is_lost_keeps_the_claim(app, r
     assert app.broker.ack({held.tag: held.claim}) == (set(), set()) and redis_client.hlen("unacked") == 0
 
 
+def test_hostile_a_message_given_back_and_taken_at_once_is_ours_to_ack(app, redis_client, monkeypatch):
+    """Worker B's claim is the time its round trip began; worker A gave the message back in
+    between (a requeue), noting its later claim. B's early ack whose answer is lost, asked
+    again, must find "gone" (acked: run it), not "given back" (not run: but acked, so lost)."""
+    add.delay(1, 1)
+    began_b = time.time()  # B's round trip begins...
+    [a] = take(app.broker, ["celery"], 1)  # ...A takes (or renews) it...
+    app.broker.requeue(claims(a))  # ...and gives it back, noting its claim
+    [b] = app.broker.reserve(["celery"], 1, now=began_b)[0]  # B's take, under its earlier claim
+    assert b.tag == a.tag and b.claim < a.claim
+    script, lost = app.broker.held.script, []
+
+    def answer_lost_once(*args):
+        answer = script(*args)
+        if not lost:
+            lost.append(True)
+            raise redis.ConnectionError("the answer was lost")
+        return answer
+
+    monkeypatch.setattr(app.broker.held, "script", answer_lost_once)
+    job = minicelery.Job(b.tag, b.raw, b.queue, (b.claim,), None, (None, None), False)
+    assert minicelery._acked(app, job)  # acked by the first ask: the task runs
+    assert redis_client.hlen("unacked") == 0 and app.broker.size("celery") == 0
+
+
 def test_hostile_sqlite_file_replaced_by_a_copy_keeps_its_claims(tmp_path):
     url = f"sqlite:///{tmp_path}/copy.db"
     app_ = Celery("copy", broker=url, set_as_current=False)
