@@ -1638,6 +1638,16 @@ def _queue_key(queue, priority):
     return _queue_keys(queue)[clamp_priority(priority) // 3]  # steps 0-2, 3-5, 6-8 and 9
 
 
+def _dead_letter_entry(raw, reason, queue) -> str:
+    """A dead letter as the list keeps it: JSON of the message (base64 if not UTF-8), and why."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raw = {"base64": base64.b64encode(raw).decode()}
+    return json.dumps({"reason": reason, "queue": queue, "time": time.time(), "raw": raw})
+
+
 def _claim_args(claims) -> list:
     """{tag: claim} as the scripts take them: tag, first score, last score, for each."""
     return [value for tag, claim in claims.items() for value in (tag, claim[0], claim[-1])]
@@ -1873,7 +1883,9 @@ return {gone, others}
 
 # Parks held messages until their ETA: each (tag, claim, claim, due, entry) in ARGV
 # still held under one of our claim's scores moves from unacked to the parked
-# ones (KEYS[3] by due time, KEYS[4] its "<length of key>:<list key><envelope>").
+# ones (KEYS[3] by due time, KEYS[4] its "<length of key>:<list key><envelope>"),
+# noted in KEYS[5] as given back (so an ack asked again after a lost answer can't
+# take "gone" for "acked").
 _PARK_LUA = r"""
 for i = 1, #ARGV, 5 do
   local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]) or '-1')
@@ -1882,8 +1894,10 @@ for i = 1, #ARGV, 5 do
     redis.call('ZADD', KEYS[3], ARGV[i + 3], ARGV[i])
     redis.call('ZREM', KEYS[2], ARGV[i])
     redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('ZADD', KEYS[5], score, ARGV[i])  -- given back (to the parked) from this claim
   end
 end
+redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -100001)
 return 1
 """
 
@@ -1903,13 +1917,20 @@ return 1
 # restore of an abandoned one): if another worker restored or acked it first, or
 # restored it and took it again, nothing happens. (kombu's WATCH/MULTI fails under load.)
 # What it gives back it notes in KEYS[4], with the claim it had (see RedisQueues.RESTORED).
-# Should KEYS[3] hold something else than a list, it answers -1 and changes nothing.
+# Should KEYS[3] hold something else than a list, or be one of our own keys (ARGV[7]
+# is 1), the message goes to the dead letters (KEYS[5]) as ARGV[8] instead: -1.
 _RESTORE_LUA = r"""
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
 if score ~= tonumber(ARGV[4]) and score ~= tonumber(ARGV[5]) and score > tonumber(ARGV[6]) then return 0 end
 local kind = redis.call('TYPE', KEYS[3]).ok
-if kind ~= 'list' and kind ~= 'none' then return -1 end  -- (a key of something else: see _restore)
+if ARGV[7] == '1' or (kind ~= 'list' and kind ~= 'none') then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('LPUSH', KEYS[5], ARGV[8])
+  redis.call('LTRIM', KEYS[5], 0, 9999)
+  return -1
+end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[3])
@@ -2112,13 +2133,15 @@ class RedisQueues(Broker):
         if exchange:
             queue = self._route_by_binding(exchange, routing_key) or queue
         key = _queue_key(queue, priority)
-        restored = self._restore_script(keys=[self.UNACKED, self.UNACKED_INDEX, key, self.RESTORED],
-                                        args=[tag, entry, raw, claim[0], claim[-1], stale_before])
-        if restored == -1:  # (the key its routing key names holds something else: no worker would take it)
-            self.dead_letter(entry, f"can't go back to its queue: the key {printable(key)} is not a list", queue)
-            self._forget_script(keys=[self.UNACKED, self.UNACKED_INDEX], args=[tag, entry])
-            return 0
-        return restored
+        # Its routing key may name any key: one of ours would break (a list pushed there).
+        ours = key in (self.UNACKED, self.UNACKED_INDEX) or key.startswith(("minicelery:", "_kombu."))
+        reason = f"can't go back to its queue: the key {printable(key)} is not a list, or is one of ours"
+        restored = self._restore_script(
+            keys=[self.UNACKED, self.UNACKED_INDEX, key, self.RESTORED, self.DEAD_LETTERS],
+            args=[tag, entry, raw, claim[0], claim[-1], stale_before, int(ours), _dead_letter_entry(raw, reason, queue)])
+        if restored == -1:
+            logger.error("A message %s %s: kept in the dead letters", printable(tag), reason)
+        return max(restored, 0)
 
     def park(self, parked):
         args = []
@@ -2128,17 +2151,12 @@ class RedisQueues(Broker):
             # Length-prefixed: a queue name (or an envelope) may hold any byte.
             args += [delivery.tag, claim[0], claim[-1], due, b"%d:%s%s" % (len(key), key, raw)]
         if args:
-            self._park_script(keys=[self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES], args=args)
+            self._park_script(keys=[self.UNACKED, self.UNACKED_INDEX, self.ETA, self.ETA_MESSAGES, self.RESTORED],
+                              args=args)
 
     def dead_letter(self, raw, reason, queue=""):
-        if isinstance(raw, bytes):
-            try:
-                raw = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raw = {"base64": base64.b64encode(raw).decode()}
-        entry = json.dumps({"reason": reason, "queue": queue, "time": time.time(), "raw": raw})
         with self.client.pipeline() as pipe:
-            pipe.lpush(self.DEAD_LETTERS, entry)
+            pipe.lpush(self.DEAD_LETTERS, _dead_letter_entry(raw, reason, queue))
             pipe.ltrim(self.DEAD_LETTERS, 0, self.DEAD_LETTER_LIMIT - 1)
             pipe.expire(self.DEAD_LETTERS, self.app.conf.result_expires_seconds or 86400)
             pipe.execute()
@@ -6672,6 +6690,7 @@ class Book:
         self.renew_every = max(0.2, min(5.0, self.broker.visibility_timeout / 4))
         self._next_renewal = 0.0
         self.orphans = []               # claims of takes whose answer never came (see settle())
+        self.unparked = []              # (held, due) of far-ETA messages whose parking failed: again
         self.more = False               # the last take filled its room: there may be more
 
     def holds(self, held) -> bool:
@@ -6789,21 +6808,23 @@ class Book:
             except Exception as exc:  # one message must never take the worker down
                 worker_logger.exception("can't handle message %s", printable(delivery.tag))
                 held.end, held.reason = "dead", f"can't handle message: {exc!r}"
+        parked += [(held, due) for held, due in self.unparked if self.lendable(held) and held.claim]
         if parked:
             self._park(parked)
         return received
 
     def _park(self, parked):
-        """Hand far-ETA messages to the broker; should it fail, they wait here (as in Celery)
-        rather than stall the round trip. (Parked though the answer was lost, they are let
-        go at their next renewal: their claim is gone.)"""
+        """Hand far-ETA messages to the broker. Should that fail, they stay held (their claims
+        renewed) and the next round trip tries again, rather than stall this one. (Parked
+        though the answer was lost, they are not ours any more: the next try, or renewal,
+        finds that, and lets them go.)"""
+        self.unparked = []
         try:
             self.broker.park([(held.delivery, held.claim, held.message.priority, due) for held, due in parked])
         except Exception as exc:
-            worker_logger.warning("Can't park %d task(s) with a later ETA in the broker (%r): they wait "
-                                  "here", len(parked), exc)
-            for held, due in parked:
-                self.waiting.put(held, due, eta=True)
+            worker_logger.warning("Can't park %d task(s) with a later ETA in the broker (%r): trying again",
+                                  len(parked), exc)
+            self.unparked = parked
             return
         for held, _ in parked:
             del self.held[held.tag]

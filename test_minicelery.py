@@ -4417,7 +4417,38 @@ def test_hostile_a_failed_park_loses_no_word_of_a_lost_job(app, redis_client, mo
     monkeypatch.setattr(app.broker, "park", lambda parked: (_ for _ in ()).throw(redis.ConnectionError("away")))
     received, started = book.settle()  # (it raised, and the job's record was left claimless, lost for ever)
     assert started == [held] and len(received) == 1
-    assert book.waiting.for_eta == 1  # the far-ETA one waits here
+    assert len(book.unparked) == 1 and redis_client.zcard("minicelery:eta") == 0
+    del book.held[held.tag]  # (the consumer has it recorded as lost with its process: Consumer._lost)
+    monkeypatch.undo()
+    book.settle()  # the next round trip parks it (they used to wait here, filling the worker)
+    assert not book.unparked and redis_client.zcard("minicelery:eta") == 1 and redis_client.hlen("unacked") == 0
+
+
+def test_hostile_a_park_whose_answer_is_lost_is_not_taken_for_an_ack(app, redis_client):
+    """Parked though its answer was lost: an early ack asked with the old claim must hear
+    "given back" (not run here), not "gone" (acked: run, and the parked copy runs again)."""
+    add.apply_async((1, 1), countdown=3600)
+    [delivery] = take(app.broker, ["celery"], 1)
+    app.broker.park([(delivery, (delivery.claim,), 0, time.time() + 3600)])  # (its answer, say, lost)
+    assert app.broker.ack(claims(delivery)) == (set(), {delivery.tag})
+    assert redis_client.zcard("minicelery:eta") == 1
+
+
+@pytest.mark.parametrize("key", ["minicelery:restored", "minicelery:dead-letters", "unacked", "_kombu.binding.x"])
+def test_hostile_a_routing_key_naming_one_of_our_keys_goes_to_the_dead_letters(app, redis_client, key):
+    """Given back to the list its routing key names: one of minicelery's or kombu's own keys
+    would have become a list (every take failing after). It is kept in the dead letters
+    instead, whole, so `dead requeue` can send it again."""
+    redis_client.delete(key)
+    _queue_raw(redis_client, "ours", delivery_info={"exchange": "", "routing_key": key})
+    [delivery] = take(app.broker, ["celery"], 1)
+    app.broker.requeue(claims(delivery))
+    dead = [d for d in app.broker.dead_letters() if "is one of ours" in (d.get("reason") or "")]
+    assert len(dead) == 1 and dead[0]["queue"] == key, app.broker.dead_letters()
+    assert minicelery.decode_message(dead[0]["raw"]).id == minicelery.decode_message(delivery.raw).id
+    assert (key == "minicelery:dead-letters" or redis_client.type(key) != b"list") and redis_client.hlen("unacked") == 0
+    add.delay(2, 3)
+    assert take(app.broker, ["celery"], 1)  # takes go on
 
 
 def test_hostile_a_keepalive_renewal_whose_answer_is_lost_keeps_the_claim(app, redis_client, monkeypatch):
