@@ -1638,6 +1638,12 @@ def _queue_key(queue, priority):
     return _queue_keys(queue)[clamp_priority(priority) // 3]  # steps 0-2, 3-5, 6-8 and 9
 
 
+def _is_own_key(key: str) -> bool:
+    """Whether a Redis key is one that minicelery or kombu keeps for itself: no queue's list
+    may go there (a list in its place would break every worker)."""
+    return key in ("unacked", "unacked_index") or key.startswith(("minicelery:", "_kombu."))
+
+
 def _dead_letter_entry(raw, reason, queue) -> str:
     """A dead letter as the list keeps it: JSON of the message (base64 if not UTF-8), and why."""
     if isinstance(raw, bytes):
@@ -2133,8 +2139,7 @@ class RedisQueues(Broker):
         if exchange:
             queue = self._route_by_binding(exchange, routing_key) or queue
         key = _queue_key(queue, priority)
-        # Its routing key may name any key: one of ours would break (a list pushed there).
-        ours = key in (self.UNACKED, self.UNACKED_INDEX) or key.startswith(("minicelery:", "_kombu."))
+        ours = _is_own_key(key)  # (its routing key may name any key)
         reason = f"can't go back to its queue: the key {printable(key)} is not a list, or is one of ours"
         restored = self._restore_script(
             keys=[self.UNACKED, self.UNACKED_INDEX, key, self.RESTORED, self.DEAD_LETTERS],
@@ -5671,6 +5676,9 @@ class Celery:
         queue = getattr(queue, "name", queue)  # a kombu Queue stands for its name
         if not isinstance(queue, str):
             raise TypeError(f"send_task({name!r}): queue must be a name (str), not {queue!r}")
+        if _is_own_key(queue):
+            raise ValueError(f"send_task({name!r}): {_short_repr(queue, 80)} is a key minicelery or kombu keeps "
+                             "for itself, not a queue")
         if priority is None:
             priority = route.get("priority", self.conf.task_default_priority)
         return queue, clamp_priority(priority)

@@ -4449,6 +4449,8 @@ def test_hostile_a_routing_key_naming_one_of_our_keys_goes_to_the_dead_letters(a
     assert (key == "minicelery:dead-letters" or redis_client.type(key) != b"list") and redis_client.hlen("unacked") == 0
     add.delay(2, 3)
     assert take(app.broker, ["celery"], 1)  # takes go on
+    with pytest.raises(ValueError, match="keeps for itself, not a queue"):
+        add.apply_async((1, 1), queue=key)  # (nor may a producer send there)
 
 
 def test_hostile_a_keepalive_renewal_whose_answer_is_lost_keeps_the_claim(app, redis_client, monkeypatch):
