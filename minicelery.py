@@ -1641,7 +1641,7 @@ def _queue_key(queue, priority):
 def _is_own_key(key: str) -> bool:
     """Whether a Redis key is one that minicelery or kombu keeps for itself: no queue's list
     may go there (a list in its place would break every worker)."""
-    return key in ("unacked", "unacked_index") or key.startswith(("minicelery:", "_kombu."))
+    return key in ("unacked", "unacked_index", "unacked_mutex") or key.startswith(("minicelery:", "_kombu."))
 
 
 def _dead_letter_entry(raw, reason, queue) -> str:
@@ -1930,18 +1930,16 @@ if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
 if score ~= tonumber(ARGV[4]) and score ~= tonumber(ARGV[5]) and score > tonumber(ARGV[6]) then return 0 end
 local kind = redis.call('TYPE', KEYS[3]).ok
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[4], score, ARGV[1])  -- given back from the claim `score` (see RESTORED)
+redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -100001)
 if ARGV[7] == '1' or (kind ~= 'list' and kind ~= 'none') then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('LPUSH', KEYS[5], ARGV[8])
   redis.call('LTRIM', KEYS[5], 0, 9999)
   return -1
 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[3])
-redis.call('ZADD', KEYS[4], score, ARGV[1])  -- given back from the claim `score` (see RESTORED)
-redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -100001)
 return 1
 """
 
@@ -2035,6 +2033,8 @@ class RedisQueues(Broker):
 
     def publish(self, queue, envelope, priority=0, tag=None):
         key, tag = _queue_key(queue, priority), tag or uuid()
+        if _is_own_key(key):
+            raise ValueError(f"{_short_repr(queue, 80)} is a key minicelery or kombu keeps for itself, not a queue")
         self._producer.connection.script(_PUBLISH_LUA, [key, f"minicelery:sent:{tag}"],
                                          [envelope, self.SENT_MARKER_TTL])
         return tag
@@ -2145,7 +2145,7 @@ class RedisQueues(Broker):
             keys=[self.UNACKED, self.UNACKED_INDEX, key, self.RESTORED, self.DEAD_LETTERS],
             args=[tag, entry, raw, claim[0], claim[-1], stale_before, int(ours), _dead_letter_entry(raw, reason, queue)])
         if restored == -1:
-            logger.error("A message %s %s: kept in the dead letters", printable(tag), reason)
+            logger.error("A message (%r) %s: kept in the dead letters", tag, reason)
         return max(restored, 0)
 
     def park(self, parked):
@@ -5676,9 +5676,6 @@ class Celery:
         queue = getattr(queue, "name", queue)  # a kombu Queue stands for its name
         if not isinstance(queue, str):
             raise TypeError(f"send_task({name!r}): queue must be a name (str), not {queue!r}")
-        if _is_own_key(queue):
-            raise ValueError(f"send_task({name!r}): {_short_repr(queue, 80)} is a key minicelery or kombu keeps "
-                             "for itself, not a queue")
         if priority is None:
             priority = route.get("priority", self.conf.task_default_priority)
         return queue, clamp_priority(priority)
@@ -6816,7 +6813,14 @@ class Book:
             except Exception as exc:  # one message must never take the worker down
                 worker_logger.exception("can't handle message %s", printable(delivery.tag))
                 held.end, held.reason = "dead", f"can't handle message: {exc!r}"
-        parked += [(held, due) for held, due in self.unparked if self.lendable(held) and held.claim]
+        unparked, self.unparked = self.unparked, []
+        for held, due in unparked:  # (parking failed: again, unless they are due soon)
+            if not (self.lendable(held) and held.claim):
+                continue
+            if due > time.time() + self.ETA_HORIZON:
+                parked.append((held, due))
+            else:
+                self.waiting.put(held, due, eta=True)
         if parked:
             self._park(parked)
         return received
@@ -6826,7 +6830,6 @@ class Book:
         renewed) and the next round trip tries again, rather than stall this one. (Parked
         though the answer was lost, they are not ours any more: the next try, or renewal,
         finds that, and lets them go.)"""
-        self.unparked = []
         try:
             self.broker.park([(held.delivery, held.claim, held.message.priority, due) for held, due in parked])
         except Exception as exc:
@@ -8676,18 +8679,21 @@ def _cli_dead(app, args):
         for left_out in sorted(wanted - whole):
             print(f"{left_out}: not a whole task message; left where it is", file=sys.stderr)
         wanted &= whole
-    taken = app.broker.take_dead_letters(wanted)
-    for letter in taken if args.action == "requeue" else ():
-        envelope = json.loads(letter["raw"])
-        envelope["properties"]["delivery_tag"] = tag = uuid()  # a new message: its old tag is spent
-        try:
-            app.broker.publish(letter["queue"] or app.conf.task_default_queue, json.dumps(envelope),
-                               clamp_priority(envelope["properties"].get("priority")), tag)
-        except Exception:  # not sent: kept where it was, not lost
-            app.broker.dead_letter(letter["raw"], letter["reason"], letter["queue"])
-            raise
-    print(f"{'Requeued' if args.action == 'requeue' else 'Dropped'} {len(taken)} dead letter(s).")
-    return 0 if taken and len(taken) == len(asked) else 1
+    done = 0
+    for letter in (letter for letter in letters if letter["id"] in wanted):
+        # Sent first, then taken out: should this stop half-way, a letter may go twice, never nowhere.
+        if args.action == "requeue":
+            envelope = json.loads(letter["raw"])
+            envelope["properties"]["delivery_tag"] = tag = uuid()  # a new message: its old tag is spent
+            try:
+                app.broker.publish(letter["queue"] or app.conf.task_default_queue, json.dumps(envelope),
+                                   clamp_priority(envelope["properties"].get("priority")), tag)
+            except ValueError as exc:
+                print(f"{letter['id']}: {exc}; left where it is", file=sys.stderr)
+                continue
+        done += len(app.broker.take_dead_letters({letter["id"]}))
+    print(f"{'Requeued' if args.action == 'requeue' else 'Dropped'} {done} dead letter(s).")
+    return 0 if done and done == len(asked) else 1
 
 
 def _cli_events(app, args):

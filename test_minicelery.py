@@ -4359,7 +4359,10 @@ def test_hostile_a_message_whose_queue_key_is_no_list_goes_to_the_dead_letters(a
     redis_client.set("reports", "some other app's string")
     [delivery] = take(app.broker, ["celery"], 1)
     app.broker.requeue(claims(delivery))
-    [dead] = app.broker.dead_letters()
+    _queue_raw(redis_client, "elsewhere-too", delivery_info={"exchange": "", "routing_key": "reports"})
+    take(app.broker, ["celery"], 1)
+    assert app.broker.restore_unacked(now=time.time() + 7200) == 0  # (its holder dead: the same)
+    [dead, _] = app.broker.dead_letters()
     assert "the key reports is not a list" in dead["reason"] and dead["queue"] == "reports"
     assert redis_client.hlen("unacked") == 0 and redis_client.zcard("unacked_index") == 0
     assert redis_client.get("reports") == b"some other app's string"
@@ -4422,6 +4425,21 @@ def test_hostile_a_failed_park_loses_no_word_of_a_lost_job(app, redis_client, mo
     monkeypatch.undo()
     book.settle()  # the next round trip parks it (they used to wait here, filling the worker)
     assert not book.unparked and redis_client.zcard("minicelery:eta") == 1 and redis_client.hlen("unacked") == 0
+    assert not book.held  # (parked: not held here any more)
+
+
+def test_hostile_a_task_whose_park_keeps_failing_waits_here_once_due_soon(app, redis_client, monkeypatch):
+    """Parking that fails every time: a task stays held, and once due within the horizon it
+    waits here, to run on time (it used to be held for ever, parked never)."""
+    add.apply_async((1, 1), countdown=3.5)
+    book = minicelery.Book(app, ["celery"], 4)
+    monkeypatch.setattr(app.broker, "park", lambda parked: (_ for _ in ()).throw(redis.ConnectionError("away")))
+    book.settle()
+    assert len(book.unparked) == 1 and not book.waiting.ready
+    wait_until(lambda: book.settle() is not None and book.waiting.for_eta == 1, timeout=5, what="it waits here")
+    assert not book.unparked
+    book.settle()
+    assert book.waiting.for_eta == 1  # (once)
 
 
 def test_hostile_a_park_whose_answer_is_lost_is_not_taken_for_an_ack(app, redis_client):
@@ -4451,6 +4469,26 @@ def test_hostile_a_routing_key_naming_one_of_our_keys_goes_to_the_dead_letters(a
     assert take(app.broker, ["celery"], 1)  # takes go on
     with pytest.raises(ValueError, match="keeps for itself, not a queue"):
         add.apply_async((1, 1), queue=key)  # (nor may a producer send there)
+
+
+def test_hostile_dead_requeue_sends_no_letter_to_our_keys_and_loses_none(app, redis_client):
+    """A letter kept because its queue is one of our keys is left where it is; the letters
+    after it still go (they were taken out all at once, and lost when one failed)."""
+    _queue_raw(redis_client, "ours", delivery_info={"exchange": "", "routing_key": "unacked_mutex"})
+    [delivery] = take(app.broker, ["celery"], 1)
+    app.broker.requeue(claims(delivery))
+    assert app.broker.ack(claims(delivery)) == (set(), {delivery.tag})  # given back (to the letters), not acked
+    sent = add.delay(2, 3)
+    app.broker.dead_letter(redis_client.rpop("celery"), "kept by hand", "celery")
+    env = dict(os.environ, PYTHONPATH=HERE, MINICELERY_BROKER_URL=app.conf.broker_url,
+               MINICELERY_RESULT_BACKEND=app.conf.result_backend)
+    done = subprocess.run([sys.executable, "-m", "minicelery", "-A", "test_minicelery", "dead", "requeue", "--all"],
+                          cwd=HERE, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "keeps for itself" in done.stderr and "Requeued 1 dead letter(s)." in done.stdout
+    assert [d["queue"] for d in app.broker.dead_letters()] == ["unacked_mutex"]
+    assert redis_client.type("unacked_mutex") == b"none"
+    [again] = take(app.broker, ["celery"], 1)
+    assert minicelery.decode_message(again.raw).id == sent.id
 
 
 def test_hostile_a_keepalive_renewal_whose_answer_is_lost_keeps_the_claim(app, redis_client, monkeypatch):
