@@ -1644,16 +1644,6 @@ def _is_own_key(key: str) -> bool:
     return key in ("unacked", "unacked_index", "unacked_mutex") or key.startswith(("minicelery:", "_kombu."))
 
 
-def _dead_letter_entry(raw, reason, queue) -> str:
-    """A dead letter as the list keeps it: JSON of the message (base64 if not UTF-8), and why."""
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raw = {"base64": base64.b64encode(raw).decode()}
-    return json.dumps({"reason": reason, "queue": queue, "time": time.time(), "raw": raw})
-
-
 def _claim_args(claims) -> list:
     """{tag: claim} as the scripts take them: tag, first score, last score, for each."""
     return [value for tag, claim in claims.items() for value in (tag, claim[0], claim[-1])]
@@ -1732,6 +1722,17 @@ class QueueWatch:
         return False
 
 
+# Keeps a message given up in the dead letters (KEYS[5], the newest 10,000), saying why:
+# Broker.dead_letter's entry, written by the scripts below that give up a message as
+# they act (in the same step, so it is always somewhere).
+_DEAD_LETTER_LUA = r"""
+local function dead_letter(key, raw, reason, time)
+  redis.call('LPUSH', KEYS[5], cjson.encode({reason = reason, queue = string.gsub(key, '\6\22%d$', ''),
+    time = tonumber(time), raw = raw}))
+  redis.call('LTRIM', KEYS[5], 0, 9999)
+end
+"""
+
 # The guard of every ack and renewal, shared by the scripts below: held(i) says whether
 # the message ARGV[i] is still held (KEYS[2], unacked_index) under one of its claim's
 # scores (ARGV[i + 1], ARGV[i + 2]); if not, it notes it in `others` (held by another, or
@@ -1774,12 +1775,7 @@ end
 _RESERVE_LUA = r"""
 local now, limit, max_size = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local gone, others, taken, restored_key = {}, {}, {}, KEYS[6]
-""" + _HELD_LUA + r"""
-local function dead_letter(key, raw, reason)
-  redis.call('LPUSH', KEYS[5], cjson.encode({reason = reason, queue = string.gsub(key, '\6\22%d$', ''),
-    time = tonumber(now), raw = string.sub(raw, 1, 65536)}))
-  redis.call('LTRIM', KEYS[5], 0, 9999)
-end
+""" + _HELD_LUA + _DEAD_LETTER_LUA + r"""
 
 local function due_parked()  -- back to the consuming end of their lists, due before ARGV[7]
   local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[7], 'LIMIT', 0, 100)
@@ -1792,7 +1788,7 @@ local function due_parked()  -- back to the consuming end of their lists, due be
       local key, raw = string.sub(entry, start, start + length - 1), string.sub(entry, start + length)
       local pushed = redis.pcall('RPUSH', key, raw)
       if type(pushed) == 'table' and pushed.err then  -- (its list's key now holds something else)
-        dead_letter(key, raw, "a parked message whose queue's key is not a list any more")
+        dead_letter(key, string.sub(raw, 1, 65536), "a parked message whose queue's key is not a list any more", now)
       end
     end
     redis.call('HDEL', KEYS[4], tag)
@@ -1801,7 +1797,8 @@ local function due_parked()  -- back to the consuming end of their lists, due be
 end
 
 local function bury(key, raw)
-  dead_letter(key, raw, 'a message of ' .. #raw .. ' bytes, over worker_max_message_size (cut to 64 KiB here)')
+  dead_letter(key, string.sub(raw, 1, 65536), 'a message of ' .. #raw ..
+    ' bytes, over worker_max_message_size (cut to 64 KiB here)', now)
   table.insert(taken, key); table.insert(taken, ''); table.insert(taken, tostring(#raw))
 end
 
@@ -1924,8 +1921,9 @@ return 1
 # restored it and took it again, nothing happens. (kombu's WATCH/MULTI fails under load.)
 # What it gives back it notes in KEYS[4], with the claim it had (see RedisQueues.RESTORED).
 # Should KEYS[3] hold something else than a list, or be one of our own keys (ARGV[7]
-# is 1), the message goes to the dead letters (KEYS[5]) as ARGV[8] instead: -1.
-_RESTORE_LUA = r"""
+# is 1), the message goes to the dead letters (KEYS[5], for reason ARGV[8], at time
+# ARGV[9]) instead: -1.
+_RESTORE_LUA = _DEAD_LETTER_LUA + r"""
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
 if score ~= tonumber(ARGV[4]) and score ~= tonumber(ARGV[5]) and score > tonumber(ARGV[6]) then return 0 end
@@ -1935,8 +1933,7 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[4], score, ARGV[1])  -- given back from the claim `score` (see RESTORED)
 redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -100001)
 if ARGV[7] == '1' or (kind ~= 'list' and kind ~= 'none') then
-  redis.call('LPUSH', KEYS[5], ARGV[8])
-  redis.call('LTRIM', KEYS[5], 0, 9999)
+  dead_letter(KEYS[3], ARGV[3], ARGV[8], ARGV[9])
   return -1
 end
 redis.call('RPUSH', KEYS[3], ARGV[3])
@@ -2141,9 +2138,9 @@ class RedisQueues(Broker):
         key = _queue_key(queue, priority)
         ours = _is_own_key(key)  # (its routing key may name any key)
         reason = f"can't go back to its queue: the key {printable(key)} is not a list, or is one of ours"
-        restored = self._restore_script(
-            keys=[self.UNACKED, self.UNACKED_INDEX, key, self.RESTORED, self.DEAD_LETTERS],
-            args=[tag, entry, raw, claim[0], claim[-1], stale_before, int(ours), _dead_letter_entry(raw, reason, queue)])
+        restored = self._restore_script(keys=[self.UNACKED, self.UNACKED_INDEX, key, self.RESTORED, self.DEAD_LETTERS],
+                                        args=[tag, entry, raw, claim[0], claim[-1], stale_before, int(ours), reason,
+                                              time.time()])
         if restored == -1:
             logger.error("A message (%r) %s: kept in the dead letters", tag, reason)
         return max(restored, 0)
@@ -2160,8 +2157,14 @@ class RedisQueues(Broker):
                               args=args)
 
     def dead_letter(self, raw, reason, queue=""):
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raw = {"base64": base64.b64encode(raw).decode()}
+        entry = json.dumps({"reason": reason, "queue": queue, "time": time.time(), "raw": raw})
         with self.client.pipeline() as pipe:
-            pipe.lpush(self.DEAD_LETTERS, _dead_letter_entry(raw, reason, queue))
+            pipe.lpush(self.DEAD_LETTERS, entry)
             pipe.ltrim(self.DEAD_LETTERS, 0, self.DEAD_LETTER_LIMIT - 1)
             pipe.expire(self.DEAD_LETTERS, self.app.conf.result_expires_seconds or 86400)
             pipe.execute()

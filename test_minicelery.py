@@ -4275,7 +4275,8 @@ def test_chaos_stalls_past_the_visibility_timeout_run_nothing_twice(workers, app
     assert row["duplicates"] == 0 and row["lost"] == 0
 
 
-def test_hostile_a_message_restored_and_taken_again_is_not_restored_twice(app, redis_client):
+def _abandoned_and_a_late_worker(app, redis_client):
+    """A message whose holder went quiet long ago, and a second (late) worker's app."""
     app.conf.broker_transport_options = {"visibility_timeout": 5}
     app.close()
     add.delay(1, 1)
@@ -4283,6 +4284,11 @@ def test_hostile_a_message_restored_and_taken_again_is_not_restored_twice(app, r
     redis_client.zadd("unacked_index", {delivery.tag: time.time() - 100})  # its holder went quiet
     late = Celery("late", broker=app.conf.broker_url, set_as_current=False)
     late.conf.broker_transport_options = {"visibility_timeout": 5}
+    return delivery, late
+
+
+def test_hostile_a_message_restored_and_taken_again_is_not_restored_twice(app, redis_client):
+    delivery, late = _abandoned_and_a_late_worker(app, redis_client)
     deadline = time.time() - 5  # the late worker listed it as stale...
     assert app.broker.restore_unacked() == 1  # ...another restored it first,
     [again] = take(app.broker, ["celery"], 1)  # and took it again: a fresh claim
@@ -4297,12 +4303,7 @@ def test_hostile_a_restore_finding_the_message_gone_spares_its_new_claim(app, re
     first, and takes it again before the late one tidies the index. The new claim stays
     (a chaos run lost a task this way: its index entry dropped, the message sat in unacked
     with nothing to bring it back)."""
-    app.conf.broker_transport_options = {"visibility_timeout": 5}
-    app.close()
-    add.delay(1, 1)
-    [delivery] = take(app.broker, ["celery"], 1)
-    redis_client.zadd("unacked_index", {delivery.tag: time.time() - 100})  # its holder went quiet
-    late = Celery("late", broker=app.conf.broker_url, set_as_current=False)
+    delivery, late = _abandoned_and_a_late_worker(app, redis_client)
     assert app.broker.restore_unacked() == 1  # another gave it back first
     taken, hget = [], late.broker.client.hget
 
